@@ -258,24 +258,39 @@ class _LinkUpdateAndRead(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_fwd, grad_bwd):
-        link, write, precedence, read, out = ctx.saved_tensors
-        # Total gradient of L_t: its own + from f = L w^r (g_f^T w^r) + from b = w^rT L (w^rT g_b).
-        grad = torch.baddbmm(grad_out, grad_fwd.transpose(1, 2), read)
-        grad.baddbmm_(read.transpose(1, 2), grad_bwd)
-        grad.diagonal(dim1=-2, dim2=-1).zero_()  # the diagonal of L_t is constant 0
-        w_row = write.unsqueeze(-1)
-        w_col = write.unsqueeze(-2)
-        # w^r was used against L_t: d f / d w^r and d b / d w^r.
-        grad_read = torch.bmm(grad_fwd, out) + torch.bmm(grad_bwd, out.transpose(1, 2))
-        # d/dp[j] = sum_i g[i, j] w[i]
-        grad_prec = torch.bmm(w_col, grad).squeeze(-2)
-        # d/dw[i] = sum_j g[i, j] (p[j] - L[i, j]);  d/dw[j] = -sum_i g[i, j] L[i, j]
-        gl = grad * link
-        grad_write = torch.bmm(grad, precedence.unsqueeze(-1)).squeeze(-1) - gl.sum(-1) - gl.sum(-2)
-        # d/dL_{t-1}[i, j] = g[i, j] (1 - w[i] - w[j]), reusing gl's buffer for g w[j]
-        torch.mul(grad, w_col, out=gl)
-        grad.addcmul_(grad, w_row, value=-1.0).sub_(gl)
-        return grad, grad_write, grad_prec, grad_read
+        return _link_step_backward(grad_out, grad_fwd, grad_bwd, *ctx.saved_tensors)
+
+
+def _link_step_backward(
+    grad_out: Tensor,
+    grad_fwd: Tensor,
+    grad_bwd: Tensor,
+    link: Tensor,
+    write: Tensor,
+    precedence: Tensor,
+    read: Tensor,
+    out: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backward of :func:`_link_step_forward` (3-D ``[G, ...]`` tensors); see the forward for
+    shapes. Returns the gradients of ``(link, write, precedence, read)``."""
+    # Total gradient of L_t: its own + from f = L w^r (g_f^T w^r) + from b = w^rT L (w^rT g_b).
+    grad = torch.baddbmm(grad_out, grad_fwd.transpose(1, 2), read)
+    grad.baddbmm_(read.transpose(1, 2), grad_bwd)
+    grad.diagonal(dim1=-2, dim2=-1).zero_()  # the diagonal of L_t is constant 0
+    w_row = write.unsqueeze(-1)
+    w_col = write.unsqueeze(-2)
+    # w^r was used against L_t: d f / d w^r and d b / d w^r.
+    grad_read = torch.bmm(grad_fwd, out)
+    grad_read.baddbmm_(grad_bwd, out.transpose(1, 2))
+    # d/dp[j] = sum_i g[i, j] w[i]
+    grad_prec = torch.bmm(w_col, grad).squeeze(-2)
+    # d/dw[i] = sum_j g[i, j] (p[j] - L[i, j]);  d/dw[j] = -sum_i g[i, j] L[i, j]
+    gl = grad * link
+    grad_write = torch.bmm(grad, precedence.unsqueeze(-1)).squeeze(-1) - gl.sum(-1) - gl.sum(-2)
+    # d/dL_{t-1}[i, j] = g[i, j] (1 - w[i] - w[j]), reusing gl's buffer for g w[j]
+    torch.mul(grad, w_col, out=gl)
+    grad.addcmul_(grad, w_row, value=-1.0).sub_(gl)
+    return grad, grad_write, grad_prec, grad_read
 
 
 def link_update(link: Tensor, write_weights: Tensor, precedence: Tensor) -> Tensor:

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from memagents.cores import addressing
 from memagents.cores.base import MemoryCore, check_positive_int, set_forget_bias
+from memagents.cores.dnc_access import DNCAccessStep
 from memagents.cores.rnn import LSTMState
 
 
@@ -88,6 +89,10 @@ class DNCCore(MemoryCore):
     :param learn_init: learn the controller's initial ``h_0, c_0`` and the initial read vectors
         (zero-initialised; Collier & Beel 2018). Memory (1e-6), usage, link, precedence and the
         weightings always start at their fixed paper values.
+    :param fused: run the memory access as one autograd function with a hand-written backward
+        (:class:`~memagents.cores.dnc_access.DNCAccessStep`; same equations, several times
+        faster). ``False`` runs the reference path built from :mod:`addressing` functions
+        under plain autograd; tests check that both agree.
     """
 
     def __init__(
@@ -99,6 +104,7 @@ class DNCCore(MemoryCore):
         num_reads: int = 4,
         num_writes: int = 1,
         learn_init: bool = True,
+        fused: bool = True,
     ):
         super().__init__()
         self.input_size = check_positive_int("input_size", input_size)
@@ -108,6 +114,7 @@ class DNCCore(MemoryCore):
         self.num_reads = check_positive_int("num_reads", num_reads)
         self.num_writes = check_positive_int("num_writes", num_writes)
         self.learn_init = bool(learn_init)
+        self.fused = bool(fused)
         R, H, W = num_reads, num_writes, word_size
         self.output_size = hidden_size + R * W
 
@@ -192,39 +199,51 @@ class DNCCore(MemoryCore):
         )
         modes = torch.softmax(modes.view(B, R, 1 + 2 * H), dim=-1)  # π_t: [B, R, 1 + 2H]
 
-        # 1. usage, 2. write weighting
-        usage = addressing.usage_update(
-            prev.usage, prev.write_weights, free_gates, prev.read_weights
-        )
-        write_content = addressing.content_weights(
-            prev.memory, write_keys.view(B, H, W), write_strengths
-        )
-        allocation = addressing.write_allocation_weights(usage, alloc_gates * write_gates)
-        g_a = alloc_gates.unsqueeze(-1)
-        write_weights = write_gates.unsqueeze(-1) * (
-            write_content + g_a * (allocation - write_content)
-        )  # [B, H, N]
+        if self.fused:
+            memory, usage, link, precedence, read_weights, write_weights, read_vectors, allocation = (
+                DNCAccessStep.apply(
+                    prev.memory, prev.usage, prev.link, prev.precedence, prev.read_weights,
+                    prev.write_weights, read_keys.view(B, R, W), read_strengths,
+                    write_keys.view(B, H, W), write_strengths, write_vectors.view(B, H, W),
+                    erase.view(B, H, W), free_gates, alloc_gates, write_gates, modes,
+                )
+            )  # fmt: skip
+        else:
+            # 1. usage, 2. write weighting
+            usage = addressing.usage_update(
+                prev.usage, prev.write_weights, free_gates, prev.read_weights
+            )
+            write_content = addressing.content_weights(
+                prev.memory, write_keys.view(B, H, W), write_strengths
+            )
+            allocation = addressing.write_allocation_weights(usage, alloc_gates * write_gates)
+            g_a = alloc_gates.unsqueeze(-1)
+            write_weights = write_gates.unsqueeze(-1) * (
+                write_content + g_a * (allocation - write_content)
+            )  # [B, H, N]
 
-        # 3. erase and write
-        memory = addressing.erase_and_add(
-            prev.memory, write_weights, erase.view(B, H, W), write_vectors.view(B, H, W)
-        )
+            # 3. erase and write
+            memory = addressing.erase_and_add(
+                prev.memory, write_weights, erase.view(B, H, W), write_vectors.view(B, H, W)
+            )
 
-        # 4. temporal linkage (uses p_{t-1}), then precedence p_t
-        # 5. (with the link, fused) directional weightings f_t = L_t w^r_{t-1}, b_t = L_t^T w^r_{t-1}
-        link, forward_w, backward_w = addressing.link_update_and_read(
-            prev.link, write_weights, prev.precedence, prev.read_weights
-        )
-        precedence = addressing.precedence_update(prev.precedence, write_weights)
+            # 4. temporal linkage (uses p_{t-1}), then precedence p_t
+            # 5. (with the link, fused) directional weightings f_t = L_t w^r_{t-1}, b_t = L_t^T w^r_{t-1}
+            link, forward_w, backward_w = addressing.link_update_and_read(
+                prev.link, write_weights, prev.precedence, prev.read_weights
+            )
+            precedence = addressing.precedence_update(prev.precedence, write_weights)
 
-        # 5. read weightings: backward b, content c, forward f
-        read_content = addressing.content_weights(memory, read_keys.view(B, R, W), read_strengths)
-        read_weights = (
-            modes[..., H : H + 1] * read_content
-            + torch.einsum("brh,brhn->brn", modes[..., :H], backward_w)
-            + torch.einsum("brh,brhn->brn", modes[..., H + 1 :], forward_w)
-        )
-        read_vectors = addressing.read_memory(memory, read_weights)
+            # 5. read weightings: backward b, content c, forward f
+            read_content = addressing.content_weights(
+                memory, read_keys.view(B, R, W), read_strengths
+            )
+            read_weights = (
+                modes[..., H : H + 1] * read_content
+                + torch.einsum("brh,brhn->brn", modes[..., :H], backward_w)
+                + torch.einsum("brh,brhn->brn", modes[..., H + 1 :], forward_w)
+            )
+            read_vectors = addressing.read_memory(memory, read_weights)
 
         y = torch.cat([h, read_vectors.reshape(B, R * W)], dim=-1)
         new_state = DNCState(

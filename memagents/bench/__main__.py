@@ -1,0 +1,32 @@
+"""``python -m memagents.bench {cores,envs} [options]``: benchmarks into ``docs/BENCHMARKS.md``."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+TARGETS = {
+    "cores": "memagents.bench.cores",
+    "envs": "memagents.bench.envs",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        print("targets: " + ", ".join(TARGETS))
+        return 0 if argv else 2
+    target, rest = argv[0], argv[1:]
+    if target not in TARGETS:
+        print(
+            f"memagents.bench: unknown target {target!r}; choose one of: {', '.join(TARGETS)}",
+            file=sys.stderr,
+        )
+        return 2
+    module = importlib.import_module(TARGETS[target])
+    return module.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
