@@ -229,8 +229,7 @@ def _link_step_forward(
     """
     w_row = write.unsqueeze(-1)  # w[i]: [G, N, 1]
     w_col = write.unsqueeze(-2)  # w[j]: [G, 1, N]
-    out = torch.addcmul(link, link, w_row, value=-1.0)
-    out.addcmul_(link, w_col, value=-1.0)
+    out = torch.sub(1.0 - w_row, w_col).mul_(link)  # (1 - w[i] - w[j]) L[i, j]
     out.baddbmm_(w_row, precedence.unsqueeze(-2))  # + w[i] p[j]
     out.diagonal(dim1=-2, dim2=-1).zero_()
     if read is None:
@@ -273,9 +272,11 @@ def _link_step_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backward of :func:`_link_step_forward` (3-D ``[G, ...]`` tensors); see the forward for
     shapes. Returns the gradients of ``(link, write, precedence, read)``."""
-    # Total gradient of L_t: its own + from f = L w^r (g_f^T w^r) + from b = w^rT L (w^rT g_b).
-    grad = torch.baddbmm(grad_out, grad_fwd.transpose(1, 2), read)
-    grad.baddbmm_(read.transpose(1, 2), grad_bwd)
+    # Total gradient of L_t: its own + from f = L w^r (g_f^T w^r) + from b = w^rT L (w^rT g_b),
+    # as one rank-2R update: [g_f^T, w^rT] @ [w^r; g_b].
+    left = torch.cat([grad_fwd, read], dim=1).transpose(1, 2)  # [G, N, 2R]
+    right = torch.cat([read, grad_bwd], dim=1)  # [G, 2R, N]
+    grad = torch.baddbmm(grad_out, left, right)
     grad.diagonal(dim1=-2, dim2=-1).zero_()  # the diagonal of L_t is constant 0
     w_row = write.unsqueeze(-1)
     w_col = write.unsqueeze(-2)
@@ -287,9 +288,9 @@ def _link_step_backward(
     # d/dw[i] = sum_j g[i, j] (p[j] - L[i, j]);  d/dw[j] = -sum_i g[i, j] L[i, j]
     gl = grad * link
     grad_write = torch.bmm(grad, precedence.unsqueeze(-1)).squeeze(-1) - gl.sum(-1) - gl.sum(-2)
-    # d/dL_{t-1}[i, j] = g[i, j] (1 - w[i] - w[j]), reusing gl's buffer for g w[j]
-    torch.mul(grad, w_col, out=gl)
-    grad.addcmul_(grad, w_row, value=-1.0).sub_(gl)
+    # d/dL_{t-1}[i, j] = g[i, j] (1 - w[i] - w[j]), computed in gl's buffer
+    torch.sub(1.0 - w_row, w_col, out=gl)
+    grad.mul_(gl)
     return grad, grad_write, grad_prec, grad_read
 
 
