@@ -8,6 +8,7 @@ import sys
 TARGETS = {
     "cores": "memagents.bench.cores",
     "envs": "memagents.bench.envs",
+    "fwp": "memagents.bench.fwp",
 }
 
 

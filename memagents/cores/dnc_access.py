@@ -151,7 +151,7 @@ class DNCAccessStep(torch.autograd.Function):
         ctx.save_for_backward(
             memory0, usage0, prec0, read0, write0, free, g_alloc, g_write, modes, v, erase,
             keep, psi, written, u1, write_content, alloc, mix, write, one_minus, keep_mem,
-            memory, directions, read, *link_args, read_g, link,
+            memory, directions, read, link0, link,
             *usages,
         )  # fmt: skip
         ctx.mark_non_differentiable(alloc)
@@ -165,9 +165,13 @@ class DNCAccessStep(torch.autograd.Function):
         (
             memory0, usage0, prec0, read0, write0, free, g_alloc, g_write_gate, modes, v, erase,
             keep, psi, written, u1, write_content, alloc, mix, write, one_minus, keep_mem,
-            memory, directions, read, link0_g, write_g, prec0_g, read_g, link,
+            memory, directions, read, link0, link,
             *usages,
         ) = ctx.saved_tensors  # fmt: skip
+        # Views are rebuilt here rather than saved: unpacking a saved view replays its view chain
+        # through autograd, which cost more than the whole backward at small sizes.
+        read_g = read0.unsqueeze(1).expand(B, H, R, N).reshape(B * H, R, N)
+        link_args = (link0.reshape(B * H, N, N), write.reshape(B * H, N), prec0.reshape(B * H, N))
 
         # 5. read vectors r = w^r M, then the mode mixture
         g_read = g_read + torch.bmm(g_rv, memory.transpose(1, 2))
@@ -183,7 +187,7 @@ class DNCAccessStep(torch.autograd.Function):
         g_bwd = g_dirs[:, :, :H].transpose(1, 2).reshape(B * H, R, N)
         g_fwd = g_dirs[:, :, H + 1 :].transpose(1, 2).reshape(B * H, R, N)
         g_link0, g_wl, g_pl, g_rl = _link_step_backward(
-            g_link.reshape(B * H, N, N), g_fwd, g_bwd, link0_g, write_g, prec0_g, read_g, link
+            g_link.reshape(B * H, N, N), g_fwd, g_bwd, *link_args, read_g, link
         )
         g_w = g_w + g_wl.view(B, H, N)
         g_prec0 = g_prec0 + g_pl.view(B, H, N)
