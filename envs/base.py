@@ -196,11 +196,13 @@ class AlgorithmicEnv(gym.Env[np.ndarray, Any]):
     ``observation_space`` and ``action_space``, and implement :meth:`check_params`,
     :meth:`sample`, :meth:`layout`, :meth:`memoryless_ceiling` and :attr:`max_episode_length`.
 
-    :param render_mode: ``None`` or ``"ansi"`` (:meth:`render` returns the current step as text).
+    :param render_mode: ``None``, ``"ansi"`` (:meth:`render` returns the current step as text) or
+        ``"rgb_array"`` (an image of the observations seen so far; SB3's ``make_vec_env`` asks
+        for this mode by default).
     :param params: the task's parameters, validated by :meth:`check_params`.
     """
 
-    metadata: ClassVar[dict[str, Any]] = {"render_modes": ["ansi"], "render_fps": 4}
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
     Problem: ClassVar[type]  # the NamedTuple returned by sample()
 
     def __init__(self, render_mode: str | None = None, **params: Any) -> None:
@@ -339,11 +341,26 @@ class AlgorithmicEnv(gym.Env[np.ndarray, Any]):
         info = {"is_success": self._errors == 0} if terminated else {}
         return obs[self._t].copy(), reward, terminated, False, info
 
-    def render(self) -> str | None:
-        """With ``render_mode="ansi"``: the current step and observation as one line of text."""
-        if self.render_mode != "ansi" or self._episode is None:
+    #: pixels per observation cell in ``rgb_array`` renders
+    CELL = 8
+
+    def render(self) -> str | np.ndarray | None:
+        """``"ansi"``: the current step and observation as one line of text.
+        ``"rgb_array"``: ``uint8 [D * CELL, max_steps * CELL, 3]``, one column per step of the
+        observations so far (channels as rows, brighter = larger), the current step outlined."""
+        if self.render_mode is None or self._episode is None:
             return None
         obs, _, _, length = self._episode
+        if self.render_mode == "rgb_array":
+            seen = np.zeros((obs.shape[1], int(length) + 1), dtype=np.float32)
+            seen[:, : self._t + 1] = obs[: self._t + 1].T
+            cells = (np.clip(seen, 0.0, 1.0) * 255).astype(np.uint8)
+            image = np.repeat(np.repeat(cells, self.CELL, 0), self.CELL, 1)
+            image = np.stack([image] * 3, axis=-1)
+            x = self._t * self.CELL
+            image[:, x, :] = (255, 80, 0)
+            image[:, x + self.CELL - 1, :] = (255, 80, 0)
+            return image
         shown = np.array2string(obs[self._t], precision=2, separator=" ")
         return f"{type(self).__name__} step {self._t}/{length}: obs {shown}\n"
 

@@ -567,3 +567,20 @@ def test_envs_pickle_with_their_random_state():
     clone = pickle.loads(pickle.dumps(env))
     for _ in range(3):
         np.testing.assert_array_equal(env.reset()[0], clone.reset()[0])
+
+
+def test_rgb_array_render_shows_the_observations_seen_so_far():
+    env = gym.make("memagents/Copy-v0", render_mode="rgb_array", min_length=3, max_length=3)
+    obs0, _ = env.reset(seed=3)
+    obs1, *_ = env.step(env.action_space.sample())
+    image = env.render()
+    cell = env.unwrapped.CELL
+    depth = env.observation_space.shape[0]
+    assert image.dtype == np.uint8 and image.shape == (depth * cell, (2 * 3 + 1 + 1) * cell, 3)
+    # cell centres: column t, row d carries obs_t[d] as grey level; steps not yet seen are black
+    centre = image[cell // 2 :: cell, cell // 2 :: cell, 1]
+    np.testing.assert_array_equal(centre[:, 0], (obs0 * 255).astype(np.uint8))
+    np.testing.assert_array_equal(centre[:, 1], (obs1 * 255).astype(np.uint8))
+    assert not centre[:, 2:].any()
+    # the current step (1) is outlined
+    assert tuple(image[0, 1 * cell]) == (255, 80, 0)

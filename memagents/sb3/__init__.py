@@ -1,5 +1,27 @@
-"""The bridge to stable-baselines3: the only package of memagents that imports it."""
+"""The bridge to stable-baselines3: the only package of memagents that imports it.
 
+- :class:`MemoryPolicy`: any core of :mod:`memagents.cores` in the place of sb3-contrib's LSTM,
+  for the unmodified ``sb3_contrib.RecurrentPPO``.
+- :class:`MemoryPPO`: RecurrentPPO whose rollout buffer stores the recurrent state only where a
+  training sequence starts (:class:`SequenceStartRolloutBuffer`).
+- :class:`TorchVecEnv`: ``envs.BatchedEnv`` as a real SB3 ``VecEnv``.
+"""
+
+from memagents.sb3.policy import MemoryPolicy, PackedCore
+from memagents.sb3.ppo import (
+    MemoryPPO,
+    SequenceStartDictRolloutBuffer,
+    SequenceStartRolloutBuffer,
+    recurrent_state_nbytes,
+)
 from memagents.sb3.vecenv import TorchVecEnv
 
-__all__ = ["TorchVecEnv"]
+__all__ = [
+    "MemoryPPO",
+    "MemoryPolicy",
+    "PackedCore",
+    "SequenceStartDictRolloutBuffer",
+    "SequenceStartRolloutBuffer",
+    "TorchVecEnv",
+    "recurrent_state_nbytes",
+]

@@ -1,0 +1,460 @@
+"""Any memory core in the place of sb3-contrib's LSTM: :class:`MemoryPolicy`.
+
+``RecurrentPPO(MemoryPolicy, env, policy_kwargs={"core": "dnc", "core_kwargs": {...}})`` trains a
+core with the *unmodified* ``sb3_contrib.RecurrentPPO``. The data flow per step is::
+
+    obs -> features extractor -> core -> MLP heads -> (action distribution, value)
+
+How the core's state travels through sb3-contrib, which only knows LSTM states:
+
+- RecurrentPPO sizes its state buffers from ``policy.lstm_actor.num_layers`` / ``.hidden_size`` and
+  keeps ``(h, c)``, each ``(num_layers, n_envs, hidden_size)``. :class:`PackedCore` wraps a core
+  and exposes ``num_layers = 1`` and ``hidden_size = H = max(1, ceil(S / 2))`` with ``S`` the
+  core's ``state_size``; the core's flat state ``[B, S]`` is zero-padded to ``[B, 2H]`` and split
+  into ``h = [:, :H]`` and ``c = [:, H:]`` (exact: slicing only, no arithmetic).
+- Resets: sb3-contrib multiplies the state by ``1 - episode_start``, which restores zeros instead of
+  a learned or constant initial state (the NTM/DNC memory starts at 1e-6) and lets a NaN survive
+  (``0 * nan = nan``). Here the ``episode_starts`` are handed to the core, whose forward replaces
+  the state of starting elements by ``core.initial_state`` with ``torch.where``: one code path, the
+  same in rollout (``T = 1``) and in training (whole padded sequences ``[T, n_seq]``, one core call).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
+from sb3_contrib.common.recurrent.type_aliases import RNNStates
+from stable_baselines3.common.distributions import Distribution
+from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.torch_layers import (
+    BaseFeaturesExtractor,
+    CombinedExtractor,
+    FlattenExtractor,
+    MlpExtractor,
+)
+from stable_baselines3.common.type_aliases import Schedule
+from torch import Tensor, nn
+
+import memagents.cores as cores
+
+#: ``(h, c)``, each ``(1, B, hidden_size)``: a core state as sb3-contrib stores it.
+HC = tuple[Tensor, Tensor]
+
+
+class PackedCore(nn.Module):
+    """A memory core dressed as a one-layer ``nn.LSTM`` for sb3-contrib's bookkeeping.
+
+    sb3-contrib reads ``num_layers`` and ``hidden_size`` to allocate ``(h, c)`` state tensors of
+    shape ``(num_layers, B, hidden_size)``; this wrapper keeps the core's whole packed state in
+    them: ``flat [B, S]`` is padded with zeros to ``[B, 2H]``, ``h = flat[:, :H]``,
+    ``c = flat[:, H:]``, with ``H = hidden_size = max(1, ceil(S / 2))``.
+
+    :param core: the memory core (any :class:`memagents.cores.MemoryCore`).
+    """
+
+    #: the packed state is one "layer" of ``h`` and one of ``c``.
+    num_layers: int = 1
+
+    def __init__(self, core: cores.MemoryCore):
+        super().__init__()
+        self.core = core
+        self.state_size = int(core.state_size)
+        self.hidden_size = max(1, math.ceil(self.state_size / 2))
+
+    @property
+    def input_size(self) -> int:
+        """Features per step of the core's input (``nn.LSTM.input_size``)."""
+        return self.core.input_size
+
+    @property
+    def output_size(self) -> int:
+        """Features per step of the core's output."""
+        return self.core.output_size
+
+    def pack(self, state: Any) -> HC:
+        """Core state (leaves ``[B, ...]``) -> ``(h, c)``, each ``(1, B, H)``."""
+        flat = self.core.pack_state(state)  # [B, S]
+        pad = 2 * self.hidden_size - self.state_size
+        if pad:
+            flat = torch.cat([flat, flat.new_zeros(flat.shape[0], pad)], dim=1)  # [B, 2H]
+        h, c = flat.split(self.hidden_size, dim=1)  # [B, H] each
+        return h.unsqueeze(0), c.unsqueeze(0)
+
+    def unpack(self, hc: HC) -> Any:
+        """``(h, c)``, each ``(1, B, H)`` -> the core's NamedTuple state (leaves ``[B, ...]``)."""
+        h, c = hc
+        if h.shape[0] != 1 or h.shape[-1] != self.hidden_size or h.shape != c.shape:
+            raise ValueError(
+                f"packed state must be (h, c) of shape (1, B, {self.hidden_size}); "
+                f"got {tuple(h.shape)} and {tuple(c.shape)}"
+            )
+        flat = torch.cat([h[0], c[0]], dim=1)[:, : self.state_size]  # [B, 2H] -> [B, S]
+        return self.core.unpack_state(flat)
+
+    def initial_hc(self, batch_size: int, device: torch.device | str | None = None) -> HC:
+        """``core.initial_state`` in packed form: ``(h, c)``, each ``(1, batch_size, H)``."""
+        return self.pack(self.core.initial_state(batch_size, device))
+
+    def forward(self, x: Tensor, hc: HC, episode_starts: Tensor) -> tuple[Tensor, HC]:
+        """Run the core over a sequence, resetting where episodes start.
+
+        :param x: ``[T, B, input_size]``.
+        :param hc: the state before step 0, ``(h, c)`` each ``(1, B, H)``.
+        :param episode_starts: ``[T, B]``, 1 where step ``t`` starts an episode for ``b``: the
+            core replaces that element's state by its initial state before the step.
+        :return: ``y [T, B, output_size]`` and the packed state after the last step.
+        """
+        y, state = self.core(x, self.unpack(hc), episode_starts)
+        return y, self.pack(state)
+
+
+class MemoryPolicy(RecurrentActorCriticPolicy):
+    """sb3-contrib's recurrent actor-critic with a memory core in the place of the LSTM.
+
+    ``RecurrentPPO(MemoryPolicy, env, policy_kwargs={"core": "dnc", "core_kwargs": {...}})``.
+    Features extractor -> core -> MLP heads (``net_arch``) -> action distribution and value.
+
+    Critic modes (sb3-contrib's flags, same meaning):
+
+    ====================  =====================  =====================================================
+    ``shared_lstm``        ``enable_critic_lstm``  critic
+    ====================  =====================  =====================================================
+    False                  True (default)          separate critic core (same ``core``/``core_kwargs``)
+    True                   False                   shared core; the value head reads the actor core's
+                                                   output *detached* (only the actor loss trains it)
+    False                  False                   feed-forward: ``Linear(features, core output)``
+    ====================  =====================  =====================================================
+
+    :param observation_space: observation space (Box, or Dict with a Dict-aware extractor).
+    :param action_space: action space.
+    :param lr_schedule: learning-rate schedule; ``lr_schedule(1)`` is the initial rate.
+    :param core: registry name of the core, one of :func:`memagents.cores.available`.
+    :param core_kwargs: the core's hyperparameters (``hidden_size``, ``memory_size`` N,
+        ``word_size`` W, ``num_reads`` R, ...; see :func:`memagents.cores.core_kwargs`), without
+        ``input_size``, which is the features extractor's ``features_dim``.
+    :param shared_lstm: one core for actor and critic (see the table above).
+    :param enable_critic_lstm: a separate core for the critic (see the table above).
+    :param net_arch: hidden layers of the MLP heads on top of the core's output, as in SB3:
+        ``[64, 64]`` or ``dict(pi=[...], vf=[...])``; ``None`` means SB3's default ``[64, 64]``.
+    :param activation_fn: activation of the MLP heads.
+    :param ortho_init: orthogonal initialisation of the features extractor, MLP heads and output
+        layers (the cores keep their own initialisation).
+    :param use_sde: generalised state-dependent exploration (Box actions only).
+    :param log_std_init: initial log standard deviation of Gaussian actions.
+    :param full_std: gSDE: ``(n_features x n_actions)`` std parameters instead of ``n_features``.
+    :param use_expln: gSDE: ``expln()`` instead of ``exp()`` to keep the std positive.
+    :param squash_output: squash Gaussian actions with ``tanh`` (gSDE).
+    :param features_extractor_class: the features extractor; ``None`` chooses
+        ``CombinedExtractor`` for Dict observations and ``FlattenExtractor`` otherwise.
+    :param features_extractor_kwargs: keyword arguments of the features extractor.
+    :param share_features_extractor: one features extractor for actor and critic (required by
+        ``shared_lstm``).
+    :param normalize_images: divide image observations by 255.
+    :param optimizer_class: the optimizer (``torch.optim.Adam`` by default).
+    :param optimizer_kwargs: optimizer keyword arguments besides the learning rate.
+    """
+
+    def __init__(
+        self,
+        observation_space: spaces.Space,
+        action_space: spaces.Space,
+        lr_schedule: Schedule,
+        core: str = "lstm",
+        core_kwargs: dict[str, Any] | None = None,
+        shared_lstm: bool = False,
+        enable_critic_lstm: bool = True,
+        net_arch: list[int] | dict[str, list[int]] | None = None,
+        activation_fn: type[nn.Module] = nn.Tanh,
+        ortho_init: bool = True,
+        use_sde: bool = False,
+        log_std_init: float = 0.0,
+        full_std: bool = True,
+        use_expln: bool = False,
+        squash_output: bool = False,
+        features_extractor_class: type[BaseFeaturesExtractor] | None = None,
+        features_extractor_kwargs: dict[str, Any] | None = None,
+        share_features_extractor: bool = True,
+        normalize_images: bool = True,
+        optimizer_class: type[torch.optim.Optimizer] = torch.optim.Adam,
+        optimizer_kwargs: dict[str, Any] | None = None,
+    ):
+        if core not in cores.available():
+            raise ValueError(
+                f"core={core!r} is invalid: expected one of {', '.join(cores.available())}"
+            )
+        if shared_lstm and enable_critic_lstm:
+            raise ValueError(
+                "shared_lstm=True and enable_critic_lstm=True are exclusive: choose a shared core, "
+                "a separate critic core, or neither (feed-forward critic)"
+            )
+        if shared_lstm and not share_features_extractor:
+            raise ValueError(
+                "shared_lstm=True needs share_features_extractor=True (one core, one input)"
+            )
+        if features_extractor_class is None:
+            features_extractor_class = (
+                CombinedExtractor
+                if isinstance(observation_space, spaces.Dict)
+                else FlattenExtractor
+            )
+        # Read by _build_mlp_extractor, which ActorCriticPolicy.__init__ calls before it creates
+        # the optimizer: the cores are built there, so the optimizer holds their parameters.
+        self.core_name = core
+        self.core_kwargs = dict(core_kwargs or {})
+        self.shared_lstm = bool(shared_lstm)
+        self.enable_critic_lstm = bool(enable_critic_lstm)
+        # RecurrentActorCriticPolicy.__init__ is skipped on purpose: it would build nn.LSTMs
+        # (lstm_hidden_size=256 by default) only for them to be replaced. Everything it sets up
+        # is set up here, in _build_mlp_extractor and by the properties below.
+        ActorCriticPolicy.__init__(
+            self,
+            observation_space,
+            action_space,
+            lr_schedule,
+            net_arch,
+            activation_fn,
+            ortho_init,
+            use_sde,
+            log_std_init,
+            full_std,
+            use_expln,
+            squash_output,
+            features_extractor_class,
+            features_extractor_kwargs,
+            share_features_extractor,
+            normalize_images,
+            optimizer_class,
+            optimizer_kwargs,
+        )
+        # For sb3-contrib's predict(): (num_layers, 1, hidden_size) per env.
+        self.lstm_hidden_state_shape = (1, 1, self.memory_actor.hidden_size)
+
+    # -- construction --------------------------------------------------------------------------
+    def _make_core(self) -> PackedCore:
+        return PackedCore(
+            cores.make(self.core_name, input_size=self.features_dim, **self.core_kwargs)
+        )
+
+    def _build_mlp_extractor(self) -> None:
+        """Build the core(s), the feed-forward critic if any, and the MLP heads on the core output."""
+        self.memory_actor = self._make_core()
+        self.lstm_output_dim = self.memory_actor.output_size
+        self.memory_critic = self._make_core() if self.enable_critic_lstm else None
+        self.critic = None
+        if not (self.shared_lstm or self.enable_critic_lstm):
+            # feed-forward critic: features -> the width of the core's output
+            self.critic = nn.Linear(self.features_dim, self.lstm_output_dim)
+        self.mlp_extractor = MlpExtractor(
+            self.lstm_output_dim,
+            net_arch=self.net_arch,
+            activation_fn=self.activation_fn,
+            device=self.device,
+        )
+
+    @property
+    def lstm_actor(self) -> PackedCore:
+        """The actor core, under the name RecurrentPPO reads its state sizes from."""
+        return self.memory_actor
+
+    @property
+    def lstm_critic(self) -> PackedCore | None:
+        """The separate critic core (``enable_critic_lstm=True``), else ``None``."""
+        return self.memory_critic
+
+    @property
+    def lstm_kwargs(self) -> dict[str, Any]:
+        """sb3-contrib's name for the recurrent module's keyword arguments: ``core_kwargs``."""
+        return self.core_kwargs
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        data.update(
+            core=self.core_name,
+            core_kwargs=self.core_kwargs,
+            shared_lstm=self.shared_lstm,
+            enable_critic_lstm=self.enable_critic_lstm,
+            share_features_extractor=self.share_features_extractor,
+        )
+        return data
+
+    # -- state ---------------------------------------------------------------------------------
+    def initial_state(self, n_envs: int, device: torch.device | str | None = None) -> RNNStates:
+        """The packed initial states of actor and critic, as RecurrentPPO keeps them.
+
+        :param n_envs: ``B``.
+        :param device: defaults to the policy's device.
+        :return: ``RNNStates(pi=(h, c), vf=(h, c))``, each tensor ``(1, n_envs, H)``, detached
+            (values to store; inside the core a reset uses the learned initial state with grad).
+        """
+        device = self.device if device is None else device
+        with torch.no_grad():
+            pi = self.memory_actor.initial_hc(n_envs, device)
+            vf = pi if self.memory_critic is None else self.memory_critic.initial_hc(n_envs, device)
+        return RNNStates(pi, vf)
+
+    @staticmethod
+    def _process_sequence(
+        features: Tensor,
+        lstm_states: HC,
+        episode_starts: Tensor,
+        lstm: PackedCore,
+    ) -> tuple[Tensor, HC]:
+        """Run a core over padded sequences in one call (rollout: sequences of length 1).
+
+        :param features: ``(n_seq * T, features_dim)``, sequence-major as sb3-contrib pads them.
+        :param lstm_states: packed state before each sequence, ``(h, c)`` each ``(1, n_seq, H)``.
+        :param episode_starts: ``(n_seq * T,)``, 1 where a step starts an episode.
+        :param lstm: the :class:`PackedCore` to run.
+        :return: ``(n_seq * T, output_size)`` and the packed state after the last step.
+        """
+        n_seq = lstm_states[0].shape[1]
+        # (n_seq * T, F) -> (n_seq, T, F) -> (T, n_seq, F)
+        x = features.reshape(n_seq, -1, lstm.input_size).transpose(0, 1)
+        # (n_seq * T,) -> (n_seq, T) -> (T, n_seq)
+        starts = episode_starts.reshape(n_seq, -1).transpose(0, 1)
+        y, hc = lstm(x, lstm_states, starts)  # y: (T, n_seq, O)
+        # (T, n_seq, O) -> (n_seq, T, O) -> (n_seq * T, O)
+        return y.transpose(0, 1).reshape(-1, lstm.output_size), hc
+
+    # -- the four entry points sb3-contrib calls -----------------------------------------------
+    def _latents(
+        self, obs: Tensor, lstm_states: RNNStates, episode_starts: Tensor
+    ) -> tuple[Tensor, Tensor, RNNStates]:
+        """Features -> core(s) -> MLP heads: ``(latent_pi, latent_vf, new_states)``."""
+        features = self.extract_features(obs)
+        if self.share_features_extractor:
+            pi_features = vf_features = features
+        else:
+            pi_features, vf_features = features
+        latent_pi, states_pi = self._process_sequence(
+            pi_features, lstm_states.pi, episode_starts, self.memory_actor
+        )
+        if self.memory_critic is not None:
+            latent_vf, states_vf = self._process_sequence(
+                vf_features, lstm_states.vf, episode_starts, self.memory_critic
+            )
+        elif self.shared_lstm:
+            # the value head reads the shared core without training it (sb3-contrib's semantics)
+            latent_vf = latent_pi.detach()
+            states_vf = (states_pi[0].detach(), states_pi[1].detach())
+        else:
+            latent_vf = self.critic(vf_features)
+            states_vf = states_pi
+        latent_pi = self.mlp_extractor.forward_actor(latent_pi)
+        latent_vf = self.mlp_extractor.forward_critic(latent_vf)
+        return latent_pi, latent_vf, RNNStates(states_pi, states_vf)
+
+    def forward(
+        self,
+        obs: Tensor,
+        lstm_states: RNNStates,
+        episode_starts: Tensor,
+        deterministic: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor, RNNStates]:
+        """One rollout step for ``n_envs`` environments.
+
+        :param obs: observations, ``(n_envs, *obs_shape)`` (or a dict of them).
+        :param lstm_states: packed states before the step, ``(h, c)`` each ``(1, n_envs, H)``.
+        :param episode_starts: ``(n_envs,)``, 1 where the observation starts an episode.
+        :param deterministic: take the distribution's mode instead of sampling.
+        :return: actions, values ``(n_envs, 1)``, log-probabilities ``(n_envs,)``, new states.
+        """
+        latent_pi, latent_vf, states = self._latents(obs, lstm_states, episode_starts)
+        values = self.value_net(latent_vf)
+        distribution = self._get_action_dist_from_latent(latent_pi)
+        actions = distribution.get_actions(deterministic=deterministic)
+        log_prob = distribution.log_prob(actions)
+        actions = actions.reshape((-1, *self.action_space.shape))
+        return actions, values, log_prob, states
+
+    def evaluate_actions(
+        self, obs: Tensor, actions: Tensor, lstm_states: RNNStates, episode_starts: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Values, log-probabilities and entropy of stored actions over padded sequences.
+
+        :param obs: ``(n_seq * T, *obs_shape)``, sequence-major.
+        :param actions: ``(n_seq * T, *action_shape)``.
+        :param lstm_states: packed states at the sequence starts, each ``(1, n_seq, H)``.
+        :param episode_starts: ``(n_seq * T,)``.
+        :return: values ``(n_seq * T, 1)``, log-probabilities and entropy ``(n_seq * T,)``.
+        """
+        latent_pi, latent_vf, _ = self._latents(obs, lstm_states, episode_starts)
+        distribution = self._get_action_dist_from_latent(latent_pi)
+        return self.value_net(latent_vf), distribution.log_prob(actions), distribution.entropy()
+
+    def get_distribution(
+        self, obs: Tensor, lstm_states: HC, episode_starts: Tensor
+    ) -> tuple[Distribution, HC]:
+        """The actor's action distribution and its new packed state.
+
+        :param obs: ``(B * T, *obs_shape)``.
+        :param lstm_states: the actor's packed state, ``(h, c)`` each ``(1, B, H)``.
+        :param episode_starts: ``(B * T,)``.
+        """
+        features = super(ActorCriticPolicy, self).extract_features(obs, self.pi_features_extractor)
+        latent_pi, states = self._process_sequence(
+            features, lstm_states, episode_starts, self.memory_actor
+        )
+        latent_pi = self.mlp_extractor.forward_actor(latent_pi)
+        return self._get_action_dist_from_latent(latent_pi), states
+
+    def predict_values(self, obs: Tensor, lstm_states: HC, episode_starts: Tensor) -> Tensor:
+        """Values ``(B * T, 1)`` given the critic's packed state (``(h, c)`` each ``(1, B, H)``).
+
+        With a shared core, ``lstm_states`` is the actor's state; with a feed-forward critic it
+        is ignored.
+        """
+        features = super(ActorCriticPolicy, self).extract_features(obs, self.vf_features_extractor)
+        if self.memory_critic is not None:
+            latent_vf, _ = self._process_sequence(
+                features, lstm_states, episode_starts, self.memory_critic
+            )
+        elif self.shared_lstm:
+            latent_vf, _ = self._process_sequence(
+                features, lstm_states, episode_starts, self.memory_actor
+            )
+            latent_vf = latent_vf.detach()
+        else:
+            latent_vf = self.critic(features)
+        return self.value_net(self.mlp_extractor.forward_critic(latent_vf))
+
+    def predict(
+        self,
+        observation: np.ndarray | dict[str, np.ndarray],
+        state: tuple[np.ndarray, ...] | None = None,
+        episode_start: np.ndarray | None = None,
+        deterministic: bool = False,
+    ) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
+        """Actions for deployment, threading the packed state by hand::
+
+            state, start = None, np.ones(n_envs, dtype=bool)
+            while True:
+                action, state = policy.predict(obs, state, start, deterministic=True)
+                obs, reward, done, info = vec_env.step(action)
+                start = done
+
+        :param observation: ``(n_envs, *obs_shape)`` (or one unbatched observation).
+        :param state: the ``(h, c)`` returned by the previous call, each ``(1, n_envs, H)``;
+            ``None`` starts every env from the core's initial state.
+        :param episode_start: ``(n_envs,)`` bool, True where ``observation`` starts an episode
+            (that env's state is reset to the initial state); ``None`` means no resets.
+        :param deterministic: take the distribution's mode instead of sampling.
+        :return: actions and the new ``(h, c)`` state (numpy).
+        """
+        if state is None:
+            # sb3-contrib would start from zeros, which is not every core's initial state:
+            # start from zeros *and* reset, which restores the initial state exactly.
+            n_envs = self._n_envs(observation)
+            episode_start = np.ones(n_envs, dtype=bool)
+        return super().predict(observation, state, episode_start, deterministic)
+
+    def _n_envs(self, observation: np.ndarray | dict[str, np.ndarray]) -> int:
+        obs, _ = self.obs_to_tensor(observation)
+        if isinstance(obs, dict):
+            obs = next(iter(obs.values()))
+        return obs.shape[0]

@@ -1,0 +1,453 @@
+"""``python -m memagents.train``: one run (env x core x seed) of RecurrentPPO with a memory core.
+
+With no arguments it trains the default of ``configs/default.yaml``. Flags override the config;
+``--set key=value`` reaches any dotted key. A run directory holds ``config.yaml`` (the resolved
+config), SB3's ``progress.csv`` and TensorBoard events, ``checkpoints/`` (written atomically,
+with the RNG and timestep state), ``evaluations.csv``, the final ``model.zip`` and ``eval.json``.
+``--resume RUN_DIR`` continues a killed run from its last checkpoint to the original total.
+
+Bad input (unknown keys, env ids or core names, out-of-range values) exits with code 2 and one
+line naming the value and what is allowed; a NaN/Inf in a loss, gradient or parameter stops
+training with exit code 3, naming the step and the parameter, and leaves the last good
+checkpoint in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+import yaml
+
+from memagents.config import Config, ConfigError, apply_overrides, from_dict, read_yaml, to_dict
+
+EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad flags as one line and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m memagents.train", description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="YAML config (default: configs/default.yaml)")
+    p.add_argument("--env", help="environment id, e.g. memagents/Recall-v0 (env.id)")
+    p.add_argument("--core", help="core name, e.g. dnc (core.name)")
+    p.add_argument("--seed", type=int, help="seed (train.seed)")
+    p.add_argument("--total-timesteps", type=int, help="environment steps (train.total_timesteps)")
+    p.add_argument("--n-envs", type=int, help="parallel environments (env.n_envs)")
+    p.add_argument("--device", help="cpu, cuda or auto (train.device)")
+    p.add_argument("--run-dir", help="run directory (default: runs/<env>-<core>-s<seed>-<time>)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a dotted config key, e.g. --set core.kwargs.memory_size=32 (repeatable)",
+    )
+    p.add_argument("--checkpoint-freq", type=int, help="steps between checkpoints")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    return p
+
+
+# -- configuration -----------------------------------------------------------------------------
+def resolve_config(args: argparse.Namespace) -> Config:
+    """Config file <- flags <- ``--set`` overrides, validated, with env id and core checked."""
+    from memagents.config import DEFAULT_CONFIG
+
+    data = read_yaml(args.config or DEFAULT_CONFIG)
+    core = data.get("core") if isinstance(data.get("core"), dict) else None
+    if args.core is not None and core is not None and core.get("name") != args.core:
+        # --core switches the core: keep the file's core kwargs the new core also takes
+        import memagents.cores as cores
+
+        if args.core in cores.available() and isinstance(core.get("kwargs"), dict):
+            allowed = set(cores.core_kwargs(args.core))
+            dropped = sorted(k for k in core["kwargs"] if k not in allowed)
+            core["kwargs"] = {k: v for k, v in core["kwargs"].items() if k in allowed}
+            if dropped:
+                print(
+                    f"memagents.train: note: --core {args.core} drops the config's "
+                    f"core.kwargs {', '.join(dropped)} (not taken by {args.core})",
+                    file=sys.stderr,
+                )
+    flags = []
+    for flag, key in [
+        ("env", "env.id"),
+        ("core", "core.name"),
+        ("seed", "train.seed"),
+        ("total_timesteps", "train.total_timesteps"),
+        ("n_envs", "env.n_envs"),
+        ("device", "train.device"),
+        ("checkpoint_freq", "train.checkpoint_freq"),
+    ]:
+        value = getattr(args, flag)
+        if value is not None:
+            flags.append(f"{key}={json.dumps(value)}")
+    apply_overrides(data, flags + list(args.set))
+    config = from_dict(data)
+    check_names(config)
+    return config
+
+
+def check_names(config: Config) -> None:
+    """Unknown env ids, core names and core kwargs are input errors, not tracebacks."""
+    import gymnasium as gym
+
+    import memagents  # noqa: F401  (registers the memagents/ ids)
+    import memagents.cores as cores
+
+    if config.core.name not in cores.available():
+        raise ConfigError(
+            f"core.name: unknown core {config.core.name!r}; available: "
+            f"{', '.join(cores.available())}"
+        )
+    allowed = cores.core_kwargs(config.core.name)
+    unknown = sorted(set(config.core.kwargs) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"core.kwargs: core {config.core.name!r} does not take {unknown[0]!r}; "
+            f"allowed: {', '.join(allowed)}"
+        )
+    if config.env.id.startswith("MiniGrid"):
+        import minigrid  # noqa: F401  (registers MiniGrid ids)
+    if config.env.id not in gym.registry:
+        ours = sorted(k for k in gym.registry if k.startswith("memagents/") and "-v" in k)
+        raise ConfigError(
+            f"env.id: unknown environment {config.env.id!r}; e.g. {', '.join(ours[:8])}, "
+            "or a MiniGrid id"
+        )
+    if config.env.vec_env == "batched" and not config.env.id.startswith("memagents/"):
+        raise ConfigError(
+            f"env.vec_env: 'batched' needs a memagents/ environment; got env.id={config.env.id!r}"
+        )
+
+
+def default_run_dir(config: Config) -> Path:
+    env = config.env.id.replace("/", "_")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{env}-{config.core.name}-s{config.train.seed}-{stamp}"
+
+
+# -- building blocks ---------------------------------------------------------------------------
+def make_env(config: Config, seed: int, n_envs: int | None = None):
+    """The vectorised environment of a config (SB3 ``VecEnv``)."""
+    from stable_baselines3.common.env_util import make_vec_env
+
+    n = n_envs or config.env.n_envs
+    if config.env.vec_env == "batched":
+        from memagents.sb3 import TorchVecEnv
+
+        return TorchVecEnv.make(config.env.id, n, seed=seed, **config.env.kwargs)
+    env_kwargs = dict(config.env.kwargs)
+    if config.env.id.startswith("memagents/"):
+        # SB3's make_vec_env asks for render_mode="rgb_array"; the algorithmic tasks render text
+        env_kwargs.setdefault("render_mode", None)
+    return make_vec_env(config.env.id, n_envs=n, seed=seed, env_kwargs=env_kwargs)
+
+
+def policy_kwargs(config: Config) -> dict[str, Any]:
+    """``policy_kwargs`` for ``RecurrentPPO(MemoryPolicy, ...)`` from the config."""
+    critic = config.policy.critic
+    return {
+        "core": config.core.name,
+        "core_kwargs": dict(config.core.kwargs),
+        "net_arch": list(config.policy.net_arch),
+        "shared_lstm": critic == "shared",
+        "enable_critic_lstm": critic == "separate",
+    }
+
+
+def make_model(config: Config, env, device: str, tensorboard_log: str | None = None):
+    from sb3_contrib import RecurrentPPO
+
+    from memagents.sb3 import MemoryPolicy, MemoryPPO
+
+    ppo = config.ppo
+    algorithm = MemoryPPO if ppo.buffer == "sequence-start" else RecurrentPPO
+    return algorithm(
+        MemoryPolicy,
+        env,
+        learning_rate=ppo.learning_rate,
+        n_steps=ppo.n_steps,
+        batch_size=ppo.batch_size,
+        n_epochs=ppo.n_epochs,
+        gamma=ppo.gamma,
+        gae_lambda=ppo.gae_lambda,
+        clip_range=ppo.clip_range,
+        ent_coef=ppo.ent_coef,
+        vf_coef=ppo.vf_coef,
+        max_grad_norm=ppo.max_grad_norm,
+        policy_kwargs=policy_kwargs(config),
+        seed=config.train.seed,
+        device=device,
+        tensorboard_log=tensorboard_log,
+        verbose=0,
+    )
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: {name!r} requested but CUDA is not available; use cpu")
+    return name
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def evaluate(model, env, episodes: int) -> dict[str, float]:
+    """Deterministic episodes with the recurrent state carried: mean/std reward, success rate."""
+    from stable_baselines3.common.evaluation import evaluate_policy
+
+    successes: list[float] = []
+
+    def on_step(locals_: dict[str, Any], _globals: dict[str, Any]) -> None:
+        if locals_["done"]:
+            info = locals_["info"]
+            if "is_success" in info:
+                successes.append(float(info["is_success"]))
+
+    rewards, _lengths = evaluate_policy(
+        model,
+        env,
+        n_eval_episodes=episodes,
+        deterministic=True,
+        return_episode_rewards=True,
+        callback=on_step,
+        warn=False,
+    )
+    return {
+        "mean_reward": float(np.mean(rewards)),
+        "std_reward": float(np.std(rewards)),
+        "success_rate": float(np.mean(successes)) if successes else float("nan"),
+        "episodes": len(rewards),
+    }
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+def save_checkpoint(model, run_dir: Path) -> Path:
+    """Write ``checkpoints/step_<n>.zip`` and its RNG/timestep state, then point ``latest.json``
+    at them; each file is written under a temporary name and renamed, so a kill at any moment
+    leaves the previous checkpoint intact."""
+    import torch
+
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    steps = int(model.num_timesteps)
+    zip_path = ckpt_dir / f"step_{steps}.zip"
+    tmp = ckpt_dir / f".step_{steps}.tmp.zip"
+    model.save(tmp)
+    os.replace(tmp, zip_path)
+    rng_path = ckpt_dir / f"step_{steps}.rng.pt"
+    tmp_rng = ckpt_dir / f".step_{steps}.rng.tmp"
+    torch.save(
+        {
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(),  # noqa: NPY002 (SB3 seeds the global RNG)
+            "python": random.getstate(),
+        },
+        tmp_rng,
+    )
+    os.replace(tmp_rng, rng_path)
+    latest = {"num_timesteps": steps, "model": zip_path.name, "rng": rng_path.name}
+    atomic_write_text(ckpt_dir / "latest.json", json.dumps(latest))
+    return zip_path
+
+
+def latest_checkpoint(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "checkpoints" / "latest.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+# -- callbacks ---------------------------------------------------------------------------------
+def make_callbacks(config: Config, run_dir: Path, eval_env):
+    import torch
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class TrainingDiverged(RuntimeError):
+        pass
+
+    class RunCallback(BaseCallback):
+        """Periodic checkpoints and evaluations; stops on non-finite values."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.next_ckpt = 0
+            self.next_eval = 0
+            self.hooks: list[Any] = []
+
+        def _on_training_start(self) -> None:
+            t = self.model.num_timesteps
+            ck, ev = config.train.checkpoint_freq, config.train.eval_freq
+            self.next_ckpt = (t // ck + 1) * ck if ck else float("inf")
+            self.next_eval = (t // ev + 1) * ev if ev else float("inf")
+            for name, param in self.model.policy.named_parameters():
+                self.hooks.append(param.register_hook(self._grad_check(name)))
+
+        def _grad_check(self, name: str):
+            def hook(grad: torch.Tensor) -> None:
+                if not torch.isfinite(grad).all():
+                    raise TrainingDiverged(
+                        f"non-finite gradient in {name} at step {self.model.num_timesteps}"
+                    )
+
+            return hook
+
+        def _on_training_end(self) -> None:
+            for h in self.hooks:
+                h.remove()
+            self.hooks.clear()
+
+        def _on_rollout_start(self) -> None:
+            # after each update: parameters and losses must be finite
+            for name, param in self.model.policy.named_parameters():
+                if not torch.isfinite(param).all():
+                    raise TrainingDiverged(
+                        f"non-finite parameter {name} at step {self.model.num_timesteps}"
+                    )
+            for key, value in self.model.logger.name_to_value.items():
+                if key.startswith("train/") and not np.isfinite(value):
+                    raise TrainingDiverged(
+                        f"non-finite {key} = {value} at step {self.model.num_timesteps}"
+                    )
+
+        def _on_step(self) -> bool:
+            t = self.model.num_timesteps
+            if t >= self.next_ckpt:
+                save_checkpoint(self.model, run_dir)
+                self.next_ckpt += config.train.checkpoint_freq
+            if t >= self.next_eval:
+                result = evaluate(self.model, eval_env, config.train.eval_episodes)
+                for key in ("mean_reward", "success_rate"):
+                    self.logger.record(f"eval/{key}", result[key])
+                line = (
+                    f"{t},{result['mean_reward']},{result['std_reward']},{result['success_rate']}"
+                )
+                path = run_dir / "evaluations.csv"
+                new = not path.exists()
+                with path.open("a") as f:
+                    if new:
+                        f.write("timesteps,mean_reward,std_reward,success_rate\n")
+                    f.write(line + "\n")
+                self.next_eval += config.train.eval_freq
+            return True
+
+    return RunCallback(), TrainingDiverged
+
+
+# -- the run -----------------------------------------------------------------------------------
+def run(config: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
+    """Train (or continue) one run; returns the final evaluation."""
+    import torch
+    from sb3_contrib import RecurrentPPO
+    from stable_baselines3.common.logger import CSVOutputFormat, Logger, TensorBoardOutputFormat
+
+    torch.set_num_threads(config.train.torch_threads)
+    device = resolve_device(config.train.device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed = config.train.seed
+    env = make_env(config, seed)
+    eval_env = make_env(config, seed + 10_000, n_envs=1)
+
+    latest = latest_checkpoint(run_dir) if resume else None
+    if latest is not None:
+        ckpt = run_dir / "checkpoints"
+        from memagents.sb3 import MemoryPPO
+
+        algorithm = MemoryPPO if config.ppo.buffer == "sequence-start" else RecurrentPPO
+        model = algorithm.load(ckpt / latest["model"], env=env, device=device)
+        rng = torch.load(ckpt / latest["rng"], weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])  # noqa: NPY002
+        random.setstate(rng["python"])
+        segment = len(list(run_dir.glob("progress*.csv")))
+        csv_name = f"progress-resumed-{segment}.csv" if segment else "progress.csv"
+    else:
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
+        model = make_model(config, env, device)
+        csv_name = "progress.csv"
+    # a resumed run logs to a new CSV segment; SB3's CSV writer would truncate progress.csv
+    formats = [CSVOutputFormat(str(run_dir / csv_name)), TensorBoardOutputFormat(str(run_dir))]
+    model.set_logger(Logger(str(run_dir), formats))
+
+    remaining = config.train.total_timesteps - int(model.num_timesteps)
+    callback, diverged = make_callbacks(config, run_dir, eval_env)
+    if remaining > 0:
+        progress = config.train.progress_bar and sys.stdout.isatty()
+        try:
+            model.learn(
+                total_timesteps=remaining,
+                reset_num_timesteps=False,
+                callback=callback,
+                progress_bar=progress,
+            )
+        except diverged as exc:
+            raise TrainingStopped(str(exc)) from None
+    model.save(run_dir / "model.zip")
+    result = evaluate(model, eval_env, config.train.eval_episodes)
+    result["num_timesteps"] = int(model.num_timesteps)
+    atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2))
+    env.close()
+    eval_env.close()
+    return result
+
+
+class TrainingStopped(RuntimeError):
+    """Training found a non-finite value and stopped; the last good checkpoint is kept."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.resume:
+            run_dir = Path(args.resume)
+            if not (run_dir / "config.yaml").is_file():
+                raise ConfigError(f"--resume {args.resume!r}: no config.yaml in that directory")
+            config = from_dict(read_yaml(run_dir / "config.yaml"))
+            check_names(config)
+        else:
+            config = resolve_config(args)
+            run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(config)
+        start = time.time()
+        result = run(config, run_dir, resume=bool(args.resume))
+    except ConfigError as exc:
+        print(f"memagents.train: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except TrainingStopped as exc:
+        print(
+            f"memagents.train: stopped: {exc}; the last good checkpoint is kept in "
+            f"{run_dir / 'checkpoints'}",
+            file=sys.stderr,
+        )
+        return EXIT_DIVERGED
+    print(
+        f"{config.env.id} {config.core.name} seed {config.train.seed}: "
+        f"mean reward {result['mean_reward']:.3f} ± {result['std_reward']:.3f}, "
+        f"success {result['success_rate']:.2f} over {result['episodes']} episodes "
+        f"after {result['num_timesteps']} steps ({time.time() - start:.0f} s) -> {run_dir}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

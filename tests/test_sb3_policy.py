@@ -1,0 +1,478 @@
+"""The SB3 bridge: :class:`MemoryPolicy` inside sb3-contrib's RecurrentPPO and :class:`MemoryPPO`.
+
+What is checked, for every registered core:
+- with unchanged weights, the log-probabilities and values recomputed in training from the rollout
+  buffer's minibatches equal those recorded during the rollout (1e-5), for every critic mode and
+  both buffers (sb3-contrib's, which stores every step's state, and the sequence-start buffer);
+- a step that starts an episode runs from exactly ``core.initial_state`` (learned init set to
+  nonzero values, garbage or NaN in the carried state), in rollout and in training;
+- the optimizer holds every parameter and ``learn`` moves the core's weights;
+- SB3 ``save``/``load`` rebuilds the model: identical actions and states;
+- ``predict(obs, state, episode_start)`` threads and resets the state as the rollout does.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium import spaces
+from sb3_contrib import RecurrentPPO
+from sb3_contrib.common.recurrent.buffers import RecurrentRolloutBuffer
+from sb3_contrib.common.recurrent.type_aliases import RNNStates
+from stable_baselines3.common.vec_env import DummyVecEnv
+
+import envs  # noqa: F401  (registers memagents/Recall-v0)
+import memagents.cores as cores
+from memagents.sb3 import (
+    MemoryPolicy,
+    MemoryPPO,
+    PackedCore,
+    SequenceStartDictRolloutBuffer,
+    SequenceStartRolloutBuffer,
+    recurrent_state_nbytes,
+)
+
+torch.set_num_threads(1)
+
+ENV_ID = "memagents/Recall-v0"
+N_ENVS = 2
+N_STEPS = 16
+BATCH_SIZE = 12  # not a divisor of N_STEPS * N_ENVS: minibatches cut sequences at odd places
+
+#: Tiny hyperparameters; each core takes the ones its constructor accepts.
+TINY: dict[str, Any] = {
+    "hidden_size": 8,
+    "memory_size": 6,
+    "word_size": 4,
+    "num_reads": 2,
+    "num_writes": 1,
+    "num_heads": 1,
+    "max_shift": 1,
+    "learn_init": True,
+}
+
+CORES = cores.available()
+
+#: critic mode -> sb3-contrib's flags.
+CRITIC_MODES: dict[str, dict[str, bool]] = {
+    "separate": {"shared_lstm": False, "enable_critic_lstm": True},
+    "shared": {"shared_lstm": True, "enable_critic_lstm": False},
+    "feedforward": {"shared_lstm": False, "enable_critic_lstm": False},
+}
+
+#: buffer -> algorithm class that uses it.
+ALGOS: dict[str, type[RecurrentPPO]] = {"stock": RecurrentPPO, "seqstart": MemoryPPO}
+
+#: Names of parameters that hold a learned initial state.
+INIT_PARAMS = ("h0", "c0", "read0", "read_logits0", "write_logits0")
+
+
+def tiny_kwargs(name: str) -> dict[str, Any]:
+    allowed = set(cores.core_kwargs(name))
+    return {k: v for k, v in TINY.items() if k in allowed}
+
+
+class DictObs(gym.ObservationWrapper):
+    """Recall with a Dict observation: ``{"cue": [S], "query": [1]}``."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        size = env.observation_space.shape[0]
+        self.observation_space = spaces.Dict(
+            {
+                "cue": spaces.Box(0.0, 1.0, (size - 1,), np.float32),
+                "query": spaces.Box(0.0, 1.0, (1,), np.float32),
+            }
+        )
+
+    def observation(self, obs: np.ndarray) -> dict[str, np.ndarray]:
+        return {"cue": obs[:-1], "query": obs[-1:]}
+
+
+def make_env(n_envs: int = N_ENVS, dict_obs: bool = False, seed: int = 0) -> DummyVecEnv:
+    def make() -> gym.Env:
+        env = gym.make(ENV_ID)
+        return DictObs(env) if dict_obs else env
+
+    venv = DummyVecEnv([make] * n_envs)
+    venv.seed(seed)
+    return venv
+
+
+def randomize_initial_state(policy: MemoryPolicy, seed: int = 1) -> None:
+    """Nonzero learned initial states, so that a reset to zeros cannot pass for a reset to them."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if name.rsplit(".", 1)[-1] in INIT_PARAMS:
+                param.copy_(torch.randn(param.shape, generator=gen))
+
+
+def make_model(
+    core: str,
+    critic: str = "separate",
+    algo: str = "stock",
+    dict_obs: bool = False,
+    n_envs: int = N_ENVS,
+    **kwargs: Any,
+) -> RecurrentPPO:
+    policy_kwargs = {
+        "core": core,
+        "core_kwargs": tiny_kwargs(core),
+        "net_arch": [16],
+        **CRITIC_MODES[critic],
+    }
+    kwargs = {"n_steps": N_STEPS, "batch_size": BATCH_SIZE, "n_epochs": 1, "seed": 0, **kwargs}
+    model = ALGOS[algo](
+        MemoryPolicy, make_env(n_envs, dict_obs), policy_kwargs=policy_kwargs, **kwargs
+    )
+    randomize_initial_state(model.policy)
+    return model
+
+
+def collect(model: RecurrentPPO, rollouts: int = 1) -> None:
+    """Fill the rollout buffer without training (the last of ``rollouts`` rollouts is kept)."""
+    _, callback = model._setup_learn(rollouts * model.n_steps * model.n_envs, callback=None)
+    callback.on_training_start(locals(), globals())
+    for _ in range(rollouts):
+        assert model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
+
+
+def garbage_states(policy: MemoryPolicy, n: int, fill: float) -> RNNStates:
+    shape = (1, n, policy.lstm_actor.hidden_size)
+    g = torch.full(shape, fill)
+    return RNNStates((g, g.clone()), (g.clone(), g.clone()))
+
+
+# -- PackedCore ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", CORES)
+def test_packed_core_sizes_and_exact_round_trip(name: str) -> None:
+    torch.manual_seed(0)
+    core = cores.make(name, input_size=3, **tiny_kwargs(name))
+    packed = PackedCore(core)
+    assert packed.num_layers == 1
+    assert packed.hidden_size == max(1, math.ceil(core.state_size / 2))
+    with torch.no_grad():
+        _, state = core(torch.randn(4, 5, 3), core.initial_state(5))
+        h, c = packed.pack(state)
+    assert h.shape == c.shape == (1, 5, packed.hidden_size)
+    flat = torch.cat([h[0], c[0]], dim=1)
+    assert torch.equal(flat[:, : core.state_size], core.pack_state(state))
+    assert torch.all(flat[:, core.state_size :] == 0)  # padding
+    assert torch.equal(core.pack_state(packed.unpack((h, c))), core.pack_state(state))
+
+
+# -- rollout vs training ------------------------------------------------------------------------
+
+
+def assert_training_matches_rollout(model: RecurrentPPO) -> None:
+    """Recompute every minibatch of the (second) rollout and compare with the recorded values."""
+    collect(model, rollouts=2)
+    policy = model.policy
+    mid_episode_sequences = 0
+    covered = 0
+    with torch.no_grad():
+        for data in model.rollout_buffer.get(model.batch_size):
+            actions = data.actions.long().flatten()
+            values, log_prob, _ = policy.evaluate_actions(
+                data.observations, actions, data.lstm_states, data.episode_starts
+            )
+            mask = data.mask > 0.5
+            torch.testing.assert_close(log_prob[mask], data.old_log_prob[mask], atol=1e-5, rtol=0.0)
+            torch.testing.assert_close(
+                values.flatten()[mask], data.old_values[mask], atol=1e-5, rtol=0.0
+            )
+            n_seq = data.lstm_states.pi[0].shape[1]
+            first_steps = data.episode_starts.reshape(n_seq, -1)[:, 0]
+            mid_episode_sequences += int((first_steps == 0).sum())
+            covered += int(mask.sum())
+    assert covered == model.n_steps * model.n_envs
+    # the stored (carried) state was used, not only resets at sequence starts
+    assert mid_episode_sequences > 0
+
+
+@pytest.mark.parametrize("algo", list(ALGOS))
+@pytest.mark.parametrize("critic", list(CRITIC_MODES))
+@pytest.mark.parametrize("name", CORES)
+def test_training_recomputes_rollout_log_probs_and_values(
+    name: str, critic: str, algo: str
+) -> None:
+    assert_training_matches_rollout(make_model(name, critic, algo))
+
+
+@pytest.mark.parametrize("algo", list(ALGOS))
+@pytest.mark.parametrize("name", ["lstm", "dnc"])
+def test_training_recomputes_rollout_with_dict_observations(name: str, algo: str) -> None:
+    model = make_model(name, "separate", algo, dict_obs=True)
+    expected = SequenceStartDictRolloutBuffer if algo == "seqstart" else RecurrentRolloutBuffer
+    if algo == "seqstart":
+        assert isinstance(model.rollout_buffer, expected)
+    assert_training_matches_rollout(model)
+
+
+# -- resets -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fill", [1e3, float("nan")])
+@pytest.mark.parametrize("name", CORES)
+def test_rollout_episode_start_runs_from_initial_state(name: str, fill: float) -> None:
+    policy = make_model(name).policy
+    n = 3
+    obs = obs_tensor_for(policy, n)
+    initial = policy.initial_state(n)
+    learned_init = any(n.rsplit(".", 1)[-1] in INIT_PARAMS for n, _ in policy.named_parameters())
+    if learned_init:  # the reset must restore a state that is not zeros
+        assert torch.any(initial.pi[0] != 0) or torch.any(initial.pi[1] != 0)
+    with torch.no_grad():
+        # reference: explicitly from the initial state, no reset
+        _, values_ref, logp_ref, states_ref = policy(
+            obs, initial, torch.zeros(n), deterministic=True
+        )
+        # carried state is garbage / NaN everywhere, but every env starts an episode
+        _, values, logp, states = policy(
+            obs, garbage_states(policy, n, fill), torch.ones(n), deterministic=True
+        )
+        features = policy.extract_features(obs)
+        core = policy.lstm_actor.core
+        _, core_state = core(features[None], core.initial_state(n), None)
+    torch.testing.assert_close(values, values_ref, atol=1e-6, rtol=0.0)
+    torch.testing.assert_close(logp, logp_ref, atol=1e-6, rtol=0.0)
+    # the state after the step is the core's step from its own initial state
+    torch.testing.assert_close(
+        core.pack_state(policy.lstm_actor.unpack(states.pi)), core.pack_state(core_state)
+    )
+    for a, b in zip((*states.pi, *states.vf), (*states_ref.pi, *states_ref.vf), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0.0)
+
+
+def obs_tensor_for(policy: MemoryPolicy, n: int, seed: int = 0) -> torch.Tensor:
+    space = policy.observation_space
+    space.seed(seed)
+    return policy.obs_to_tensor(np.stack([space.sample() for _ in range(n)]))[0]
+
+
+@pytest.mark.parametrize("critic", list(CRITIC_MODES))
+@pytest.mark.parametrize("name", CORES)
+def test_training_episode_starts_run_from_initial_state(name: str, critic: str) -> None:
+    """Two padded sequences of T=4: sequence 0 starts an episode with a NaN stored state,
+    sequence 1 carries a real state and starts a new episode at t=2."""
+    policy = make_model(name, critic).policy
+    n_seq, T = 2, 4
+    obs = obs_tensor_for(policy, n_seq * T)
+    actions = torch.zeros(n_seq * T, dtype=torch.long)
+    starts = torch.zeros(n_seq, T)
+    starts[0, 0] = 1.0
+    starts[1, 2] = 1.0
+    with torch.no_grad():
+        # a real carried state for sequence 1
+        _, _, _, carried = policy(obs[:n_seq], policy.initial_state(n_seq), torch.ones(n_seq))
+        states = RNNStates(
+            tuple(
+                torch.cat([torch.full_like(t[:, :1], math.nan), t[:, 1:]], 1) for t in carried.pi
+            ),
+            tuple(
+                torch.cat([torch.full_like(t[:, :1], math.nan), t[:, 1:]], 1) for t in carried.vf
+            ),
+        )
+        values, logp, _ = policy.evaluate_actions(obs, actions, states, starts.flatten())
+        values, logp = values.reshape(n_seq, T), logp.reshape(n_seq, T)
+        # references run from the initial state without any reset
+        obs_seq = obs.reshape(n_seq, T, -1)
+        v0, l0, _ = policy.evaluate_actions(
+            obs_seq[0], actions[:T], policy.initial_state(1), torch.zeros(T)
+        )
+        v1, l1, _ = policy.evaluate_actions(
+            obs_seq[1, 2:], actions[:2], policy.initial_state(1), torch.zeros(2)
+        )
+    assert torch.isfinite(values).all() and torch.isfinite(logp).all()
+    torch.testing.assert_close(values[0], v0.flatten(), atol=1e-6, rtol=0.0)
+    torch.testing.assert_close(logp[0], l0, atol=1e-6, rtol=0.0)
+    torch.testing.assert_close(values[1, 2:], v1.flatten(), atol=1e-6, rtol=0.0)
+    torch.testing.assert_close(logp[1, 2:], l1, atol=1e-6, rtol=0.0)
+
+
+# -- training -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("critic", list(CRITIC_MODES))
+@pytest.mark.parametrize("name", CORES)
+def test_learn_moves_core_weights(name: str, critic: str) -> None:
+    model = make_model(name, critic)
+    policy = model.policy
+    in_optimizer = {id(p) for group in policy.optimizer.param_groups for p in group["params"]}
+    assert in_optimizer == {id(p) for p in policy.parameters()}
+    trained = [policy.lstm_actor.core]
+    if policy.lstm_critic is not None:
+        trained.append(policy.lstm_critic.core)
+    before = [torch.nn.utils.parameters_to_vector(m.parameters()).clone() for m in trained]
+    model.learn(N_STEPS * N_ENVS)
+    for module, old in zip(trained, before, strict=True):
+        new = torch.nn.utils.parameters_to_vector(module.parameters())
+        assert torch.isfinite(new).all()
+        assert not torch.equal(new, old), f"{type(module).__name__} did not train"
+
+
+@pytest.mark.parametrize("algo", list(ALGOS))
+def test_short_dnc_learn_stays_finite(algo: str) -> None:
+    model = make_model("dnc", "separate", algo, n_envs=4)
+    model.learn(2 * N_STEPS * 4)
+    assert model.num_timesteps == 2 * N_STEPS * 4
+    for name, param in model.policy.named_parameters():
+        assert torch.isfinite(param).all(), name
+    for key in ("train/loss", "train/value_loss", "train/entropy_loss", "train/approx_kl"):
+        assert np.isfinite(model.logger.name_to_value[key]), key
+
+
+# -- sequence-start buffer ----------------------------------------------------------------------
+
+
+def test_sequence_start_minibatches_are_whole_episode_segments() -> None:
+    model = make_model("gru", algo="seqstart", n_envs=3)
+    collect(model, rollouts=2)
+    buffer = model.rollout_buffer
+    assert isinstance(buffer, SequenceStartRolloutBuffer)
+    seen = []
+    batches = list(buffer.get(model.batch_size))
+    for i, data in enumerate(batches):
+        n_seq = data.lstm_states.pi[0].shape[1]
+        mask = data.mask.reshape(n_seq, -1) > 0.5
+        starts = data.episode_starts.reshape(n_seq, -1)
+        # an episode starts only at a segment's first step
+        assert torch.all(starts[:, 1:] == 0)
+        # valid steps are a prefix of each padded row
+        lengths = mask.sum(1)
+        assert torch.equal(mask, torch.arange(mask.shape[1])[None] < lengths[:, None])
+        if i < len(batches) - 1:
+            assert int(lengths.sum()) >= model.batch_size
+        seen.append(data.old_log_prob[data.mask > 0.5])
+    # every step of the rollout appears exactly once
+    assert sum(len(s) for s in seen) == model.n_steps * model.n_envs
+    torch.testing.assert_close(
+        torch.sort(torch.cat(seen)).values,
+        torch.sort(torch.as_tensor(buffer.log_probs.flatten())).values,
+    )
+
+
+def test_sequence_start_buffer_stores_states_once_per_rollout() -> None:
+    """Measured: the DNC of the issue (N=64, W=16, R=4, 64 controller units) at n_steps=128,
+    n_envs=16. sb3-contrib's buffer holds ~90 MiB of states; ours n_steps=128 times less."""
+    core = cores.make(
+        "dnc", input_size=8, hidden_size=64, memory_size=64, word_size=16, num_reads=4
+    )
+    hidden = PackedCore(core).hidden_size
+    n_steps, n_envs = 128, 16
+    obs_space = spaces.Box(0.0, 1.0, (8,), np.float32)
+    act_space = spaces.Discrete(4)
+    shape = (n_steps, 1, n_envs, hidden)
+    stock = RecurrentRolloutBuffer(n_steps, obs_space, act_space, shape, "cpu", n_envs=n_envs)
+    ours = SequenceStartRolloutBuffer(n_steps, obs_space, act_space, shape, "cpu", n_envs=n_envs)
+    stock_bytes, our_bytes = recurrent_state_nbytes(stock), recurrent_state_nbytes(ours)
+    assert stock_bytes == 4 * n_steps * n_envs * hidden * 4
+    assert our_bytes * n_steps == stock_bytes
+    assert stock_bytes > 80 * 2**20
+    assert our_bytes < 2**20
+
+
+# -- save / load and predict --------------------------------------------------------------------
+
+
+def rollout_predictions(model: RecurrentPPO, steps: int = 12, seed: int = 3) -> list[Any]:
+    """Deterministic actions and states of ``predict`` over a real episode stream."""
+    env = make_env(N_ENVS, seed=seed)
+    obs = env.reset()
+    state, start = None, np.ones(N_ENVS, dtype=bool)
+    out = []
+    for _ in range(steps):
+        action, state = model.predict(obs, state=state, episode_start=start, deterministic=True)
+        out.append((action.copy(), state[0].copy(), state[1].copy()))
+        obs, _, start, _ = env.step(action)
+    return out
+
+
+@pytest.mark.parametrize("name", CORES)
+def test_save_load_round_trip_gives_identical_actions(name: str, tmp_path) -> None:
+    model = make_model(name, "separate")
+    model.learn(N_STEPS * N_ENVS)  # weights away from their initialisation
+    path = tmp_path / "model.zip"
+    model.save(path)
+    loaded = RecurrentPPO.load(path, device="cpu")
+    assert isinstance(loaded.policy, MemoryPolicy)
+    assert type(loaded.policy.lstm_actor.core) is type(model.policy.lstm_actor.core)
+    assert loaded.policy.core_kwargs == tiny_kwargs(name)
+    for a, b in zip(rollout_predictions(model), rollout_predictions(loaded), strict=True):
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_policy_save_load_uses_constructor_parameters(tmp_path) -> None:
+    model = make_model("ntm", "feedforward", algo="seqstart")
+    path = tmp_path / "policy.pt"
+    model.policy.save(path)
+    loaded = MemoryPolicy.load(path, device="cpu")
+    assert loaded.core_name == "ntm" and loaded.lstm_critic is None and loaded.critic is not None
+    for (k, v), (k2, v2) in zip(
+        model.policy.state_dict().items(), loaded.state_dict().items(), strict=True
+    ):
+        assert k == k2 and torch.equal(v, v2)
+
+
+@pytest.mark.parametrize("name", ["lstm", "ntm", "dnc"])
+def test_predict_threads_and_resets_state(name: str) -> None:
+    policy = make_model(name).policy
+    space = policy.observation_space
+    space.seed(0)
+    obs_seq = np.stack(
+        [np.stack([space.sample() for _ in range(2)]) for _ in range(5)]
+    )  # [T, B, I]
+    # state=None starts from the core's initial state (not from zeros)
+    action_none, state_none = policy.predict(obs_seq[0], None, None, deterministic=True)
+    initial = policy.initial_state(2).pi
+    init_np = (initial[0].numpy(), initial[1].numpy())
+    action_init, state_init = policy.predict(
+        obs_seq[0], init_np, np.zeros(2, dtype=bool), deterministic=True
+    )
+    np.testing.assert_array_equal(action_none, action_init)
+    np.testing.assert_allclose(state_none[0], state_init[0], atol=1e-6)
+    np.testing.assert_allclose(state_none[1], state_init[1], atol=1e-6)
+    # episode_start=True resets a garbage state to the initial state
+    garbage = (np.full_like(init_np[0], 7.0), np.full_like(init_np[1], -7.0))
+    _, state_reset = policy.predict(obs_seq[0], garbage, np.ones(2, dtype=bool), deterministic=True)
+    np.testing.assert_allclose(state_reset[0], state_init[0], atol=1e-6)
+    # threading the state step by step = the core over the whole sequence in one call
+    state, start = None, None
+    for obs in obs_seq:
+        _, state = policy.predict(obs, state, start, deterministic=True)
+        start = np.zeros(2, dtype=bool)
+    core = policy.lstm_actor.core
+    with torch.no_grad():
+        x = policy.extract_features(torch.as_tensor(obs_seq.reshape(-1, obs_seq.shape[-1])))
+        _, final = core(x.reshape(5, 2, -1), core.initial_state(2), None)
+    packed = policy.lstm_actor.pack(final)
+    np.testing.assert_allclose(state[0], packed[0].numpy(), atol=1e-5)
+    np.testing.assert_allclose(state[1], packed[1].numpy(), atol=1e-5)
+    # and the state matters: a different history gives a different state
+    assert not np.allclose(state[0], state_init[0])
+
+
+# -- arguments ----------------------------------------------------------------------------------
+
+
+def test_invalid_arguments_are_rejected() -> None:
+    env = make_env()
+    with pytest.raises(ValueError, match="core='nope'"):
+        RecurrentPPO(MemoryPolicy, env, policy_kwargs={"core": "nope"})
+    with pytest.raises(ValueError, match="exclusive"):
+        RecurrentPPO(
+            MemoryPolicy,
+            env,
+            policy_kwargs={"core": "gru", "shared_lstm": True, "enable_critic_lstm": True},
+        )
+    with pytest.raises(ValueError, match="does not take"):
+        RecurrentPPO(MemoryPolicy, env, policy_kwargs={"core": "gru", "core_kwargs": {"N": 3}})
