@@ -1249,3 +1249,44 @@ def test_ntm_scripted_shifts_write_a_sequence_and_read_it_back():
     torch.testing.assert_close(
         y[0, :, core.hidden_size :], words[1].expand(batch, W), rtol=0, atol=1e-5
     )
+
+    # the read head addresses the memory after this step's write: the write head (on row 4)
+    # shifts to row 5 and writes a new word, and a content lookup of that word finds row 5
+    new_word = t64([0.0, -3.0, 3.0])
+    bias = _ntm_head_bias(
+        core,
+        read_shift=0,
+        write_shift=1,
+        add=new_word,
+        read_key=new_word,
+        read_beta=200.0,
+        read_gate=BIG,
+    )
+    y, _, debug = run(s_back, bias)
+    torch.testing.assert_close(
+        debug["write_weights"][0], one_hot(N, 5).expand(batch, 1, N), rtol=0, atol=1e-6
+    )
+    torch.testing.assert_close(
+        debug["read_weights"][0], one_hot(N, 5).expand(batch, 1, N), rtol=0, atol=1e-6
+    )
+    torch.testing.assert_close(
+        y[0, :, core.hidden_size :], new_word.expand(batch, W), rtol=0, atol=1e-5
+    )
+
+
+def test_allocation_ties_go_to_the_lowest_index():
+    """After a reset every slot is free (an exact tie): the first write goes to slot 0, in both
+    the reference and the fused allocation, so the two paths cannot diverge on rounding."""
+    from memagents.cores.dnc_access import _allocation_forward
+
+    usage = torch.zeros(3, 40)
+    ref = A.allocation_weights(usage)
+    fused, _ = _allocation_forward(usage)
+    assert torch.equal(ref.argmax(-1), torch.zeros(3, dtype=torch.long))
+    assert torch.equal(ref, fused)
+
+
+def test_circular_shift_rejects_an_index_for_another_memory_size():
+    index = A.shift_index(4, 1)
+    with pytest.raises(ValueError, match="shift index"):
+        A.circular_shift(torch.rand(1, 1, 6), torch.rand(1, 1, 3), index)

@@ -12,6 +12,7 @@ from typing import Any
 
 from memagents.cores.base import MemoryCore
 from memagents.cores.dnc import AccessState, DNCCore, DNCState
+from memagents.cores.fwp import FWPCore
 from memagents.cores.ntm import NTMCore, NTMState
 from memagents.cores.rnn import GRUCore, GRUState, LSTMCore, LSTMState, MLPCore, MLPState
 
@@ -22,6 +23,7 @@ REGISTRY: dict[str, type[MemoryCore]] = {
     "gru": GRUCore,
     "ntm": NTMCore,
     "dnc": DNCCore,
+    "fwp": FWPCore,
 }
 
 

@@ -92,7 +92,7 @@ def circular_shift(weights: Tensor, shift: Tensor, index: Tensor) -> Tensor:
     :param index: ``[N, 2S+1]`` from :func:`shift_index`.
     :return: ``[B, H, N]``.
     """
-    if index.shape[0] > weights.shape[-1] or index.shape[1] != shift.shape[-1]:
+    if index.shape[0] != weights.shape[-1] or index.shape[1] != shift.shape[-1]:
         raise ValueError(
             f"shift index {tuple(index.shape)} does not match weights {tuple(weights.shape)} "
             f"and shift {tuple(shift.shape)}"
@@ -181,7 +181,8 @@ def allocation_weights(usage: Tensor, eps: float = EPSILON) -> Tensor:
         gets the largest weight.
     """
     usage = eps + (1.0 - eps) * usage
-    sorted_usage, order = torch.sort(usage, dim=-1)  # ascending: φ
+    # ascending: φ; stable, so exact ties (all slots free after a reset) go to the lowest index
+    sorted_usage, order = torch.sort(usage, dim=-1, stable=True)
     ones = torch.ones_like(sorted_usage[..., :1])
     exclusive = torch.cumprod(torch.cat([ones, sorted_usage[..., :-1]], dim=-1), dim=-1)
     sorted_alloc = (1.0 - sorted_usage) * exclusive

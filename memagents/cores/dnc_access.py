@@ -60,7 +60,7 @@ def _content_backward(grad: Tensor, cache) -> tuple[Tensor, Tensor, Tensor]:
 def _allocation_forward(usage: Tensor):
     """usage ``[B, N]`` -> allocation ``[B, N]`` (as :func:`addressing.allocation_weights`)."""
     usage = EPSILON + (1.0 - EPSILON) * usage
-    sorted_usage, order = torch.sort(usage, dim=-1)
+    sorted_usage, order = torch.sort(usage, dim=-1, stable=True)  # as addressing.allocation_weights
     ones = torch.ones_like(sorted_usage[:, :1])
     exclusive = torch.cumprod(torch.cat([ones, sorted_usage[:, :-1]], dim=-1), dim=-1)
     sorted_alloc = (1.0 - sorted_usage) * exclusive
