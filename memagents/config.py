@@ -36,6 +36,9 @@ class EnvConfig:
     """Parallel environments in the rollout."""
     vec_env: str = "dummy"
     """``dummy`` (SB3 DummyVecEnv of single envs) or ``batched`` (``envs.make_vec``, memagents/ ids)."""
+    wrapper: str = "auto"
+    """Observation wrapper (``memagents.wrappers.WRAPPERS``): ``minigrid`` (grid codes and direction
+    as one integer Box), ``none``, or ``auto`` (``minigrid`` for ``MiniGrid-*`` ids, else ``none``)."""
 
 
 @dataclass
@@ -52,6 +55,13 @@ class PolicyConfig:
     """``shared`` core for actor and critic, ``separate`` critic core, or ``feedforward`` critic."""
     net_arch: list[int] = field(default_factory=lambda: [64])
     """Hidden layer widths of the policy and value heads after the core."""
+    features_extractor: str = "auto"
+    """Features extractor (``memagents.sb3.extractors.FEATURES_EXTRACTORS``): ``minigrid`` (code
+    embeddings + small conv), ``flatten``, or ``auto`` (``minigrid`` when the env is wrapped with
+    ``minigrid``, else SB3's flatten/combined default)."""
+    features_extractor_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the features extractor (``minigrid``: ``features_dim``,
+    ``embed_dim``, ``channels``)."""
 
 
 @dataclass

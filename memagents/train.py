@@ -132,6 +132,75 @@ def check_names(config: Config) -> None:
         raise ConfigError(
             f"env.vec_env: 'batched' needs a memagents/ environment; got env.id={config.env.id!r}"
         )
+    check_observation_pipeline(config)
+
+
+def check_observation_pipeline(config: Config) -> None:
+    """Wrapper and features extractor names (registry keys) and the extractor's kwargs."""
+    import inspect
+
+    from memagents.sb3.extractors import FEATURES_EXTRACTORS
+    from memagents.wrappers import WRAPPERS, default_wrapper
+
+    wrappers = ["auto", *WRAPPERS]
+    if config.env.wrapper not in wrappers:
+        raise ConfigError(
+            f"env.wrapper: unknown wrapper {config.env.wrapper!r}; allowed: {', '.join(wrappers)}"
+        )
+    if config.env.wrapper == "minigrid" and default_wrapper(config.env.id) != "minigrid":
+        raise ConfigError(
+            f"env.wrapper: 'minigrid' needs a MiniGrid environment; got env.id={config.env.id!r}"
+        )
+    if env_wrapper(config) != "none" and config.env.vec_env == "batched":
+        raise ConfigError("env.vec_env: 'batched' cannot apply env.wrapper; use 'dummy'")
+    name = config.policy.features_extractor
+    if name not in FEATURES_EXTRACTORS:
+        raise ConfigError(
+            f"policy.features_extractor: unknown extractor {name!r}; allowed: "
+            f"{', '.join(FEATURES_EXTRACTORS)}"
+        )
+    if features_extractor(config) == "minigrid" and env_wrapper(config) != "minigrid":
+        raise ConfigError(
+            "policy.features_extractor: 'minigrid' reads the codes of env.wrapper 'minigrid'; "
+            f"env.wrapper resolves to {env_wrapper(config)!r} for env.id={config.env.id!r}"
+        )
+    cls = FEATURES_EXTRACTORS[features_extractor(config)]
+    kwargs = config.policy.features_extractor_kwargs
+    if kwargs and cls is None:
+        raise ConfigError(
+            "policy.features_extractor_kwargs: set policy.features_extractor to name the "
+            f"extractor they are for; got {sorted(kwargs)} with 'auto' resolving to SB3's default"
+        )
+    if cls is not None:
+        allowed = [
+            p
+            for p in inspect.signature(cls.__init__).parameters
+            if p not in ("self", "observation_space")
+        ]
+        unknown = sorted(set(kwargs) - set(allowed))
+        if unknown:
+            raise ConfigError(
+                f"policy.features_extractor_kwargs: extractor {features_extractor(config)!r} does "
+                f"not take {unknown[0]!r}; allowed: {', '.join(allowed) or 'none'}"
+            )
+
+
+def env_wrapper(config: Config) -> str:
+    """The observation wrapper a config resolves to (``env.wrapper``, ``auto`` decided by id)."""
+    from memagents.wrappers import default_wrapper
+
+    if config.env.wrapper == "auto":
+        return default_wrapper(config.env.id)
+    return config.env.wrapper
+
+
+def features_extractor(config: Config) -> str:
+    """The features extractor a config resolves to: ``auto`` is ``minigrid`` for MiniGrid-wrapped
+    envs and stays ``auto`` (MemoryPolicy's default) otherwise."""
+    name = config.policy.features_extractor
+    if name == "auto" and env_wrapper(config) == "minigrid":
+        return "minigrid"
+    return name
 
 
 def default_run_dir(config: Config) -> Path:
@@ -150,23 +219,40 @@ def make_env(config: Config, seed: int, n_envs: int | None = None):
         from memagents.sb3 import TorchVecEnv
 
         return TorchVecEnv.make(config.env.id, n, seed=seed, **config.env.kwargs)
+    from memagents.wrappers import WRAPPERS
+
     env_kwargs = dict(config.env.kwargs)
     if config.env.id.startswith("memagents/"):
         # SB3's make_vec_env asks for render_mode="rgb_array"; the algorithmic tasks render text
         env_kwargs.setdefault("render_mode", None)
-    return make_vec_env(config.env.id, n_envs=n, seed=seed, env_kwargs=env_kwargs)
+    if config.env.id.startswith(("MiniGrid-", "BabyAI-")):
+        import minigrid  # noqa: F401  (registers the MiniGrid ids)
+    return make_vec_env(
+        config.env.id,
+        n_envs=n,
+        seed=seed,
+        env_kwargs=env_kwargs,
+        wrapper_class=WRAPPERS[env_wrapper(config)],  # outside SB3's Monitor
+    )
 
 
 def policy_kwargs(config: Config) -> dict[str, Any]:
     """``policy_kwargs`` for ``RecurrentPPO(MemoryPolicy, ...)`` from the config."""
+    from memagents.sb3.extractors import FEATURES_EXTRACTORS
+
     critic = config.policy.critic
-    return {
+    kwargs = {
         "core": config.core.name,
         "core_kwargs": dict(config.core.kwargs),
         "net_arch": list(config.policy.net_arch),
         "shared_lstm": critic == "shared",
         "enable_critic_lstm": critic == "separate",
     }
+    extractor = FEATURES_EXTRACTORS[features_extractor(config)]
+    if extractor is not None:
+        kwargs["features_extractor_class"] = extractor
+        kwargs["features_extractor_kwargs"] = dict(config.policy.features_extractor_kwargs)
+    return kwargs
 
 
 def make_model(config: Config, env, device: str, tensorboard_log: str | None = None):
@@ -214,7 +300,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def evaluate(model, env, episodes: int) -> dict[str, float]:
-    """Deterministic episodes with the recurrent state carried: mean/std reward, success rate."""
+    """Deterministic episodes with the recurrent state carried: mean/std reward, success rate
+    (NaN if the env reports no ``is_success``) and mean episode length in steps."""
     from stable_baselines3.common.evaluation import evaluate_policy
 
     successes: list[float] = []
@@ -225,7 +312,7 @@ def evaluate(model, env, episodes: int) -> dict[str, float]:
             if "is_success" in info:
                 successes.append(float(info["is_success"]))
 
-    rewards, _lengths = evaluate_policy(
+    rewards, lengths = evaluate_policy(
         model,
         env,
         n_eval_episodes=episodes,
@@ -238,6 +325,7 @@ def evaluate(model, env, episodes: int) -> dict[str, float]:
         "mean_reward": float(np.mean(rewards)),
         "std_reward": float(np.std(rewards)),
         "success_rate": float(np.mean(successes)) if successes else float("nan"),
+        "mean_length": float(np.mean(lengths)),
         "episodes": len(rewards),
     }
 

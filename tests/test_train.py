@@ -98,6 +98,7 @@ def test_tiny_run_writes_the_run_directory(tmp_path, capsys):
     assert set(result) >= {"mean_reward", "std_reward", "success_rate", "episodes"}
     assert result["episodes"] == 4
     assert 0.0 <= result["mean_reward"] <= 1.0 + 1e-6
+    assert 3 <= result["mean_length"] <= 8  # Recall-v0: delay 1..6 + cue + query
     assert result["num_timesteps"] >= 128
     assert (run_dir / "model.zip").is_file()
     header = (run_dir / "progress.csv").read_text().splitlines()[0]

@@ -1,4 +1,5 @@
-"""``python -m memagents.bench {cores,envs} [options]``: benchmarks into ``docs/BENCHMARKS.md``."""
+"""``python -m memagents.bench {cores,envs,fwp,sam,train} [options]``: benchmarks into
+``docs/BENCHMARKS.md``."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ TARGETS = {
     "cores": "memagents.bench.cores",
     "envs": "memagents.bench.envs",
     "fwp": "memagents.bench.fwp",
+    "sam": "memagents.bench.sam",
+    "train": "memagents.bench.train",
 }
 
 
@@ -25,7 +28,11 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    module = importlib.import_module(TARGETS[target])
+    try:
+        module = importlib.import_module(TARGETS[target])
+    except ModuleNotFoundError as exc:
+        print(f"memagents.bench: target {target!r} is not available here ({exc})", file=sys.stderr)
+        return 2
     return module.main(rest)
 
 

@@ -5,8 +5,12 @@
 - :class:`MemoryPPO`: RecurrentPPO whose rollout buffer stores the recurrent state only where a
   training sequence starts (:class:`SequenceStartRolloutBuffer`).
 - :class:`TorchVecEnv`: ``envs.BatchedEnv`` as a real SB3 ``VecEnv``.
+- :class:`MiniGridExtractor` and ``FEATURES_EXTRACTORS``: features extractors by registry key.
+- :class:`StockLstmPolicy`: sb3-contrib's ``MlpLstmPolicy`` (the benchmark baseline).
 """
 
+from memagents.sb3.baselines import StockLstmPolicy
+from memagents.sb3.extractors import FEATURES_EXTRACTORS, MiniGridExtractor
 from memagents.sb3.policy import MemoryPolicy, PackedCore
 from memagents.sb3.ppo import (
     MemoryPPO,
@@ -17,11 +21,14 @@ from memagents.sb3.ppo import (
 from memagents.sb3.vecenv import TorchVecEnv
 
 __all__ = [
+    "FEATURES_EXTRACTORS",
     "MemoryPPO",
     "MemoryPolicy",
+    "MiniGridExtractor",
     "PackedCore",
     "SequenceStartDictRolloutBuffer",
     "SequenceStartRolloutBuffer",
+    "StockLstmPolicy",
     "TorchVecEnv",
     "recurrent_state_nbytes",
 ]

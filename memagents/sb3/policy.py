@@ -385,6 +385,10 @@ class MemoryPolicy(RecurrentActorCriticPolicy):
         """
         latent_pi, latent_vf, _ = self._latents(obs, lstm_states, episode_starts)
         distribution = self._get_action_dist_from_latent(latent_pi)
+        if isinstance(self.action_space, spaces.MultiBinary) and not actions.is_floating_point():
+            # SB3 >= 2.7 buffers keep MultiBinary actions as int8 and sb3-contrib's RecurrentPPO
+            # passes them on as they are; Bernoulli.log_prob (BCE) needs floats
+            actions = actions.float()
         return self.value_net(latent_vf), distribution.log_prob(actions), distribution.entropy()
 
     def get_distribution(
