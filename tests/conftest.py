@@ -47,6 +47,7 @@ TINY_KWARGS: dict[str, Any] = {
     "num_writes": 2,
     "num_heads": 2,
     "max_shift": 1,
+    "sparse_reads": 2,
 }
 
 
@@ -120,6 +121,8 @@ CORE_CASES: list[tuple[str, dict[str, Any]]] = [(name, {}) for name in cores.ava
     ("dnc", {"num_writes": 1, "num_reads": 1}),
     ("dnc", {"fused": False}),  # the reference path built from the addressing functions
     ("ntm", {"num_heads": 1, "max_shift": 2}),
+    ("sam", {"fused": False}),  # the dense reference of the sparse access step
+    ("sam", {"index": "faiss"}),
 ]
 
 

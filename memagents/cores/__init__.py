@@ -15,6 +15,7 @@ from memagents.cores.dnc import AccessState, DNCCore, DNCState
 from memagents.cores.fwp import FWPCore
 from memagents.cores.ntm import NTMCore, NTMState
 from memagents.cores.rnn import GRUCore, GRUState, LSTMCore, LSTMState, MLPCore, MLPState
+from memagents.cores.sam import SAMCore
 
 #: Registry key -> core class. Configs name cores by these keys only.
 REGISTRY: dict[str, type[MemoryCore]] = {
@@ -24,6 +25,7 @@ REGISTRY: dict[str, type[MemoryCore]] = {
     "ntm": NTMCore,
     "dnc": DNCCore,
     "fwp": FWPCore,
+    "sam": SAMCore,
 }
 
 

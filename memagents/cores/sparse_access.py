@@ -1,0 +1,432 @@
+"""Sparse memory access of SAM: sparse reads and writes, LRU usage, kNN indexes, and a step
+function whose forward and backward touch ``O(K·W)`` memory rows.
+
+Paper: Rae et al. 2016, "Scaling Memory-Augmented Neural Networks with Sparse Reads and Writes"
+(NIPS), section 3 (SAM). Shapes: ``B`` batch, ``N`` memory rows, ``W`` word size, ``R`` read heads,
+``K`` = ``sparse_reads`` (non-zeros per read weighting), ``J = R·K + 1`` write locations (the rows
+read at ``t - 1`` and the least-recently-used row).
+
+Mechanisms, one function each:
+
+- :func:`least_recently_used` ``I^U_t`` and :func:`usage_update` ``U_t`` (section 3.3): every row
+  keeps the step at which it was last accessed (a read or write weight above
+  :data:`ACCESS_THRESHOLD` ``δ``), counted per batch element, so each element resets on its own.
+- :func:`sparse_write_weights` ``w^W_t = α_t (γ_t w̄^R_{t-1} + (1 - γ_t) I^U_t)`` (section 3.2).
+- The write ``M_t = (1 - R_t) ∘ M_{t-1} + A_t`` with ``R_t = I^U_t 1^T`` (the LRU row erased) and
+  ``A_t = w^W_t a_t^T``, then the sparse read: each head's ``K`` nearest rows by cosine similarity
+  (found by a kNN index), ``w^R = softmax(β cos(q, M[i]))`` over those ``K`` rows, ``r = Σ w^R M``.
+
+:class:`SparseAccessStep` does the write and the read as one autograd function that modifies the
+memory in place and saves only the ``R·K`` read rows; its backward adds the sparse gradients into
+the (single, dense) memory-gradient buffer in place and zeroes the erased rows, so no step keeps a
+copy of the ``N×W`` memory. :func:`dense_access_step` is the same step in plain differentiable
+torch (new memory per step): the reference the tests compare gradients against.
+
+kNN indexes (:class:`ExactIndex`, :class:`FaissIndex`) are plain objects built by the core for one
+``forward`` call from the memory it was given, updated after every write and rebuilt for elements
+whose episode restarts; they never live on the module or in the autograd graph.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from memagents.cores.addressing import EPSILON
+
+try:  # FAISS is optional: the exact torch index gives the same reads on small memories.
+    import faiss
+except ImportError:  # pragma: no cover - exercised only without faiss-cpu
+    faiss = None
+
+#: ``δ`` of Rae et al. 2016 (section 3.3): a row counts as accessed at step ``t`` when its read or
+#: write weight exceeds this.
+ACCESS_THRESHOLD = 0.005
+
+#: Lists probed per query by :class:`FaissIndex` (all lists when the index has fewer).
+FAISS_NPROBE = 32
+
+#: ``index="auto"`` uses FAISS from this many rows on (when faiss is installed).
+AUTO_FAISS_MIN_ROWS = 16_384
+
+INDEX_KINDS = ("auto", "exact", "faiss")
+
+
+def faiss_available() -> bool:
+    """True when ``faiss`` (``faiss-cpu``) can be imported."""
+    return faiss is not None
+
+
+def resolve_index(index: str, memory_size: int) -> str:
+    """Resolve ``"auto"`` to ``"exact"`` (small ``N`` or no faiss) or ``"faiss"``.
+
+    :raises ValueError: an unknown kind, or ``"faiss"`` without faiss installed.
+    """
+    if index not in INDEX_KINDS:
+        raise ValueError(f"index must be one of {', '.join(map(repr, INDEX_KINDS))}; got {index!r}")
+    if index == "faiss" and not faiss_available():
+        raise ValueError("index='faiss' needs the faiss-cpu package; use index='exact' or 'auto'")
+    if index == "auto":
+        return "faiss" if faiss_available() and memory_size >= AUTO_FAISS_MIN_ROWS else "exact"
+    return index
+
+
+# -- usage and the least-recently-used row (section 3.3) -------------------------------------------
+def least_recently_used(last_access: Tensor) -> Tensor:
+    """``I^U_t``: the row accessed longest ago, ties to the lowest index.
+
+    :param last_access: ``[B, N]`` step of each row's last access ``U_{t-1}`` (0 = never).
+    :return: ``[B]`` long row indices.
+    """
+    return torch.argmin(last_access, dim=-1)  # torch returns the first minimum
+
+
+def usage_update(
+    last_access: Tensor,
+    time: Tensor,
+    accesses: list[tuple[Tensor, Tensor]],
+    threshold: float = ACCESS_THRESHOLD,
+    inplace: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """``U_t(i) = t`` if some weight of row ``i`` at step ``t`` exceeds ``δ``, else ``U_{t-1}(i)``.
+
+    The step count ``t`` is per batch element (it restarts at 0 with the element's episode).
+    No gradient flows through usage (it only selects the LRU row).
+
+    :param last_access: ``[B, N]`` ``U_{t-1}``.
+    :param time: ``[B, 1]`` steps taken so far in the element's episode, ``t - 1``.
+    :param accesses: ``(indices [B, J] long, weights [B, J])`` pairs, e.g. the write and the read
+        weightings in their sparse form; duplicate indices are allowed.
+    :param threshold: ``δ``.
+    :param inplace: update ``last_access`` in place (the caller owns it).
+    :return: ``(U_t [B, N], t [B, 1])``.
+    """
+    time = time + 1
+    last_access = last_access if inplace else last_access.clone()
+    for indices, weights in accesses:
+        # new value: t where accessed, else the old value (<= t); "amax" merges duplicates
+        stamp = torch.where(weights.detach() > threshold, time, last_access.gather(1, indices))
+        last_access.scatter_reduce_(1, indices, stamp, reduce="amax", include_self=True)
+    return last_access, time
+
+
+# -- write weighting (section 3.2) -----------------------------------------------------------------
+def sparse_write_weights(
+    read_weights: Tensor,
+    read_indices: Tensor,
+    lru: Tensor,
+    write_gate: Tensor,
+    interp_gate: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """``w^W_t = α (γ w̄^R_{t-1} + (1 - γ) I^U_t)`` in sparse form.
+
+    ``w̄^R_{t-1}`` is the mean of the ``R`` heads' previous read weightings (so it sums to 1).
+
+    :param read_weights: ``[B, R, K]`` previous read weights ``w^R_{t-1}`` (non-zero values).
+    :param read_indices: ``[B, R, K]`` long, their rows.
+    :param lru: ``[B]`` long, ``I^U_t``.
+    :param write_gate: ``[B, 1]`` ``α`` in ``[0, 1]``.
+    :param interp_gate: ``[B, 1]`` ``γ`` in ``[0, 1]``.
+    :return: ``(weights [B, J], indices [B, J] long)``, ``J = R·K + 1``, the LRU row last.
+    """
+    R = read_weights.shape[1]
+    weights = torch.cat([interp_gate * read_weights.flatten(1) / R, 1.0 - interp_gate], dim=1)
+    indices = torch.cat([read_indices.flatten(1), lru.unsqueeze(1)], dim=1)
+    return write_gate * weights, indices
+
+
+# -- kNN indexes ---------------------------------------------------------------------------------
+class Index(Protocol):
+    """A kNN index over the rows of a ``[B, N, W]`` memory by cosine similarity."""
+
+    def reset(self, memory: Tensor, elements: Tensor) -> None:
+        """Rebuild the index of the batch elements ``elements`` (``[n]`` long) from ``memory``."""
+
+    def update(self, memory: Tensor, rows: Tensor) -> None:
+        """The rows ``rows`` (``[B, J]`` long) of every element changed in ``memory``."""
+
+    def search(self, memory: Tensor, keys: Tensor, k: int) -> Tensor:
+        """``[B, R, k]`` long: each key's ``k`` nearest rows, in ascending row order."""
+
+
+class ExactIndex:
+    """Exact cosine top-``K`` by a scan of all rows (torch). Keeps nothing between calls."""
+
+    def __init__(self, memory: Tensor):
+        del memory
+
+    def reset(self, memory: Tensor, elements: Tensor) -> None:
+        pass
+
+    def update(self, memory: Tensor, rows: Tensor) -> None:
+        pass
+
+    def search(self, memory: Tensor, keys: Tensor, k: int) -> Tensor:
+        memory, keys = memory.detach(), keys.detach()
+        B, N = memory.shape[:2]
+        square_norm = memory.square().sum(-1)  # [B, N]
+        zero = square_norm == 0  # rows never written (or erased): cosine 0 with every key
+        key_norm = torch.sqrt(keys.square().sum(-1) + EPSILON)  # [B, R]
+        # cosine as in addressing.cosine_similarity, zero rows masked out of the top-k
+        similarity = torch.matmul(keys, memory.transpose(1, 2))  # [B, R, N]
+        similarity = similarity.div_(
+            key_norm.unsqueeze(-1) * torch.sqrt(square_norm + EPSILON)[:, None]
+        )
+        similarity = similarity.masked_fill_(zero.unsqueeze(1), -math.inf)
+        scores, ids = similarity.topk(k, dim=-1)
+        # the k lowest zero rows (ties among them go to the lowest index, as in FaissIndex)
+        rank = torch.where(zero, torch.arange(N, device=zero.device), N)
+        zero_ids = rank.topk(k, dim=-1, largest=False).values  # [B, k]; N = none
+        zero_scores = torch.where(zero_ids < N, 0.0, -math.inf).to(scores.dtype)
+        R = keys.shape[1]
+        cand_ids = torch.cat([ids, zero_ids.unsqueeze(1).expand(B, R, k)], dim=-1)
+        cand_scores = torch.cat([scores, zero_scores.unsqueeze(1).expand(B, R, k)], dim=-1)
+        best = torch.sort(cand_scores, dim=-1, descending=True, stable=True).indices[..., :k]
+        return cand_ids.gather(-1, best).sort(dim=-1).values
+
+
+def _unit_rows(rows: Tensor) -> np.ndarray:
+    """``x / sqrt(|x|^2 + eps)`` as contiguous float32 numpy (the ranking of the cosine with eps)."""
+    rows = rows.detach()
+    unit = rows / torch.sqrt(rows.square().sum(-1, keepdim=True) + EPSILON)
+    return np.ascontiguousarray(unit.to(device="cpu", dtype=torch.float32).numpy())
+
+
+class FaissIndex:
+    """Approximate cosine kNN: one FAISS inverted-file index (``IndexIVFFlat``, inner product on
+    unit rows) per batch element.
+
+    The ``nlist ≈ sqrt(N)`` coarse centroids are fixed random unit vectors (seeded; no training on
+    the data), so the index is a function of the memory alone. Rows that are exactly zero (never
+    written, or erased) are not stored: their cosine with any key is 0, and they are merged into
+    the results with score 0. Searching ``nprobe`` lists of ``nlist`` costs ``~N·nprobe/nlist``
+    dot products per key; a write re-inserts the ``J`` written rows (direct map, ``O(J)``).
+    With ``nprobe >= nlist`` the search is exhaustive and equals :class:`ExactIndex` up to ties.
+    """
+
+    def __init__(self, memory: Tensor, nprobe: int = FAISS_NPROBE, seed: int = 0):
+        if faiss is None:  # pragma: no cover
+            raise RuntimeError("FaissIndex needs faiss-cpu")
+        B, N, W = memory.shape
+        self.size, self.width = N, W
+        self.nlist = max(1, round(math.sqrt(N)))
+        self.nprobe = min(nprobe, self.nlist)
+        gen = torch.Generator().manual_seed(seed)
+        centroids = torch.randn(self.nlist, W, generator=gen, dtype=torch.float64)
+        self.centroids = _unit_rows(centroids)
+        self.indexes: list = [None] * B
+        self.quantizers: list = [None] * B  # the IVF index does not own its quantizer
+        self.nonzero = np.zeros((B, N), dtype=bool)
+        self.reset(memory, torch.arange(B))
+
+    def _build(self, b: int, rows: Tensor) -> None:
+        quantizer = faiss.IndexFlatIP(self.width)
+        quantizer.add(self.centroids)
+        index = faiss.IndexIVFFlat(quantizer, self.width, self.nlist, faiss.METRIC_INNER_PRODUCT)
+        index.is_trained = True  # fixed centroids
+        index.set_direct_map_type(faiss.DirectMap.Hashtable)
+        index.nprobe = self.nprobe
+        nonzero = (rows.square().sum(-1) != 0).cpu().numpy()  # as ExactIndex
+        ids = np.flatnonzero(nonzero).astype(np.int64)
+        if len(ids):
+            index.add_with_ids(_unit_rows(rows[torch.from_numpy(ids)]), ids)
+        self.indexes[b], self.quantizers[b], self.nonzero[b] = index, quantizer, nonzero
+
+    def reset(self, memory: Tensor, elements: Tensor) -> None:
+        for b in elements.tolist():
+            self._build(b, memory[b])
+
+    def update(self, memory: Tensor, rows: Tensor) -> None:
+        rows_cpu = rows.cpu()
+        for b in range(memory.shape[0]):
+            ids = np.unique(rows_cpu[b].numpy()).astype(np.int64)
+            values = memory[b, torch.from_numpy(ids)]
+            index = self.indexes[b]
+            index.remove_ids(faiss.IDSelectorArray(len(ids), faiss.swig_ptr(ids)))
+            nonzero = (values.square().sum(-1) != 0).cpu().numpy()
+            self.nonzero[b, ids] = nonzero
+            if nonzero.any():
+                index.add_with_ids(_unit_rows(values[torch.from_numpy(nonzero)]), ids[nonzero])
+
+    def search(self, memory: Tensor, keys: Tensor, k: int) -> Tensor:
+        B, R = keys.shape[:2]
+        out = np.empty((B, R, k), dtype=np.int64)
+        for b in range(B):
+            scores, ids = self.indexes[b].search(_unit_rows(keys[b]), k)  # [R, k], -1 = none
+            scores = np.where(ids >= 0, scores, -np.inf)
+            zero_rows = np.flatnonzero(~self.nonzero[b])[:k]  # cosine 0 with every key
+            cand_ids = np.concatenate([ids, np.broadcast_to(zero_rows, (R, len(zero_rows)))], 1)
+            cand_scores = np.concatenate([scores, np.zeros((R, len(zero_rows)))], 1)
+            best = np.argsort(-cand_scores, axis=1, kind="stable")[:, :k]
+            found = np.take_along_axis(cand_ids, best, 1)
+            if (found < 0).any():  # the probed lists held fewer than k rows: scan them all
+                found = ExactIndex(memory).search(memory[b : b + 1], keys[b : b + 1], k)[0]
+                found = found.cpu().numpy()
+            out[b] = np.sort(found, axis=1)
+        return torch.from_numpy(out).to(keys.device)
+
+
+def make_index(kind: str, memory: Tensor) -> Index:
+    """An index of kind ``"exact"`` or ``"faiss"`` (already resolved) over ``memory``."""
+    return FaissIndex(memory) if kind == "faiss" else ExactIndex(memory)
+
+
+# -- sparse content read ---------------------------------------------------------------------------
+def sparse_read_forward(rows: Tensor, keys: Tensor, strengths: Tensor):
+    """``w = softmax_K(β cos(q, M[i]))`` over the ``K`` found rows, and ``r = Σ_i w_i M[i]``.
+
+    :param rows: ``[B, R, K, W]`` the rows found for each head.
+    :param keys: ``[B, R, W]`` read keys ``q``.
+    :param strengths: ``[B, R]`` key strengths ``β``.
+    :return: ``(weights [B, R, K], read_vectors [B, R, W], cache)``.
+    """
+    dot = torch.einsum("brkw,brw->brk", rows, keys)
+    row_norm = torch.sqrt(rows.square().sum(-1) + EPSILON)  # [B, R, K]
+    key_norm = torch.sqrt(keys.square().sum(-1) + EPSILON)  # [B, R]
+    sim = dot / (key_norm.unsqueeze(-1) * row_norm)
+    weights = torch.softmax(sim * strengths.unsqueeze(-1), dim=-1)
+    read_vectors = torch.einsum("brk,brkw->brw", weights, rows)
+    return weights, read_vectors, (rows, keys, strengths, row_norm, key_norm, sim, weights)
+
+
+def sparse_read_backward(g_weights: Tensor, g_read: Tensor, cache):
+    """Gradients ``(rows, keys, strengths)`` of :func:`sparse_read_forward`."""
+    rows, keys, strengths, row_norm, key_norm, sim, weights = cache
+    g_w = g_weights + torch.einsum("brkw,brw->brk", rows, g_read)
+    g_rows = weights.unsqueeze(-1) * g_read.unsqueeze(2)
+    g_z = weights * (g_w - (g_w * weights).sum(-1, keepdim=True))  # softmax
+    g_strengths = (g_z * sim).sum(-1)
+    g_sim = g_z * strengths.unsqueeze(-1)
+    g_dot = g_sim / (key_norm.unsqueeze(-1) * row_norm)
+    # sim = q·m / (|q| |m|): d/dq = m/(|q||m|) - sim q/|q|^2, and the same for m
+    g_keys = torch.einsum("brk,brkw->brw", g_dot, rows) - keys * (
+        (g_sim * sim).sum(-1) / key_norm.square()
+    ).unsqueeze(-1)
+    g_rows = g_rows + g_dot.unsqueeze(-1) * keys.unsqueeze(2)
+    g_rows = g_rows - rows * (g_sim * sim / row_norm.square()).unsqueeze(-1)
+    return g_rows, g_keys, g_strengths
+
+
+def _flat_rows(indices: Tensor, memory_size: int) -> Tensor:
+    """``[B, ...]`` row indices -> flat indices into the ``[B·N, W]`` view of the memory."""
+    batch = torch.arange(indices.shape[0], device=indices.device) * memory_size
+    return (indices + batch.view(-1, *([1] * (indices.dim() - 1)))).flatten()
+
+
+class SparseAccessStep(torch.autograd.Function):
+    """One SAM memory step, writing the memory in place.
+
+    Forward (no graph recorded): zero the memory of elements in ``reset`` (an episode start),
+    erase the LRU row, add ``w^W a^T`` at the ``J`` write rows, update the index, find the ``K``
+    nearest rows of each read key, read. Saves the ``R·K`` read rows (``[B, R, K, W]``) and the
+    sparse write; the ``N×W`` memory is not saved.
+
+    Backward: receives ``dL/dM_t`` (a dense ``[B, N, W]`` buffer that flows through every step of
+    the sequence), adds the read rows' gradient into it, takes the write's gradients from the
+    ``J`` written rows, zeroes the erased rows (and the reset elements), and passes the same
+    buffer on as ``dL/dM_{t-1}``: ``O(K·W)`` work per step. ``owns_grad=False`` (the last step of
+    a call, whose memory the caller sees) copies the incoming gradient once first.
+
+    Inputs: ``memory [B, N, W]`` (contiguous, modified in place), ``write_vector [B, W]`` ``a``,
+    ``write_weights [B, J]``, ``read_keys [B, R, W]``, ``read_strengths [B, R]``, then
+    non-differentiable ``write_indices [B, J]`` long, ``reset`` ``[n]`` long element indices (may
+    be empty), ``index`` (:class:`Index`), ``k`` = ``K``, ``owns_grad``.
+
+    Outputs: ``memory`` (the same tensor), ``read_weights [B, R, K]``, ``read_indices [B, R, K]``
+    (exact integers in the memory's dtype, no gradient), ``read_vectors [B, R, W]``.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, memory, write_vector, write_weights, read_keys, read_strengths,
+        write_indices, reset, index, k, owns_grad,
+    ):  # fmt: skip
+        B, N, W = memory.shape
+        flat = memory.view(B * N, W)
+        if reset.numel():
+            memory.index_fill_(0, reset, 0.0)
+            index.reset(memory, reset)
+        lru = write_indices[:, -1]
+        flat.index_fill_(0, _flat_rows(lru, N), 0.0)  # erase R_t = I^U_t 1^T
+        write_flat = _flat_rows(write_indices, N)
+        adds = write_weights.unsqueeze(-1) * write_vector.unsqueeze(1)  # A_t rows: [B, J, W]
+        flat.index_add_(0, write_flat, adds.reshape(-1, W))
+        index.update(memory, write_indices)
+
+        read_indices = index.search(memory, read_keys, k)  # [B, R, K]
+        read_flat = _flat_rows(read_indices, N)
+        rows = flat.index_select(0, read_flat).view(*read_indices.shape, W)
+        weights, read_vectors, cache = sparse_read_forward(rows, read_keys, read_strengths)
+
+        ctx.shape = (B, N, W)
+        ctx.owns_grad = owns_grad
+        ctx.save_for_backward(*cache, write_vector, write_weights, write_flat, read_flat, reset)
+        ctx.mark_dirty(memory)
+        read_idx = read_indices.to(memory.dtype)
+        ctx.mark_non_differentiable(read_idx)
+        return memory, weights, read_idx, read_vectors
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_memory, g_weights, _g_indices, g_read):
+        B, N, W = ctx.shape
+        *cache, write_vector, write_weights, write_flat, read_flat, reset = ctx.saved_tensors
+        if ctx.owns_grad and g_memory.is_contiguous():
+            g = g_memory
+        else:
+            g = g_memory.clone(memory_format=torch.contiguous_format)
+        g_flat = g.view(B * N, W)
+
+        g_rows, g_keys, g_strengths = sparse_read_backward(g_weights, g_read, tuple(cache))
+        g_flat.index_add_(0, read_flat, g_rows.reshape(-1, W))
+
+        g_written = g_flat.index_select(0, write_flat).view(B, -1, W)  # dL/dM_t at the J rows
+        g_write_weights = torch.einsum("bjw,bw->bj", g_written, write_vector)
+        g_write_vector = torch.einsum("bjw,bj->bw", g_written, write_weights)
+        lru_flat = write_flat.view(B, -1)[:, -1]
+        g_flat.index_fill_(0, lru_flat, 0.0)  # the erased row does not depend on M_{t-1}
+        if reset.numel():
+            g.index_fill_(0, reset, 0.0)
+        return (
+            g, g_write_vector, g_write_weights, g_keys, g_strengths,
+            None, None, None, None, None,
+        )  # fmt: skip
+
+
+def dense_access_step(
+    memory: Tensor,
+    write_vector: Tensor,
+    write_weights: Tensor,
+    read_keys: Tensor,
+    read_strengths: Tensor,
+    write_indices: Tensor,
+    reset: Tensor,
+    index: Index,
+    k: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The step of :class:`SparseAccessStep` in plain differentiable torch, on a new ``[B, N, W]``
+    memory per step (the dense reference: ``O(N·W)`` memory per step for autograd). Same
+    arguments (without ``owns_grad``) and outputs; ``memory`` is not modified."""
+    B, N, W = memory.shape
+    if reset.numel():
+        starts = torch.zeros(B, dtype=torch.bool, device=memory.device)
+        starts[reset] = True
+        memory = torch.where(starts.view(B, 1, 1), torch.zeros_like(memory), memory)
+        index.reset(memory, reset)
+    lru = write_indices[:, -1]
+    erase = torch.nn.functional.one_hot(lru, N).to(memory.dtype)  # I^U_t: [B, N]
+    adds = write_weights.unsqueeze(-1) * write_vector.unsqueeze(1)  # [B, J, W]
+    memory = memory * (1.0 - erase).unsqueeze(-1) + torch.zeros_like(memory).scatter_add(
+        1, write_indices.unsqueeze(-1).expand(B, -1, W), adds
+    )
+    index.update(memory, write_indices)
+    read_indices = index.search(memory, read_keys, k)
+    R = read_indices.shape[1]
+    rows = memory.gather(1, read_indices.view(B, R * k, 1).expand(B, R * k, W)).view(B, R, k, W)
+    weights, read_vectors, _ = sparse_read_forward(rows, read_keys, read_strengths)
+    return memory, weights, read_indices.to(memory.dtype), read_vectors
