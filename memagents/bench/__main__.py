@@ -1,4 +1,4 @@
-"""``python -m memagents.bench {cores,envs,fwp,sam,train} [options]``: benchmarks into
+"""``python -m memagents.bench {cores,envs,fwp,sam,sdnc,train} [options]``: benchmarks into
 ``docs/BENCHMARKS.md``."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ TARGETS = {
     "envs": "memagents.bench.envs",
     "fwp": "memagents.bench.fwp",
     "sam": "memagents.bench.sam",
+    "sdnc": "memagents.bench.sdnc",
     "train": "memagents.bench.train",
 }
 
