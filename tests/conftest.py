@@ -48,6 +48,7 @@ TINY_KWARGS: dict[str, Any] = {
     "num_heads": 2,
     "max_shift": 1,
     "sparse_reads": 2,
+    "temporal_reads": 2,
 }
 
 
@@ -123,6 +124,8 @@ CORE_CASES: list[tuple[str, dict[str, Any]]] = [(name, {}) for name in cores.ava
     ("ntm", {"num_heads": 1, "max_shift": 2}),
     ("sam", {"fused": False}),  # the dense reference of the sparse access step
     ("sam", {"index": "faiss"}),
+    ("sdnc", {"fused": False}),  # the dense reference of the memory step
+    ("sdnc", {"index": "faiss"}),
 ]
 
 

@@ -16,6 +16,7 @@ from memagents.cores.fwp import FWPCore
 from memagents.cores.ntm import NTMCore, NTMState
 from memagents.cores.rnn import GRUCore, GRUState, LSTMCore, LSTMState, MLPCore, MLPState
 from memagents.cores.sam import SAMCore
+from memagents.cores.sdnc import SDNCCore
 
 #: Registry key -> core class. Configs name cores by these keys only.
 REGISTRY: dict[str, type[MemoryCore]] = {
@@ -26,6 +27,7 @@ REGISTRY: dict[str, type[MemoryCore]] = {
     "dnc": DNCCore,
     "fwp": FWPCore,
     "sam": SAMCore,
+    "sdnc": SDNCCore,
 }
 
 

@@ -339,12 +339,16 @@ class SparseAccessStep(torch.autograd.Function):
 
     Outputs: ``memory`` (the same tensor), ``read_weights [B, R, K]``, ``read_indices [B, R, K]``
     (exact integers in the memory's dtype, no gradient), ``read_vectors [B, R, W]``.
+
+    Optional last input ``extra_indices [B, E]`` long (the SDNC's link reads): the rows ``M_t[i]``
+    at those indices are gathered after the write and returned as a fifth output
+    ``extra_rows [B, E, W]``; their gradient is added into the buffer like the read rows'.
     """
 
     @staticmethod
     def forward(
         ctx, memory, write_vector, write_weights, read_keys, read_strengths,
-        write_indices, reset, index, k, owns_grad,
+        write_indices, reset, index, k, owns_grad, extra_indices=None,
     ):  # fmt: skip
         B, N, W = memory.shape
         flat = memory.view(B * N, W)
@@ -363,19 +367,28 @@ class SparseAccessStep(torch.autograd.Function):
         rows = flat.index_select(0, read_flat).view(*read_indices.shape, W)
         weights, read_vectors, cache = sparse_read_forward(rows, read_keys, read_strengths)
 
+        extra_flat = None if extra_indices is None else _flat_rows(extra_indices, N)
+
         ctx.shape = (B, N, W)
         ctx.owns_grad = owns_grad
-        ctx.save_for_backward(*cache, write_vector, write_weights, write_flat, read_flat, reset)
+        ctx.save_for_backward(
+            *cache, write_vector, write_weights, write_flat, read_flat, reset, extra_flat
+        )
         ctx.mark_dirty(memory)
         read_idx = read_indices.to(memory.dtype)
         ctx.mark_non_differentiable(read_idx)
-        return memory, weights, read_idx, read_vectors
+        if extra_flat is None:
+            return memory, weights, read_idx, read_vectors
+        extra_rows = flat.index_select(0, extra_flat).view(B, -1, W)
+        return memory, weights, read_idx, read_vectors, extra_rows
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g_memory, g_weights, _g_indices, g_read):
+    def backward(ctx, g_memory, g_weights, _g_indices, g_read, g_extra=None):
         B, N, W = ctx.shape
-        *cache, write_vector, write_weights, write_flat, read_flat, reset = ctx.saved_tensors
+        *cache, write_vector, write_weights, write_flat, read_flat, reset, extra_flat = (
+            ctx.saved_tensors
+        )
         if ctx.owns_grad and g_memory.is_contiguous():
             g = g_memory
         else:
@@ -384,6 +397,8 @@ class SparseAccessStep(torch.autograd.Function):
 
         g_rows, g_keys, g_strengths = sparse_read_backward(g_weights, g_read, tuple(cache))
         g_flat.index_add_(0, read_flat, g_rows.reshape(-1, W))
+        if extra_flat is not None:
+            g_flat.index_add_(0, extra_flat, g_extra.reshape(-1, W))
 
         g_written = g_flat.index_select(0, write_flat).view(B, -1, W)  # dL/dM_t at the J rows
         g_write_weights = torch.einsum("bjw,bw->bj", g_written, write_vector)
@@ -394,7 +409,7 @@ class SparseAccessStep(torch.autograd.Function):
             g.index_fill_(0, reset, 0.0)
         return (
             g, g_write_vector, g_write_weights, g_keys, g_strengths,
-            None, None, None, None, None,
+            None, None, None, None, None, None,
         )  # fmt: skip
 
 
@@ -408,7 +423,8 @@ def dense_access_step(
     reset: Tensor,
     index: Index,
     k: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    extra_indices: Tensor | None = None,
+) -> tuple[Tensor, ...]:
     """The step of :class:`SparseAccessStep` in plain differentiable torch, on a new ``[B, N, W]``
     memory per step (the dense reference: ``O(N·W)`` memory per step for autograd). Same
     arguments (without ``owns_grad``) and outputs; ``memory`` is not modified."""
@@ -429,4 +445,8 @@ def dense_access_step(
     R = read_indices.shape[1]
     rows = memory.gather(1, read_indices.view(B, R * k, 1).expand(B, R * k, W)).view(B, R, k, W)
     weights, read_vectors, _ = sparse_read_forward(rows, read_keys, read_strengths)
-    return memory, weights, read_indices.to(memory.dtype), read_vectors
+    out = (memory, weights, read_indices.to(memory.dtype), read_vectors)
+    if extra_indices is None:
+        return out
+    extra_rows = memory.gather(1, extra_indices.unsqueeze(-1).expand(B, -1, W))  # [B, E, W]
+    return (*out, extra_rows)

@@ -1,0 +1,398 @@
+"""``python -m memagents.bench train``: env steps per second of full RecurrentPPO training.
+
+On ``MiniGrid-MemoryS7-v0`` and ``memagents/Copy-v0``, with identical hyperparameters in every
+row (one table per preset of :data:`PRESETS`), it trains for a fixed number of PPO iterations
+(rollout + update) each of:
+
+- ``stock``: sb3-contrib's ``RecurrentPPO`` with its own LSTM policy (``MlpLstmPolicy``;
+  :class:`memagents.sb3.StockLstmPolicy` adds only a dtype cast so it can train on Copy's
+  ``MultiBinary`` actions);
+- ``lstm``: our bridge (``MemoryPolicy``) with the ``lstm`` core;
+- every registered memory core at N=64 (``ntm``, ``dnc``, ``sam``, ``sdnc``; ``fwp`` has no
+  N), plus ``dnc`` with the sequence-start rollout buffer (``MemoryPPO``).
+
+All rows share the observation pipeline of ``python -m memagents.train`` (MiniGrid: grid-code
+wrapper + ``minigrid`` extractor), the hidden size, heads and critic mode (a separate critic
+recurrent module, sb3-contrib's default). Each row runs in a fresh process; the first iteration
+is a warm-up and is not timed. Beside steps/s the rollout is profiled: the policy's forward pass
+for one step of all envs (``T = 1``, what ``collect_rollouts`` calls every step) and the env step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+ENVS = ("MiniGrid-MemoryS7-v0", "memagents/Copy-v0")
+
+#: hyperparameter presets; every row of a table uses the same preset. ``light``: a short
+#: update (4 epochs of 2 minibatches); ``sb3``: sb3-contrib's RecurrentPPO defaults for the
+#: PPO knobs (n_steps 128, batch 128, 10 epochs), so the update dominates.
+PRESETS: dict[str, dict[str, Any]] = {
+    "light": {
+        "n_envs": 8,
+        "n_steps": 64,
+        "batch_size": 256,
+        "n_epochs": 4,
+        "hidden_size": 64,
+        "net_arch": [64],
+        "iterations": 4,  # the first is a warm-up
+    },
+    "sb3": {
+        "n_envs": 8,
+        "n_steps": 128,
+        "batch_size": 128,
+        "n_epochs": 10,
+        "hidden_size": 64,
+        "net_arch": [64],
+        "iterations": 2,  # one timed iteration: memory cores take ~30 s each here
+        # sam and sdnc would take minutes per iteration at these settings: light only
+        "systems": ("stock", "lstm", "ntm", "dnc", "fwp"),
+    },
+}
+HYPER = PRESETS["light"]
+QUICK: dict[str, Any] = {**HYPER, "n_envs": 2, "n_steps": 8, "batch_size": 16, "n_epochs": 1}
+QUICK["iterations"] = 2
+#: critic mode -> how the tables describe it.
+CRITICS = {
+    "separate": "a separate critic recurrent module (sb3-contrib's default)",
+    "shared": "one recurrent module shared by actor and critic",
+}
+
+#: memory-core hyperparameters at N = 64 (the issue's target size), W = 16.
+MEMORY = {
+    "ntm": {"memory_size": 64, "word_size": 16, "num_heads": 1},
+    "dnc": {"memory_size": 64, "word_size": 16, "num_reads": 4},
+    "fwp": {},
+    "sam": {"memory_size": 64, "word_size": 16, "num_reads": 4},
+    "sdnc": {"memory_size": 64, "word_size": 16, "num_reads": 4},
+}
+
+
+@dataclass
+class Spec:
+    """One row: a system on an env."""
+
+    label: str  # e.g. "dnc N=64"
+    system: str  # "stock" | a core name
+    env_id: str
+    core_kwargs: dict[str, Any] = field(default_factory=dict)
+    buffer: str = "stock"  # "stock" | "sequence-start"
+
+
+def build_specs(env_ids: list[str], systems: list[str] | None = None) -> list[Spec]:
+    """The rows: stock, lstm, then each registered memory core at N=64, per env."""
+    import memagents.cores as cores
+
+    specs = []
+    for env_id in env_ids:
+        rows = [Spec("stock RecurrentPPO LSTM", "stock", env_id), Spec("lstm", "lstm", env_id)]
+        for core, kwargs in MEMORY.items():
+            if core in cores.available():
+                n = kwargs.get("memory_size")
+                rows.append(Spec(f"{core} N={n}" if n else core, core, env_id, dict(kwargs)))
+        if "dnc" in cores.available():
+            rows.append(
+                Spec(
+                    "dnc N=64, sequence-start buffer",
+                    "dnc",
+                    env_id,
+                    MEMORY["dnc"],
+                    "sequence-start",
+                )
+            )
+        specs += [s for s in rows if systems is None or s.system in systems]
+    return specs
+
+
+def _config(spec: Spec, hyper: dict[str, Any]):
+    from memagents.config import from_dict
+
+    core = {"name": "lstm" if spec.system == "stock" else spec.system}
+    core["kwargs"] = {"hidden_size": hyper["hidden_size"], **spec.core_kwargs}
+    return from_dict(
+        {
+            "env": {"id": spec.env_id, "n_envs": hyper["n_envs"]},
+            "core": core,
+            "policy": {
+                "critic": hyper.get("critic", "separate"),
+                "net_arch": list(hyper["net_arch"]),
+            },
+            "ppo": {
+                "n_steps": hyper["n_steps"],
+                "batch_size": hyper["batch_size"],
+                "n_epochs": hyper["n_epochs"],
+                "buffer": spec.buffer,
+            },
+            "train": {"device": "cpu", "seed": 0},
+        }
+    )
+
+
+def _make_model(spec: Spec, hyper: dict[str, Any], env):
+    from memagents import train
+
+    config = _config(spec, hyper)
+    if spec.system != "stock":
+        return train.make_model(config, env, "cpu")
+    from sb3_contrib import RecurrentPPO
+
+    from memagents.sb3 import StockLstmPolicy
+
+    ours = train.policy_kwargs(config)  # the same extractor, heads and critic mode
+    policy_kwargs = {
+        "lstm_hidden_size": hyper["hidden_size"],
+        "net_arch": ours["net_arch"],
+        "enable_critic_lstm": ours["enable_critic_lstm"],
+        "shared_lstm": ours["shared_lstm"],
+    }
+    for key in ("features_extractor_class", "features_extractor_kwargs"):
+        if key in ours:
+            policy_kwargs[key] = ours[key]
+    ppo = config.ppo
+    return RecurrentPPO(
+        StockLstmPolicy,
+        env,
+        learning_rate=ppo.learning_rate,
+        n_steps=ppo.n_steps,
+        batch_size=ppo.batch_size,
+        n_epochs=ppo.n_epochs,
+        gamma=ppo.gamma,
+        gae_lambda=ppo.gae_lambda,
+        clip_range=ppo.clip_range,
+        ent_coef=ppo.ent_coef,
+        vf_coef=ppo.vf_coef,
+        max_grad_norm=ppo.max_grad_norm,
+        policy_kwargs=policy_kwargs,
+        seed=config.train.seed,
+        device="cpu",
+    )
+
+
+def _measure(spec: Spec, hyper: dict[str, Any]) -> dict[str, Any]:
+    """Train ``hyper["iterations"]`` PPO iterations; time all but the first; profile a step."""
+    import numpy as np
+    import torch
+    from sb3_contrib.common.recurrent.type_aliases import RNNStates
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    from memagents import train
+
+    torch.set_num_threads(1)
+    config = _config(spec, hyper)
+    env = train.make_env(config, seed=0)
+    model = _make_model(spec, hyper, env)
+
+    class Clock(BaseCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.starts: list[float] = []
+            self.ends: list[float] = []
+            self.done = 0.0
+
+        def _on_rollout_start(self) -> None:
+            self.starts.append(time.perf_counter())
+
+        def _on_rollout_end(self) -> None:
+            self.ends.append(time.perf_counter())
+
+        def _on_training_end(self) -> None:
+            self.done = time.perf_counter()
+
+        def _on_step(self) -> bool:
+            return True
+
+    clock = Clock()
+    per_iter = hyper["n_envs"] * hyper["n_steps"]
+    model.learn(per_iter * hyper["iterations"], callback=clock)
+    # iteration i: rollout starts[i] -> ends[i], update ends[i] -> starts[i + 1] (or done)
+    nexts = [*clock.starts[1:], clock.done]
+    timed = range(1, len(clock.starts))
+    rollout = [clock.ends[i] - clock.starts[i] for i in timed]
+    update = [nexts[i] - clock.ends[i] for i in timed]
+    seconds = sum(rollout) + sum(update)
+
+    # profile one rollout step: policy forward (T = 1, B = n_envs) and the env step
+    policy = model.policy
+    obs = torch.as_tensor(env.reset(), dtype=torch.float32)
+    starts = torch.zeros(hyper["n_envs"])
+    n = policy.lstm_actor.num_layers
+    shape = (n, hyper["n_envs"], policy.lstm_actor.hidden_size)
+    states = RNNStates(
+        (torch.zeros(shape), torch.zeros(shape)), (torch.zeros(shape), torch.zeros(shape))
+    )
+    if spec.system != "stock" and policy.lstm_critic is not None:
+        critic = (1, hyper["n_envs"], policy.lstm_critic.hidden_size)
+        states = RNNStates(states.pi, (torch.zeros(critic), torch.zeros(critic)))
+    fwd = []
+    with torch.no_grad():
+        for _ in range(5):
+            policy.forward(obs, states, starts)
+        for _ in range(30):
+            t0 = time.perf_counter()
+            policy.forward(obs, states, starts)
+            fwd.append(time.perf_counter() - t0)
+    env_ms = []
+    for _ in range(30):
+        actions = np.stack([env.action_space.sample() for _ in range(hyper["n_envs"])])
+        t0 = time.perf_counter()
+        env.step(actions)
+        env_ms.append(time.perf_counter() - t0)
+    env.close()
+    return {
+        "steps_per_s": per_iter * len(rollout) / seconds,
+        "rollout_s": statistics.mean(rollout),
+        "update_s": statistics.mean(update),
+        "policy_fwd_ms": 1000 * statistics.median(fwd),
+        "env_step_ms": 1000 * statistics.median(env_ms),
+        "params": sum(p.numel() for p in policy.parameters()),
+        "timed_steps": per_iter * len(rollout),
+    }
+
+
+def _measure_in_subprocess(spec: Spec, hyper: dict[str, Any]) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(_measure, (spec, hyper))
+
+
+def to_markdown(
+    rows: list[dict[str, Any]], preset: str, hyper: dict[str, Any], fresh: bool = True
+) -> str:
+    """One table (one preset): every row with its ratio to the stock row of the same env."""
+    lines = [
+        f"### Preset `{preset}`: {hyper['n_envs']} envs (DummyVecEnv) x {hyper['n_steps']} steps "
+        f"per rollout, batch {hyper['batch_size']}, {hyper['n_epochs']} epoch(s)",
+        "",
+        f"Hidden {hyper['hidden_size']}, heads {hyper['net_arch']}, "
+        f"{CRITICS[hyper.get('critic', 'separate')]} in every row; memory cores at N=64, W=16 "
+        "(R=4 reads for DNC, SAM and SDNC). "
+        f"{hyper['iterations'] - 1} timed iteration(s) after one warm-up, "
+        f"{'each row in a fresh process' if fresh else 'all rows in one process'}."
+        + (f" Systems: {', '.join(hyper['systems'])} only." if hyper.get("systems") else ""),
+        "",
+        "| env | system | params | steps/s | vs stock | rollout s/iter | update s/iter "
+        "| policy fwd ms | env step ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for env_id in dict.fromkeys(r["env_id"] for r in rows):
+        group = [r for r in rows if r["env_id"] == env_id]
+        stock = next((r for r in group if r["system"] == "stock"), None)
+        for r in group:
+            ratio = f"**{r['steps_per_s'] / stock['steps_per_s']:.2f}x**" if stock else ""
+            lines.append(
+                f"| {env_id} | {r['label']} | {r['params']:,} | {r['steps_per_s']:.0f} | {ratio} "
+                f"| {r['rollout_s']:.2f} | {r['update_s']:.2f} | {r['policy_fwd_ms']:.2f} "
+                f"| {r['env_step_ms']:.2f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def report(tables: list[str], command: str) -> str:
+    """The whole section: what was measured, then one table per preset."""
+    head = [
+        "## Training: env steps per second of RecurrentPPO (rollout + update)",
+        "",
+        f"Command: `{command}`  ",
+        f"torch threads 1, {platform.processor() or platform.machine()}, Python "
+        f"{platform.python_version()}.",
+        "",
+        "Targets (issue 5): our `lstm` >= 2x the stock LSTM's steps/s; every memory core at "
+        "N=64 >= 0.5x. *steps/s* counts env steps (all envs) over the wall time of the timed "
+        "iterations; *rollout* and *update* split one iteration; *policy fwd* is one rollout "
+        "step of the policy for all envs (T = 1, no grad: what `collect_rollouts` calls per "
+        "step, actor and critic); *env step* is one `VecEnv.step` with random actions.",
+        "",
+    ]
+    return "\n".join(head) + "\n" + "\n".join(tables)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m memagents.bench train", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--envs", default=",".join(ENVS), help="env ids, comma-separated")
+    parser.add_argument(
+        "--systems", default=None, help="subset of rows: stock and/or core names, comma-separated"
+    )
+    parser.add_argument(
+        "--presets",
+        default=",".join(PRESETS),
+        help=f"hyperparameter presets, comma-separated ({', '.join(PRESETS)})",
+    )
+    parser.add_argument("--iterations", type=int, default=None, help="PPO iterations per row")
+    parser.add_argument(
+        "--critic",
+        choices=list(CRITICS),
+        default="separate",
+        help="critic mode of every row (separate: sb3-contrib's default)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes, in this process (smoke run)"
+    )
+    parser.add_argument(
+        "--in-process", action="store_true", help="measure every row in this process"
+    )
+    parser.add_argument("--no-write", action="store_true", help="print only; keep BENCHMARKS.md")
+    parser.add_argument("--output", default=None, help="Markdown file to update")
+    args = parser.parse_args(argv)
+    presets = ["quick"] if args.quick else [p for p in args.presets.split(",") if p]
+    for preset in presets:
+        if preset != "quick" and preset not in PRESETS:
+            parser.error(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    if args.iterations is not None and args.iterations < 2:
+        parser.error(f"--iterations must be >= 2 (one warm-up); got {args.iterations}")
+    env_ids = [e for e in args.envs.split(",") if e]
+    systems = args.systems.split(",") if args.systems else None
+    specs = build_specs(env_ids, systems)
+    if not specs:
+        parser.error(f"no rows for --envs {args.envs!r} --systems {args.systems!r}")
+    from memagents import train
+
+    for env_id in env_ids:
+        try:
+            train.check_names(_config(Spec("", "lstm", env_id), HYPER))
+        except ValueError as exc:
+            parser.error(str(exc))
+
+    in_process = args.quick or args.in_process
+    tables = []
+    for preset in presets:
+        hyper = dict(QUICK if preset == "quick" else PRESETS[preset])
+        if args.iterations is not None:
+            hyper["iterations"] = args.iterations
+        hyper["critic"] = args.critic
+        rows = []
+        allowed = hyper.get("systems")
+        for spec in specs:
+            if allowed is not None and spec.system not in allowed:
+                continue
+            result = (_measure if in_process else _measure_in_subprocess)(spec, hyper)
+            rows.append({**asdict(spec), **result})
+            print(
+                f"{preset:<6} {spec.env_id:<22} {spec.label:<32} "
+                f"{result['steps_per_s']:7.0f} steps/s  rollout {result['rollout_s']:6.2f} s  "
+                f"update {result['update_s']:6.2f} s  policy fwd "
+                f"{result['policy_fwd_ms']:5.2f} ms  env {result['env_step_ms']:5.2f} ms",
+                flush=True,
+            )
+        tables.append(to_markdown(rows, preset, hyper, fresh=not in_process))
+    command = (
+        "python -m memagents.bench train"
+        + (" " + " ".join(argv if argv is not None else sys.argv[2:])).rstrip()
+    )
+    markdown = report(tables, command)
+    print()
+    print(markdown)
+    if not args.no_write:
+        from memagents.bench.report import write_section
+
+        path = write_section("train", markdown, args.output)
+        print(f"wrote the train section of {path}")
+    return 0

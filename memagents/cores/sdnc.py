@@ -1,0 +1,389 @@
+"""Sparse Differentiable Neural Computer (SDNC; Rae et al. 2016, "Scaling Memory-Augmented Neural
+Networks with Sparse Reads and Writes", NIPS, supplementary "Sparse Differentiable Neural
+Computer").
+
+SAM's sparse access (:mod:`~memagents.cores.sparse_access`: LRU usage, sparse writes to the
+previously read rows and the LRU row, ``K``-sparse content reads through a kNN index, in-place
+memory with ``O(K·W)`` saved per step) plus the DNC's temporal links kept sparse
+(:mod:`~memagents.cores.sparse_links`: every row of ``L`` and of ``Lᵀ`` keeps its ``K_L`` =
+``temporal_reads`` strongest entries, the precedence its ``K_L`` largest). Per step:
+
+1. controller ``h_t`` from ``[x_t; r_{t-1}]``; interface: read keys ``q``, strengths ``β``, write
+   vector ``a_t``, gates ``α_t, γ_t``, read modes ``π_t`` (softmax over backward, content,
+   forward per head, as in the DNC);
+2. ``w^W_t = α (γ w̄^R_{t-1} + (1 - γ) I^U_t)`` (SAM);
+3. sparse link update ``L_t`` with ``p_{t-1}``, then ``p_t``;
+4. directional weightings from ``w^R_{t-1}``: ``f_t = L_t w^R_{t-1}`` and ``b_t = L_tᵀ w^R_{t-1}``,
+   each kept to its ``K`` largest rows;
+5. erase the LRU row, write, content read ``c_t`` (``K`` rows, softmax, sums to 1);
+6. ``w^R_t = π[0] b_t + π[1] c_t + π[2] f_t`` and ``r_t = Σ w^R_t M_t``.
+
+**Support of the read weighting.** ``w^R_t`` of a head is stored as ``S = 3K`` slots
+``[b_t (K) | c_t (K) | f_t (K)]`` (values and row indices; a row may appear in several slots and
+its weight is the sum). The content part has exactly ``K`` non-zeros summing to 1; the link parts
+have ``K`` entries each, non-negative, summing to ≤ 1; so the dense ``w^R_t`` has at most ``3K``
+non-zero rows (at least the ``K`` content rows while ``π[1] > 0``) and sums to ≤ 1 (to 1 when the
+links carry all the weight their rows have, e.g. ``π[1] = 1``). SAM's write therefore goes to
+``J = R·3K + 1`` rows.
+
+The output is ``y_t = [h_t; r_t]``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from memagents.cores import addressing, sparse_access, sparse_links
+from memagents.cores import state as state_lib
+from memagents.cores.base import MemoryCore, check_positive_int, set_forget_bias, stack_debug
+from memagents.cores.rnn import LSTMState
+from memagents.cores.sam import MAX_MEMORY_SIZE
+
+
+class SDNCAccessState(NamedTuple):
+    """State of the SDNC's memory access (``R`` read heads, ``S = 3K`` slots per read weighting,
+    ``J = R·S + 1`` write locations, ``K_L`` = ``temporal_reads``). Indices are exact integers in
+    the state's float dtype."""
+
+    memory: Tensor  # [B, N, W] memory matrix M_t
+    last_access: Tensor  # [B, N] step of each row's last access U_t (0 = never), per element
+    time: Tensor  # [B, 1] steps taken in the element's episode, t
+    read_weights: Tensor  # [B, R, 3K] w^R_t as slots [backward K | content K | forward K]
+    read_indices: Tensor  # [B, R, 3K] their rows
+    write_weights: Tensor  # [B, J] values of the write weighting w^W_t
+    write_indices: Tensor  # [B, J] their rows (the slots read at t-1, then the LRU row)
+    link: Tensor  # [B, N, K_L] L_t: row i's K_L strongest entries L_t[i, j]
+    link_indices: Tensor  # [B, N, K_L] their columns j (distinct, never i)
+    link_t: Tensor  # [B, N, K_L] L_tᵀ: row j's K_L strongest entries L_t[i, j] (backward links)
+    link_t_indices: Tensor  # [B, N, K_L] their rows i (distinct, never j)
+    precedence: Tensor  # [B, K_L] the K_L largest entries of p_t
+    precedence_indices: Tensor  # [B, K_L] their rows (distinct)
+
+
+class SDNCState(NamedTuple):
+    """Recurrent state of the SDNC. The access fields are also readable directly."""
+
+    controller: LSTMState  # h, c: [B, 1, hidden_size]
+    access: SDNCAccessState
+    read_vectors: Tensor  # [B, R, W] read vectors r_t (fed to the controller at t + 1)
+
+    def __getattr__(self, name):  # state.memory is state.access.memory, etc.
+        if name in SDNCAccessState._fields:
+            return getattr(self.access, name)
+        raise AttributeError(name)
+
+
+#: State fields carried as long working copies during a call (the rest are values).
+_INDEX_FIELDS = ("link_indices", "link_t_indices", "precedence_indices")
+
+
+class SDNCCore(MemoryCore):
+    """Sparse DNC core; output ``y_t = [h_t; r_t]``.
+
+    :param input_size: features per step.
+    :param hidden_size: controller LSTM units.
+    :param memory_size: ``N``, number of memory rows (at most 2^24).
+    :param word_size: ``W``, width of a row.
+    :param num_reads: ``R``, read heads.
+    :param sparse_reads: ``K`` < ``N``, rows of each head's content read (and of its forward and
+        backward link reads).
+    :param temporal_reads: ``K_L`` < ``N``, entries kept per row of the link ``L``, of its
+        transpose, and of the precedence.
+    :param index: kNN search for the content reads: ``"exact"``, ``"faiss"`` or ``"auto"`` (as
+        SAM's).
+    :param learn_init: learn the controller's initial ``h_0, c_0`` and the initial read vectors.
+        Memory, usage, links, precedence and the sparse weights always start at 0.
+    :param fused: run the memory step as SAM's in-place
+        :class:`~memagents.cores.sparse_access.SparseAccessStep`; ``False`` uses its dense
+        reference. The links always use the in-place
+        :class:`~memagents.cores.sparse_links.SparseLinkStep`.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int = 64,
+        memory_size: int = 1024,
+        word_size: int = 16,
+        num_reads: int = 4,
+        sparse_reads: int = 4,
+        temporal_reads: int = 4,
+        index: str = "auto",
+        learn_init: bool = True,
+        fused: bool = True,
+    ):
+        super().__init__()
+        self.input_size = check_positive_int("input_size", input_size)
+        self.hidden_size = check_positive_int("hidden_size", hidden_size)
+        self.memory_size = check_positive_int("memory_size", memory_size, minimum=2)
+        if memory_size > MAX_MEMORY_SIZE:
+            raise ValueError(f"memory_size must be <= 2**24; got {memory_size!r}")
+        self.word_size = check_positive_int("word_size", word_size)
+        self.num_reads = check_positive_int("num_reads", num_reads)
+        self.sparse_reads = check_positive_int("sparse_reads", sparse_reads)
+        self.temporal_reads = check_positive_int("temporal_reads", temporal_reads)
+        for name, value in (("sparse_reads", sparse_reads), ("temporal_reads", temporal_reads)):
+            if value >= memory_size:
+                raise ValueError(f"{name} must be < memory_size ({memory_size}); got {value!r}")
+        self.index = index
+        self.index_kind = sparse_access.resolve_index(index, memory_size)
+        self.learn_init = bool(learn_init)
+        self.fused = bool(fused)
+        R, W = num_reads, word_size
+        self.output_size = hidden_size + R * W
+
+        self.controller = nn.LSTMCell(input_size + R * W, hidden_size)
+        set_forget_bias(self.controller, 1.0)
+        # Interface: read keys R*W | write vector W | strengths R (oneplus) | α, γ (sigmoid)
+        #            | read modes R*3 (softmax: backward, content, forward)
+        self._sizes = [R * W, W, R, 2, 3 * R]
+        self.interface = nn.Linear(hidden_size, sum(self._sizes))
+
+        self.h0 = nn.Parameter(torch.zeros(1, 1, hidden_size), requires_grad=self.learn_init)
+        self.c0 = nn.Parameter(torch.zeros(1, 1, hidden_size), requires_grad=self.learn_init)
+        self.read0 = nn.Parameter(torch.zeros(1, R, W), requires_grad=self.learn_init)
+
+    # -- state ---------------------------------------------------------------------------------
+    def _access_shapes(self) -> SDNCAccessState:
+        N, W, R, K, KL = (
+            self.memory_size,
+            self.word_size,
+            self.num_reads,
+            self.sparse_reads,
+            self.temporal_reads,
+        )
+        J = 3 * R * K + 1
+        return SDNCAccessState(
+            memory=(N, W),
+            last_access=(N,),
+            time=(1,),
+            read_weights=(R, 3 * K),
+            read_indices=(R, 3 * K),
+            write_weights=(J,),
+            write_indices=(J,),
+            link=(N, KL),
+            link_indices=(N, KL),
+            link_t=(N, KL),
+            link_t_indices=(N, KL),
+            precedence=(KL,),
+            precedence_indices=(KL,),
+        )
+
+    def _initial(self, batch_size, device) -> SDNCState:
+        device = self._device(device)
+        dtype = self._dtype()
+        B, N, KL = batch_size, self.memory_size, self.temporal_reads
+        access = {
+            f: torch.zeros(B, *shape, device=device, dtype=dtype)
+            for f, shape in self._access_shapes()._asdict().items()
+        }
+        link_idx = sparse_links.initial_link_indices(B, N, KL, device).to(dtype)
+        access["link_indices"] = link_idx
+        access["link_t_indices"] = link_idx.clone()
+        access["precedence_indices"] = sparse_links.initial_precedence_indices(B, KL, device).to(
+            dtype
+        )
+
+        def expand(p: Tensor) -> Tensor:
+            return p.to(device).expand(B, *p.shape[1:])
+
+        return SDNCState(
+            controller=LSTMState(expand(self.h0), expand(self.c0)),
+            access=SDNCAccessState(**access),
+            read_vectors=expand(self.read0),
+        )
+
+    def initial_state(self, batch_size, device=None) -> SDNCState:
+        return self._initial(batch_size, device)
+
+    def state_shapes_tree(self) -> SDNCState:
+        return SDNCState(
+            controller=LSTMState((1, self.hidden_size), (1, self.hidden_size)),
+            access=self._access_shapes(),
+            read_vectors=(self.num_reads, self.word_size),
+        )
+
+    # -- time ----------------------------------------------------------------------------------
+    def forward(self, x, state=None, episode_starts=None, return_debug=False):
+        """See :meth:`MemoryCore.forward`. The memory and links of ``state`` are copied once per
+        call (never modified); the copies are then written in place step by step."""
+        state, starts = self._check_inputs(x, state, episode_starts)
+        return self._run(x, state, starts, return_debug)
+
+    def step(self, x, state: SDNCState, return_debug=False):
+        """One step (copies the memory and links; prefer :meth:`forward` over sequences)."""
+        out = self._run(x.unsqueeze(0), state, None, return_debug)
+        y, new_state = out[0].squeeze(0), out[1]
+        if return_debug:
+            return y, new_state, {k: v.squeeze(0) for k, v in out[2].items()}
+        return y, new_state
+
+    def _run(self, x: Tensor, state: SDNCState, starts: Tensor | None, return_debug: bool):
+        T, B = x.shape[0], x.shape[1]
+        R, W, K = self.num_reads, self.word_size, self.sparse_reads
+        reset_steps = [False] * T if starts is None else starts.any(dim=1).tolist()
+        initial = self._initial(B, x.device) if any(reset_steps) else None
+        a = state.access
+        dtype = a.memory.dtype
+
+        # owned working copies, written in place from here on
+        if self.fused:
+            memory = a.memory.clone(memory_format=torch.contiguous_format)
+            last_access = a.last_access.clone()
+        else:
+            memory, last_access = a.memory, a.last_access
+        link = a.link.clone(memory_format=torch.contiguous_format)
+        link_t = a.link_t.clone(memory_format=torch.contiguous_format)
+        link_idx = a.link_indices.long().contiguous()
+        link_t_idx = a.link_t_indices.long().contiguous()
+        index = sparse_access.make_index(self.index_kind, memory.detach())
+        controller, read_vectors = state.controller, state.read_vectors
+        small = {
+            f: getattr(a, f)
+            for f in ("time", "read_weights", "read_indices", "write_weights", "write_indices")
+        }
+        small["last_access"] = last_access
+        small["precedence"] = a.precedence
+        small["precedence_indices"] = a.precedence_indices.long()
+        no_reset = torch.zeros(0, dtype=torch.long, device=x.device)
+
+        outputs, debug_steps = [], []
+        for t in range(T):
+            reset = no_reset
+            if reset_steps[t]:
+                st = starts[t]
+                reset = st.nonzero().flatten()
+                controller = state_lib.reset_where(controller, initial.controller, st)
+                read_vectors = state_lib.reset_where(read_vectors, initial.read_vectors, st)
+                # memory and links are reset in place by their steps (``reset``)
+                for f in small:
+                    init = getattr(initial.access, f)
+                    small[f] = state_lib.reset_where(small[f], init.to(small[f].dtype), st)
+
+            # 1. controller and interface
+            h_prev, c_prev = controller
+            ctrl_in = torch.cat([x[t], read_vectors.reshape(B, R * W)], dim=-1)
+            h, c = self.controller(ctrl_in, (h_prev.squeeze(1), c_prev.squeeze(1)))
+            keys, write_vector, strengths, gates, modes = self.interface(h).split(
+                self._sizes, dim=-1
+            )
+            strengths = addressing.oneplus(strengths)
+            write_gate, interp_gate = torch.sigmoid(gates).split([1, 1], dim=-1)
+            modes = torch.softmax(modes.view(B, R, 3), dim=-1)  # π_t: backward, content, forward
+
+            # 2. write weighting (SAM)
+            prev_w, prev_idx = small["read_weights"], small["read_indices"].long()
+            lru = sparse_access.least_recently_used(small["last_access"])
+            write_weights, write_indices = sparse_access.sparse_write_weights(
+                prev_w, prev_idx, lru, write_gate, interp_gate
+            )
+
+            # 3. sparse links L_t (with p_{t-1}), the rows of w^R_{t-1}; then p_t
+            S = prev_idx.shape[-1]
+            link, link_t, rows, rows_idx, rows_t, rows_t_idx = (
+                sparse_links.SparseLinkStep.apply(
+                    link, link_t, write_weights, small["precedence"], link_idx, link_t_idx,
+                    write_indices, small["precedence_indices"], prev_idx.flatten(1), reset,
+                    t < T - 1,
+                )
+            )  # fmt: skip
+            precedence, precedence_idx = sparse_links.sparse_precedence_update(
+                small["precedence"], small["precedence_indices"], write_weights, write_indices
+            )
+
+            # 4. f_t = L_t w^R_{t-1} (rows of Lᵀ), b_t = L_tᵀ w^R_{t-1} (rows of L), top K
+            KL = self.temporal_reads
+            fwd_w, fwd_idx = sparse_links.directional_read(
+                prev_w, prev_idx, rows_t.view(B, R, S, KL), rows_t_idx.view(B, R, S, KL), K
+            )
+            bwd_w, bwd_idx = sparse_links.directional_read(
+                prev_w, prev_idx, rows.view(B, R, S, KL), rows_idx.view(B, R, S, KL), K
+            )
+
+            # 5. write and content read (SAM), with the rows of b_t and f_t
+            extra = torch.cat([bwd_idx, fwd_idx], dim=-1).flatten(1)  # [B, R·2K]
+            args = (memory, write_vector, write_weights, keys.view(B, R, W), strengths)
+            if self.fused:
+                memory, content_w, content_idx, content_r, extra_rows = (
+                    sparse_access.SparseAccessStep.apply(
+                        *args, write_indices, reset, index, K, t < T - 1, extra
+                    )
+                )
+            else:
+                memory, content_w, content_idx, content_r, extra_rows = (
+                    sparse_access.dense_access_step(*args, write_indices, reset, index, K, extra)
+                )
+
+            # 6. w^R_t = π[0] b + π[1] c + π[2] f, r_t = Σ w^R M_t
+            link_w = torch.cat([modes[..., :1] * bwd_w, modes[..., 2:] * fwd_w], dim=-1)
+            read_vectors = modes[..., 1:2] * content_r + torch.einsum(
+                "brk,brkw->brw", link_w, extra_rows.view(B, R, 2 * K, W)
+            )
+            read_weights = torch.cat(
+                [modes[..., :1] * bwd_w, modes[..., 1:2] * content_w, modes[..., 2:] * fwd_w],
+                dim=-1,
+            )
+            read_idx = torch.cat([bwd_idx, content_idx.long(), fwd_idx], dim=-1)
+
+            last_access, time = sparse_access.usage_update(
+                small["last_access"],
+                small["time"],
+                [(write_indices, write_weights), (read_idx.flatten(1), read_weights.flatten(1))],
+                inplace=self.fused,
+            )
+            small = {
+                "time": time,
+                "read_weights": read_weights,
+                "read_indices": read_idx.to(dtype),
+                "write_weights": write_weights,
+                "write_indices": write_indices.to(dtype),
+                "last_access": last_access,
+                "precedence": precedence,
+                "precedence_indices": precedence_idx,
+            }
+            controller = LSTMState(h.unsqueeze(1), c.unsqueeze(1))
+            outputs.append(torch.cat([h, read_vectors.reshape(B, R * W)], dim=-1))
+            if return_debug:
+                debug_steps.append(
+                    {
+                        "memory": memory.detach().clone(),
+                        "last_access": last_access.clone(),
+                        "time": time,
+                        "read_weights": read_weights,
+                        "read_indices": small["read_indices"],
+                        "write_weights": write_weights,
+                        "write_indices": small["write_indices"],
+                        "link": link.detach().clone(),
+                        "link_indices": link_idx.to(dtype),
+                        "link_t": link_t.detach().clone(),
+                        "link_t_indices": link_t_idx.to(dtype),
+                        "precedence": precedence,
+                        "precedence_indices": precedence_idx.to(dtype),
+                        "content_weights": content_w,
+                        "content_indices": content_idx,
+                        "forward_weights": fwd_w,
+                        "forward_indices": fwd_idx.to(dtype),
+                        "backward_weights": bwd_w,
+                        "backward_indices": bwd_idx.to(dtype),
+                        "read_modes": modes,
+                        "lru": lru.to(dtype),
+                        "read_vectors": read_vectors,
+                    }
+                )
+
+        access = SDNCAccessState(
+            memory=memory,
+            link=link,
+            link_indices=link_idx.to(dtype),
+            link_t=link_t,
+            link_t_indices=link_t_idx.to(dtype),
+            **{f: (v.to(dtype) if f in _INDEX_FIELDS else v) for f, v in small.items()},
+        )
+        new_state = SDNCState(controller=controller, access=access, read_vectors=read_vectors)
+        y = torch.stack(outputs)
+        if return_debug:
+            return y, new_state, stack_debug(debug_steps)
+        return y, new_state

@@ -1,0 +1,295 @@
+"""Sparse temporal links of the SDNC (Rae et al. 2016, "Scaling Memory-Augmented Neural Networks
+with Sparse Reads and Writes", supplementary "Sparse Differentiable Neural Computer").
+
+The DNC's link ``L_t[i, j]`` (the degree to which row ``i`` was written right after row ``j``) and
+precedence ``p_t`` (DNC Methods, "Temporal memory linkage")::
+
+    L_t[i, j] = (1 - w[i] - w[j]) L_{t-1}[i, j] + w[i] p_{t-1}[j],   L_t[i, i] = 0
+    p_t       = (1 - Σ_i w[i]) p_{t-1} + w
+
+are kept sparse: every row ``i`` of ``L`` stores its ``K_L`` = ``temporal_reads`` strongest
+entries (values and column indices, ``[B, N, K_L]``), and so does every row ``j`` of the
+transpose ``Lᵀ`` (the backward links, ``Lᵀ[j, i] = L[i, j]``); ``p`` keeps its ``K_L`` largest
+entries (values and indices, ``[B, K_L]``). No ``N×N`` tensor exists anywhere.
+
+With ``w = w^W_t`` sparse (``J`` entries), one step touches only:
+
+- the written rows ``i ∈ supp(w)`` of ``L`` (decay ``1 - w[i] - w[j]`` and new entries
+  ``w[i] p[j]``, ``j ∈ supp(p)``), and the rows that link *to* a written row (entries ``L[i, j]``,
+  ``j ∈ supp(w)``, decay by ``1 - w[j]``), found through ``Lᵀ``'s written rows;
+- symmetrically the rows ``supp(w) ∪ supp(p)`` of ``Lᵀ`` and those found through ``L``'s written
+  rows.
+
+Each touched row keeps the ``K_L`` largest of its decayed entries and its new candidates. When no
+row ever holds more than ``K_L`` non-zeros (e.g. ``K_L ≥ N - 1``) this is exactly the dense DNC
+link; otherwise it is the paper's top-``K_L`` approximation, and an entry ``L[i, j]`` that row
+``i`` keeps but row ``j`` of ``Lᵀ`` dropped misses the decay ``1 - w[j]`` (a second-order
+approximation of already-weak links; tests check the exact case).
+
+Reads through the links (DNC: ``f_t = L_t w^R_{t-1}``, ``b_t = L_tᵀ w^R_{t-1}``) gather the
+``Lᵀ`` (forward) and ``L`` (backward) rows of the previous read weighting's rows and keep the top
+``K``: ``O(K·K_L)`` per head.
+
+:class:`SparseLinkStep` updates the four ``[B, N, K_L]`` link tensors in place (as
+:class:`~memagents.cores.sparse_access.SparseAccessStep` does the memory), saves only the touched
+rows before the update, and in backward recomputes the row update from them, so a step touches
+``U = O(J·K_L)`` rows and costs ``O(U·K_L·(K_L + J))`` time and ``O(U·K_L)`` saved memory,
+independent of ``N``. Stored row indices are unique within
+a row and never on the diagonal; empty entries are zero-valued entries at distinct columns.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from memagents.cores.sparse_access import _flat_rows
+
+
+def initial_link_indices(
+    batch_size: int, memory_size: int, temporal_reads: int, device=None
+) -> Tensor:
+    """``[B, N, K_L]`` long: the distinct, off-diagonal columns ``(i + 1 + k) mod N`` that the
+    zero-valued entries of an empty link row ``i`` point at."""
+    rows = torch.arange(memory_size, device=device).unsqueeze(1)
+    cols = (rows + 1 + torch.arange(temporal_reads, device=device)) % memory_size
+    return cols.expand(batch_size, memory_size, temporal_reads)
+
+
+def initial_precedence_indices(batch_size: int, temporal_reads: int, device=None) -> Tensor:
+    """``[B, K_L]`` long: the distinct rows ``0..K_L-1`` of the zero-valued empty precedence."""
+    return torch.arange(temporal_reads, device=device).expand(batch_size, temporal_reads)
+
+
+def lookup(query: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+    """The dense value at row ``query`` of a sparse vector given as (``keys``, ``values``) pairs
+    (duplicate keys add up).
+
+    :param query: ``[B, ...]`` long rows.
+    :param keys: ``[B, M]`` long rows of the sparse vector's entries.
+    :param values: ``[B, M]`` their values.
+    :return: ``[B, ...]`` values.
+    """
+    B = query.shape[0]
+    eq = (query.reshape(B, -1, 1) == keys.unsqueeze(1)).to(values.dtype)  # [B, Q, M]
+    return torch.einsum("bqm,bm->bq", eq, values).view(query.shape)
+
+
+def first_occurrence(indices: Tensor) -> Tensor:
+    """``[..., M]`` bool: True where ``indices[..., m]`` does not occur at an earlier position."""
+    ordered, order = indices.sort(dim=-1, stable=True)  # equal indices keep their order
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[..., 1:] = ordered[..., 1:] != ordered[..., :-1]
+    return torch.empty_like(first).scatter_(-1, order, first)
+
+
+def _select_top(scores: Tensor, k: int) -> Tensor:
+    """Positions of the ``k`` largest scores along the last dim (stable: earlier wins ties)."""
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def _merge(
+    existing: Tensor, existing_idx: Tensor, cand: Tensor, cand_idx: Tensor, cand_ok: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Concatenate existing entries (unique indices, values ≥ 0) and candidates; candidates that
+    repeat an existing index or are not ``cand_ok`` get value 0 and score -1 (never selected
+    over the existing entries, so selected indices stay unique)."""
+    cand_ok = cand_ok & ~(cand_idx.unsqueeze(-1) == existing_idx.unsqueeze(-2)).any(-1)
+    cand = cand * cand_ok
+    values = torch.cat([existing, cand], dim=-1)
+    indices = torch.cat([existing_idx, cand_idx], dim=-1)
+    scores = torch.cat([existing.detach(), torch.where(cand_ok, cand.detach(), -1.0)], dim=-1)
+    return values, indices, scores
+
+
+def sparse_precedence_update(
+    precedence: Tensor, precedence_idx: Tensor, write_weights: Tensor, write_idx: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``p_t = (1 - Σ w) p_{t-1} + w``, keeping the ``K_L`` largest entries.
+
+    :param precedence: ``[B, K_L]`` values of ``p_{t-1}``; ``precedence_idx`` ``[B, K_L]`` long,
+        their (distinct) rows.
+    :param write_weights: ``[B, J]`` ``w^W_t``; ``write_idx`` ``[B, J]`` long (duplicates add up).
+    :return: ``(values [B, K_L], indices [B, K_L] long)`` of ``p_t``.
+    """
+    k = precedence.shape[-1]
+    total = write_weights.sum(-1, keepdim=True)
+    existing = (1.0 - total) * precedence + lookup(precedence_idx, write_idx, write_weights)
+    cand = lookup(write_idx, write_idx, write_weights)  # merged w at each write entry
+    values, indices, scores = _merge(
+        existing, precedence_idx, cand, write_idx, first_occurrence(write_idx)
+    )
+    sel = _select_top(scores, k)
+    return values.gather(-1, sel), indices.gather(-1, sel)
+
+
+def _link_row_candidates(
+    old: Tensor,
+    old_idx: Tensor,
+    rows: Tensor,
+    write_weights: Tensor,
+    write_idx: Tensor,
+    precedence: Tensor,
+    precedence_idx: Tensor,
+    transpose: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The candidate entries of the updated rows ``rows`` of ``L`` (or ``Lᵀ``): their decayed
+    entries and the new ``w[i] p[j]`` ones.
+
+    :param old: ``[B, U, K_L]`` the rows' values before the step; ``old_idx`` their columns.
+    :param rows: ``[B, U]`` long, the row numbers.
+    :return: ``(values, indices, scores)``, each ``[B, U, K_L + C]``.
+    """
+    w_row = lookup(rows, write_idx, write_weights)  # [B, U]
+    w_col = lookup(old_idx, write_idx, write_weights)  # [B, U, K_L]
+    decayed = (1.0 - w_row.unsqueeze(-1) - w_col) * old
+    U = rows.shape[1]
+    if not transpose:  # row i of L: + w[i] p[j]
+        existing = decayed + w_row.unsqueeze(-1) * lookup(old_idx, precedence_idx, precedence)
+        cand = w_row.unsqueeze(-1) * precedence.unsqueeze(1)  # [B, U, K_L]: columns supp(p)
+        cand_idx = precedence_idx.unsqueeze(1).expand(-1, U, -1)
+        ok = torch.ones_like(cand_idx, dtype=torch.bool)
+    else:  # row j of Lᵀ: + w[i] p[j]
+        p_row = lookup(rows, precedence_idx, precedence)  # [B, U]
+        existing = decayed + w_col * p_row.unsqueeze(-1)
+        w_merged = lookup(write_idx, write_idx, write_weights)  # [B, J]
+        cand = w_merged.unsqueeze(1) * p_row.unsqueeze(-1)  # [B, U, J]: entries supp(w)
+        cand_idx = write_idx.unsqueeze(1).expand(-1, U, -1)
+        ok = first_occurrence(write_idx).unsqueeze(1).expand(-1, U, -1)
+    ok = ok & (cand_idx != rows.unsqueeze(-1))  # L[i, i] = 0
+    return _merge(existing, old_idx, cand, cand_idx, ok)
+
+
+class SparseLinkStep(torch.autograd.Function):
+    """One step of the sparse temporal links, written in place, then the link rows a read needs.
+
+    Inputs: ``link``, ``link_t`` ``[B, N, K_L]`` values of ``L`` and ``Lᵀ`` (contiguous,
+    modified in place), ``write_weights [B, J]`` ``w^W_t``, ``precedence [B, K_L]`` ``p_{t-1}``,
+    then non-differentiable ``link_idx``, ``link_t_idx`` ``[B, N, K_L]`` long (modified in
+    place), ``write_idx [B, J]`` long, ``precedence_idx [B, K_L]`` long, ``read_idx [B, Q]`` long
+    (rows whose updated ``L`` and ``Lᵀ`` rows are returned), ``reset`` ``[n]`` long elements whose
+    links are emptied first, ``owns_grad`` (as in ``SparseAccessStep``).
+
+    Outputs: ``link``, ``link_t`` (the same tensors), ``rows [B, Q, K_L]``, ``rows_idx`` (long),
+    ``rows_t [B, Q, K_L]``, ``rows_t_idx`` (long): rows ``read_idx`` of ``L_t`` and ``L_tᵀ``.
+
+    Saves the touched rows before the update (``O(J·K_L)`` rows of ``K_L``); backward recomputes
+    their update from them and passes the one dense gradient buffer of each link on.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, link, link_t, write_weights, precedence,
+        link_idx, link_t_idx, write_idx, precedence_idx, read_idx, reset, owns_grad,
+    ):  # fmt: skip
+        B, N, L = link.shape
+        if reset.numel():
+            init = initial_link_indices(reset.numel(), N, L, link.device)
+            for values, idx in ((link, link_idx), (link_t, link_t_idx)):
+                values.index_fill_(0, reset, 0.0)
+                idx.index_copy_(0, reset, init)
+        flat_vals = (link.view(B * N, L), link_t.view(B * N, L))
+        flat_idx = (link_idx.view(B * N, L), link_t_idx.view(B * N, L))
+        write_flat = _flat_rows(write_idx, N)
+        # touched rows, from the links before the update (duplicates allowed)
+        rows_l = torch.cat([write_idx, flat_idx[1][write_flat].view(B, -1)], dim=1)
+        rows_t = torch.cat([write_idx, precedence_idx, flat_idx[0][write_flat].view(B, -1)], dim=1)
+        saved = []
+        for transpose, rows in ((False, rows_l), (True, rows_t)):
+            vals, idx = flat_vals[transpose], flat_idx[transpose]
+            row_flat = _flat_rows(rows, N)
+            old = vals[row_flat].view(B, -1, L)
+            old_idx = idx[row_flat].view(B, -1, L)
+            values, indices, scores = _link_row_candidates(
+                old, old_idx, rows, write_weights, write_idx, precedence, precedence_idx, transpose
+            )
+            sel = _select_top(scores, L)
+            # duplicate rows compute the same new row, so the in-place copy is well defined
+            vals.index_copy_(0, row_flat, values.gather(-1, sel).view(-1, L))
+            idx.index_copy_(0, row_flat, indices.gather(-1, sel).view(-1, L))
+            saved += [rows, row_flat, old, old_idx, sel, first_occurrence(rows)]
+        read_flat = _flat_rows(read_idx, N)
+        outs = []
+        for transpose in (False, True):
+            outs.append(flat_vals[transpose][read_flat].view(B, -1, L))
+            outs.append(flat_idx[transpose][read_flat].view(B, -1, L))
+
+        ctx.shape = (B, N, L)
+        ctx.owns_grad = owns_grad
+        ctx.save_for_backward(
+            *saved, write_weights, write_idx, precedence, precedence_idx, read_flat, reset
+        )
+        ctx.mark_dirty(link, link_t)
+        ctx.mark_non_differentiable(outs[1], outs[3])
+        return link, link_t, *outs
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_link, g_link_t, g_rows, _g_ri, g_rows_t, _g_rti):
+        B, N, L = ctx.shape
+        *saved, write_weights, write_idx, precedence, precedence_idx, read_flat, reset = (
+            ctx.saved_tensors
+        )
+        g_write = torch.zeros_like(write_weights)
+        g_prec = torch.zeros_like(precedence)
+        grads = []
+        for transpose, g_in, g_read in ((False, g_link, g_rows), (True, g_link_t, g_rows_t)):
+            rows, row_flat, old, old_idx, sel, first = saved[6 * transpose : 6 * transpose + 6]
+            if ctx.owns_grad and g_in.is_contiguous():
+                g = g_in
+            else:
+                g = g_in.clone(memory_format=torch.contiguous_format)
+            g_flat = g.view(B * N, L)
+            g_flat.index_add_(0, read_flat, g_read.reshape(-1, L))
+            g_new = g_flat[row_flat].view(B, -1, L) * first.unsqueeze(-1)  # count each row once
+            with torch.enable_grad():
+                inputs = [t.detach().requires_grad_(True) for t in (old, write_weights, precedence)]
+                values, _, _ = _link_row_candidates(
+                    inputs[0], old_idx, rows, inputs[1], write_idx, inputs[2], precedence_idx,
+                    transpose,
+                )  # fmt: skip
+                g_old, g_w, g_p = torch.autograd.grad(
+                    values.gather(-1, sel), inputs, g_new, allow_unused=True
+                )
+            g_flat.index_fill_(0, row_flat, 0.0)
+            g_flat.index_add_(0, row_flat, g_old.reshape(-1, L))
+            if g_w is not None:
+                g_write += g_w
+            if g_p is not None:
+                g_prec += g_p
+            if reset.numel():
+                g.index_fill_(0, reset, 0.0)
+            grads.append(g)
+        return (grads[0], grads[1], g_write, g_prec) + (None,) * 7
+
+
+def directional_read(
+    prev_weights: Tensor, prev_idx: Tensor, rows: Tensor, rows_idx: Tensor, k: int
+) -> tuple[Tensor, Tensor]:
+    """Forward ``f_t = L_t w^R_{t-1}`` (from the rows of ``L_tᵀ``) or backward
+    ``b_t = L_tᵀ w^R_{t-1}`` (from the rows of ``L_t``), keeping each head's ``k`` largest.
+
+    :param prev_weights: ``[B, R, S]`` values of ``w^R_{t-1}``; ``prev_idx`` their rows (unused
+        here beyond having selected ``rows``).
+    :param rows: ``[B, R, S, K_L]`` the link rows at ``prev_idx``; ``rows_idx`` their columns.
+    :param k: ``K``.
+    :return: ``(values [B, R, k], indices [B, R, k] long)``; values ≥ 0 summing to ≤ 1 (the
+        dense result restricted to its ``k`` largest rows).
+    """
+    del prev_idx
+    B, R = prev_weights.shape[:2]
+    cand = (prev_weights.unsqueeze(-1) * rows).reshape(B, R, -1)  # [B, R, S·K_L]
+    cand_idx = rows_idx.reshape(B, R, -1)
+    eq = (cand_idx.unsqueeze(-1) == cand_idx.unsqueeze(-2)).to(cand.dtype)
+    merged = torch.einsum("brcd,brd->brc", eq, cand)  # duplicates add up
+    first = first_occurrence(cand_idx)
+    merged = merged * first
+    sel = _select_top(torch.where(first, merged.detach(), -1.0), k)
+    return merged.gather(-1, sel), cand_idx.gather(-1, sel)
+
+
+def to_dense(values: Tensor, indices: Tensor, size: int) -> Tensor:
+    """Scatter sparse rows ``[..., M]`` (values, long indices; duplicates add) into ``[..., size]``."""
+    out = values.new_zeros(*values.shape[:-1], size)
+    return out.scatter_add(-1, indices.long(), values)

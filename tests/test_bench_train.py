@@ -1,0 +1,64 @@
+"""The training benchmark's CLI, at tiny sizes (``--quick``)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from memagents.bench import __main__ as bench_main
+from memagents.bench import train as bench_train
+
+
+def test_quick_train_benchmark_writes_only_its_section(tmp_path, capsys):
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text("# Benchmarks\n\n<!-- bench:cores -->\nkept\n<!-- /bench:cores -->\n")
+    argv = ["--quick", "--systems", "stock,lstm,dnc", "--output", str(out)]
+    assert bench_train.main(argv) == 0
+    text = out.read_text()
+    assert "<!-- bench:cores -->\nkept\n<!-- /bench:cores -->" in text  # untouched
+    section = text.split("<!-- bench:train -->")[1].split("<!-- /bench:train -->")[0]
+    rows = re.findall(
+        r"^\| (\S+) \| ([^|]+) \| [\d,]+ \| (\d+) \| \*\*([\d.]+)x\*\* \|", section, re.M
+    )
+    expected = [
+        (env, label)
+        for env in bench_train.ENVS
+        for label in (
+            "stock RecurrentPPO LSTM",
+            "lstm",
+            "dnc N=64",
+            "dnc N=64, sequence-start buffer",
+        )
+    ]
+    assert [(env, label.strip()) for env, label, _, _ in rows] == expected
+    for _env, label, steps, ratio in rows:
+        assert int(steps) > 0
+        if label.startswith("stock"):
+            assert ratio == "1.00"  # ratios are against the stock row of the same env
+    assert "Preset `quick`" in section and "separate critic" in section
+    assert "wrote the train section" in capsys.readouterr().out
+
+
+def test_rows_cover_stock_lstm_and_every_memory_core():
+    import memagents.cores as cores
+
+    specs = bench_train.build_specs(["memagents/Copy-v0"])
+    systems = {s.system for s in specs}
+    assert {"stock", "lstm", "ntm", "dnc"} <= systems
+    assert ("fwp" in systems) == ("fwp" in cores.available())
+    for name in ("sam", "sdnc"):
+        assert (name in systems) == (name in cores.available())
+    for spec in specs:
+        if spec.system in ("ntm", "dnc", "sam", "sdnc"):
+            assert spec.core_kwargs["memory_size"] == 64
+
+
+def test_target_is_registered_and_bad_arguments_exit_with_usage_errors():
+    assert bench_main.TARGETS["train"] == "memagents.bench.train"
+    with pytest.raises(SystemExit):
+        bench_train.main(["--quick", "--envs", "NoSuchEnv-v0"])
+    with pytest.raises(SystemExit):
+        bench_train.main(["--quick", "--systems", "tardis"])
+    with pytest.raises(SystemExit):
+        bench_train.main(["--iterations", "1"])

@@ -1,0 +1,75 @@
+"""``python -m memagents.sweep``: input checks, the message without Ray, and a tiny sweep on a local
+Ray (skipped when Ray is not installed) that lands in the same layout as ``compare``."""
+
+from __future__ import annotations
+
+import builtins
+import json
+
+import pytest
+from test_compare import TINY_SETS
+
+from memagents import sweep
+
+
+def test_grid_and_resources_parsing():
+    grid = sweep.parse_grid(["ppo.learning_rate=0.001,0.003", "ppo.n_epochs=1,2"])
+    assert len(grid) == 4 and {"ppo.learning_rate": 0.003, "ppo.n_epochs": 2} in grid
+    assert sweep.parse_grid([]) == [{}]
+    assert sweep.parse_resources("cpu=1,gpu=0.5") == {"cpu": 1.0, "gpu": 0.5}
+    with pytest.raises(sweep.ConfigError, match="name=amount"):
+        sweep.parse_resources("cpu")
+    with pytest.raises(sweep.ConfigError, match="KEY=V1,V2"):
+        sweep.parse_grid(["ppo.learning_rate"])
+
+
+def test_without_ray_exits_2_and_says_how_to_install(monkeypatch, tmp_path, capsys):
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError("No module named 'ray'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    code = sweep.main(["--cores", "lstm", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "Ray Tune is not installed" in err[0] and ".[distributed]" in err[0]
+
+
+def test_tiny_sweep_on_local_ray(tmp_path):
+    pytest.importorskip("ray.tune")
+    import ray
+
+    out = tmp_path / "sweep"
+    argv = ["--env", "memagents/Recall-v0", "--cores", "lstm", "--no-baselines", "--seeds", "1"]
+    argv += ["--total-timesteps", "128", "--out", str(out), "--length-factors", "1"]
+    argv += ["--grid", "ppo.learning_rate=0.001,0.003", "--jobs", "2"]
+    for item in TINY_SETS:
+        argv += ["--set", item]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        assert sweep.main(argv) == 0
+    finally:
+        ray.shutdown()
+    names = sorted(p.name for p in (out / "runs").iterdir())
+    assert names == ["lstm-learning_rate=0.001-s0", "lstm-learning_rate=0.003-s0"]
+    for name in names:
+        assert (out / "runs" / name / "eval.json").is_file()
+        assert (out / "runs" / name / "lengths.json").is_file()
+    # Tune received the evaluations while training, then the final one
+    reports = [
+        [json.loads(line) for line in path.read_text().splitlines()]
+        for path in (out / "ray" / "sweep").glob("*/result.json")
+    ]
+    assert len(reports) == 2
+    for rows in reports:
+        assert [r["done"] for r in rows][-1] is True and len(rows) >= 2
+        assert rows[-1]["timesteps"] >= 128
+    results = json.loads((out / "results.json").read_text())
+    labels = ["lstm-learning_rate=0.001", "lstm-learning_rate=0.003"]  # the grid cell, no seed
+    assert list(results["groups"]) == labels
+    final = json.loads((out / "runs" / names[1] / "eval.json").read_text())
+    assert results["groups"][labels[1]]["final_reward"]["per_seed"] == [final["mean_reward"]]
+    assert (out / "curves.png").is_file() and (out / "table.md").is_file()
