@@ -112,6 +112,23 @@ class TrainConfig:
 
 
 @dataclass
+class CurriculumConfig:
+    knob: str = ""
+    """Difficulty knob the curriculum raises (``max_length`` of Copy, ``max_delay`` of Recall,
+    ``max_items`` of AssociativeRecall, ...: a key of the task's ``difficulty``); empty: off."""
+    increment: int = 1
+    """``curriculum_increment``: added to the knob at each promotion."""
+    freq: int = 10_000
+    """``curriculum_freq``: environment steps between checks of the success rate."""
+    threshold: float = 0.9
+    """Success rate of the training episodes at the current level needed to raise it."""
+    max_value: int = 0
+    """Never raise the knob beyond this (0: no limit)."""
+    min_episodes: int = 20
+    """Training episodes finished at the current level before a check can raise it."""
+
+
+@dataclass
 class Config:
     env: EnvConfig = field(default_factory=EnvConfig)
     """The environment."""
@@ -123,6 +140,8 @@ class Config:
     """RecurrentPPO hyperparameters."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Budget, seed, device, evaluation and checkpoints."""
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    """Difficulty that grows with success (off unless ``curriculum.knob`` is set)."""
 
 
 #: (dotted key) -> (predicate, description of what is allowed)
@@ -155,6 +174,11 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.eval_freq": (lambda v: v >= 0, "an integer >= 0"),
     "train.eval_episodes": (lambda v: v >= 1, "an integer >= 1"),
     "train.checkpoint_freq": (lambda v: v >= 0, "an integer >= 0"),
+    "curriculum.increment": (lambda v: v >= 1, "an integer >= 1"),
+    "curriculum.freq": (lambda v: v >= 1, "an integer >= 1"),
+    "curriculum.threshold": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "curriculum.max_value": (lambda v: v >= 0, "an integer >= 0"),
+    "curriculum.min_episodes": (lambda v: v >= 1, "an integer >= 1"),
 }
 
 

@@ -133,6 +133,12 @@ def check_names(config: Config) -> None:
             f"env.vec_env: 'batched' needs a memagents/ environment; got env.id={config.env.id!r}"
         )
     check_observation_pipeline(config)
+    if config.curriculum.knob:
+        from memagents.sb3.curriculum import check_knob
+
+        error = check_knob(config.env.id, config.env.kwargs, config.curriculum.knob)
+        if error:
+            raise ConfigError(f"curriculum.knob: {error}")
 
 
 def check_observation_pipeline(config: Config) -> None:
@@ -480,6 +486,15 @@ def run(config: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
 
     remaining = config.train.total_timesteps - int(model.num_timesteps)
     callback, diverged = make_callbacks(config, run_dir, eval_env)
+    if config.curriculum.knob:
+        from stable_baselines3.common.callbacks import CallbackList
+
+        from memagents.sb3.curriculum import CurriculumCallback
+
+        curriculum = CurriculumCallback.from_config(
+            config.curriculum, sync_envs=[eval_env], state_path=run_dir / "curriculum.json"
+        )
+        callback = CallbackList([curriculum, callback])
     if remaining > 0:
         progress = config.train.progress_bar and sys.stdout.isatty()
         try:

@@ -162,3 +162,21 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, capsys,
     model = real_load(run_dir / "checkpoints" / good["model"], device="cpu")
     assert all(torch.isfinite(p).all() for p in model.policy.parameters())
     assert not (run_dir / "eval.json").exists()
+
+
+def test_curriculum_block_raises_the_knob_during_training(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    argv = [*TINY, "--total-timesteps", "256", "--run-dir", str(run_dir)]
+    argv += ["--set", "curriculum={knob: max_delay, increment: 2, freq: 64, threshold: 0.0}"]
+    argv += ["--set", "curriculum.min_episodes=1", "--set", "train.eval_freq=0"]
+    code, err = run_cli(argv, capsys)
+    assert code == 0, err
+    start = load_config().env.kwargs.get("max_delay", 6)
+    level = json.loads((run_dir / "curriculum.json").read_text())["level"]
+    # threshold 0 promotes at every check: 256 steps / 64 per check, +2 each
+    assert level >= start + 2 and (level - start) % 2 == 0
+
+
+def test_curriculum_knob_must_exist(capsys):
+    code, err = run_cli(["--set", "curriculum.knob=max_wombats"], capsys)
+    assert code == 2 and "curriculum.knob" in err and "max_wombats" in err
