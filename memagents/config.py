@@ -107,6 +107,8 @@ class TrainConfig:
     """Deterministic episodes per evaluation."""
     checkpoint_freq: int = 10_000
     """Checkpoint every this many environment steps (0: only the final model)."""
+    log_memory_every: int = 0
+    """Every this many steps, log one recorded episode's memory heatmaps to TensorBoard (0: off)."""
     progress_bar: bool = True
     """Show a progress bar when stdout is a terminal."""
 
@@ -174,6 +176,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.eval_freq": (lambda v: v >= 0, "an integer >= 0"),
     "train.eval_episodes": (lambda v: v >= 1, "an integer >= 1"),
     "train.checkpoint_freq": (lambda v: v >= 0, "an integer >= 0"),
+    "train.log_memory_every": (lambda v: v >= 0, "an integer >= 0"),
     "curriculum.increment": (lambda v: v >= 1, "an integer >= 1"),
     "curriculum.freq": (lambda v: v >= 1, "an integer >= 1"),
     "curriculum.threshold": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),

@@ -15,6 +15,7 @@ checkpoint in place.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -57,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a dotted config key, e.g. --set core.kwargs.memory_size=32 (repeatable)",
     )
     p.add_argument("--checkpoint-freq", type=int, help="steps between checkpoints")
+    p.add_argument(
+        "--log-memory-every",
+        type=int,
+        help="steps between memory heatmaps logged to TensorBoard (train.log_memory_every)",
+    )
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     return p
 
@@ -91,6 +97,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
         ("n_envs", "env.n_envs"),
         ("device", "train.device"),
         ("checkpoint_freq", "train.checkpoint_freq"),
+        ("log_memory_every", "train.log_memory_every"),
     ]:
         value = getattr(args, flag)
         if value is not None:
@@ -495,6 +502,21 @@ def run(config: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
             config.curriculum, sync_envs=[eval_env], state_path=run_dir / "curriculum.json"
         )
         callback = CallbackList([curriculum, callback])
+    if config.train.log_memory_every:
+        from stable_baselines3.common.callbacks import CallbackList
+
+        from memagents.record import make_memory_image_callback
+
+        def render_env():
+            kwargs = {**config.env.kwargs, "render_mode": "rgb_array"}
+            return make_env(
+                dataclasses.replace(config, env=dataclasses.replace(config.env, kwargs=kwargs)),
+                seed + 20_000,
+                n_envs=1,
+            )
+
+        images = make_memory_image_callback(config.train.log_memory_every, render_env)
+        callback = CallbackList([callback, images])
     if remaining > 0:
         progress = config.train.progress_bar and sys.stdout.isatty()
         try:

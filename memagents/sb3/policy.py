@@ -407,6 +407,30 @@ class MemoryPolicy(RecurrentActorCriticPolicy):
         latent_pi = self.mlp_extractor.forward_actor(latent_pi)
         return self._get_action_dist_from_latent(latent_pi), states
 
+    @torch.no_grad()
+    def debug_step(
+        self, obs: Tensor, state: Any, episode_start: Tensor, deterministic: bool = True
+    ) -> tuple[Tensor, Any, dict[str, Tensor]]:
+        """One actor step that also returns the core's debug tensors (for recordings and plots).
+
+        :param obs: ``(B, *obs_shape)`` observation tensor (``policy.obs_to_tensor``).
+        :param state: the actor core's NamedTuple state (``policy.memory_actor.core`` format);
+            ``None`` means its initial state.
+        :param episode_start: ``(B,)``, 1 where this step starts an episode.
+        :param deterministic: the distribution's mode instead of a sample.
+        :return: actions ``(B, *action_shape)``, the new core state, and the core's per-step
+            debug tensors ``{name: [B, ...]}`` (memory, read/write weightings, usage, link, ...).
+        """
+        core = self.memory_actor.core
+        features = super(ActorCriticPolicy, self).extract_features(obs, self.pi_features_extractor)
+        if state is None:
+            state = core.initial_state(features.shape[0], features.device)
+        starts = episode_start.reshape(1, -1).to(features.device)
+        y, state, debug = core(features.unsqueeze(0), state, starts, return_debug=True)
+        latent_pi = self.mlp_extractor.forward_actor(y[0])
+        actions = self._get_action_dist_from_latent(latent_pi).get_actions(deterministic)
+        return actions, state, {k: v[0] for k, v in debug.items()}
+
     def predict_values(self, obs: Tensor, lstm_states: HC, episode_starts: Tensor) -> Tensor:
         """Values ``(B * T, 1)`` given the critic's packed state (``(h, c)`` each ``(1, B, H)``).
 
