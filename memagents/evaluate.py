@@ -144,8 +144,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         model = algorithm.load(model_path, env=env, device=device)
     except Exception as exc:  # a corrupt or foreign zip is bad input, not a crash
-        raise ConfigError(f"cannot load model {str(model_path)!r}: {exc}") from None
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"cannot load model {str(model_path)!r}: {first_line}") from None
 
+    # load(env=...) checks the spaces but also re-seeds the env with the *training* seed
+    # (SB3's _setup_model -> set_random_seed): seed it again with the evaluation seed
+    env.seed(seed)
     start = time.time()
     report: dict[str, Any] = {
         "run": str(run_dir),

@@ -97,13 +97,16 @@ def test_every_task_has_a_length_knob() -> None:
         (["--run", "{run}", "--checkpoint", "/no/such.zip"], ["--checkpoint", "/no/such.zip"]),
         (["--run", "{nomodel}"], ["model.zip", "--checkpoint"]),
         (["--run", "{run}/checkpoints"], ["config.yaml"]),
+        (["--run", "{run}", "--checkpoint", "{bad}"], ["cannot load model", "bad.zip"]),
     ],
 )
 def test_bad_input_exits_2_with_one_line(run_dir: Path, tmp_path: Path, argv, must_name, capsys):
     nomodel = tmp_path / "nomodel"
     nomodel.mkdir()
     shutil.copy(run_dir / "config.yaml", nomodel / "config.yaml")
-    argv = [a.format(run=run_dir, nomodel=nomodel) for a in argv]
+    bad = tmp_path / "bad.zip"
+    bad.write_text("not a zip file\nsecond line")
+    argv = [a.format(run=run_dir, nomodel=nomodel, bad=bad) for a in argv]
     code, _, err = run_cli(argv, capsys)
     assert code == 2
     assert "Traceback" not in err
@@ -111,3 +114,21 @@ def test_bad_input_exits_2_with_one_line(run_dir: Path, tmp_path: Path, argv, mu
     assert len(lines) == 1, err
     for fragment in must_name:
         assert fragment in lines[0], (fragment, lines[0])
+
+
+def test_episodes_come_from_the_evaluation_seed(run_dir: Path, tmp_path: Path, capsys) -> None:
+    # SB3's load(env=...) re-seeds the env with the training seed; the CLI must not let it
+    from sb3_contrib import RecurrentPPO
+
+    from memagents.config import from_dict, read_yaml
+
+    out = tmp_path / "seeded.json"
+    argv = ["--run", str(run_dir), "--episodes", "8", "--seed", "123", "--output", str(out)]
+    assert run_cli(argv, capsys)[0] == 0
+    report = json.loads(out.read_text())
+    config = from_dict(read_yaml(run_dir / "config.yaml"))
+    model = RecurrentPPO.load(run_dir / "model.zip", device="cpu")
+    expected = train.evaluate(model, train.make_env(config, 123, n_envs=1), 8)
+    assert report["seed"] == 123
+    assert report["mean_length"] == expected["mean_length"]
+    assert report["mean_reward"] == expected["mean_reward"]
