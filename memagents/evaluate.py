@@ -67,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed of the evaluation env (train.seed + 20000)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (cpu)")
     p.add_argument("--output", metavar="PATH", help="JSON file to write (RUN_DIR/evaluate.json)")
+    p.add_argument(
+        "--record",
+        metavar="OUT.gif",
+        help="record one episode (environment beside the memory heatmaps) as .gif or .mp4",
+    )
+    p.add_argument("--png-dir", metavar="DIR", help="also write the recorded frames as PNGs")
+    p.add_argument("--fps", type=int, default=2, help="frames per second of the recording (2)")
     return p
 
 
@@ -174,9 +181,46 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rows.append({"length": length, "knobs": knobs, **evaluate(model, env, args.episodes)})
         env.env_method("set_difficulty", **trained)
         report["lengths"] = rows
+    if args.record or args.png_dir:
+        report["recording"] = record(config, model, seed, args)
     report["seconds"] = round(time.time() - start, 2)
     env.close()
     return report
+
+
+def record(config: Config, model: Any, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One deterministic episode drawn frame by frame (``memagents.record``)."""
+    import dataclasses
+
+    from memagents.record import record_episode, save_frames
+    from memagents.train import make_env
+
+    if args.record and Path(args.record).suffix.lower() not in (".gif", ".mp4"):
+        raise ConfigError(f"--record {args.record!r}: the file must end in .gif or .mp4")
+    if args.fps < 1:
+        raise ConfigError(f"--fps {args.fps}: must be an integer >= 1")
+    kwargs = {**config.env.kwargs, "render_mode": "rgb_array"}
+    render_config = dataclasses.replace(config, env=dataclasses.replace(config.env, kwargs=kwargs))
+    venv = make_env(render_config, seed, n_envs=1)
+    try:
+        venv.seed(seed)
+        frames, info = record_episode(model, venv)
+    except ValueError as exc:
+        raise ConfigError(f"--record: {exc}") from None
+    finally:
+        venv.close()
+    try:
+        save_frames(frames, args.record, args.png_dir, fps=args.fps)
+    except ValueError as exc:
+        raise ConfigError(f"--record: {exc}") from None
+    episode = info.get("episode", {})
+    return {
+        "file": args.record,
+        "png_dir": args.png_dir,
+        "frames": len(frames),
+        "episode_length": int(episode["l"]) if "l" in episode else None,
+        "episode_return": float(episode["r"]) if "r" in episode else None,
+    }
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -132,3 +132,21 @@ def test_episodes_come_from_the_evaluation_seed(run_dir: Path, tmp_path: Path, c
     assert report["seed"] == 123
     assert report["mean_length"] == expected["mean_length"]
     assert report["mean_reward"] == expected["mean_reward"]
+
+
+def test_record_writes_one_frame_per_step(run_dir: Path, tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    gif, pngs = tmp_path / "episode.gif", tmp_path / "frames"
+    out = tmp_path / "report.json"
+    argv = ["--run", str(run_dir), "--episodes", "2", "--output", str(out)]
+    code, _, err = run_cli([*argv, "--record", str(gif), "--png-dir", str(pngs)], capsys)
+    assert code == 0, err
+    recording = json.loads(out.read_text())["recording"]
+    steps = recording["episode_length"]
+    assert steps is not None and recording["frames"] == steps >= 3
+    with Image.open(gif) as image:
+        assert image.n_frames == steps
+    assert len(list(pngs.glob("frame_*.png"))) == steps
+    code, _, err = run_cli([*argv, "--record", str(tmp_path / "x.avi")], capsys)
+    assert code == 2 and ".gif or .mp4" in err and "Traceback" not in err
