@@ -30,8 +30,18 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-def measure_row(memory_size: int, repeats: int, index: str = "auto") -> dict:
-    """Time one forward+backward per sequence at ``memory_size`` (call in a fresh process)."""
+def measure_row(
+    memory_size: int,
+    repeats: int,
+    index: str = "auto",
+    core_name: str = "sam",
+    core_kwargs: dict | None = None,
+) -> dict:
+    """Time one forward+backward per sequence at ``memory_size`` (call in a fresh process).
+
+    :param core_name: a sparse core of the registry (``sam`` or ``sdnc``).
+    :param core_kwargs: its kwargs besides the shape and N (default: :data:`CORE`).
+    """
     import torch
 
     import memagents.cores as cores
@@ -40,12 +50,12 @@ def measure_row(memory_size: int, repeats: int, index: str = "auto") -> dict:
     torch.manual_seed(0)
     B, T = SHAPE["batch"], SHAPE["steps"]
     core = cores.make(
-        "sam",
+        core_name,
         input_size=SHAPE["input_size"],
         hidden_size=SHAPE["hidden_size"],
         memory_size=memory_size,
         index=index,
-        **CORE,
+        **(CORE if core_kwargs is None else core_kwargs),
     )
     x = torch.randn(T, B, SHAPE["input_size"])
 
@@ -83,18 +93,26 @@ def measure_recall(memory_size: int = 65_536, queries: int = 64, k: int = 4) -> 
     return hits.mean().item()
 
 
-def _in_subprocess(args: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "memagents.bench.sam", *args]
+def _in_subprocess(args: list[str], module: str = "memagents.bench.sam") -> dict:
+    cmd = [sys.executable, "-m", module, *args]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def to_markdown(rows: list[dict], recall: float | None, command: str, repeats: int) -> str:
+def to_markdown(
+    rows: list[dict],
+    recall: float | None,
+    command: str,
+    repeats: int,
+    core_kwargs: dict | None = None,
+) -> str:
     base = rows[0]
+    kw = CORE if core_kwargs is None else core_kwargs
+    temporal = f", K_L={kw['temporal_reads']}" if "temporal_reads" in kw else ""
     lines = [
         f"Command: `{command}`. B={SHAPE['batch']}, T={SHAPE['steps']}, "
-        f"input {SHAPE['input_size']}, hidden {SHAPE['hidden_size']}, W={CORE['word_size']}, "
-        f"R={CORE['num_reads']}, K={CORE['sparse_reads']}; CPU, 1 thread "
+        f"input {SHAPE['input_size']}, hidden {SHAPE['hidden_size']}, W={kw['word_size']}, "
+        f"R={kw['num_reads']}, K={kw['sparse_reads']}{temporal}; CPU, 1 thread "
         f"({platform.processor() or platform.machine()}); median of {repeats}; each row in a "
         "fresh process, from the initial (empty) memory; peak = process peak RSS.",
         "",
@@ -115,12 +133,27 @@ def to_markdown(rows: list[dict], recall: float | None, command: str, repeats: i
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_bench(
+    name: str,
+    core_kwargs: dict,
+    sizes: list[int],
+    argv: list[str] | None,
+    doc: str,
+    with_recall: bool,
+) -> int:
+    """The CLI of a sparse core's scaling benchmark (``sam``, ``sdnc``): one fresh process per N.
+
+    :param name: the core's registry name; also the benchmark target and the report section.
+    :param core_kwargs: the core's kwargs besides the shape and N.
+    :param sizes: default memory sizes N.
+    :param with_recall: also measure FAISS recall against exact search at N = 65,536.
+    """
+    module = f"memagents.bench.{name}"
     parser = argparse.ArgumentParser(
-        prog="python -m memagents.bench sam", description=__doc__.splitlines()[0]
+        prog=f"python -m memagents.bench {name}", description=doc.splitlines()[0]
     )
     parser.add_argument(
-        "--sizes", default=",".join(map(str, SIZES)), help="memory sizes N, comma-separated"
+        "--sizes", default=",".join(map(str, sizes)), help="memory sizes N, comma-separated"
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per row (median)")
     parser.add_argument("--index", default="auto", choices=["auto", "exact", "faiss"])
@@ -130,20 +163,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recall", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.row is not None:  # child process: one row, JSON on stdout
-        print(json.dumps(measure_row(args.row, args.repeats, args.index)))
+        row = measure_row(args.row, args.repeats, args.index, name, core_kwargs)
+        print(json.dumps(row))
         return 0
     if args.recall:
         print(json.dumps({"recall": measure_recall()}))
         return 0
     try:
-        sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+        chosen = [int(s) for s in args.sizes.split(",") if s.strip()]
     except ValueError:
         parser.error(f"--sizes must be integers, comma-separated; got {args.sizes!r}")
     rows = []
-    for n in sizes:
+    for n in chosen:
         try:
             row = _in_subprocess(
-                ["--row", str(n), "--repeats", str(args.repeats), "--index", args.index]
+                ["--row", str(n), "--repeats", str(args.repeats), "--index", args.index], module
             )
         except subprocess.CalledProcessError as err:
             print(f"N={n}: failed ({err.stderr.strip().splitlines()[-1:]})", flush=True)
@@ -158,20 +192,26 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from memagents.cores.sparse_access import faiss_available
 
-    recall = _in_subprocess(["--recall"])["recall"] if faiss_available() else None
+    recall = None
+    if with_recall and faiss_available():
+        recall = _in_subprocess(["--recall"], module)["recall"]
     command = (
-        "python -m memagents.bench sam"
+        f"python -m memagents.bench {name}"
         + (" " + " ".join(argv if argv is not None else sys.argv[2:])).rstrip()
     )
-    markdown = to_markdown(rows, recall, command, args.repeats)
+    markdown = to_markdown(rows, recall, command, args.repeats, core_kwargs)
     print()
     print(markdown)
     if not args.no_write:
         from memagents.bench.report import write_section
 
-        path = write_section("sam", markdown, args.out)
+        path = write_section(name, markdown, args.out)
         print(f"wrote {path}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_bench("sam", CORE, SIZES, argv, __doc__, with_recall=True)
 
 
 if __name__ == "__main__":
