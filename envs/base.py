@@ -313,6 +313,7 @@ class AlgorithmicEnv(gym.Env[np.ndarray, Any]):
         )
         self._t = 0
         self._errors = 0
+        self._actions: list[np.ndarray] = []
         return self._episode[0][0].copy(), {}
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
@@ -333,6 +334,7 @@ class AlgorithmicEnv(gym.Env[np.ndarray, Any]):
         obs, target, weight, length = self._episode
         t = self._t
         action = np.asarray(action).reshape(-1)  # [A]
+        self._actions.append(action.copy())
         reward, wrong = score(action, target[t], weight[t])
         reward = float(np.float32(reward))
         self._errors += int(wrong)
@@ -346,23 +348,51 @@ class AlgorithmicEnv(gym.Env[np.ndarray, Any]):
 
     def render(self) -> str | np.ndarray | None:
         """``"ansi"``: the current step and observation as one line of text.
-        ``"rgb_array"``: ``uint8 [D * CELL, max_steps * CELL, 3]``, one column per step of the
-        observations so far (channels as rows, brighter = larger), the current step outlined."""
+        ``"rgb_array"``: ``uint8 [(D + 2 A' + 2) * CELL, (max_steps + 1) * CELL, 3]``, one column
+        per step, three grids stacked: the observations so far (``D`` channels), the targets of
+        the answer steps so far, and the actions taken on answer steps so far (``A'`` rows: the
+        bits, or one row per symbol for ``Discrete`` actions); brighter = larger, the current step
+        outlined, grey bands between the grids."""
         if self.render_mode is None or self._episode is None:
             return None
-        obs, _, _, length = self._episode
+        obs, target, weight, length = self._episode
         if self.render_mode == "rgb_array":
-            seen = np.zeros((obs.shape[1], int(length) + 1), dtype=np.float32)
-            seen[:, : self._t + 1] = obs[: self._t + 1].T
-            cells = (np.clip(seen, 0.0, 1.0) * 255).astype(np.uint8)
-            image = np.repeat(np.repeat(cells, self.CELL, 0), self.CELL, 1)
-            image = np.stack([image] * 3, axis=-1)
-            x = self._t * self.CELL
-            image[:, x, :] = (255, 80, 0)
-            image[:, x + self.CELL - 1, :] = (255, 80, 0)
-            return image
+            return self._render_grids(obs, target, weight, int(length))
         shown = np.array2string(obs[self._t], precision=2, separator=" ")
         return f"{type(self).__name__} step {self._t}/{length}: obs {shown}\n"
+
+    def _answer_rows(self, values: np.ndarray) -> np.ndarray:
+        """``[A]`` target or action -> a column of ``A'`` cells (one-hot for ``Discrete``)."""
+        if isinstance(self.action_space, spaces.Discrete):
+            column = np.zeros(int(self.action_space.n), dtype=np.float32)
+            column[int(values.reshape(-1)[0])] = 1.0
+            return column
+        return values.reshape(-1).astype(np.float32)
+
+    def _render_grids(
+        self, obs: np.ndarray, target: np.ndarray, weight: np.ndarray, length: int
+    ) -> np.ndarray:
+        t = self._t
+        width = length + 1
+        rows = self._answer_rows(target[0]).shape[0]
+        seen = np.zeros((obs.shape[1], width), dtype=np.float32)
+        seen[:, : t + 1] = obs[: t + 1].T
+        wanted = np.zeros((rows, width), dtype=np.float32)
+        given = np.zeros((rows, width), dtype=np.float32)
+        for s in range(min(t + 1, length)):
+            if weight[s] > 0:
+                wanted[:, s] = self._answer_rows(target[s])
+                if s < len(self._actions):
+                    given[:, s] = self._answer_rows(self._actions[s])
+        band = np.full((1, width), 0.35, dtype=np.float32)
+        cells = np.clip(np.concatenate([seen, band, wanted, band, given]), 0.0, 1.0)
+        cells = (cells * 255).astype(np.uint8)
+        image = np.repeat(np.repeat(cells, self.CELL, 0), self.CELL, 1)
+        image = np.stack([image] * 3, axis=-1)
+        x = t * self.CELL
+        image[:, x, :] = (255, 80, 0)
+        image[:, x + self.CELL - 1, :] = (255, 80, 0)
+        return image
 
     # -- helpers --------------------------------------------------------------------------------
     def load(self, problem: Any) -> Episodes:

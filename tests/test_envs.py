@@ -569,18 +569,47 @@ def test_envs_pickle_with_their_random_state():
         np.testing.assert_array_equal(env.reset()[0], clone.reset()[0])
 
 
-def test_rgb_array_render_shows_the_observations_seen_so_far():
-    env = gym.make("memagents/Copy-v0", render_mode="rgb_array", min_length=3, max_length=3)
-    obs0, _ = env.reset(seed=3)
-    obs1, *_ = env.step(env.action_space.sample())
+def test_rgb_array_render_shows_input_target_and_output_so_far():
+    """Copy, L=3, 4 bits: rows 0..5 the observations, then a band, the targets, a band, the
+    actions; columns are steps; a cell's grey level is its value."""
+    env = gym.make("memagents/Copy-v0", render_mode="rgb_array", bits=4, min_length=3, max_length=3)
+    obs = [env.reset(seed=3)[0]]
+    actions = [np.array([1, 0, 1, 1], dtype=np.int8) for _ in range(5)]
+    for action in actions:
+        obs.append(env.step(action)[0])
+    image = env.render()  # after 5 steps: 3 inputs, the delimiter, answers 0 and 1
+    cell = env.unwrapped.CELL
+    depth, bits = env.observation_space.shape[0], 4
+    assert image.dtype == np.uint8
+    assert image.shape == ((depth + 2 * bits + 2) * cell, (2 * 3 + 1 + 1) * cell, 3)
+    centre = image[cell // 2 :: cell, cell // 2 :: cell, 1].astype(int)  # [rows, steps]
+    inputs = centre[:depth]
+    targets = centre[depth + 1 : depth + 1 + bits]
+    outputs = centre[depth + 2 + bits :]
+    for t in range(6):  # observations 0..5 seen so far, later steps black
+        np.testing.assert_array_equal(inputs[:, t], (obs[t] * 255).astype(int))
+    assert not inputs[:, 6:].any()
+    assert (centre[depth] == 89).all() and (centre[depth + 1 + bits] == 89).all()  # the bands
+    seq = np.stack([obs[j][:bits] for j in range(3)])  # the input vectors are the targets
+    for j in range(2):  # answer steps 4 and 5 so far (step 5 is the current one)
+        np.testing.assert_array_equal(targets[:, 4 + j], (seq[j] * 255).astype(int))
+    np.testing.assert_array_equal(outputs[:, 4], actions[4].astype(int) * 255)  # answered: step 4
+    assert not outputs[:, 5].any() and not outputs[:, :4].any() and not targets[:, :4].any()
+    assert tuple(image[0, 5 * cell]) == (255, 80, 0)  # the current step is outlined
+
+
+def test_rgb_array_render_of_discrete_tasks_is_one_hot():
+    env = gym.make("memagents/Recall-v0", render_mode="rgb_array", min_delay=1, max_delay=1)
+    obs, _ = env.reset(seed=0)
+    cue = int(np.argmax(obs[:4]))
+    env.step(0)  # the cue step
+    env.step(0)  # the one delay step
+    *_, terminated, _, _ = env.step((cue + 1) % 4)  # the query step, answered wrong
+    assert terminated
     image = env.render()
     cell = env.unwrapped.CELL
     depth = env.observation_space.shape[0]
-    assert image.dtype == np.uint8 and image.shape == (depth * cell, (2 * 3 + 1 + 1) * cell, 3)
-    # cell centres: column t, row d carries obs_t[d] as grey level; steps not yet seen are black
-    centre = image[cell // 2 :: cell, cell // 2 :: cell, 1]
-    np.testing.assert_array_equal(centre[:, 0], (obs0 * 255).astype(np.uint8))
-    np.testing.assert_array_equal(centre[:, 1], (obs1 * 255).astype(np.uint8))
-    assert not centre[:, 2:].any()
-    # the current step (1) is outlined
-    assert tuple(image[0, 1 * cell]) == (255, 80, 0)
+    centre = image[cell // 2 :: cell, cell // 2 :: cell, 1].astype(int)
+    targets, outputs = centre[depth + 1 : depth + 5], centre[depth + 6 : depth + 10]
+    assert targets[:, 2].tolist() == [255 if k == cue else 0 for k in range(4)]
+    assert outputs[:, 2].tolist() == [255 if k == (cue + 1) % 4 else 0 for k in range(4)]
