@@ -13,10 +13,11 @@ Each trial is one cell of the grid and does exactly what a ``compare`` worker do
 (:func:`memagents.compare.do_run`): ``python -m memagents.train`` into ``OUT/runs/<name>`` (or
 ``--resume`` it, or reuse it when finished), then the length evaluation. While it trains, every
 new row of its ``evaluations.csv`` is reported to Tune (``mean_reward``, ``success_rate``,
-``timesteps``), and the final ``eval.json`` last. The run directory is the checkpoint: a failed or
-preempted trial is retried (``max_failures``) and continues from the run's last checkpoint, and
-running the same command again resumes an interrupted sweep. On a cluster ``OUT`` must be a
-filesystem every node sees. Tune's own records go to ``OUT/ray/``.
+``timesteps``), and the final ``eval.json`` last. Each new training checkpoint of a run (its
+``config.yaml`` and newest ``checkpoints/`` files) is also reported to Tune as a Tune checkpoint, so
+a failed or preempted trial is retried (``max_failures``) from it, on this node or another, even
+when ``OUT`` is not shared; running the same command again resumes an interrupted sweep. Tune's own
+records go to ``OUT/ray/``.
 
 The results go through the same aggregation as ``compare`` (``OUT/curves.png``, ``table.md``,
 ``results.json``). Ray is an optional extra: without it this command exits with code 2 and says
@@ -28,7 +29,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -115,6 +118,15 @@ def make_trainable(specs: dict[str, compare.RunSpec], factors, episodes, poll: f
         if report is None:  # Ray < 2.x: the report of ray.train
             from ray.train import report
         spec = specs[config["name"]]
+        checkpoint_cls = getattr(tune, "Checkpoint", None)
+        get_checkpoint = getattr(tune, "get_checkpoint", None)
+        if checkpoint_cls is None or get_checkpoint is None:  # older Ray: ray.train's
+            from ray.train import Checkpoint as checkpoint_cls
+            from ray.train import get_checkpoint
+        restored = get_checkpoint()
+        if restored is not None:  # a retried trial, possibly on another node
+            with restored.as_directory() as source:
+                restore_run_checkpoint(Path(source), spec.run_dir)
         logs = spec.run_dir.parent.parent / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         result: dict[str, Any] = {}
@@ -125,9 +137,18 @@ def make_trainable(specs: dict[str, compare.RunSpec], factors, episodes, poll: f
         worker = threading.Thread(target=work, daemon=True)
         worker.start()
         seen = 0
+        saved = None
         while True:
             alive = worker.is_alive()
             rows = _evaluation_rows(spec.run_dir)
+            latest = _latest(spec.run_dir)
+            if latest is not None and latest != saved:
+                # hand the run's newest checkpoint to Tune, which persists it to its storage
+                with tempfile.TemporaryDirectory() as tmp:
+                    pack_run_checkpoint(spec.run_dir, Path(tmp))
+                    metrics = {**(rows[-1] if rows else {}), "name": spec.name, "done": False}
+                    report(metrics, checkpoint=checkpoint_cls.from_directory(tmp))
+                saved = latest
             for row in rows[seen:]:
                 report({**row, "name": spec.name, "done": False})
             seen = max(seen, len(rows))
@@ -148,6 +169,36 @@ def make_trainable(specs: dict[str, compare.RunSpec], factors, episodes, poll: f
         )
 
     return trainable
+
+
+def _latest(run_dir: Path) -> str | None:
+    path = run_dir / "checkpoints" / "latest.json"
+    return path.read_text() if path.is_file() else None
+
+
+def pack_run_checkpoint(run_dir: Path, dest: Path) -> None:
+    """Copy what ``memagents.train --resume`` needs (``config.yaml`` and the newest checkpoint:
+    ``latest.json``, its model ``.zip`` and RNG state) into ``dest`` for a Tune checkpoint."""
+    latest = json.loads((run_dir / "checkpoints" / "latest.json").read_text())
+    (dest / "checkpoints").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(run_dir / "config.yaml", dest / "config.yaml")
+    for name in (latest["model"], latest["rng"], "latest.json"):
+        shutil.copy2(run_dir / "checkpoints" / name, dest / "checkpoints" / name)
+
+
+def restore_run_checkpoint(source: Path, run_dir: Path) -> bool:
+    """Inverse of :func:`pack_run_checkpoint` for a retried trial: recreate the run directory's
+    config and newest checkpoint unless the run directory already has a checkpoint (a shared
+    filesystem). Returns True when it restored something."""
+    if (run_dir / "checkpoints" / "latest.json").is_file():
+        return False
+    if not (source / "checkpoints" / "latest.json").is_file():
+        return False
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(source / "config.yaml", run_dir / "config.yaml")
+    for path in (source / "checkpoints").iterdir():
+        shutil.copy2(path, run_dir / "checkpoints" / path.name)
+    return True
 
 
 def _evaluation_rows(run_dir: Path) -> list[dict[str, float]]:

@@ -7,6 +7,7 @@ import builtins
 import json
 
 import pytest
+import yaml
 from test_compare import TINY_SETS
 
 from memagents import sweep
@@ -73,3 +74,35 @@ def test_tiny_sweep_on_local_ray(tmp_path):
     final = json.loads((out / "runs" / names[1] / "eval.json").read_text())
     assert results["groups"][labels[1]]["final_reward"]["per_seed"] == [final["mean_reward"]]
     assert (out / "curves.png").is_file() and (out / "table.md").is_file()
+
+
+def test_tune_checkpoint_round_trip_restores_a_resumable_run(tmp_path, capsys):
+    """What a trial hands to Tune is enough for `train --resume` on a machine without the run."""
+    from memagents import sweep, train
+
+    run_dir = tmp_path / "run"
+    argv = [
+        "--core", "lstm", "--set", "core.kwargs={hidden_size: 8}", "--set", "policy.net_arch=[8]",
+        "--n-envs", "2", "--set", "ppo.n_steps=32", "--set", "ppo.batch_size=32",
+        "--set", "ppo.n_epochs=1", "--set", "train.eval_episodes=2", "--set", "train.eval_freq=0",
+        "--device", "cpu", "--total-timesteps", "128", "--checkpoint-freq", "64",
+    ]  # fmt: skip
+    assert train.main([*argv, "--run-dir", str(run_dir)]) == 0
+    packed = tmp_path / "tune-checkpoint"
+    sweep.pack_run_checkpoint(run_dir, packed)
+    assert sorted(p.name for p in (packed / "checkpoints").iterdir()) == sorted(
+        ["latest.json", "step_128.zip", "step_128.rng.pt"]
+    )
+    fresh = tmp_path / "elsewhere" / "run"
+    assert sweep.restore_run_checkpoint(packed, fresh)
+    assert not sweep.restore_run_checkpoint(packed, fresh)  # never overwrites a checkpoint
+    config = yaml.safe_load((fresh / "config.yaml").read_text())
+    config["train"]["total_timesteps"] = 192
+    (fresh / "config.yaml").write_text(yaml.safe_dump(config))
+    assert train.main(["--resume", str(fresh)]) == 0
+    result = json.loads((fresh / "eval.json").read_text())
+    assert result["num_timesteps"] >= 192
+    lines = (fresh / "progress.csv").read_text().splitlines()
+    column = lines[0].split(",").index("time/total_timesteps")
+    assert int(float(lines[1].split(",")[column])) > 128  # continued from step 128, not from 0
+    capsys.readouterr()
