@@ -477,6 +477,9 @@ def run(config: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
 
         algorithm = MemoryPPO if config.ppo.buffer == "sequence-start" else RecurrentPPO
         model = algorithm.load(ckpt / latest["model"], env=env, device=device)
+        # load(env=...) re-seeds the env with the training seed, which would replay the episodes
+        # the run began with; a resumed segment draws new ones, reproducibly
+        env.seed(seed + int(latest["num_timesteps"]))
         rng = torch.load(ckpt / latest["rng"], weights_only=False)
         torch.set_rng_state(rng["torch"])
         np.random.set_state(rng["numpy"])  # noqa: NPY002
