@@ -1,0 +1,143 @@
+"""Native (C++) kernels for the cores' small per-step work, built on first use with the system
+compiler and loaded through :mod:`ctypes`.
+
+Why: at the sizes RL uses (B ≈ 8-64 episodes, N ≈ 16-256 slots) one memory step is a few
+microseconds of arithmetic spread over ~60 eager torch ops forward and ~110 backward, each with
+several microseconds of dispatch overhead. A kernel that does the whole step in one call removes
+that overhead; the equations, their order and their gradients are those of the torch paths, which
+stay the reference (tests compare both in float64).
+
+How: each kernel is one self-contained C++ file in ``memagents/cores/csrc/`` with an
+``extern "C"`` interface over raw pointers (no torch headers, so a build takes a second or two,
+not a minute). :func:`load` compiles it with ``$CXX`` (default ``c++``) into a cache directory
+(``$MEMAGENTS_NATIVE_CACHE``, default ``~/.cache/memagents/native``), keyed by a hash of the
+source, the flags and the compiler, written atomically so parallel processes can race safely.
+
+Control with ``MEMAGENTS_NATIVE``: unset or ``auto`` = use the kernels when they build (warn once
+and fall back to torch when they do not), ``0`` = never (torch paths only), ``1`` = require them
+(raise if a build fails; CI uses this so the native path cannot silently go untested).
+Kernels run only on CPU tensors of dtype float32/float64; other devices use the torch paths.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+CSRC = Path(__file__).parent / "csrc"
+CXXFLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno", "-fvisibility=hidden"]
+
+_lock = threading.Lock()
+_libs: dict[str, ctypes.CDLL | None] = {}
+_errors: dict[str, str] = {}
+
+
+def mode() -> str:
+    """``"auto"``, ``"0"`` or ``"1"`` from ``$MEMAGENTS_NATIVE``.
+
+    :raises ValueError: any other value.
+    """
+    value = os.environ.get("MEMAGENTS_NATIVE", "auto").strip().lower() or "auto"
+    if value not in ("auto", "0", "1"):
+        raise ValueError(f"MEMAGENTS_NATIVE={value!r}; allowed: auto, 0, 1")
+    return value
+
+
+def cache_dir() -> Path:
+    default = Path.home() / ".cache" / "memagents" / "native"
+    return Path(os.environ.get("MEMAGENTS_NATIVE_CACHE", default))
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "c++"))
+
+
+def _build(name: str) -> Path:
+    source = CSRC / f"{name}.cpp"
+    if not source.is_file():
+        raise FileNotFoundError(f"no native kernel source {source}")
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'c++')!r} not on PATH)")
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(
+        source.read_bytes() + " ".join(CXXFLAGS).encode() + version.encode()
+    ).hexdigest()[:16]
+    target = cache_dir() / f"{name}-{key}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        result = subprocess.run(
+            [cxx, *CXXFLAGS, str(source), "-o", tmp], capture_output=True, text=True
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"compiling {source.name} failed:\n{result.stderr[-2000:]}")
+        os.replace(tmp, target)  # atomic: a racing process sees the old state or the whole file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def load(name: str) -> ctypes.CDLL | None:
+    """The compiled kernel library ``csrc/<name>.cpp``, or ``None`` when native kernels are off
+    or cannot be built (``MEMAGENTS_NATIVE=1`` raises instead).
+
+    :raises RuntimeError: the build failed and ``MEMAGENTS_NATIVE=1``.
+    """
+    setting = mode()
+    if setting == "0":
+        return None
+    with _lock:
+        if name not in _libs:
+            try:
+                _libs[name] = ctypes.CDLL(str(_build(name)))
+            except Exception as exc:  # compiler missing, build error, unloadable library
+                _libs[name] = None
+                _errors[name] = str(exc)
+                if setting != "1":
+                    warnings.warn(
+                        f"memagents: native kernel {name!r} unavailable, using the torch path "
+                        f"(slower): {exc}",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+        lib = _libs[name]
+    if lib is None and setting == "1":
+        raise RuntimeError(f"MEMAGENTS_NATIVE=1 but kernel {name!r} failed: {_errors[name]}")
+    return lib
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """True when the tensors can go to a native kernel: all on the CPU, one float dtype."""
+    first = tensors[0]
+    if first.device.type != "cpu" or first.dtype not in (torch.float32, torch.float64):
+        return False
+    return all(t.device.type == "cpu" and t.dtype == first.dtype for t in tensors)
+
+
+def ptr(t: torch.Tensor) -> ctypes.c_void_p:
+    """The data pointer of a contiguous tensor, for a kernel call."""
+    if not t.is_contiguous():
+        raise ValueError("native kernels take contiguous tensors")
+    return ctypes.c_void_p(t.data_ptr())
+
+
+__all__ = ["CSRC", "cache_dir", "load", "mode", "ptr", "usable"]
+
+if __name__ == "__main__":  # python -m memagents.cores.native NAME...: build and report
+    for kernel in sys.argv[1:] or sorted(p.stem for p in CSRC.glob("*.cpp")):
+        print(kernel, _build(kernel))
