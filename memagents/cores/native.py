@@ -36,6 +36,9 @@ import torch
 
 CSRC = Path(__file__).parent / "csrc"
 CXXFLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno", "-fvisibility=hidden"]
+#: tried first; dropped if the compiler rejects it. The library is then specific to this CPU, so
+#: the cache key includes the CPU's description (a cache shared by different machines stays safe).
+ARCHFLAGS = ["-march=native"]
 
 _lock = threading.Lock()
 _libs: dict[str, ctypes.CDLL | None] = {}
@@ -62,6 +65,22 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "c++"))
 
 
+def _cpu_id() -> bytes:
+    """What distinguishes this CPU for ``-march=native`` (model and feature flags on Linux)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        import platform
+
+        return f"{platform.machine()} {platform.processor()}".encode()
+    keep = [ln for ln in lines if ln.split(":")[0].strip() in ("model name", "flags", "Features")]
+    return "\n".join(sorted(set(keep))).encode()
+
+
+def _compile(cxx: str, flags: list[str], source: Path, out: str) -> subprocess.CompletedProcess:
+    return subprocess.run([cxx, *flags, str(source), "-o", out], capture_output=True, text=True)
+
+
 def _build(name: str) -> Path:
     source = CSRC / f"{name}.cpp"
     if not source.is_file():
@@ -71,7 +90,7 @@ def _build(name: str) -> Path:
         raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'c++')!r} not on PATH)")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(
-        source.read_bytes() + " ".join(CXXFLAGS).encode() + version.encode()
+        source.read_bytes() + " ".join(CXXFLAGS + ARCHFLAGS).encode() + version.encode() + _cpu_id()
     ).hexdigest()[:16]
     target = cache_dir() / f"{name}-{key}.so"
     if target.is_file():
@@ -80,9 +99,9 @@ def _build(name: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        result = subprocess.run(
-            [cxx, *CXXFLAGS, str(source), "-o", tmp], capture_output=True, text=True
-        )
+        result = _compile(cxx, CXXFLAGS + ARCHFLAGS, source, tmp)
+        if result.returncode != 0:  # e.g. a compiler without -march=native: portable build
+            result = _compile(cxx, CXXFLAGS, source, tmp)
         if result.returncode != 0:
             raise RuntimeError(f"compiling {source.name} failed:\n{result.stderr[-2000:]}")
         os.replace(tmp, target)  # atomic: a racing process sees the old state or the whole file
