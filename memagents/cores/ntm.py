@@ -16,6 +16,11 @@ Training stabilisers (Collier & Beel 2018, "Implementing Neural Turing Machines"
 - the controller's forget-gate bias starts at 1 (Gers et al. 2000);
 - the head parameters come from one linear layer with a small (0.1x) initial weight scale, so that
   early gates and shifts are near their neutral values.
+
+With ``fused=True`` (the default) the memory access (addressing, erase/add, reads) runs as one
+autograd function with a hand-derived backward, :class:`~memagents.cores.ntm_access.NTMAccessStep`
+(one C++ kernel call each way on CPU); ``fused=False`` is the reference built from the
+:mod:`~memagents.cores.addressing` functions under plain autograd. Tests check that both agree.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from torch import Tensor, nn
 
 from memagents.cores import addressing
 from memagents.cores.base import MemoryCore, check_positive_int, set_forget_bias
+from memagents.cores.ntm_access import NTMAccessStep, head_sizes
 from memagents.cores.rnn import LSTMState
 
 MEMORY_INIT = 1e-6
@@ -53,6 +59,10 @@ class NTMCore(MemoryCore):
     :param num_heads: number of (write head, read head) pairs.
     :param max_shift: ``S``: shifts ``-S..S`` are allowed (eq. 8); ``2S + 1 <= N``.
     :param learn_init: learn the initial controller state, read vectors and head weightings.
+    :param fused: run the memory access as one autograd function with a hand-derived backward
+        (:class:`~memagents.cores.ntm_access.NTMAccessStep`; same equations, several times
+        faster). ``False`` runs the reference path built from :mod:`addressing` functions
+        under plain autograd.
     """
 
     def __init__(
@@ -64,6 +74,7 @@ class NTMCore(MemoryCore):
         num_heads: int = 1,
         max_shift: int = 1,
         learn_init: bool = True,
+        fused: bool = True,
     ):
         super().__init__()
         self.input_size = check_positive_int("input_size", input_size)
@@ -78,15 +89,15 @@ class NTMCore(MemoryCore):
                 f"got memory_size={memory_size}"
             )
         self.learn_init = bool(learn_init)
+        self.fused = bool(fused)
         self.output_size = hidden_size + num_heads * word_size
-        H, W, K = num_heads, word_size, 2 * max_shift + 1
+        H, W = num_heads, word_size
 
         self.controller = nn.LSTMCell(input_size + H * W, hidden_size)
         set_forget_bias(self.controller, 1.0)
         # Per head: key W, strength 1, gate 1, shift K, gamma 1 (read and write heads);
-        # write heads also erase W and add W.
-        self._read_sizes = [H * W, H, H, H * K, H]
-        self._write_sizes = [H * W, H, H, H * K, H, H * W, H * W]
+        # write heads also erase W and add W (the packed layout NTMAccessStep takes).
+        self._read_sizes, self._write_sizes = head_sizes(H, W, max_shift)
         self.heads = nn.Linear(hidden_size, sum(self._read_sizes) + sum(self._write_sizes))
         with torch.no_grad():
             self.heads.weight.mul_(0.1)
@@ -151,11 +162,47 @@ class NTMCore(MemoryCore):
 
     def step(self, x, state: NTMState, return_debug=False):
         B = x.shape[0]
-        H, W, K = self.num_heads, self.word_size, 2 * self.max_shift + 1
+        H, W = self.num_heads, self.word_size
         h_prev, c_prev = state.controller
         ctrl_in = torch.cat([x, state.read_vectors.reshape(B, H * W)], dim=-1)
         h, c = self.controller(ctrl_in, (h_prev.squeeze(1), c_prev.squeeze(1)))
+        if self.fused:
+            memory, write_weights, read_weights, read_vectors = NTMAccessStep.apply(
+                state.memory,
+                state.read_weights,
+                state.write_weights,
+                self.heads(h),
+                H,
+                self.max_shift,
+            )
+        else:
+            memory, write_weights, read_weights, read_vectors = self._access(h, state)
+        y = torch.cat([h, read_vectors.reshape(B, H * W)], dim=-1)
+        new_state = NTMState(
+            controller=LSTMState(h.unsqueeze(1), c.unsqueeze(1)),
+            memory=memory,
+            read_weights=read_weights,
+            write_weights=write_weights,
+            read_vectors=read_vectors,
+        )
+        if return_debug:
+            debug = {
+                "memory": memory,
+                "read_weights": read_weights,
+                "write_weights": write_weights,
+            }
+            return y, new_state, debug
+        return y, new_state
 
+    def _access(self, h: Tensor, state: NTMState) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The reference memory access under plain autograd: write heads address ``M_{t-1}``,
+        erase and add, read heads address ``M_t`` and read.
+
+        :param h: ``[B, hidden_size]`` controller output.
+        :return: ``(M_t [B, N, W], w^w_t [B, H, N], w^r_t [B, H, N], r_t [B, H, W])``.
+        """
+        B = h.shape[0]
+        H, W, K = self.num_heads, self.word_size, 2 * self.max_shift + 1
         params = self.heads(h).split(self._read_sizes + self._write_sizes, dim=-1)
         r_key, r_beta, r_gate, r_shift, r_gamma = params[:5]
         w_key, w_beta, w_gate, w_shift, w_gamma, erase, add = params[5:]
@@ -182,19 +229,4 @@ class NTMCore(MemoryCore):
             r_gamma,
         )
         read_vectors = addressing.read_memory(memory, read_weights)
-        y = torch.cat([h, read_vectors.reshape(B, H * W)], dim=-1)
-        new_state = NTMState(
-            controller=LSTMState(h.unsqueeze(1), c.unsqueeze(1)),
-            memory=memory,
-            read_weights=read_weights,
-            write_weights=write_weights,
-            read_vectors=read_vectors,
-        )
-        if return_debug:
-            debug = {
-                "memory": memory,
-                "read_weights": read_weights,
-                "write_weights": write_weights,
-            }
-            return y, new_state, debug
-        return y, new_state
+        return memory, write_weights, read_weights, read_vectors

@@ -1,0 +1,318 @@
+"""The fused NTM access step (:mod:`memagents.cores.ntm_access`): its C++ kernel and its torch
+implementation against each other and against the plain-autograd reference (``fused=False``).
+
+- one step: outputs and the gradients of every input (memory, both previous weightings, all raw
+  head parameters) agree in float64 to ~1e-12, native vs torch vs the reference built from the
+  :mod:`addressing` functions, for 1-3 head pairs and shifts 1-2 (including ``N = 2S + 1``, raw
+  values past softplus' threshold, and the all-1e-6 fresh memory);
+- a whole sequence with mid-sequence episode starts: outputs, final state and the gradients of the
+  input, of a starting state and of every module parameter agree between the three paths;
+- ``gradcheck`` of the native and torch backward in float64; float32 agreement;
+- the kernel builds and loads whenever a C++ compiler is present.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import pytest
+import torch
+from conftest import INPUT_SIZE, build_core, randomize_initial_state
+
+from memagents.cores import native, ntm_access
+from memagents.cores.ntm import NTMState
+from memagents.cores.ntm_access import NTMAccessStep, head_sizes
+from memagents.cores.rnn import LSTMState
+
+F64 = torch.float64
+TIGHT = {"rtol": 1e-10, "atol": 1e-12}
+
+needs_kernel = pytest.mark.skipif(
+    shutil.which("c++") is None or native.mode() == "0",
+    reason="no C++ compiler, or native kernels switched off (MEMAGENTS_NATIVE=0)",
+)
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    """Run :class:`NTMAccessStep` on its torch implementation (no kernel)."""
+    monkeypatch.setattr(ntm_access, "_kernel", lambda: None)
+
+
+def test_kernel_loads_when_a_compiler_exists():
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler on PATH")
+    if native.mode() == "0":
+        pytest.skip("MEMAGENTS_NATIVE=0")
+    lib = ntm_access._kernel()
+    assert lib is not None, native._errors.get("ntm_access")
+    assert lib.ntm_workspace_size_f64(5, 3, 2, 1) > 0
+
+
+# -- one step ----------------------------------------------------------------------------------
+def _step_inputs(B, N, W, H, S, seed=0, dtype=F64, scale=1.0, memory="random"):
+    gen = torch.Generator().manual_seed(seed)
+    P = sum(sum(s) for s in head_sizes(H, W, S))
+    if memory == "fresh":
+        mem = torch.full((B, N, W), 1e-6, dtype=dtype)
+    else:
+        mem = torch.randn(B, N, W, generator=gen, dtype=dtype)
+    read = torch.softmax(torch.randn(B, H, N, generator=gen, dtype=dtype) * 2, -1)
+    write = torch.softmax(torch.randn(B, H, N, generator=gen, dtype=dtype) * 2, -1)
+    params = torch.randn(B, P, generator=gen, dtype=dtype) * scale
+    return [t.requires_grad_() for t in (mem, read, write, params)]
+
+
+def _reference_step(memory, read_prev, write_prev, params, H, S):
+    """The plain-autograd access of ``NTMCore._access`` on the same raw parameters."""
+    W, N = memory.shape[-1], memory.shape[1]
+    core = build_core(
+        "ntm",
+        dtype=memory.dtype,
+        hidden_size=1,
+        memory_size=N,
+        word_size=W,
+        num_heads=H,
+        max_shift=S,
+        fused=False,
+    )
+    core.heads = _Constant(params)  # the access reads self.heads(h): return the raw row
+    state = NTMState(
+        controller=None,
+        memory=memory,
+        read_weights=read_prev,
+        write_weights=write_prev,
+        read_vectors=None,
+    )
+    return core._access(memory.new_zeros(memory.shape[0], 1), state)
+
+
+class _Constant(torch.nn.Module):
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def forward(self, h):
+        return self.value
+
+
+def _outputs_and_grads(fn, inputs, seed=5):
+    outs = fn(*inputs)
+    gen = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(o.shape, generator=gen, dtype=F64).to(o.dtype) for o in outs]
+    loss = sum((o * w).sum() for o, w in zip(outs, weights, strict=True))
+    grads = torch.autograd.grad(loss, inputs)
+    return [o.detach() for o in outs], grads
+
+
+STEP_CASES = [
+    # B, N, W, H, S
+    (3, 6, 4, 1, 1),
+    (3, 7, 5, 2, 1),
+    (2, 8, 3, 1, 2),
+    (2, 5, 4, 2, 2),  # N = 2S + 1: every row is within reach of every shift
+    (2, 9, 10, 3, 1),  # three head pairs: the erase product's "all others" terms
+    (2, 3, 1, 1, 1),  # W = 1, N = 3
+]
+
+
+@pytest.mark.parametrize(("B", "N", "W", "H", "S"), STEP_CASES)
+@pytest.mark.parametrize("case", ["random", "large", "fresh"])
+def test_step_native_torch_and_reference_agree_in_float64(monkeypatch, B, N, W, H, S, case):
+    """``large`` scales the raw parameters so that some β and γ pass softplus' threshold (20) and
+    gates saturate; ``fresh`` starts from the constant 1e-6 memory of a new episode."""
+    scale = 15.0 if case == "large" else 1.0
+    memory = "fresh" if case == "fresh" else "random"
+    inputs = _step_inputs(B, N, W, H, S, scale=scale, memory=memory)
+    if case == "large":
+        assert (inputs[3].abs() > 20).any()
+
+    def fused(*xs):
+        return NTMAccessStep.apply(*xs, H, S)
+
+    def reference(*xs):
+        return _reference_step(*xs, H, S)
+
+    ref_out, ref_grads = _outputs_and_grads(reference, inputs)
+    nat_out, nat_grads = _outputs_and_grads(fused, inputs)
+    monkeypatch.setattr(ntm_access, "_kernel", lambda: None)
+    tor_out, tor_grads = _outputs_and_grads(fused, inputs)
+    names = ["memory", "write_weights", "read_weights", "read_vectors"]
+    for name, r, n, t in zip(names, ref_out, nat_out, tor_out, strict=True):
+        torch.testing.assert_close(n, r, **TIGHT, msg=lambda m, k=name: f"native {k}: {m}")
+        torch.testing.assert_close(t, r, **TIGHT, msg=lambda m, k=name: f"torch {k}: {m}")
+    grad_names = ["memory", "read_prev", "write_prev", "params"]
+    tol = {"rtol": 1e-9, "atol": 1e-10} if case == "large" else TIGHT
+    for name, r, n, t in zip(grad_names, ref_grads, nat_grads, tor_grads, strict=True):
+        torch.testing.assert_close(n, r, **tol, msg=lambda m, k=name: f"native d{k}: {m}")
+        torch.testing.assert_close(t, r, **tol, msg=lambda m, k=name: f"torch d{k}: {m}")
+
+
+@needs_kernel
+def test_step_takes_the_native_path_on_cpu():
+    """The agreement above is not vacuous: the kernel runs (its forward saves a workspace)."""
+    inputs = _step_inputs(2, 6, 4, 1, 1)
+    outs = NTMAccessStep.apply(*inputs, 1, 1)
+    node = outs[0].grad_fn
+    assert node.native is True
+    assert len(node.saved_tensors) == 8  # inputs, outputs and the kernel's workspace
+
+
+@needs_kernel
+@pytest.mark.parametrize(("H", "S"), [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_gradcheck_native_step(H, S):
+    inputs = _step_inputs(2, 2 * S + 2, 3, H, S, seed=H + S)
+    assert torch.autograd.gradcheck(
+        lambda *xs: NTMAccessStep.apply(*xs, H, S), inputs, eps=1e-6, atol=1e-7, rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize(("H", "S"), [(1, 1), (2, 2)])
+def test_gradcheck_torch_step(torch_path, H, S):
+    inputs = _step_inputs(2, 2 * S + 2, 3, H, S, seed=10 + H + S)
+    assert torch.autograd.gradcheck(
+        lambda *xs: NTMAccessStep.apply(*xs, H, S), inputs, eps=1e-6, atol=1e-7, rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("path", ["native", "torch"])
+def test_step_float32_agrees_with_the_float64_reference(monkeypatch, path):
+    if path == "torch":
+        monkeypatch.setattr(ntm_access, "_kernel", lambda: None)
+    B, N, W, H, S = 4, 16, 8, 2, 1
+    inputs64 = _step_inputs(B, N, W, H, S, seed=3)
+    inputs32 = [t.detach().float().requires_grad_() for t in inputs64]
+    ref_out, ref_grads = _outputs_and_grads(lambda *xs: _reference_step(*xs, H, S), inputs64)
+    out, grads = _outputs_and_grads(lambda *xs: NTMAccessStep.apply(*xs, H, S), inputs32)
+    for a, b in zip([*out, *grads], [*ref_out, *ref_grads], strict=True):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+
+
+def test_no_grad_forward_equals_the_recording_forward():
+    inputs = _step_inputs(3, 6, 4, 2, 1)
+    recorded = NTMAccessStep.apply(*inputs, 2, 1)
+    with torch.no_grad():
+        plain = NTMAccessStep.apply(*inputs, 2, 1)
+    for a, b in zip(recorded, plain, strict=True):
+        assert torch.equal(a.detach(), b)
+
+
+def test_step_rejects_a_parameter_row_of_the_wrong_size():
+    mem, read, write, params = _step_inputs(2, 6, 4, 1, 1)
+    with pytest.raises(ValueError, match="params"):
+        NTMAccessStep.apply(mem, read, write, params[:, :-1], 1, 1)
+
+
+def test_head_sizes_match_the_core_layout():
+    core = build_core("ntm", num_heads=2, max_shift=2, word_size=3)
+    read, write = head_sizes(2, 3, 2)
+    assert core.heads.out_features == sum(read) + sum(write)
+    assert read == [6, 2, 2, 10, 2] and write == [*read, 6, 6]
+
+
+# -- whole sequences through the core ------------------------------------------------------------
+def _sequence_grads(core, x, start_state, starts):
+    y, final = core(x, start_state, starts)
+    gen = torch.Generator().manual_seed(9)
+    loss = (y * torch.randn(y.shape, generator=gen, dtype=y.dtype)).sum()
+    loss = loss + (final.memory * 0.3).sum() + (final.write_weights * final.read_weights).sum()
+    leaves = [x, *_state_leaves(start_state), *core.parameters()]
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return y.detach(), final, grads
+
+
+def _state_leaves(state: NTMState) -> list[torch.Tensor]:
+    return [*state.controller, *state[1:]]
+
+
+def _start_state(core, B, seed=4):
+    gen = torch.Generator().manual_seed(seed)
+    H, N, W, Hd = core.num_heads, core.memory_size, core.word_size, core.hidden_size
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=F64)
+
+    state = NTMState(
+        controller=LSTMState(rand(B, 1, Hd), rand(B, 1, Hd)),
+        memory=rand(B, N, W),
+        read_weights=torch.softmax(rand(B, H, N), -1),
+        write_weights=torch.softmax(rand(B, H, N), -1),
+        read_vectors=rand(B, H, W),
+    )
+    return NTMState(
+        controller=LSTMState(*(t.requires_grad_() for t in state.controller)),
+        **{k: getattr(state, k).requires_grad_() for k in NTMState._fields[1:]},
+    )
+
+
+@pytest.mark.parametrize(("H", "S"), [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_sequence_with_resets_native_torch_and_reference_agree(monkeypatch, H, S):
+    """Outputs, final state and gradients (input, starting state, every parameter) through a
+    sequence in which elements start new episodes mid-sequence (the learned initial state)."""
+    T, B = 7, 3
+    fused = build_core(
+        "ntm", dtype=F64, hidden_size=5, memory_size=7, word_size=4, num_heads=H, max_shift=S
+    )
+    randomize_initial_state(fused)
+    with torch.no_grad():
+        fused.heads.weight.mul_(10.0)  # away from the neutral initial heads: sharp, shifted
+    reference = copy.deepcopy(fused)
+    reference.fused = False
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(T, B, INPUT_SIZE, generator=gen, dtype=F64, requires_grad=True)
+    starts = torch.zeros(T, B)
+    starts[2, 1] = 1.0
+    starts[4, 0] = 1.0
+    starts[4, 2] = 1.0
+    runs = {}
+    runs["reference"] = _sequence_grads(reference, x, _start_state(fused, B), starts)
+    runs["native"] = _sequence_grads(fused, x, _start_state(fused, B), starts)
+    monkeypatch.setattr(ntm_access, "_kernel", lambda: None)
+    runs["torch"] = _sequence_grads(fused, x, _start_state(fused, B), starts)
+    ref_y, ref_final, ref_grads = runs["reference"]
+    names = ["x", "h", "c", "memory", "read_weights", "write_weights", "read_vectors"]
+    names += [n for n, _ in fused.named_parameters()]
+    for path in ("native", "torch"):
+        y, final, grads = runs[path]
+        torch.testing.assert_close(y, ref_y, **TIGHT)
+        for a, b in zip(_state_leaves(final), _state_leaves(ref_final), strict=True):
+            torch.testing.assert_close(a, b, **TIGHT)
+        for name, g, r in zip(names, grads, ref_grads, strict=True):
+            assert (g is None) == (r is None), name
+            if r is not None:
+                assert r.abs().max() > 0 or name in ("h", "c", "read_vectors"), name
+                torch.testing.assert_close(
+                    g, r, rtol=1e-9, atol=1e-11, msg=lambda m, k=name, p=path: f"{p} d{k}: {m}"
+                )
+
+
+def test_fused_false_is_the_addressing_reference_path(monkeypatch):
+    """``fused=False`` never touches the fused function."""
+    core = build_core("ntm", fused=False)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("NTMAccessStep called with fused=False")
+
+    monkeypatch.setattr(NTMAccessStep, "apply", forbidden)
+    y, _ = core(torch.randn(3, 2, INPUT_SIZE))
+    assert torch.isfinite(y).all()
+
+
+@needs_kernel
+def test_sequence_float32_native_agrees_with_the_reference():
+    fused = build_core("ntm", hidden_size=8, memory_size=16, word_size=6, num_heads=2)
+    randomize_initial_state(fused)
+    reference = copy.deepcopy(fused)
+    reference.fused = False
+    x = torch.randn(12, 4, INPUT_SIZE)
+    starts = torch.zeros(12, 4)
+    starts[6, 1] = 1.0
+    y_ref, _ = reference(x, None, starts)
+    y, _ = fused(x, None, starts)
+    y_ref.square().sum().backward()
+    y.square().sum().backward()
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(fused.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
