@@ -98,8 +98,9 @@ class SDNCCore(MemoryCore):
         Memory, usage, links, precedence and the sparse weights always start at 0.
     :param fused: run the memory step as SAM's in-place
         :class:`~memagents.cores.sparse_access.SparseAccessStep`; ``False`` uses its dense
-        reference. The links always use the in-place
-        :class:`~memagents.cores.sparse_links.SparseLinkStep`.
+        reference. The links always go through
+        :func:`~memagents.cores.sparse_links.temporal_step` (in place; one native kernel call per
+        step on CPU, the torch reference otherwise).
     """
 
     def __init__(
@@ -281,27 +282,15 @@ class SDNCCore(MemoryCore):
                 prev_w, prev_idx, lru, write_gate, interp_gate
             )
 
-            # 3. sparse links L_t (with p_{t-1}), the rows of w^R_{t-1}; then p_t
-            S = prev_idx.shape[-1]
-            link, link_t, rows, rows_idx, rows_t, rows_t_idx = (
-                sparse_links.SparseLinkStep.apply(
-                    link, link_t, write_weights, small["precedence"], link_idx, link_t_idx,
-                    write_indices, small["precedence_indices"], prev_idx.flatten(1), reset,
-                    t < T - 1,
+            # 3. sparse links L_t (with p_{t-1}), then p_t; 4. f_t = L_t w^R_{t-1} (rows of Lᵀ)
+            # and b_t = L_tᵀ w^R_{t-1} (rows of L), each kept to its K largest rows
+            link, link_t, precedence, precedence_idx, bwd_w, bwd_idx, fwd_w, fwd_idx = (
+                sparse_links.temporal_step(
+                    link, link_t, write_weights, small["precedence"], prev_w, link_idx,
+                    link_t_idx, write_indices, small["precedence_indices"], prev_idx, reset,
+                    t < T - 1, K,
                 )
             )  # fmt: skip
-            precedence, precedence_idx = sparse_links.sparse_precedence_update(
-                small["precedence"], small["precedence_indices"], write_weights, write_indices
-            )
-
-            # 4. f_t = L_t w^R_{t-1} (rows of Lᵀ), b_t = L_tᵀ w^R_{t-1} (rows of L), top K
-            KL = self.temporal_reads
-            fwd_w, fwd_idx = sparse_links.directional_read(
-                prev_w, prev_idx, rows_t.view(B, R, S, KL), rows_t_idx.view(B, R, S, KL), K
-            )
-            bwd_w, bwd_idx = sparse_links.directional_read(
-                prev_w, prev_idx, rows.view(B, R, S, KL), rows_idx.view(B, R, S, KL), K
-            )
 
             # 5. write and content read (SAM), with the rows of b_t and f_t
             extra = torch.cat([bwd_idx, fwd_idx], dim=-1).flatten(1)  # [B, R·2K]

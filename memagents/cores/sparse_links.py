@@ -36,14 +36,26 @@ rows before the update, and in backward recomputes the row update from them, so 
 ``U = O(J·K_L)`` rows and costs ``O(U·K_L·(K_L + J))`` time and ``O(U·K_L)`` saved memory,
 independent of ``N``. Stored row indices are unique within
 a row and never on the diagonal; empty entries are zero-valued entries at distinct columns.
+
+:func:`temporal_step` is what the core calls each step: the link update, ``p_t`` and both link
+reads. On CPU it runs them as one native kernel call forward and one backward
+(``csrc/sparse_links.cpp``, :class:`NativeTemporalStep`), which visits each touched row once and
+loops over its ``K_L + J`` candidates; otherwise it composes the torch functions of this module,
+which stay the reference (tests check both agree in float64, values, indices and gradients).
+At RL sizes the torch functions cost hundreds of small tensor ops per step (the ``[U·K_L, J]``
+equality tables of :func:`lookup`, the sorts of every top-``K_L``, the autograd re-run of the row
+update in backward); the kernel's work is ``O(U·K_L·(K_L + J))`` scalar operations.
 """
 
 from __future__ import annotations
+
+import ctypes
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from memagents.cores import native
 from memagents.cores.sparse_access import _flat_rows
 
 
@@ -293,3 +305,183 @@ def to_dense(values: Tensor, indices: Tensor, size: int) -> Tensor:
     """Scatter sparse rows ``[..., M]`` (values, long indices; duplicates add) into ``[..., size]``."""
     out = values.new_zeros(*values.shape[:-1], size)
     return out.scatter_add(-1, indices.long(), values)
+
+
+# -- one temporal step: links, precedence and link reads ---------------------------------------------
+def temporal_step(
+    link: Tensor,
+    link_t: Tensor,
+    write_weights: Tensor,
+    precedence: Tensor,
+    read_weights: Tensor,
+    link_idx: Tensor,
+    link_t_idx: Tensor,
+    write_idx: Tensor,
+    precedence_idx: Tensor,
+    read_idx: Tensor,
+    reset: Tensor,
+    owns_grad: bool,
+    k: int,
+) -> tuple[Tensor, ...]:
+    """The SDNC's temporal-link work of one step: ``L_t`` (:class:`SparseLinkStep`, in place),
+    ``p_t`` (:func:`sparse_precedence_update`), then ``b_t = L_tᵀ w^R_{t-1}`` and
+    ``f_t = L_t w^R_{t-1}`` (:func:`directional_read`, from the rows of ``L_t`` and ``L_tᵀ`` at
+    the rows of ``w^R_{t-1}``).
+
+    On CPU float tensors with the native kernel (``csrc/sparse_links.cpp``) this is one
+    :class:`NativeTemporalStep` (one kernel call forward, one backward); otherwise the torch
+    functions above, which are the reference (same values, gradients and tie-breaking).
+
+    :param link: ``[B, N, K_L]`` values of ``L_{t-1}``; ``link_t`` of ``L_{t-1}ᵀ`` (contiguous,
+        owned by the caller: modified in place).
+    :param write_weights: ``[B, J]`` ``w^W_t``; ``write_idx`` ``[B, J]`` long (duplicates add).
+    :param precedence: ``[B, K_L]`` ``p_{t-1}``; ``precedence_idx`` ``[B, K_L]`` long, distinct.
+    :param read_weights: ``[B, R, S]`` ``w^R_{t-1}``; ``read_idx`` ``[B, R, S]`` long.
+    :param link_idx: ``[B, N, K_L]`` long columns of ``L`` (``link_t_idx``: of ``Lᵀ``), modified
+        in place.
+    :param reset: ``[n]`` long batch elements whose links are emptied first.
+    :param owns_grad: as in :class:`SparseLinkStep`.
+    :param k: ``K``, entries kept per head by each link read.
+    :return: ``(link, link_t, p_t [B, K_L], p_t indices, b_t [B, R, K], b_t indices, f_t
+        [B, R, K], f_t indices)`` (indices long, no gradient).
+    """
+    lib = _kernel()
+    tensors = (link, link_t, write_weights, precedence, read_weights)
+    if lib is not None and native.usable(*tensors):
+        record = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        return NativeTemporalStep.apply(
+            *tensors, link_idx, link_t_idx, write_idx, precedence_idx, read_idx, reset,
+            owns_grad, k, record, lib,
+        )  # fmt: skip
+    B, R, S = read_weights.shape
+    KL = link.shape[-1]
+    link, link_t, rows, rows_idx, rows_t, rows_t_idx = SparseLinkStep.apply(
+        link, link_t, write_weights, precedence, link_idx, link_t_idx, write_idx,
+        precedence_idx, read_idx.flatten(1), reset, owns_grad,
+    )  # fmt: skip
+    prec, prec_idx = sparse_precedence_update(precedence, precedence_idx, write_weights, write_idx)
+    bwd_w, bwd_idx = directional_read(
+        read_weights, read_idx, rows.view(B, R, S, KL), rows_idx.view(B, R, S, KL), k
+    )
+    fwd_w, fwd_idx = directional_read(
+        read_weights, read_idx, rows_t.view(B, R, S, KL), rows_t_idx.view(B, R, S, KL), k
+    )
+    return link, link_t, prec, prec_idx, bwd_w, bwd_idx, fwd_w, fwd_idx
+
+
+def _kernel() -> ctypes.CDLL | None:
+    """The native kernel library (``None``: torch path). Tests monkeypatch this."""
+    lib = native.load("sparse_links")
+    if lib is not None and not hasattr(lib, "_memagents_ready"):
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        for name in ("sdnc_links_forward_f32", "sdnc_links_forward_f64"):
+            fn = getattr(lib, name)
+            fn.argtypes = [i64] * 7 + [ptr] * 11 + [i64] + [ptr] * 6 + [ctypes.c_int] + [ptr] * 9
+            fn.restype = None
+        for name in ("sdnc_links_backward_f32", "sdnc_links_backward_f64"):
+            fn = getattr(lib, name)
+            fn.argtypes = [i64] * 7 + [ptr] * 12 + [i64] + [ptr] * 12
+            fn.restype = None
+        lib._memagents_ready = True
+    return lib
+
+
+class NativeTemporalStep(torch.autograd.Function):
+    """:func:`temporal_step` as one native kernel call forward and one backward.
+
+    Forward updates ``L`` and ``Lᵀ`` in place (each touched row once), then ``p_t`` and the two
+    link reads. When ``record`` is set it saves, per batch element, the touched rows before the
+    update (at most ``U = J·(1 + K_L) + K_L`` rows per link, ``O(U·K_L)``), the positions each
+    top-``K_L`` selected, and the ``R·S`` link rows each read used (``O(R·S·K_L)``); backward
+    recomputes the rows' gradients from them and passes the dense link-gradient buffers on in
+    place, as :class:`SparseLinkStep` does.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, link, link_t, write_weights, precedence, read_weights,
+        link_idx, link_t_idx, write_idx, precedence_idx, read_idx, reset, owns_grad, k, record,
+        lib,
+    ):  # fmt: skip
+        B, N, L = link.shape
+        J, R, S = write_idx.shape[1], read_idx.shape[1], read_idx.shape[2]
+        if S * L < k or L + 1 > N:
+            raise ValueError(f"link reads need S·K_L >= K and K_L < N; got S={S}, K_L={L}, K={k}")
+        U = J * (1 + L) + L
+        write_weights, precedence, read_weights = (
+            t.contiguous() for t in (write_weights, precedence, read_weights)
+        )
+        write_idx, precedence_idx, read_idx, reset = (
+            t.contiguous() for t in (write_idx, precedence_idx, read_idx, reset)
+        )
+        new = link.new_empty
+        p_out, b_out, f_out = new(B, L), new(B, R, k), new(B, R, k)
+        idx = write_idx.new_empty
+        p_out_idx, b_out_idx, f_out_idx = idx(B, L), idx(B, R, k), idx(B, R, k)
+        i32 = torch.int32
+        if record:
+            saved = [
+                torch.empty(B, 2, dtype=i32),  # n_rows
+                torch.empty(B, 2, U, dtype=i32),  # rows
+                new(B, 2, U, L),  # old
+                torch.empty(B, 2, U, L, dtype=i32),  # old_idx
+                torch.empty(B, 2, U, L, dtype=i32),  # sel
+                torch.empty(B, L, dtype=i32),  # p_sel
+                new(B, 2, R, S, L),  # read_vals
+                torch.empty(B, 2, R, S, L, dtype=i32),  # read_idx
+                torch.empty(B, 2, R, k, dtype=i32),  # read_sel
+            ]
+            saved_ptrs = [native.ptr(t) for t in saved]
+        else:
+            saved = []
+            saved_ptrs = [None] * 9
+        fn = (
+            lib.sdnc_links_forward_f64
+            if link.dtype == torch.float64
+            else lib.sdnc_links_forward_f32
+        )
+        fn(
+            B, N, L, J, R, S, k,
+            *map(native.ptr, (link, link_t, link_idx, link_t_idx, write_weights, write_idx,
+                              precedence, precedence_idx, read_weights, read_idx, reset)),
+            reset.numel(),
+            *map(native.ptr, (p_out, p_out_idx, b_out, b_out_idx, f_out, f_out_idx)),
+            int(record), *saved_ptrs,
+        )  # fmt: skip
+        ctx.shape = (B, N, L, J, R, S, k)
+        ctx.owns_grad = owns_grad
+        ctx.lib = lib
+        if record:
+            ctx.save_for_backward(
+                write_weights, write_idx, precedence, precedence_idx, read_weights, read_idx,
+                reset, *saved,
+            )  # fmt: skip
+        ctx.mark_dirty(link, link_t)
+        ctx.mark_non_differentiable(p_out_idx, b_out_idx, f_out_idx)
+        return link, link_t, p_out, p_out_idx, b_out, b_out_idx, f_out, f_out_idx
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_link, g_link_t, g_p, _g_pi, g_b, _g_bi, g_f, _g_fi):
+        B, N, L, J, R, S, k = ctx.shape
+        if not ctx.saved_tensors:
+            raise RuntimeError("NativeTemporalStep ran without record=True; no backward")
+        w, w_idx, p, p_idx, rw, rw_idx, reset, *saved = ctx.saved_tensors
+        grads = []
+        for g in (g_link, g_link_t):
+            if not (ctx.owns_grad and g.is_contiguous()):
+                g = g.clone(memory_format=torch.contiguous_format)
+            grads.append(g)
+        g_p, g_b, g_f = (g.contiguous() for g in (g_p, g_b, g_f))
+        g_w, g_prec, g_rw = torch.empty_like(w), torch.empty_like(p), torch.empty_like(rw)
+        lib = ctx.lib
+        fn = (
+            lib.sdnc_links_backward_f64 if w.dtype == torch.float64 else lib.sdnc_links_backward_f32
+        )
+        fn(
+            B, N, L, J, R, S, k,
+            *map(native.ptr, (*grads, g_p, g_b, g_f, w, w_idx, p, p_idx, rw, rw_idx, reset)),
+            reset.numel(),
+            *map(native.ptr, (*saved, g_w, g_prec, g_rw)),
+        )  # fmt: skip
+        return (grads[0], grads[1], g_w, g_prec, g_rw) + (None,) * 10

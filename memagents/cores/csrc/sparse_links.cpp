@@ -1,0 +1,487 @@
+// Sparse temporal links of the SDNC (Rae et al. 2016, supplementary "Sparse Differentiable Neural
+// Computer"): one step of the sparse link update (L_t and its transpose, each row keeping its K_L
+// strongest entries), the precedence update p_t, and the forward/backward link reads
+// f_t = L_t w^R_{t-1}, b_t = L_t^T w^R_{t-1}, forward and backward.
+//
+// The equations, their order and the tie-breaking of every top-k are those of the torch reference
+// in memagents/cores/sparse_links.py (SparseLinkStep, sparse_precedence_update, directional_read);
+// tests compare both in float64. Shapes (row-major, contiguous):
+//   B batch, N memory rows, L = K_L entries per link row, J write entries, R heads, S slots per
+//   head of w^R_{t-1}, K entries kept per link read.
+//   link, link_t        [B, N, L] values of L and L^T (updated in place)
+//   link_idx, link_t_idx [B, N, L] int64 columns (updated in place)
+//   w, w_idx            [B, J] w^W_t (duplicate rows add up)
+//   p, p_idx            [B, L] p_{t-1} (distinct rows)
+//   rw, rw_idx          [B, R, S] w^R_{t-1}
+//   reset               [n_reset] int64 batch elements whose links are emptied first
+// Saved for backward (U = J (1 + L) + L rows per set; set 0 = L, set 1 = L^T):
+//   n_rows [B, 2], rows [B, 2, U], old [B, 2, U, L], old_idx [B, 2, U, L], sel [B, 2, U, L],
+//   p_sel [B, L], read_vals [B, 2, R, S, L], read_idx [B, 2, R, S, L], read_sel [B, 2, R, K]
+// (int32 except old). Set 0 of the reads is b_t (from rows of L), set 1 is f_t (rows of L^T).
+
+#include <cstdint>
+#include <vector>
+
+#define EXPORT extern "C" __attribute__((visibility("default")))
+
+using i64 = int64_t;
+using i32 = int32_t;
+
+namespace {
+
+// Dense maps over the N rows, kept in their neutral state between uses (every use undoes its
+// writes), so a step costs O(touched rows), never O(N).
+template <typename T>
+struct Scratch {
+    std::vector<i32> wslot;  // row -> first write entry j at that row, or -1
+    std::vector<i32> pslot;  // row -> precedence entry at that row, or -1
+    std::vector<i64> stamp;  // row -> generation in which it was last marked
+    std::vector<T> acc;      // row -> accumulated value (link reads)
+    i64 gen = 0;
+    void ensure(i64 n) {
+        if ((i64)wslot.size() < n) {
+            wslot.resize(n, -1);
+            pslot.resize(n, -1);
+            stamp.resize(n, 0);
+            acc.resize(n, T(0));
+        }
+    }
+};
+
+template <typename T>
+Scratch<T>& scratch() {
+    thread_local Scratch<T> s;
+    return s;
+}
+
+// Positions of the k largest scores among n, in descending order; ties go to the earlier
+// position (torch.sort(descending=True, stable=True)[:k]).
+template <typename T>
+void select_top(const T* score, int n, int k, i32* out, T* best) {
+    int filled = 0;
+    for (int i = 0; i < n; ++i) {
+        T s = score[i];
+        if (filled == k && !(s > best[k - 1])) continue;
+        int j = filled < k ? filled : k - 1;  // slot to fill (the last one is dropped)
+        while (j > 0 && s > best[j - 1]) {
+            best[j] = best[j - 1];
+            out[j] = out[j - 1];
+            --j;
+        }
+        best[j] = s;
+        out[j] = i;
+        if (filled < k) ++filled;
+    }
+}
+
+template <typename T>
+struct Batch {
+    // one batch element's views
+    i64 N, L, J, R, S, K, U;
+    const T* w;
+    const i64* w_idx;
+    const T* p;
+    const i64* p_idx;
+    T* wsum;      // [J] merged w at the first entry of each row
+    T* psum;      // [L] merged p at the first entry of each row
+    char* first;  // [J] first occurrence of w_idx[j]
+    Scratch<T>* sc;
+
+    T wm(i64 row) const {
+        i32 s = sc->wslot[row];
+        return s >= 0 ? wsum[s] : T(0);
+    }
+    T pm(i64 row) const {
+        i32 s = sc->pslot[row];
+        return s >= 0 ? psum[s] : T(0);
+    }
+    void bind() {  // fill the slot maps of this element
+        for (i64 j = 0; j < J; ++j) {
+            i64 r = w_idx[j];
+            if (sc->wslot[r] < 0) {
+                sc->wslot[r] = (i32)j;
+                wsum[j] = w[j];
+                first[j] = 1;
+            } else {
+                wsum[sc->wslot[r]] += w[j];
+                first[j] = 0;
+            }
+        }
+        // precedence rows are distinct (every update keeps them so); duplicates would add up
+        for (i64 m = 0; m < L; ++m) {
+            i64 r = p_idx[m];
+            if (sc->pslot[r] < 0) {
+                sc->pslot[r] = (i32)m;
+                psum[m] = p[m];
+            } else {
+                psum[sc->pslot[r]] += p[m];
+            }
+        }
+    }
+    void unbind() {
+        for (i64 j = 0; j < J; ++j) sc->wslot[w_idx[j]] = -1;
+        for (i64 m = 0; m < L; ++m) sc->pslot[p_idx[m]] = -1;
+    }
+};
+
+template <typename T>
+bool in_row(const i64* idx, i64 L, i64 c) {
+    for (i64 k = 0; k < L; ++k)
+        if (idx[k] == c) return true;
+    return false;
+}
+
+// New row `r` of L (transpose = 0) or of L^T (transpose = 1), from its old entries; writes the
+// K_L selected entries over vals/idx and their source positions into sel (< L: old entry,
+// >= L: candidate L + m, m a precedence entry (L) or a write entry (L^T)).
+template <typename T>
+void update_row(const Batch<T>& bt, bool transpose, i64 r, T* vals, i64* idx, i32* sel,
+                T* cv, T* cs, i64* ci, T* best) {
+    const i64 L = bt.L;
+    const T w_row = bt.wm(r);
+    const T p_row = transpose ? bt.pm(r) : T(0);
+    for (i64 k = 0; k < L; ++k) {
+        i64 c = idx[k];
+        T wc = bt.wm(c);
+        T dec = (T(1) - w_row - wc) * vals[k];
+        T ex = transpose ? dec + wc * p_row : dec + w_row * bt.pm(c);
+        cv[k] = ex;
+        cs[k] = ex;
+        ci[k] = c;
+    }
+    i64 C = transpose ? bt.J : L;
+    for (i64 m = 0; m < C; ++m) {
+        i64 c = transpose ? bt.w_idx[m] : bt.p_idx[m];
+        bool ok = (!transpose || bt.first[m]) && c != r && !in_row<T>(idx, L, c);
+        T cand = transpose ? bt.wsum[bt.sc->wslot[c]] * p_row : w_row * bt.p[m];
+        cv[L + m] = ok ? cand : T(0);
+        cs[L + m] = ok ? cand : T(-1);
+        ci[L + m] = c;
+    }
+    select_top<T>(cs, (int)(L + C), (int)L, sel, best);
+    for (i64 k = 0; k < L; ++k) {
+        vals[k] = cv[sel[k]];
+        idx[k] = ci[sel[k]];
+    }
+}
+
+template <typename T>
+void forward(i64 B, i64 N, i64 L, i64 J, i64 R, i64 S, i64 K, T* link, T* link_t, i64* link_idx,
+             i64* link_t_idx, const T* w, const i64* w_idx, const T* p, const i64* p_idx,
+             const T* rw, const i64* rw_idx, const i64* reset, i64 n_reset, T* p_out,
+             i64* p_out_idx, T* b_out, i64* b_out_idx, T* f_out, i64* f_out_idx, int save,
+             i32* n_rows, i32* rows, T* old, i32* old_idx, i32* sel, i32* p_sel, T* read_vals,
+             i32* read_idx, i32* read_sel) {
+    Scratch<T>& sc = scratch<T>();
+    sc.ensure(N);
+    const i64 U = J * (1 + L) + L;
+    const i64 C = (J > L ? J : L) + L;
+    const i64 SL = S * L;
+    std::vector<T> wsum(J), psum(L), cv(C > SL ? C : SL), cs(C > SL ? C : SL), best(L > K ? L : K);
+    std::vector<i64> ci(C > SL ? C : SL);
+    std::vector<char> first(J), pos_first(SL);
+    std::vector<i32> tmp_sel(L > K ? L : K), list[2];
+    list[0].reserve(U);
+    list[1].reserve(U);
+
+    for (i64 n = 0; n < n_reset; ++n) {
+        i64 b = reset[n];
+        for (i64 i = 0; i < N; ++i)
+            for (i64 k = 0; k < L; ++k) {
+                i64 o = (b * N + i) * L + k;
+                link[o] = link_t[o] = T(0);
+                link_idx[o] = link_t_idx[o] = (i + 1 + k) % N;
+            }
+    }
+
+    for (i64 b = 0; b < B; ++b) {
+        Batch<T> bt{N, L, J, R, S, K, U, w + b * J, w_idx + b * J, p + b * L, p_idx + b * L,
+                    wsum.data(), psum.data(), first.data(), &sc};
+        bt.bind();
+        T* vals[2] = {link + b * N * L, link_t + b * N * L};
+        i64* idxs[2] = {link_idx + b * N * L, link_t_idx + b * N * L};
+
+        // touched rows from the links before the update, each once: rows of L are the written
+        // rows and those linking to them (L^T's written rows); rows of L^T are the written rows,
+        // the precedence rows and those linked from written rows (L's written rows)
+        for (int set = 0; set < 2; ++set) {
+            std::vector<i32>& lst = list[set];
+            lst.clear();
+            ++sc.gen;
+            auto add = [&](i64 row) {
+                if (sc.stamp[row] != sc.gen) {
+                    sc.stamp[row] = sc.gen;
+                    lst.push_back((i32)row);
+                }
+            };
+            for (i64 j = 0; j < J; ++j) add(bt.w_idx[j]);
+            if (set == 1)
+                for (i64 m = 0; m < L; ++m) add(bt.p_idx[m]);
+            const i64* other = idxs[1 - set];
+            for (i64 j = 0; j < J; ++j)
+                for (i64 k = 0; k < L; ++k) add(other[bt.w_idx[j] * L + k]);
+        }
+        for (int set = 0; set < 2; ++set) {
+            const std::vector<i32>& lst = list[set];
+            i64 base = (b * 2 + set) * U;
+            if (save) n_rows[b * 2 + set] = (i32)lst.size();
+            for (i64 u = 0; u < (i64)lst.size(); ++u) {
+                i64 r = lst[u];
+                T* v = vals[set] + r * L;
+                i64* ix = idxs[set] + r * L;
+                i32* s = save ? sel + (base + u) * L : tmp_sel.data();
+                if (save) {
+                    rows[base + u] = (i32)r;
+                    for (i64 k = 0; k < L; ++k) {
+                        old[(base + u) * L + k] = v[k];
+                        old_idx[(base + u) * L + k] = (i32)ix[k];
+                    }
+                }
+                update_row<T>(bt, set == 1, r, v, ix, s, cv.data(), cs.data(), ci.data(),
+                              best.data());
+            }
+        }
+
+        // p_t = (1 - sum w) p_{t-1} + w, top K_L
+        {
+            T total = T(0);
+            for (i64 j = 0; j < J; ++j) total += bt.w[j];
+            for (i64 k = 0; k < L; ++k) {
+                T ex = (T(1) - total) * bt.p[k] + bt.wm(bt.p_idx[k]);
+                cv[k] = cs[k] = ex;
+                ci[k] = bt.p_idx[k];
+            }
+            for (i64 j = 0; j < J; ++j) {
+                i64 c = bt.w_idx[j];
+                bool ok = bt.first[j] && !in_row<T>(bt.p_idx, L, c);
+                T cand = bt.wsum[sc.wslot[c]];
+                cv[L + j] = ok ? cand : T(0);
+                cs[L + j] = ok ? cand : T(-1);
+                ci[L + j] = c;
+            }
+            i32* s = save ? p_sel + b * L : tmp_sel.data();
+            select_top<T>(cs.data(), (int)(L + J), (int)L, s, best.data());
+            for (i64 k = 0; k < L; ++k) {
+                p_out[b * L + k] = cv[s[k]];
+                p_out_idx[b * L + k] = ci[s[k]];
+            }
+        }
+        bt.unbind();
+
+        // b_t from rows of L_t (set 0), f_t from rows of L_t^T (set 1), per head: the rows of
+        // w^R_{t-1} weighted, duplicates merged at their first position, top K
+        for (int set = 0; set < 2; ++set) {
+            T* outv = set == 0 ? b_out : f_out;
+            i64* outi = set == 0 ? b_out_idx : f_out_idx;
+            for (i64 h = 0; h < R; ++h) {
+                const T* wr = rw + (b * R + h) * S;
+                const i64* wr_idx = rw_idx + (b * R + h) * S;
+                i64 rbase = ((b * 2 + set) * R + h) * SL;
+                for (i64 s = 0; s < S; ++s) {
+                    const T* v = vals[set] + wr_idx[s] * L;
+                    const i64* ix = idxs[set] + wr_idx[s] * L;
+                    for (i64 k = 0; k < L; ++k) {
+                        i64 c = s * L + k;
+                        cv[c] = wr[s] * v[k];
+                        ci[c] = ix[k];
+                        if (save) {
+                            read_vals[rbase + c] = v[k];
+                            read_idx[rbase + c] = (i32)ix[k];
+                        }
+                    }
+                }
+                ++sc.gen;
+                for (i64 c = 0; c < SL; ++c) {
+                    i64 x = ci[c];
+                    pos_first[c] = sc.stamp[x] != sc.gen;
+                    sc.stamp[x] = sc.gen;
+                    sc.acc[x] += cv[c];
+                }
+                for (i64 c = 0; c < SL; ++c) {
+                    T merged = pos_first[c] ? sc.acc[ci[c]] : T(0);
+                    cs[c] = pos_first[c] ? merged : T(-1);
+                }
+                for (i64 c = 0; c < SL; ++c) sc.acc[ci[c]] = T(0);
+                i32* s = save ? read_sel + ((b * 2 + set) * R + h) * K : tmp_sel.data();
+                select_top<T>(cs.data(), (int)SL, (int)K, s, best.data());
+                for (i64 k = 0; k < K; ++k) {
+                    i64 c = s[k];
+                    outv[(b * R + h) * K + k] = pos_first[c] ? cs[c] : T(0);
+                    outi[(b * R + h) * K + k] = ci[c];
+                }
+            }
+        }
+    }
+}
+
+template <typename T>
+void backward(i64 B, i64 N, i64 L, i64 J, i64 R, i64 S, i64 K, T* g_link, T* g_link_t,
+              const T* g_p_out, const T* g_b, const T* g_f, const T* w, const i64* w_idx,
+              const T* p, const i64* p_idx, const T* rw, const i64* rw_idx, const i64* reset,
+              i64 n_reset, const i32* n_rows, const i32* rows, const T* old, const i32* old_idx,
+              const i32* sel, const i32* p_sel, const T* read_vals, const i32* read_idx,
+              const i32* read_sel, T* g_w, T* g_p, T* g_rw) {
+    Scratch<T>& sc = scratch<T>();
+    sc.ensure(N);
+    const i64 U = J * (1 + L) + L;
+    const i64 SL = S * L;
+    std::vector<T> wsum(J), psum(L), gws(J), gps(L), gpd(L), g_new(L), g_old(L);
+    std::vector<char> first(J);
+    std::vector<i64> oi(L);
+
+    for (i64 b = 0; b < B; ++b) {
+        Batch<T> bt{N, L, J, R, S, K, U, w + b * J, w_idx + b * J, p + b * L, p_idx + b * L,
+                    wsum.data(), psum.data(), first.data(), &sc};
+        bt.bind();
+        for (i64 j = 0; j < J; ++j) gws[j] = T(0);
+        for (i64 m = 0; m < L; ++m) gps[m] = gpd[m] = T(0);
+        for (i64 o = 0; o < R * S; ++o) g_rw[b * R * S + o] = T(0);
+        auto add_w = [&](i64 row, T g) {  // d/d w-merged at row
+            i32 s = sc.wslot[row];
+            if (s >= 0) gws[s] += g;
+        };
+        auto add_p = [&](i64 row, T g) {  // d/d p-looked-up at row
+            i32 s = sc.pslot[row];
+            if (s >= 0) gps[s] += g;
+        };
+        T* gbuf[2] = {g_link + b * N * L, g_link_t + b * N * L};
+
+        // link reads: g of each selected (first-occurrence) row, spread over its candidates
+        for (int set = 0; set < 2; ++set) {
+            const T* g_out = set == 0 ? g_b : g_f;
+            for (i64 h = 0; h < R; ++h) {
+                const T* wr = rw + (b * R + h) * S;
+                const i64* wr_idx = rw_idx + (b * R + h) * S;
+                T* gwr = g_rw + (b * R + h) * S;
+                i64 rbase = ((b * 2 + set) * R + h) * SL;
+                const T* v = read_vals + rbase;
+                const i32* ix = read_idx + rbase;
+                const i32* s = read_sel + ((b * 2 + set) * R + h) * K;
+                for (i64 k = 0; k < K; ++k) {
+                    i64 c = s[k];
+                    bool is_first = true;  // the value is 0 at repeated positions
+                    for (i64 c2 = 0; c2 < c; ++c2)
+                        if (ix[c2] == ix[c]) {
+                            is_first = false;
+                            break;
+                        }
+                    if (is_first) sc.acc[ix[c]] += g_out[(b * R + h) * K + k];
+                }
+                for (i64 s2 = 0; s2 < S; ++s2) {
+                    T* grow = gbuf[set] + wr_idx[s2] * L;
+                    for (i64 k = 0; k < L; ++k) {
+                        T g = sc.acc[ix[s2 * L + k]];
+                        gwr[s2] += g * v[s2 * L + k];
+                        grow[k] += g * wr[s2];
+                    }
+                }
+                for (i64 c = 0; c < SL; ++c) sc.acc[ix[c]] = T(0);
+            }
+        }
+
+        // precedence
+        {
+            T total = T(0), g_total = T(0);
+            for (i64 j = 0; j < J; ++j) total += bt.w[j];
+            for (i64 k2 = 0; k2 < L; ++k2) {
+                T g = g_p_out[b * L + k2];
+                i64 q = p_sel[b * L + k2];
+                if (q < L) {
+                    gpd[q] += g * (T(1) - total);
+                    g_total -= g * bt.p[q];
+                    add_w(bt.p_idx[q], g);
+                } else {
+                    i64 j = q - L, c = bt.w_idx[j];
+                    if (bt.first[j] && !in_row<T>(bt.p_idx, L, c)) add_w(c, g);
+                }
+            }
+            for (i64 j = 0; j < J; ++j) g_w[b * J + j] = g_total;
+        }
+
+        // link rows: from dL/d(new row) to dL/d(old row), w and p
+        for (int set = 0; set < 2; ++set) {
+            bool transpose = set == 1;
+            i64 base = (b * 2 + set) * U;
+            for (i64 u = 0; u < n_rows[b * 2 + set]; ++u) {
+                i64 r = rows[base + u];
+                T* grow = gbuf[set] + r * L;
+                const T* o = old + (base + u) * L;
+                const i32* s = sel + (base + u) * L;
+                for (i64 k = 0; k < L; ++k) {
+                    g_new[k] = grow[k];
+                    g_old[k] = T(0);
+                    oi[k] = old_idx[(base + u) * L + k];
+                }
+                const T w_row = bt.wm(r);
+                const T p_row = transpose ? bt.pm(r) : T(0);
+                for (i64 k2 = 0; k2 < L; ++k2) {
+                    T g = g_new[k2];
+                    i64 q = s[k2];
+                    if (q < L) {
+                        i64 c = oi[q];
+                        T wc = bt.wm(c);
+                        g_old[q] += g * (T(1) - w_row - wc);
+                        add_w(r, -g * o[q]);
+                        add_w(c, -g * o[q]);
+                        if (!transpose) {
+                            add_w(r, g * bt.pm(c));
+                            add_p(c, g * w_row);
+                        } else {
+                            add_w(c, g * p_row);
+                            add_p(r, g * wc);
+                        }
+                    } else {
+                        i64 m = q - L;
+                        i64 c = transpose ? bt.w_idx[m] : bt.p_idx[m];
+                        bool ok = (!transpose || bt.first[m]) && c != r &&
+                                  !in_row<T>(oi.data(), L, c);
+                        if (!ok) continue;
+                        if (!transpose) {
+                            add_w(r, g * bt.p[m]);
+                            gpd[m] += g * w_row;
+                        } else {
+                            add_w(c, g * p_row);
+                            add_p(r, g * bt.wsum[sc.wslot[c]]);
+                        }
+                    }
+                }
+                for (i64 k = 0; k < L; ++k) grow[k] = g_old[k];
+            }
+        }
+        for (i64 j = 0; j < J; ++j) g_w[b * J + j] += gws[sc.wslot[bt.w_idx[j]]];
+        for (i64 m = 0; m < L; ++m) g_p[b * L + m] = gpd[m] + gps[sc.pslot[bt.p_idx[m]]];
+        bt.unbind();
+    }
+    for (i64 n = 0; n < n_reset; ++n) {
+        i64 b = reset[n];
+        for (i64 o = 0; o < N * L; ++o) g_link[b * N * L + o] = g_link_t[b * N * L + o] = T(0);
+    }
+}
+
+}  // namespace
+
+#define FORWARD_ARGS(T)                                                                          \
+    i64 B, i64 N, i64 L, i64 J, i64 R, i64 S, i64 K, T *link, T *link_t, i64 *link_idx,          \
+        i64 *link_t_idx, const T *w, const i64 *w_idx, const T *p, const i64 *p_idx,             \
+        const T *rw, const i64 *rw_idx, const i64 *reset, i64 n_reset, T *p_out, i64 *p_out_idx, \
+        T *b_out, i64 *b_out_idx, T *f_out, i64 *f_out_idx, int save, i32 *n_rows, i32 *rows,    \
+        T *old, i32 *old_idx, i32 *sel, i32 *p_sel, T *read_vals, i32 *read_idx, i32 *read_sel
+#define FORWARD_CALL                                                                             \
+    B, N, L, J, R, S, K, link, link_t, link_idx, link_t_idx, w, w_idx, p, p_idx, rw, rw_idx,    \
+        reset, n_reset, p_out, p_out_idx, b_out, b_out_idx, f_out, f_out_idx, save, n_rows, rows, \
+        old, old_idx, sel, p_sel, read_vals, read_idx, read_sel
+#define BACKWARD_ARGS(T)                                                                         \
+    i64 B, i64 N, i64 L, i64 J, i64 R, i64 S, i64 K, T *g_link, T *g_link_t, const T *g_p_out,   \
+        const T *g_b, const T *g_f, const T *w, const i64 *w_idx, const T *p, const i64 *p_idx,  \
+        const T *rw, const i64 *rw_idx, const i64 *reset, i64 n_reset, const i32 *n_rows,        \
+        const i32 *rows, const T *old, const i32 *old_idx, const i32 *sel, const i32 *p_sel,     \
+        const T *read_vals, const i32 *read_idx, const i32 *read_sel, T *g_w, T *g_p, T *g_rw
+#define BACKWARD_CALL                                                                            \
+    B, N, L, J, R, S, K, g_link, g_link_t, g_p_out, g_b, g_f, w, w_idx, p, p_idx, rw, rw_idx,   \
+        reset, n_reset, n_rows, rows, old, old_idx, sel, p_sel, read_vals, read_idx, read_sel,    \
+        g_w, g_p, g_rw
+
+EXPORT void sdnc_links_forward_f32(FORWARD_ARGS(float)) { forward<float>(FORWARD_CALL); }
+EXPORT void sdnc_links_forward_f64(FORWARD_ARGS(double)) { forward<double>(FORWARD_CALL); }
+EXPORT void sdnc_links_backward_f32(BACKWARD_ARGS(float)) { backward<float>(BACKWARD_CALL); }
+EXPORT void sdnc_links_backward_f64(BACKWARD_ARGS(double)) { backward<double>(BACKWARD_CALL); }

@@ -1,0 +1,247 @@
+"""The SDNC's native temporal step (``csrc/sparse_links.cpp``) against the torch reference.
+
+:func:`memagents.cores.sparse_links.temporal_step` runs the link update, the precedence update
+and the two link reads either as one native kernel call (forward and backward) or as the torch
+functions ``SparseLinkStep``, ``sparse_precedence_update`` and ``directional_read`` (the
+reference, tested against the dense DNC in ``test_sdnc.py``). Both must agree in float64 to
+~1e-12 in values, selected indices and gradients: on link states that truncate, with duplicate
+write rows, zero weights, repeated read rows, elements that reset, and through whole sequences of
+the core.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from test_sdnc import _core, _random_memory_state, _x
+
+from memagents.cores import native, sparse_links
+from memagents.cores import state as state_lib
+
+F64 = torch.float64
+TOL = {"atol": 1e-12, "rtol": 1e-10}
+
+needs_kernel = pytest.mark.skipif(
+    sparse_links._kernel() is None, reason="native kernel off (MEMAGENTS_NATIVE=0)"
+)
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    """Run the torch reference inside the block: ``torch_path(fn)`` calls ``fn`` without the
+    kernel."""
+
+    def run(fn):
+        with monkeypatch.context() as m:
+            m.setattr(sparse_links, "_kernel", lambda: None)
+            return fn()
+
+    return run
+
+
+def test_kernel_loads_when_a_compiler_exists():
+    if native.mode() == "0":
+        pytest.skip("MEMAGENTS_NATIVE=0")
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler")
+    assert sparse_links._kernel() is not None
+
+
+# -- one step ----------------------------------------------------------------------------------------
+
+
+def _random_links(B, N, L, J, R, S, steps, seed, dtype=F64):
+    """Link state after ``steps`` reference steps of random writes (rows truncate when ``L`` is
+    small)."""
+    gen = torch.Generator().manual_seed(seed)
+    link = torch.zeros(B, N, L, dtype=dtype)
+    link_idx = sparse_links.initial_link_indices(B, N, L).contiguous()
+    state = [link, link.clone(), link_idx, link_idx.clone()]
+    prec = torch.zeros(B, L, dtype=dtype)
+    prec_idx = sparse_links.initial_precedence_indices(B, L).contiguous()
+    for _ in range(steps):
+        w, w_idx, rw, rw_idx = _random_step_inputs(B, N, J, R, S, gen, dtype)
+        out = sparse_links.temporal_step(
+            state[0], state[1], w, prec, rw, state[2], state[3], w_idx, prec_idx, rw_idx,
+            torch.zeros(0, dtype=torch.long), False, 2,
+        )  # fmt: skip
+        state[0], state[1] = out[0], out[1]
+        prec, prec_idx = out[2], out[3]
+    return [*state, prec, prec_idx]
+
+
+def _random_step_inputs(B, N, J, R, S, gen, dtype=F64):
+    w = torch.rand(B, J, generator=gen, dtype=dtype)
+    w = 0.95 * w / w.sum(-1, keepdim=True)
+    w[:, 0] = 0.0  # a zero weight
+    w_idx = torch.randint(0, N, (B, J), generator=gen)
+    w_idx[:, 2] = w_idx[:, 1]  # a duplicate write row
+    rw = torch.rand(B, R, S, generator=gen, dtype=dtype) / S
+    rw_idx = torch.randint(0, N, (B, R, S), generator=gen)
+    rw_idx[:, :, 1] = rw_idx[:, :, 0]  # a repeated read row
+    return w, w_idx, rw, rw_idx
+
+
+def _step_outputs_and_grads(state, inputs, reset, k, owns_grad):
+    """Values (including the in-place link tensors and indices) and gradients of a random
+    linear function of every float output, w.r.t. the links, w^W, p and w^R."""
+    link, link_t, link_idx, link_t_idx, prec, prec_idx = (t.clone() for t in state)
+    w, w_idx, rw, rw_idx = inputs
+    leaves = [t.clone().requires_grad_(True) for t in (link, link_t, w, prec, rw)]
+    out = sparse_links.temporal_step(
+        leaves[0].clone(), leaves[1].clone(), leaves[2], leaves[3], leaves[4], link_idx,
+        link_t_idx, w_idx, prec_idx, rw_idx, reset, owns_grad, k,
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(123)
+    loss = sum(
+        (o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum()
+        for o in out
+        if o.is_floating_point()
+    )
+    grads = torch.autograd.grad(loss, leaves)
+    return [o.detach() for o in out] + [link_idx, link_t_idx], list(grads)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("N", "L", "J", "R", "S", "k", "reset"),
+    [
+        (10, 3, 7, 2, 6, 2, [1]),  # truncating rows, one element resets
+        (12, 1, 5, 1, 3, 1, []),  # K_L = 1
+        (6, 5, 4, 2, 3, 4, [0, 2]),  # K_L = N - 1: the exact dense link
+        (9, 2, 9, 3, 6, 4, []),  # K > K_L: reads merge many rows
+        (40, 4, 25, 2, 12, 4, [2]),  # the core's J = 3RK + 1 shape
+    ],
+)
+@pytest.mark.parametrize("owns_grad", [True, False])
+def test_native_step_equals_the_torch_reference(torch_path, N, L, J, R, S, k, reset, owns_grad):
+    B = 3
+    for seed in range(3):
+        state = torch_path(lambda: _random_links(B, N, L, J, R, S, steps=5, seed=seed))  # noqa: B023
+        gen = torch.Generator().manual_seed(100 + seed)
+        inputs = _random_step_inputs(B, N, J, R, S, gen)
+        reset_t = torch.tensor(reset, dtype=torch.long)
+        ref = torch_path(lambda: _step_outputs_and_grads(state, inputs, reset_t, k, owns_grad))  # noqa: B023
+        nat = _step_outputs_and_grads(state, inputs, reset_t, k, owns_grad)
+        for a, b in zip(nat[0], ref[0], strict=True):
+            if a.is_floating_point():
+                torch.testing.assert_close(a, b, **TOL)
+            else:
+                assert torch.equal(a, b)
+        for a, b in zip(nat[1], ref[1], strict=True):
+            torch.testing.assert_close(a, b, **TOL)
+        assert ref[0][0].abs().sum() > 0 and ref[1][2].abs().sum() > 0  # not vacuous
+
+
+@needs_kernel
+def test_native_step_in_float32_matches_the_reference(torch_path):
+    B, N, L, J, R, S, k = 4, 20, 3, 13, 2, 6, 2
+    state = torch_path(lambda: _random_links(B, N, L, J, R, S, 4, 7, torch.float32))
+    inputs = _random_step_inputs(B, N, J, R, S, torch.Generator().manual_seed(8), torch.float32)
+    reset = torch.tensor([3])
+    ref = torch_path(lambda: _step_outputs_and_grads(state, inputs, reset, k, True))
+    nat = _step_outputs_and_grads(state, inputs, reset, k, True)
+    for a, b in zip(nat[0] + nat[1], ref[0] + ref[1], strict=True):
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        else:
+            assert torch.equal(a, b)
+
+
+@needs_kernel
+def test_native_step_without_grad_gives_the_same_values(torch_path):
+    B, N, L, J, R, S, k = 3, 10, 3, 7, 2, 6, 2
+    state = torch_path(lambda: _random_links(B, N, L, J, R, S, 5, 1))
+    inputs = _random_step_inputs(B, N, J, R, S, torch.Generator().manual_seed(2))
+    reset = torch.tensor([0])
+    with_grad, _ = _step_outputs_and_grads(state, inputs, reset, k, True)
+    link, link_t, link_idx, link_t_idx, prec, prec_idx = (t.clone() for t in state)
+    w, w_idx, rw, rw_idx = inputs
+    with torch.no_grad():
+        out = sparse_links.temporal_step(
+            link, link_t, w, prec, rw, link_idx, link_t_idx, w_idx, prec_idx, rw_idx, reset,
+            False, k,
+        )  # fmt: skip
+    for a, b in zip([*out, link_idx, link_t_idx], with_grad, strict=True):
+        assert torch.equal(a, b)
+
+
+@needs_kernel
+def test_gradcheck_of_the_native_step():
+    B, N, L, J, R, S, k = 2, 7, 2, 4, 2, 3, 2
+    gen = torch.Generator().manual_seed(0)
+    state = _random_links(B, N, L, J, R, S, steps=4, seed=3)
+    # positive, distinct values: no ties a perturbation could reorder
+    link = torch.rand(B, N, L, generator=gen, dtype=F64) * 0.3 + 0.05
+    link_t = torch.rand(B, N, L, generator=gen, dtype=F64) * 0.3 + 0.05
+    prec = torch.rand(B, L, generator=gen, dtype=F64) * 0.3 + 0.05
+    w, w_idx, rw, rw_idx = _random_step_inputs(B, N, J, R, S, gen)
+    w = w * 0.3 + 0.01 * torch.arange(1, J + 1, dtype=F64)  # no zero weight (a kink)
+    reset = torch.tensor([1])
+
+    def run(link, link_t, w, prec, rw):
+        out = sparse_links.temporal_step(
+            link.clone(), link_t.clone(), w, prec, rw, state[2].clone(), state[3].clone(), w_idx,
+            state[5], rw_idx, reset, True, k,
+        )  # fmt: skip
+        return out[0], out[1], out[2], out[4], out[6]
+
+    inputs = [t.clone().requires_grad_(True) for t in (link, link_t, w, prec, rw)]
+    assert torch.autograd.gradcheck(run, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+# -- the core ------------------------------------------------------------------------------------------
+
+
+@needs_kernel
+@pytest.mark.parametrize("temporal_reads", [1, 3])
+def test_core_native_equals_torch_path_through_a_sequence_with_resets(torch_path, temporal_reads):
+    """Outputs, final state and parameter gradients of a sequence in which elements restart
+    mid-sequence (and the last step's gradient enters through the returned links)."""
+    core = _core(F64, temporal_reads=temporal_reads)
+    B, T = 3, 9
+    x = _x(T, B, seed=3, dtype=F64)
+    starts = torch.zeros(T, B)
+    starts[4, 1] = starts[6, 0] = starts[6, 2] = 1.0
+    s0 = state_lib.map_state(lambda t: t.detach().clone(), _random_memory_state(core, B))
+
+    def run():
+        core.zero_grad()
+        y, s = core(x, s0, starts)
+        gen = torch.Generator().manual_seed(4)
+        loss = (y * torch.randn(y.shape, generator=gen, dtype=F64)).sum()
+        loss = loss + (s.link * torch.rand(s.link.shape, generator=gen, dtype=F64)).sum()
+        loss = loss + s.link_t.sum() + s.precedence.sum() + s.read_weights.sum()
+        loss.backward()
+        grads = [p.grad.clone() for p in core.parameters() if p.grad is not None]
+        return y.detach(), state_lib.leaves(s), grads
+
+    ref = torch_path(run)
+    nat = run()
+    torch.testing.assert_close(nat[0], ref[0], **TOL)
+    for a, b in zip(nat[1], ref[1], strict=True):
+        torch.testing.assert_close(a.detach(), b.detach(), **TOL)
+    assert len(nat[2]) == len(ref[2]) > 0
+    for a, b in zip(nat[2], ref[2], strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+@needs_kernel
+def test_gradcheck_of_the_core_on_the_native_path():
+    core = _core(
+        F64, hidden_size=3, memory_size=6, word_size=2, num_reads=1, sparse_reads=2,
+        temporal_reads=2,
+    )  # fmt: skip
+    T, batch = 4, 2
+    x = _x(T, batch, dtype=F64, seed=7).requires_grad_(True)
+    s0 = _random_memory_state(core, batch, seed=8)
+    starts = torch.zeros(T, batch)
+    starts[2, 1] = 1.0
+
+    def run(x_in):
+        y, s = core(x_in, s0, starts)
+        return y, s.link, s.link_t, s.read_weights, s.precedence
+
+    assert torch.autograd.gradcheck(run, (x,), eps=1e-6, atol=1e-6, rtol=1e-4)
