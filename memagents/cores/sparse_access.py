@@ -29,6 +29,7 @@ whose episode restarts; they never live on the module or in the autograd graph.
 
 from __future__ import annotations
 
+import ctypes
 import math
 from typing import Protocol
 
@@ -37,6 +38,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from memagents.cores import native
 from memagents.cores.addressing import EPSILON
 
 try:  # FAISS is optional: the exact torch index gives the same reads on small memories.
@@ -55,6 +57,54 @@ FAISS_NPROBE = 32
 AUTO_FAISS_MIN_ROWS = 16_384
 
 INDEX_KINDS = ("auto", "exact", "faiss")
+
+
+# -- the native kernels ----------------------------------------------------------------------------
+def _load():
+    """The compiled ``sparse_access`` library with its signatures set, or ``None``."""
+    lib = native.load("sparse_access")
+    if lib is not None and not getattr(lib, "_sa_ready", False):
+        p, n, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+        signatures = {
+            "write": [p, p, n, n, n, n, p, p, p, p],
+            "sqnorm": [p, p, n, n],
+            "search": [p, p, n, n, n, p, n, n, p],
+            "read": [p, n, n, n, n, n, p, p, p, p, p, p, p, n, p, p],
+            "backward": [p, n, n, n, n, n, n, n] + [p] * 18,
+            "usage": [p, p, p, n, n, n, p, p, n, p, p, f, p],
+            "lru": [p, n, n, p],
+        }
+        for name, argtypes in signatures.items():
+            for suffix in ("f32", "f64"):
+                fn = getattr(lib, f"sa_{name}_{suffix}")
+                fn.argtypes, fn.restype = argtypes, None
+        lib._sa_ready = True
+    return lib
+
+
+_UNLOADED = object()
+
+#: The kernel library (``csrc/sparse_access.cpp``), loaded on first use; ``None``: torch paths
+#: only. Tests set it to ``None`` to run the torch reference.
+lib = _UNLOADED
+
+
+def _kernel():
+    """The native library when it can be used, else ``None``."""
+    global lib
+    if lib is _UNLOADED:
+        lib = _load()
+    return lib
+
+
+def _fn(name: str, like: Tensor):
+    """The kernel ``sa_<name>`` for the dtype of ``like``."""
+    return getattr(lib, f"sa_{name}_{'f64' if like.dtype == torch.float64 else 'f32'}")
+
+
+def _p(t: Tensor | None) -> int | None:
+    """Data pointer of a contiguous tensor (``None`` -> null)."""
+    return None if t is None else t.data_ptr()
 
 
 def faiss_available() -> bool:
@@ -83,6 +133,11 @@ def least_recently_used(last_access: Tensor) -> Tensor:
     :param last_access: ``[B, N]`` step of each row's last access ``U_{t-1}`` (0 = never).
     :return: ``[B]`` long row indices.
     """
+    if _kernel() is not None and native.usable(last_access) and last_access.is_contiguous():
+        lru = torch.empty(last_access.shape[0], dtype=torch.long)
+        B, N = last_access.shape
+        _fn("lru", last_access)(_p(last_access), B, N, _p(lru))
+        return lru
     return torch.argmin(last_access, dim=-1)  # torch returns the first minimum
 
 
@@ -106,6 +161,9 @@ def usage_update(
     :param inplace: update ``last_access`` in place (the caller owns it).
     :return: ``(U_t [B, N], t [B, 1])``.
     """
+    if inplace and len(accesses) <= 2 and _native_usage(last_access, time, accesses):
+        last_access, time, _ = _usage_native(last_access, time, accesses, threshold, lru=False)
+        return last_access, time
     time = time + 1
     last_access = last_access if inplace else last_access.clone()
     for indices, weights in accesses:
@@ -113,6 +171,48 @@ def usage_update(
         stamp = torch.where(weights.detach() > threshold, time, last_access.gather(1, indices))
         last_access.scatter_reduce_(1, indices, stamp, reduce="amax", include_self=True)
     return last_access, time
+
+
+def usage_update_lru(
+    last_access: Tensor,
+    time: Tensor,
+    accesses: list[tuple[Tensor, Tensor]],
+    threshold: float = ACCESS_THRESHOLD,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`usage_update` in place, then :func:`least_recently_used` of the result: the next
+    step's ``I^U_{t+1}``. One kernel call on the native path.
+
+    :return: ``(U_t [B, N] (the same tensor), t [B, 1], I^U_{t+1} [B] long)``.
+    """
+    if len(accesses) <= 2 and _native_usage(last_access, time, accesses):
+        return _usage_native(last_access, time, accesses, threshold, lru=True)
+    last_access, time = usage_update(last_access, time, accesses, threshold, inplace=True)
+    return last_access, time, least_recently_used(last_access)
+
+
+def _native_usage(last_access: Tensor, time: Tensor, accesses) -> bool:
+    return (
+        _kernel() is not None
+        and last_access.is_contiguous()
+        and native.usable(last_access, time, *(w for _, w in accesses))
+    )
+
+
+def _usage_native(last_access, time, accesses, threshold, lru: bool):
+    B, N = last_access.shape
+    time_in = time.contiguous()
+    time_out = torch.empty_like(time_in)
+    pairs = [(i.contiguous(), w.detach().contiguous()) for i, w in accesses]
+    pairs += [(None, None)] * (2 - len(pairs))
+    (i1, w1), (i2, w2) = pairs
+    out = torch.empty(B, dtype=torch.long) if lru else None
+    _fn("usage", last_access)(
+        _p(last_access), _p(time_in), _p(time_out), B, N,
+        0 if i1 is None else i1.shape[1], _p(i1), _p(w1),
+        0 if i2 is None else i2.shape[1], _p(i2), _p(w2),
+        threshold, _p(out),
+    )  # fmt: skip
+    return last_access, time_out, out
 
 
 # -- write weighting (section 3.2) -----------------------------------------------------------------
@@ -155,39 +255,67 @@ class Index(Protocol):
 
 
 class ExactIndex:
-    """Exact cosine top-``K`` by a scan of all rows (torch). Keeps nothing between calls."""
+    """Exact cosine top-``K`` by a scan of all rows.
+
+    On the native path (CPU float memory, kernel available) it keeps each row's squared norm
+    ``sqnorm [B, N]``, which :class:`SparseAccessStep` updates at the rows it writes, so that its
+    scan skips the zero rows and computes one dot product per (row, key); the torch path
+    (``sqnorm`` is ``None``) keeps nothing between calls. :meth:`search` itself is stateless on
+    both paths. Zero rows score 0; ties go to the lowest row on both paths.
+    """
 
     def __init__(self, memory: Tensor):
-        del memory
+        self.sqnorm = None
+        if _kernel() is not None and native.usable(memory):
+            self.sqnorm = _sqnorm(memory.detach().contiguous())
 
     def reset(self, memory: Tensor, elements: Tensor) -> None:
-        pass
+        if self.sqnorm is not None:
+            self.sqnorm[elements] = memory[elements].detach().square().sum(-1)
 
     def update(self, memory: Tensor, rows: Tensor) -> None:
-        pass
+        if self.sqnorm is not None:
+            values = memory.detach().gather(1, rows.unsqueeze(-1).expand(-1, -1, memory.shape[2]))
+            self.sqnorm.scatter_(1, rows, values.square().sum(-1))
+
+    def native_search(
+        self, memory: Tensor, keys: Tensor, k: int, sqnorm: Tensor | None = None
+    ) -> Tensor:
+        """:meth:`search` by the kernel (``memory`` contiguous), with the kept ``sqnorm``
+        (:class:`SparseAccessStep` keeps it current) unless ``sqnorm`` is given."""
+        B, N, W = memory.shape
+        keys = keys.detach().contiguous()
+        R = keys.shape[1]
+        sqnorm = self.sqnorm if sqnorm is None else sqnorm
+        out = torch.empty(B, R, k, dtype=torch.long)
+        _fn("search", memory)(_p(memory), _p(sqnorm), B, N, W, _p(keys), R, k, _p(out))
+        return out
 
     def search(self, memory: Tensor, keys: Tensor, k: int) -> Tensor:
+        # stateless: the norms are taken from ``memory`` as it is now
+        if self.sqnorm is not None and native.usable(memory, keys):
+            memory = memory.detach().contiguous()
+            return self.native_search(memory, keys, k, _sqnorm(memory))
         memory, keys = memory.detach(), keys.detach()
-        B, N = memory.shape[:2]
         square_norm = memory.square().sum(-1)  # [B, N]
         zero = square_norm == 0  # rows never written (or erased): cosine 0 with every key
         key_norm = torch.sqrt(keys.square().sum(-1) + EPSILON)  # [B, R]
-        # cosine as in addressing.cosine_similarity, zero rows masked out of the top-k
+        # cosine as in addressing.cosine_similarity
         similarity = torch.matmul(keys, memory.transpose(1, 2))  # [B, R, N]
         similarity = similarity.div_(
             key_norm.unsqueeze(-1) * torch.sqrt(square_norm + EPSILON)[:, None]
         )
-        similarity = similarity.masked_fill_(zero.unsqueeze(1), -math.inf)
-        scores, ids = similarity.topk(k, dim=-1)
-        # the k lowest zero rows (ties among them go to the lowest index, as in FaissIndex)
-        rank = torch.where(zero, torch.arange(N, device=zero.device), N)
-        zero_ids = rank.topk(k, dim=-1, largest=False).values  # [B, k]; N = none
-        zero_scores = torch.where(zero_ids < N, 0.0, -math.inf).to(scores.dtype)
-        R = keys.shape[1]
-        cand_ids = torch.cat([ids, zero_ids.unsqueeze(1).expand(B, R, k)], dim=-1)
-        cand_scores = torch.cat([scores, zero_scores.unsqueeze(1).expand(B, R, k)], dim=-1)
-        best = torch.sort(cand_scores, dim=-1, descending=True, stable=True).indices[..., :k]
-        return cand_ids.gather(-1, best).sort(dim=-1).values
+        similarity = similarity.masked_fill_(zero.unsqueeze(1), 0.0)
+        # the k best, ties to the lowest row (as the kernel and FaissIndex)
+        best = torch.sort(similarity, dim=-1, descending=True, stable=True).indices[..., :k]
+        return best.sort(dim=-1).values
+
+
+def _sqnorm(memory: Tensor) -> Tensor:
+    """``[B, N]`` squared norms of the rows of a contiguous ``[B, N, W]`` memory (kernel)."""
+    out = torch.empty(memory.shape[:2], dtype=memory.dtype)
+    _fn("sqnorm", memory)(_p(memory), _p(out), out.numel(), memory.shape[2])
+    return out
 
 
 def _unit_rows(rows: Tensor) -> np.ndarray:
@@ -350,6 +478,14 @@ class SparseAccessStep(torch.autograd.Function):
         ctx, memory, write_vector, write_weights, read_keys, read_strengths,
         write_indices, reset, index, k, owns_grad, extra_indices=None,
     ):  # fmt: skip
+        if _kernel() is not None and _native_step_usable(
+            memory, write_vector, write_weights, read_keys, read_strengths
+        ):
+            return _native_forward(
+                ctx, memory, write_vector, write_weights, read_keys, read_strengths,
+                write_indices, reset, index, k, owns_grad, extra_indices,
+            )  # fmt: skip
+        ctx.native = False
         B, N, W = memory.shape
         flat = memory.view(B * N, W)
         if reset.numel():
@@ -385,6 +521,8 @@ class SparseAccessStep(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_memory, g_weights, _g_indices, g_read, g_extra=None):
+        if ctx.native:
+            return _native_backward(ctx, g_memory, g_weights, g_read, g_extra)
         B, N, W = ctx.shape
         *cache, write_vector, write_weights, write_flat, read_flat, reset, extra_flat = (
             ctx.saved_tensors
@@ -411,6 +549,97 @@ class SparseAccessStep(torch.autograd.Function):
             g, g_write_vector, g_write_weights, g_keys, g_strengths,
             None, None, None, None, None, None,
         )  # fmt: skip
+
+
+def _native_step_usable(memory: Tensor, *tensors: Tensor) -> bool:
+    return memory.is_contiguous() and native.usable(memory, *tensors)
+
+
+def _reset_mask(reset: Tensor, batch: int) -> Tensor | None:
+    """``[n]`` element indices -> ``[B]`` uint8 mask, or ``None`` when no element resets."""
+    if not reset.numel():
+        return None
+    return torch.zeros(batch, dtype=torch.uint8).index_fill_(0, reset, 1)
+
+
+def _native_forward(
+    ctx, memory, write_vector, write_weights, read_keys, read_strengths,
+    write_indices, reset, index, k, owns_grad, extra_indices,
+):  # fmt: skip
+    """:meth:`SparseAccessStep.forward` by the kernels: the write (and, with an
+    :class:`ExactIndex`, the search) and the read are one call each; other indexes are updated
+    and searched between them."""
+    B, N, W = memory.shape
+    a = write_vector.detach().contiguous()
+    ww = write_weights.detach().contiguous()
+    keys = read_keys.detach().contiguous()
+    beta = read_strengths.detach().contiguous()
+    widx = write_indices.contiguous()
+    J = widx.shape[1]
+    mask = _reset_mask(reset, B)
+    sqnorm = index.sqnorm if isinstance(index, ExactIndex) else None
+    _fn("write", memory)(_p(memory), _p(sqnorm), B, N, W, J, _p(a), _p(ww), _p(widx), _p(mask))
+    if sqnorm is not None:
+        read_indices = index.native_search(memory, keys, k)
+    else:
+        if mask is not None:
+            index.reset(memory, reset)
+        index.update(memory, widx)
+        read_indices = index.search(memory, keys, k).contiguous()
+    R = keys.shape[1]
+    like = {"dtype": memory.dtype}
+    rows = torch.empty(B, R, k, W, **like)
+    weights = torch.empty(B, R, k, **like)
+    sim = torch.empty(B, R, k, **like)
+    read = torch.empty(B, R, W, **like)
+    eidx = None if extra_indices is None else extra_indices.contiguous()
+    E = 0 if eidx is None else eidx.shape[1]
+    extra_rows = None if eidx is None else torch.empty(B, E, W, **like)
+    _fn("read", memory)(
+        _p(memory), B, N, W, R, k, _p(read_indices), _p(keys), _p(beta),
+        _p(rows), _p(weights), _p(sim), _p(read), E, _p(eidx), _p(extra_rows),
+    )  # fmt: skip
+    ctx.native = True
+    ctx.shape = (B, N, W, R, k, J, E)
+    ctx.owns_grad = owns_grad
+    ctx.save_for_backward(rows, keys, beta, sim, weights, read_indices, a, ww, widx, eidx)
+    ctx.reset_mask = mask
+    ctx.set_materialize_grads(False)
+    ctx.mark_dirty(memory)
+    read_idx = read_indices.to(memory.dtype)
+    ctx.mark_non_differentiable(read_idx)
+    if extra_rows is None:
+        return memory, weights, read_idx, read
+    return memory, weights, read_idx, read, extra_rows
+
+
+def _native_backward(ctx, g_memory, g_weights, g_read, g_extra):
+    """:meth:`SparseAccessStep.backward` as one kernel call; unused outputs' gradients arrive
+    as ``None`` (no zero tensors)."""
+    B, N, W, R, K, J, E = ctx.shape
+    rows, keys, beta, sim, weights, ridx, a, ww, widx, eidx = ctx.saved_tensors
+    if g_memory is None:
+        g = torch.zeros(B, N, W, dtype=rows.dtype)
+    elif ctx.owns_grad and g_memory.is_contiguous():
+        g = g_memory
+    else:
+        g = g_memory.clone(memory_format=torch.contiguous_format)
+    g_a = torch.empty(B, W, dtype=rows.dtype)
+    g_ww = torch.empty(B, J, dtype=rows.dtype)
+    g_keys = torch.empty(B, R, W, dtype=rows.dtype)
+    g_beta = torch.empty(B, R, dtype=rows.dtype)
+    g_weights = None if g_weights is None else g_weights.contiguous()
+    g_read = None if g_read is None else g_read.contiguous()
+    g_extra = None if g_extra is None else g_extra.contiguous()
+    _fn("backward", g)(
+        _p(g), B, N, W, R, K, J, E, _p(rows), _p(keys), _p(beta), _p(sim), _p(weights),
+        _p(ridx), _p(g_weights), _p(g_read), _p(eidx), _p(g_extra), _p(a), _p(ww), _p(widx),
+        _p(ctx.reset_mask), _p(g_a), _p(g_ww), _p(g_keys), _p(g_beta),
+    )  # fmt: skip
+    return (
+        g, g_a, g_ww, g_keys, g_beta,
+        None, None, None, None, None, None,
+    )  # fmt: skip
 
 
 def dense_access_step(

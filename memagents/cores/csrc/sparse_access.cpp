@@ -1,0 +1,353 @@
+// Sparse memory access of SAM (Rae et al. 2016, "Scaling Memory-Augmented Neural Networks with
+// Sparse Reads and Writes", section 3): the in-place sparse write, the exact cosine top-K search,
+// the sparse content read forward and the step's backward, and the usage / LRU update (3.3).
+//
+// The equations, their order and the EPSILON handling are those of the torch reference in
+// memagents/cores/sparse_access.py (SparseAccessStep, ExactIndex, sparse_read_forward /
+// sparse_read_backward, usage_update, least_recently_used); tests compare both in float64.
+// Shapes (row-major, contiguous; int64 indices):
+//   B batch, N memory rows, W word size, R read heads, K rows per read head, J write entries (the
+//   last one is the LRU row I^U_t, which is erased first), E extra rows (the SDNC's link reads).
+//   memory [B, N, W], sqnorm [B, N] (|M[i]|^2 per row, kept up to date by the write),
+//   write_vector a [B, W], write_weights [B, J], write_idx [B, J], reset [B] uint8 (1 = the
+//   element's memory is zeroed before the write), keys [B, R, W], strengths [B, R],
+//   read_idx [B, R, K], rows [B, R, K, W] (M_t at read_idx, saved for backward), weights and
+//   sim [B, R, K], read [B, R, W], extra_idx [B, E], extra_rows [B, E, W].
+// Every loop touches O(J·W + R·K·W) memory per element except the search (O(N·W) over the rows
+// that are not zero) and the reset of an element (O(N·W)).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#define EXPORT extern "C" __attribute__((visibility("default")))
+
+using i64 = int64_t;
+using u8 = uint8_t;
+
+namespace {
+
+constexpr double kEps = 1e-6;  // addressing.EPSILON, under the norms' sqrt
+
+// M_t = (1 - I^U_t 1^T) ∘ M_{t-1} + w^W_t a_t^T at the J write rows (duplicates add up, in
+// order), after zeroing the elements that reset; sqnorm follows the rows that changed.
+template <typename T>
+void write_rows(T* mem, T* sqnorm, i64 B, i64 N, i64 W, i64 J, const T* a, const T* ww,
+                const i64* widx, const u8* reset) {
+    for (i64 b = 0; b < B; ++b) {
+        T* m = mem + b * N * W;
+        if (reset != nullptr && reset[b]) {
+            std::memset(m, 0, sizeof(T) * N * W);
+            if (sqnorm != nullptr) std::memset(sqnorm + b * N, 0, sizeof(T) * N);
+        }
+        const i64* wi = widx + b * J;
+        std::fill(m + wi[J - 1] * W, m + wi[J - 1] * W + W, T(0));  // erase the LRU row
+        const T* av = a + b * W;
+        for (i64 j = 0; j < J; ++j) {
+            T* row = m + wi[j] * W;
+            const T s = ww[b * J + j];
+            for (i64 w = 0; w < W; ++w) row[w] += s * av[w];
+        }
+        if (sqnorm != nullptr) {
+            for (i64 j = 0; j < J; ++j) {
+                const T* row = m + wi[j] * W;
+                T sq = 0;
+                for (i64 w = 0; w < W; ++w) sq += row[w] * row[w];
+                sqnorm[b * N + wi[j]] = sq;
+            }
+        }
+    }
+}
+
+// |M[i]|^2 of every row.
+template <typename T>
+void row_sqnorm(const T* mem, T* sqnorm, i64 rows, i64 W) {
+    for (i64 i = 0; i < rows; ++i) {
+        const T* row = mem + i * W;
+        T sq = 0;
+        for (i64 w = 0; w < W; ++w) sq += row[w] * row[w];
+        sqnorm[i] = sq;
+    }
+}
+
+// Insert (s, n) into the descending list (score, row) of at most k entries; equal scores keep
+// the earlier row first (rows arrive in ascending order, so ties go to the lowest row).
+template <typename T>
+inline void top_insert(T* score, i64* row, i64& count, i64 k, T s, i64 n) {
+    if (count == k && !(s > score[k - 1])) return;
+    i64 pos = count < k ? count++ : k - 1;
+    while (pos > 0 && s > score[pos - 1]) {
+        score[pos] = score[pos - 1];
+        row[pos] = row[pos - 1];
+        --pos;
+    }
+    score[pos] = s;
+    row[pos] = n;
+}
+
+// Exact cosine top-K of each key over the rows of its element, as ExactIndex: cos = q·m /
+// (sqrt(|q|^2 + eps) sqrt(|m|^2 + eps)); a zero row scores 0 (only the K lowest zero rows can be
+// chosen); ties go to the lowest row. Output rows ascending per head.
+template <typename T>
+void exact_search(const T* mem, const T* sqnorm, i64 B, i64 N, i64 W, const T* keys, i64 R,
+                  i64 K, i64* out) {
+    thread_local std::vector<T> score_buf, norm_buf;
+    thread_local std::vector<i64> row_buf, count_buf;
+    score_buf.resize(R * K);
+    row_buf.resize(R * K);
+    count_buf.resize(R);
+    norm_buf.resize(R);
+    T* score = score_buf.data();
+    i64* row = row_buf.data();
+    i64* count = count_buf.data();
+    T* key_norm = norm_buf.data();
+    for (i64 b = 0; b < B; ++b) {
+        const T* m = mem + b * N * W;
+        const T* sq = sqnorm + b * N;
+        const T* q = keys + b * R * W;
+        for (i64 r = 0; r < R; ++r) {
+            T kk = 0;
+            for (i64 w = 0; w < W; ++w) kk += q[r * W + w] * q[r * W + w];
+            key_norm[r] = std::sqrt(kk + T(kEps));
+            count[r] = 0;
+        }
+        i64 zeros = 0;
+        for (i64 n = 0; n < N; ++n) {
+            if (sq[n] == 0) {  // cosine 0 with every key
+                if (zeros == K) continue;
+                ++zeros;
+                for (i64 r = 0; r < R; ++r) top_insert(score + r * K, row + r * K, count[r], K, T(0), n);
+                continue;
+            }
+            const T* mr = m + n * W;
+            const T rn = std::sqrt(sq[n] + T(kEps));
+            for (i64 r = 0; r < R; ++r) {
+                T dot = 0;
+                for (i64 w = 0; w < W; ++w) dot += q[r * W + w] * mr[w];
+                top_insert(score + r * K, row + r * K, count[r], K, dot / (key_norm[r] * rn), n);
+            }
+        }
+        for (i64 r = 0; r < R; ++r) {
+            i64* o = out + (b * R + r) * K;
+            std::copy(row + r * K, row + r * K + K, o);
+            std::sort(o, o + K);
+        }
+    }
+}
+
+// w = softmax_K(β cos(q, M[i])) over the K rows of each head, r = Σ w M[i] (sparse_read_forward),
+// and the extra rows gathered.
+template <typename T>
+void read_forward(const T* mem, i64 B, i64 N, i64 W, i64 R, i64 K, const i64* ridx,
+                  const T* keys, const T* beta, T* rows, T* weights, T* sim, T* read, i64 E,
+                  const i64* eidx, T* erows) {
+    for (i64 b = 0; b < B; ++b) {
+        const T* m = mem + b * N * W;
+        for (i64 r = 0; r < R; ++r) {
+            const i64 br = b * R + r;
+            const T* q = keys + br * W;
+            T kk = 0;
+            for (i64 w = 0; w < W; ++w) kk += q[w] * q[w];
+            const T kn = std::sqrt(kk + T(kEps));
+            T* s = sim + br * K;
+            T* wt = weights + br * K;
+            T zmax = -INFINITY;
+            for (i64 k = 0; k < K; ++k) {
+                const T* src = m + ridx[br * K + k] * W;
+                T* dst = rows + (br * K + k) * W;
+                T dot = 0, rr = 0;
+                for (i64 w = 0; w < W; ++w) {
+                    dst[w] = src[w];
+                    dot += src[w] * q[w];
+                    rr += src[w] * src[w];
+                }
+                s[k] = dot / (kn * std::sqrt(rr + T(kEps)));
+                wt[k] = s[k] * beta[br];
+                zmax = std::max(zmax, wt[k]);
+            }
+            T total = 0;
+            for (i64 k = 0; k < K; ++k) {
+                wt[k] = std::exp(wt[k] - zmax);
+                total += wt[k];
+            }
+            for (i64 k = 0; k < K; ++k) wt[k] /= total;
+            T* out = read + br * W;
+            for (i64 w = 0; w < W; ++w) out[w] = 0;
+            for (i64 k = 0; k < K; ++k) {
+                const T* row = rows + (br * K + k) * W;
+                for (i64 w = 0; w < W; ++w) out[w] += wt[k] * row[w];
+            }
+        }
+        for (i64 e = 0; e < E; ++e) {
+            const T* src = m + eidx[b * E + e] * W;
+            std::copy(src, src + W, erows + (b * E + e) * W);
+        }
+    }
+}
+
+// Backward of one step on the dense gradient buffer g = dL/dM_t (in place -> dL/dM_{t-1}):
+// the read's gradients (sparse_read_backward) added at the read rows, the extra rows' gradients
+// added, the write's gradients taken at the J write rows, then the LRU row (erased) and the
+// reset elements zeroed. Null g_weights / g_read / g_extra count as zero.
+template <typename T>
+void step_backward(T* g, i64 B, i64 N, i64 W, i64 R, i64 K, i64 J, i64 E, const T* rows,
+                   const T* keys, const T* beta, const T* sim, const T* weights, const i64* ridx,
+                   const T* g_weights, const T* g_read, const i64* eidx, const T* g_extra,
+                   const T* a, const T* ww, const i64* widx, const u8* reset, T* g_a, T* g_ww,
+                   T* g_keys, T* g_beta) {
+    thread_local std::vector<T> buf;
+    buf.resize(4 * K);
+    T* gw = buf.data();
+    T* gsim = gw + K;
+    T* gdot = gsim + K;
+    T* rn = gdot + K;
+    for (i64 b = 0; b < B; ++b) {
+        T* gm = g + b * N * W;
+        for (i64 r = 0; r < R; ++r) {
+            const i64 br = b * R + r;
+            const T* q = keys + br * W;
+            const T* s = sim + br * K;
+            const T* wt = weights + br * K;
+            const T* gr = g_read != nullptr ? g_read + br * W : nullptr;
+            T kk = 0;
+            for (i64 w = 0; w < W; ++w) kk += q[w] * q[w];
+            const T kn = std::sqrt(kk + T(kEps));
+            T dot_w = 0;
+            for (i64 k = 0; k < K; ++k) {
+                const T* row = rows + (br * K + k) * W;
+                T v = g_weights != nullptr ? g_weights[br * K + k] : T(0);
+                T rr = 0;
+                if (gr != nullptr) {
+                    T d = 0;
+                    for (i64 w = 0; w < W; ++w) d += row[w] * gr[w];
+                    v += d;
+                }
+                for (i64 w = 0; w < W; ++w) rr += row[w] * row[w];
+                rn[k] = std::sqrt(rr + T(kEps));
+                gw[k] = v;
+                dot_w += v * wt[k];
+            }
+            T gb = 0, gs_sim = 0;
+            for (i64 k = 0; k < K; ++k) {
+                const T gz = wt[k] * (gw[k] - dot_w);  // softmax
+                gb += gz * s[k];
+                gsim[k] = gz * beta[br];
+                gdot[k] = gsim[k] / (kn * rn[k]);
+                gs_sim += gsim[k] * s[k];
+            }
+            g_beta[br] = gb;
+            T* gk = g_keys + br * W;
+            const T c = gs_sim / (kn * kn);
+            for (i64 w = 0; w < W; ++w) gk[w] = -q[w] * c;
+            for (i64 k = 0; k < K; ++k) {
+                const T* row = rows + (br * K + k) * W;
+                for (i64 w = 0; w < W; ++w) gk[w] += gdot[k] * row[w];
+            }
+            for (i64 k = 0; k < K; ++k) {
+                const T* row = rows + (br * K + k) * W;
+                T* dst = gm + ridx[br * K + k] * W;
+                const T cr = gsim[k] * s[k] / (rn[k] * rn[k]);
+                for (i64 w = 0; w < W; ++w) {
+                    const T v = gr != nullptr ? wt[k] * gr[w] : T(0);
+                    dst[w] += (v + gdot[k] * q[w]) - row[w] * cr;
+                }
+            }
+        }
+        if (g_extra != nullptr) {
+            for (i64 e = 0; e < E; ++e) {
+                const T* src = g_extra + (b * E + e) * W;
+                T* dst = gm + eidx[b * E + e] * W;
+                for (i64 w = 0; w < W; ++w) dst[w] += src[w];
+            }
+        }
+        const i64* wi = widx + b * J;
+        const T* av = a + b * W;
+        T* ga = g_a + b * W;
+        for (i64 w = 0; w < W; ++w) ga[w] = 0;
+        for (i64 j = 0; j < J; ++j) {
+            const T* gr = gm + wi[j] * W;
+            const T s = ww[b * J + j];
+            T d = 0;
+            for (i64 w = 0; w < W; ++w) {
+                d += gr[w] * av[w];
+                ga[w] += s * gr[w];
+            }
+            g_ww[b * J + j] = d;
+        }
+        std::fill(gm + wi[J - 1] * W, gm + wi[J - 1] * W + W, T(0));
+        if (reset != nullptr && reset[b]) std::memset(gm, 0, sizeof(T) * N * W);
+    }
+}
+
+// I^U = argmin_i U(i) per element, the first minimum (torch.argmin).
+template <typename T>
+void least_recently_used(const T* last, i64 B, i64 N, i64* lru) {
+    for (i64 b = 0; b < B; ++b) {
+        const T* u = last + b * N;
+        T best = u[0];
+        for (i64 n = 1; n < N; ++n) best = std::min(best, u[n]);
+        i64 n = 0;
+        while (n < N - 1 && !(u[n] == best)) ++n;
+        lru[b] = n;
+    }
+}
+
+// U_t(i) = max(U_{t-1}(i), t) where a weight of row i exceeds δ (usage_update), t = time + 1 per
+// element; then, if lru is given, I^U_{t+1} = argmin_i U_t(i) (first minimum).
+template <typename T>
+void usage_update(T* last, const T* time_in, T* time_out, i64 B, i64 N, i64 J1, const i64* i1,
+                  const T* w1, i64 J2, const i64* i2, const T* w2, T threshold, i64* lru) {
+    for (i64 b = 0; b < B; ++b) {
+        T* u = last + b * N;
+        const T t = time_in[b] + T(1);
+        time_out[b] = t;
+        for (i64 j = 0; j < J1; ++j)
+            if (w1[b * J1 + j] > threshold) u[i1[b * J1 + j]] = std::max(u[i1[b * J1 + j]], t);
+        for (i64 j = 0; j < J2; ++j)
+            if (w2[b * J2 + j] > threshold) u[i2[b * J2 + j]] = std::max(u[i2[b * J2 + j]], t);
+    }
+    if (lru != nullptr) least_recently_used(last, B, N, lru);
+}
+
+}  // namespace
+
+// ---- extern "C" wrappers: float (_f32) and double (_f64) ---------------------------------------
+#define SA_INSTANTIATE(T, SUFFIX)                                                                  \
+    EXPORT void sa_write_##SUFFIX(T* mem, T* sqnorm, i64 B, i64 N, i64 W, i64 J, const T* a,      \
+                                  const T* ww, const i64* widx, const u8* reset) {                \
+        write_rows<T>(mem, sqnorm, B, N, W, J, a, ww, widx, reset);                                \
+    }                                                                                              \
+    EXPORT void sa_sqnorm_##SUFFIX(const T* mem, T* sqnorm, i64 rows, i64 W) {                     \
+        row_sqnorm<T>(mem, sqnorm, rows, W);                                                       \
+    }                                                                                              \
+    EXPORT void sa_search_##SUFFIX(const T* mem, const T* sqnorm, i64 B, i64 N, i64 W,             \
+                                   const T* keys, i64 R, i64 K, i64* out) {                        \
+        exact_search<T>(mem, sqnorm, B, N, W, keys, R, K, out);                                    \
+    }                                                                                              \
+    EXPORT void sa_read_##SUFFIX(const T* mem, i64 B, i64 N, i64 W, i64 R, i64 K,                  \
+                                 const i64* ridx, const T* keys, const T* beta, T* rows,           \
+                                 T* weights, T* sim, T* read, i64 E, const i64* eidx, T* erows) {  \
+        read_forward<T>(mem, B, N, W, R, K, ridx, keys, beta, rows, weights, sim, read, E, eidx,   \
+                        erows);                                                                    \
+    }                                                                                              \
+    EXPORT void sa_backward_##SUFFIX(                                                              \
+        T* g, i64 B, i64 N, i64 W, i64 R, i64 K, i64 J, i64 E, const T* rows, const T* keys,       \
+        const T* beta, const T* sim, const T* weights, const i64* ridx, const T* g_weights,        \
+        const T* g_read, const i64* eidx, const T* g_extra, const T* a, const T* ww,               \
+        const i64* widx, const u8* reset, T* g_a, T* g_ww, T* g_keys, T* g_beta) {                 \
+        step_backward<T>(g, B, N, W, R, K, J, E, rows, keys, beta, sim, weights, ridx, g_weights,  \
+                         g_read, eidx, g_extra, a, ww, widx, reset, g_a, g_ww, g_keys, g_beta);    \
+    }                                                                                              \
+    EXPORT void sa_usage_##SUFFIX(T* last, const T* time_in, T* time_out, i64 B, i64 N, i64 J1,    \
+                                  const i64* i1, const T* w1, i64 J2, const i64* i2, const T* w2,  \
+                                  double threshold, i64* lru) {                                    \
+        usage_update<T>(last, time_in, time_out, B, N, J1, i1, w1, J2, i2, w2, T(threshold), lru); \
+    }                                                                                              \
+    EXPORT void sa_lru_##SUFFIX(const T* last, i64 B, i64 N, i64* lru) {                           \
+        least_recently_used<T>(last, B, N, lru);                                                   \
+    }
+
+SA_INSTANTIATE(float, f32)
+SA_INSTANTIATE(double, f64)

@@ -1,0 +1,214 @@
+"""SAM's native kernels (``csrc/sparse_access.cpp``) against the torch reference paths.
+
+Each test runs the same computation twice, once with the kernels and once with
+``sparse_access.lib = None`` (the torch reference), in float64, and compares values and gradients
+to ~1e-10; the native path is also checked with ``gradcheck``. Memories are random (no ties), so
+both paths pick the same rows.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from conftest import build_core, randomize_initial_state
+
+from memagents.cores import native, sparse_access
+
+HAS_CXX = shutil.which("c++") is not None and native.mode() != "0"
+needs_native = pytest.mark.skipif(not HAS_CXX, reason="no C++ compiler or MEMAGENTS_NATIVE=0")
+
+TOL = {"rtol": 0, "atol": 1e-10}
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    """Run the block under it with the torch reference (no kernels)."""
+
+    def use(on: bool):
+        monkeypatch.setattr(sparse_access, "lib", None if on else sparse_access._load())
+
+    return use
+
+
+def test_kernel_loads_when_a_compiler_exists():
+    if not HAS_CXX:
+        pytest.skip("no C++ compiler or MEMAGENTS_NATIVE=0")
+    assert sparse_access._load() is not None
+    assert sparse_access._kernel() is not None
+
+
+def _step_inputs(B=3, N=9, W=4, R=2, K=3, seed=0, dtype=torch.float64, extra=0):
+    gen = torch.Generator().manual_seed(seed)
+    J = R * K + 1
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=dtype)
+
+    memory = randn(B, N, W)
+    memory[1, 2] = 0.0  # a zero row
+    diff = {
+        "write_vector": randn(B, W),
+        "write_weights": torch.rand(B, J, generator=gen, dtype=dtype),
+        "read_keys": randn(B, R, W),
+        "read_strengths": 1 + torch.rand(B, R, generator=gen, dtype=dtype) * 3,
+    }
+    write_indices = torch.randint(0, N, (B, J), generator=gen)
+    write_indices[0, 1] = write_indices[0, 0]  # a duplicate write row
+    extra_indices = torch.randint(0, N, (B, extra), generator=gen) if extra else None
+    return memory, diff, write_indices, extra_indices
+
+
+def _run_step(memory0, diff, write_indices, reset, k, extra_indices, owns_grad, seed=1):
+    """Two chained steps (so the memory gradient flows through one), with random loss weights."""
+    memory = memory0.clone().requires_grad_(True)
+    leaves = {n: t.clone().requires_grad_(True) for n, t in diff.items()}
+    index = sparse_access.make_index("exact", memory.detach().clone())
+    work = memory.clone()
+    outs = []
+    for t in range(2):
+        out = sparse_access.SparseAccessStep.apply(
+            work, leaves["write_vector"] * (1 + t), leaves["write_weights"],
+            leaves["read_keys"] - t, leaves["read_strengths"], write_indices,
+            reset if t == 1 else torch.zeros(0, dtype=torch.long), index, k,
+            owns_grad or t == 0, extra_indices,
+        )  # fmt: skip
+        work = out[0]
+        outs.append(out)
+    gen = torch.Generator().manual_seed(seed)
+    loss = 0
+    for out in outs:
+        for i, o in enumerate(out[1:], start=1):
+            if i != 2:  # not the (non-differentiable) indices
+                loss = loss + (o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum()
+    loss = loss + (work * torch.randn(work.shape, generator=gen, dtype=work.dtype)).sum()
+    grads = torch.autograd.grad(loss, [memory, *leaves.values()])
+    values = [o.detach() for out in outs for o in out]
+    return values, grads
+
+
+@needs_native
+@pytest.mark.parametrize("extra", [0, 5])
+@pytest.mark.parametrize("reset", [[], [1], [0, 2]])
+@pytest.mark.parametrize("owns_grad", [True, False])
+def test_native_step_matches_the_torch_step(torch_path, extra, reset, owns_grad):
+    memory, diff, write_indices, extra_indices = _step_inputs(extra=extra)
+    reset = torch.tensor(reset, dtype=torch.long)
+    torch_path(False)
+    v_native, g_native = _run_step(memory, diff, write_indices, reset, 3, extra_indices, owns_grad)
+    torch_path(True)
+    v_torch, g_torch = _run_step(memory, diff, write_indices, reset, 3, extra_indices, owns_grad)
+    for a, b in zip(v_native, v_torch, strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+    for a, b in zip(g_native, g_torch, strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+    assert all(g.abs().sum() > 0 for g in g_native)
+
+
+@needs_native
+def test_native_step_gradcheck(torch_path):
+    torch_path(False)
+    memory, diff, write_indices, extra_indices = _step_inputs(B=2, N=6, W=3, K=2, extra=3)
+    reset = torch.tensor([1])
+
+    def run(memory_in, a, ww, keys, beta):
+        index = sparse_access.make_index("exact", memory_in.detach().clone())
+        work = memory_in.clone()
+        outs = []
+        for t in range(2):
+            out = sparse_access.SparseAccessStep.apply(
+                work, a, ww, keys + t, beta, write_indices,
+                reset if t else torch.zeros(0, dtype=torch.long), index, 2, True, extra_indices,
+            )  # fmt: skip
+            work = out[0]
+            outs += [out[1], out[3], out[4]]
+        return (work, *outs)
+
+    inputs = [memory.requires_grad_(True)] + [t.requires_grad_(True) for t in diff.values()]
+    assert isinstance(sparse_access.make_index("exact", memory.detach()).sqnorm, torch.Tensor)
+    assert torch.autograd.gradcheck(run, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("zero_rows", [0, 7])
+def test_native_exact_search_matches_the_torch_scan(torch_path, zero_rows):
+    gen = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.float64):
+        memory = torch.randn(4, 50, 6, generator=gen, dtype=dtype)
+        memory[:, 10 : 10 + zero_rows] = 0.0
+        keys = torch.randn(4, 3, 6, generator=gen, dtype=dtype)
+        for k in (1, 4, 20):
+            torch_path(False)
+            fast = sparse_access.ExactIndex(memory)
+            assert fast.sqnorm is not None
+            got = fast.search(memory, keys, k)
+            torch_path(True)
+            expected = sparse_access.ExactIndex(memory).search(memory, keys, k)
+            assert torch.equal(got, expected)
+
+
+@needs_native
+def test_native_usage_and_lru_match_torch(torch_path):
+    gen = torch.Generator().manual_seed(4)
+    B, N, J = 3, 12, 5
+    last = torch.randint(0, 6, (B, N), generator=gen).double()
+    time = torch.full((B, 1), 6.0, dtype=torch.float64)
+    time[2] = 2.0
+    idx = [torch.randint(0, N, (B, J), generator=gen) for _ in range(2)]
+    w = [torch.rand(B, J, generator=gen, dtype=torch.float64) * 0.02 for _ in range(2)]
+    accesses = list(zip(idx, w, strict=True))
+    torch_path(False)
+    u_n, t_n, lru_n = sparse_access.usage_update_lru(last.clone(), time, accesses)
+    u_n2, t_n2 = sparse_access.usage_update(last.clone(), time, accesses, inplace=True)
+    torch_path(True)
+    u_t, t_t = sparse_access.usage_update(last, time, accesses)
+    for got in (u_n, u_n2):
+        assert torch.equal(got, u_t)
+    assert torch.equal(t_n, t_t) and torch.equal(t_n2, t_t)
+    assert torch.equal(lru_n, torch.argmin(u_t, dim=-1))
+    assert (u_t != last).any()  # some access crossed the threshold, some did not
+    assert (u_t == last).any()
+    torch_path(False)
+    ties = torch.tensor([[3.0, 1.0, 1.0, 2.0], [0.0, 0.0, 0.0, 0.0]])
+    assert sparse_access.least_recently_used(ties).tolist() == [1, 0]
+
+
+def _sam(dtype=torch.float64, **kw):
+    sizes = {"hidden_size": 5, "memory_size": 10, "word_size": 3, "num_reads": 2, "sparse_reads": 3}
+    sizes.update(kw)
+    core = build_core("sam", dtype=dtype, **sizes)
+    randomize_initial_state(core)
+    return core
+
+
+def _sam_grads(core, T=6, B=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, B, core.input_size, generator=gen, dtype=torch.float64, requires_grad=True)
+    s0 = core.initial_state(B)
+    memory = torch.randn(s0.memory.shape, generator=gen, dtype=torch.float64)
+    memory.requires_grad_(True)
+    s0 = s0._replace(access=s0.access._replace(memory=memory))
+    starts = torch.zeros(T, B)
+    starts[2, 1] = 1.0
+    starts[4, 0] = 1.0
+    y, s = core(x, s0, starts)
+    loss = (y * torch.randn(y.shape, generator=gen, dtype=y.dtype)).sum()
+    loss = loss + (s.memory * torch.randn(s.memory.shape, generator=gen, dtype=y.dtype)).sum()
+    params = [p for p in core.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, [x, memory, *params])
+    return y.detach(), s, grads
+
+
+@needs_native
+def test_sam_core_native_matches_torch_with_resets(torch_path):
+    core = _sam()
+    torch_path(False)
+    y_n, s_n, g_n = _sam_grads(core)
+    torch_path(True)
+    y_t, s_t, g_t = _sam_grads(core)
+    torch.testing.assert_close(y_n, y_t, **TOL)
+    for a, b in zip(s_n.access, s_t.access, strict=True):
+        torch.testing.assert_close(a.detach(), b.detach(), **TOL)
+    for a, b in zip(g_n, g_t, strict=True):
+        torch.testing.assert_close(a, b, **TOL)
