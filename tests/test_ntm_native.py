@@ -247,10 +247,37 @@ def _start_state(core, B, seed=4):
     )
 
 
+#: The three fused paths: the whole sequence as one node (native), step by step with the native
+#: access kernel, step by step with the torch implementation of the access.
+PATHS = ["sequence", "steps", "torch"]
+
+
+def _use_path(monkeypatch, path: str) -> None:
+    if path == "steps":
+        monkeypatch.setattr(ntm_access, "sequence_available", lambda *tensors: False)
+    elif path == "torch":
+        monkeypatch.setattr(ntm_access, "_kernel", lambda: None)
+
+
+def _starts(pattern: str, T: int, B: int) -> torch.Tensor | None:
+    starts = torch.zeros(T, B)
+    if pattern == "none":
+        return None
+    if pattern == "mid":  # different elements at different steps, two at once at t = 4
+        starts[2, 1] = starts[4, 0] = starts[4, 2] = 1.0
+    elif pattern == "first":  # at t = 0 (the given state is replaced) and again later
+        starts[0, 0] = starts[0, 2] = starts[3, 0] = 1.0
+    elif pattern == "all":  # every element at the same step, twice in a row
+        starts[T - 3] = starts[T - 2] = 1.0
+    return starts
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize(("H", "S"), [(1, 1), (2, 1), (1, 2), (2, 2)])
-def test_sequence_with_resets_native_torch_and_reference_agree(monkeypatch, H, S):
+@pytest.mark.parametrize("pattern", ["mid", "first", "all", "none"])
+def test_sequence_paths_agree_with_the_reference(monkeypatch, path, H, S, pattern):
     """Outputs, final state and gradients (input, starting state, every parameter) through a
-    sequence in which elements start new episodes mid-sequence (the learned initial state)."""
+    sequence in which elements start new episodes (the learned initial state), float64."""
     T, B = 7, 3
     fused = build_core(
         "ntm", dtype=F64, hidden_size=5, memory_size=7, word_size=4, num_heads=H, max_shift=S
@@ -262,30 +289,83 @@ def test_sequence_with_resets_native_torch_and_reference_agree(monkeypatch, H, S
     reference.fused = False
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(T, B, INPUT_SIZE, generator=gen, dtype=F64, requires_grad=True)
-    starts = torch.zeros(T, B)
-    starts[2, 1] = 1.0
-    starts[4, 0] = 1.0
-    starts[4, 2] = 1.0
-    runs = {}
-    runs["reference"] = _sequence_grads(reference, x, _start_state(fused, B), starts)
-    runs["native"] = _sequence_grads(fused, x, _start_state(fused, B), starts)
-    monkeypatch.setattr(ntm_access, "_kernel", lambda: None)
-    runs["torch"] = _sequence_grads(fused, x, _start_state(fused, B), starts)
-    ref_y, ref_final, ref_grads = runs["reference"]
+    starts = _starts(pattern, T, B)
+    ref_y, ref_final, ref_grads = _sequence_grads(reference, x, _start_state(fused, B), starts)
+    _use_path(monkeypatch, path)
+    y, final, grads = _sequence_grads(fused, x, _start_state(fused, B), starts)
+    torch.testing.assert_close(y, ref_y, **TIGHT)
+    for a, b in zip(_state_leaves(final), _state_leaves(ref_final), strict=True):
+        torch.testing.assert_close(a, b, **TIGHT)
     names = ["x", "h", "c", "memory", "read_weights", "write_weights", "read_vectors"]
     names += [n for n, _ in fused.named_parameters()]
-    for path in ("native", "torch"):
-        y, final, grads = runs[path]
-        torch.testing.assert_close(y, ref_y, **TIGHT)
-        for a, b in zip(_state_leaves(final), _state_leaves(ref_final), strict=True):
-            torch.testing.assert_close(a, b, **TIGHT)
-        for name, g, r in zip(names, grads, ref_grads, strict=True):
-            assert (g is None) == (r is None), name
-            if r is not None:
-                assert r.abs().max() > 0 or name in ("h", "c", "read_vectors"), name
-                torch.testing.assert_close(
-                    g, r, rtol=1e-9, atol=1e-11, msg=lambda m, k=name, p=path: f"{p} d{k}: {m}"
-                )
+    initial = {"h0", "c0", "read0", "read_logits0", "write_logits0"}
+    for name, g, r in zip(names, grads, ref_grads, strict=True):
+        if pattern == "none" and name in initial:
+            assert g is None and r is None, name
+            continue
+        assert r.abs().max() > 0, name
+        torch.testing.assert_close(
+            g, r, rtol=1e-9, atol=1e-11, msg=lambda m, k=name: f"{path} d{k}: {m}"
+        )
+
+
+@needs_kernel
+def test_fused_forward_runs_the_sequence_as_one_node(monkeypatch):
+    core = build_core("ntm", dtype=F64)
+    calls = []
+    original = ntm_access.NTMSequence.apply
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return original(*args)
+
+    monkeypatch.setattr(ntm_access.NTMSequence, "apply", spy)
+    x = torch.randn(5, 2, INPUT_SIZE, dtype=F64, requires_grad=True)
+    y, _ = core(x)
+    assert calls == [(5, 2, 4 * core.hidden_size)]
+    assert type(y.grad_fn).__name__ == "NTMSequenceBackward"
+    _, _, debug = core(x, return_debug=True)  # debug tensors come from the step path
+    assert len(calls) == 1 and debug["memory"].shape[0] == 5
+
+
+@needs_kernel
+@pytest.mark.parametrize(("H", "S"), [(1, 1), (2, 1)])
+def test_gradcheck_native_sequence(H, S):
+    """Every differentiable input of :class:`NTMSequence`, including the reset state, float64."""
+    T, B, Hd, N, W = 3, 2, 2, 4, 2
+    gen = torch.Generator().manual_seed(H)
+    P = sum(sum(s) for s in head_sizes(H, W, S))
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=F64) * scale).requires_grad_()
+
+    def dist(*shape):
+        return torch.softmax(torch.randn(*shape, generator=gen, dtype=F64), -1).requires_grad_()
+
+    weights = [rand(T, B, 4 * Hd), rand(4 * Hd, Hd + H * W), rand(P, Hd, scale=2.0), rand(P)]
+    start = [rand(B, Hd), rand(B, Hd), rand(B, H, W), rand(B, N, W), dist(B, H, N), dist(B, H, N)]
+    init = [rand(B, Hd), rand(B, Hd), rand(B, H, W), rand(B, N, W), dist(B, H, N), dist(B, H, N)]
+    starts = torch.tensor([[False, False], [False, True], [True, False]])
+
+    def run(*inputs):
+        return ntm_access.NTMSequence.apply(*inputs, starts, H, S, True)
+
+    assert torch.autograd.gradcheck(run, (*weights, *start, *init), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_no_grad_sequence_equals_the_recording_sequence(monkeypatch, path):
+    _use_path(monkeypatch, path)
+    core = build_core("ntm", dtype=F64)
+    randomize_initial_state(core)
+    x = torch.randn(6, 3, INPUT_SIZE, dtype=F64)
+    starts = _starts("mid", 6, 3)
+    y, final = core(x, None, starts)
+    with torch.no_grad():
+        y_plain, final_plain = core(x, None, starts)
+    assert torch.equal(y.detach(), y_plain)
+    for a, b in zip(_state_leaves(final), _state_leaves(final_plain), strict=True):
+        assert torch.equal(a.detach(), b)
 
 
 def test_fused_false_is_the_addressing_reference_path(monkeypatch):
@@ -293,9 +373,10 @@ def test_fused_false_is_the_addressing_reference_path(monkeypatch):
     core = build_core("ntm", fused=False)
 
     def forbidden(*args, **kwargs):
-        raise AssertionError("NTMAccessStep called with fused=False")
+        raise AssertionError("a fused function called with fused=False")
 
     monkeypatch.setattr(NTMAccessStep, "apply", forbidden)
+    monkeypatch.setattr(ntm_access.NTMSequence, "apply", forbidden)
     y, _ = core(torch.randn(3, 2, INPUT_SIZE))
     assert torch.isfinite(y).all()
 

@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from memagents.cores import addressing
+from memagents.cores import addressing, ntm_access
 from memagents.cores.base import MemoryCore, check_positive_int, set_forget_bias
-from memagents.cores.ntm_access import NTMAccessStep, head_sizes
+from memagents.cores.ntm_access import head_sizes
 from memagents.cores.rnn import LSTMState
 
 MEMORY_INIT = 1e-6
@@ -143,6 +143,56 @@ class NTMCore(MemoryCore):
             read_vectors=(H, W),
         )
 
+    # -- a sequence ----------------------------------------------------------------------------
+    def forward(self, x, state=None, episode_starts=None, return_debug=False):
+        """As :meth:`MemoryCore.forward`. With ``fused`` and the native kernels available (CPU,
+        float32/float64) the whole sequence runs as one
+        :class:`~memagents.cores.ntm_access.NTMSequence` node (same equations as :meth:`step`);
+        otherwise, and for ``return_debug``, step by step."""
+        state, starts = self._check_inputs(x, state, episode_starts)
+        if return_debug or not self.fused:
+            return super().forward(x, state, starts, return_debug)
+        B = x.shape[1]
+        H, W, Hd, I = self.num_heads, self.word_size, self.hidden_size, self.input_size
+        leaves = self._sequence_leaves(state, B)
+        if not ntm_access.sequence_available(x, self.heads.weight, *leaves):
+            return super().forward(x, state, starts, return_debug)
+        if starts is not None and bool(starts.any()):
+            init = self._sequence_leaves(self.initial_state(B, x.device), B)
+        else:
+            starts, init = None, (None,) * 6
+        cell = self.controller
+        # The input's share of the gates, for all steps at once: W_x x_t + b_ih + b_hh.
+        x_proj = F.linear(x, cell.weight_ih[:, :I], cell.bias_ih + cell.bias_hh)  # [T, B, 4Hd]
+        # The recurrent share acts on [h_{t-1}; r_{t-1}]: [W_hh, W_r], [4Hd, Hd + H*W].
+        w_state = torch.cat([cell.weight_hh, cell.weight_ih[:, I:]], dim=1)
+        y, c, memory, read_weights, write_weights = ntm_access.NTMSequence.apply(
+            x_proj, w_state, self.heads.weight, self.heads.bias, *leaves, *init, starts, H,
+            self.max_shift, torch.is_grad_enabled(),
+        )  # fmt: skip
+        last = y[-1]  # [B, Hd + H*W]: [h_T; r_T]
+        final = NTMState(
+            controller=LSTMState(last[:, :Hd].unsqueeze(1), c.unsqueeze(1)),
+            memory=memory,
+            read_weights=read_weights,
+            write_weights=write_weights,
+            read_vectors=last[:, Hd:].reshape(B, H, W),
+        )
+        return y, final
+
+    def _sequence_leaves(self, state: NTMState, B: int) -> tuple[Tensor, ...]:
+        """``(h [B, Hd], c [B, Hd], r [B, H, W], M, w^r, w^w)`` in :class:`NTMSequence` order."""
+        h, c = state.controller
+        Hd = self.hidden_size
+        return (
+            h.reshape(B, Hd),
+            c.reshape(B, Hd),
+            state.read_vectors,
+            state.memory,
+            state.read_weights,
+            state.write_weights,
+        )
+
     # -- one step ------------------------------------------------------------------------------
     def _address(
         self,
@@ -167,7 +217,7 @@ class NTMCore(MemoryCore):
         ctrl_in = torch.cat([x, state.read_vectors.reshape(B, H * W)], dim=-1)
         h, c = self.controller(ctrl_in, (h_prev.squeeze(1), c_prev.squeeze(1)))
         if self.fused:
-            memory, write_weights, read_weights, read_vectors = NTMAccessStep.apply(
+            memory, write_weights, read_weights, read_vectors = ntm_access.ntm_access(
                 state.memory,
                 state.read_weights,
                 state.write_weights,

@@ -30,6 +30,8 @@ Shapes: ``B`` batch, ``N`` rows, ``W`` word size, ``H`` head pairs, ``S`` maximu
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -54,27 +56,39 @@ def head_sizes(num_heads: int, word_size: int, max_shift: int) -> tuple[list[int
 
 
 # -- the native kernel -----------------------------------------------------------------------------
-_ARGTYPES_SET: set[int] = set()
+class _Kernels(NamedTuple):
+    """The kernel entry points of one dtype (see ``csrc/ntm_access.cpp``)."""
+
+    workspace_size: Callable
+    forward: Callable
+    backward: Callable
+    lstm_forward: Callable
+    lstm_backward: Callable
+
+
+_BOUND: dict[tuple[int, torch.dtype], _Kernels] = {}
 
 
 def _kernel():
     """The compiled ``ntm_access`` library or ``None`` (see :func:`native.load`)."""
-    lib = native.load("ntm_access")
-    if lib is not None and id(lib) not in _ARGTYPES_SET:
+    return native.load("ntm_access")
+
+
+def _functions(lib, dtype: torch.dtype) -> _Kernels:
+    """The typed entry points of ``lib`` for ``dtype`` (float32 or float64), bound once."""
+    key = (id(lib), dtype)
+    if key not in _BOUND:
         p, i, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
-        for suffix in ("f32", "f64"):
-            size = getattr(lib, f"ntm_workspace_size_{suffix}")
-            size.argtypes, size.restype = [i, i, i, i], L
-            fwd = getattr(lib, f"ntm_forward_{suffix}")
-            fwd.argtypes, fwd.restype = [L, i, i, i, i] + [p] * 9, None
-            bwd = getattr(lib, f"ntm_backward_{suffix}")
-            bwd.argtypes, bwd.restype = [L, i, i, i, i] + [p] * 16, None
-        _ARGTYPES_SET.add(id(lib))
-    return lib
-
-
-def _suffix(dtype: torch.dtype) -> str:
-    return "f64" if dtype == torch.float64 else "f32"
+        sfx = "f64" if dtype == torch.float64 else "f32"
+        fns = _Kernels(*(getattr(lib, f"ntm_{n}_{sfx}") for n in _Kernels._fields))
+        fns.workspace_size.argtypes, fns.workspace_size.restype = [i, i, i, i], L
+        fns.forward.argtypes, fns.forward.restype = [L, i, i, i, i, L] + [p] * 9, None
+        fns.backward.argtypes, fns.backward.restype = [L, i, i, i, i, L] + [p] * 16, None
+        fns.lstm_forward.argtypes, fns.lstm_forward.restype = [L, i, p, p, p, p, L], None
+        fns.lstm_backward.argtypes = [L, i, p, p, p, p, L, p, p]
+        fns.lstm_backward.restype = None
+        _BOUND[key] = fns
+    return _BOUND[key]
 
 
 # -- torch implementation --------------------------------------------------------------------------
@@ -207,12 +221,15 @@ class NTMAccessStep(torch.autograd.Function):
 
     Inputs: ``memory [B, N, W]``, ``read_weights [B, H, N]``, ``write_weights [B, H, N]``,
     ``params [B, P]`` (raw, laid out as in the module docstring), ``num_heads`` ``H``,
-    ``max_shift`` ``S``. Outputs: ``memory [B, N, W]``, ``write_weights [B, H, N]``,
-    ``read_weights [B, H, N]``, ``read_vectors [B, H, W]``.
+    ``max_shift`` ``S``, ``record`` (``False``: no backward will be needed, keep nothing).
+    Outputs: ``memory [B, N, W]``, ``write_weights [B, H, N]``, ``read_weights [B, H, N]``,
+    ``read_vectors [B, H, W]``.
     """
 
     @staticmethod
-    def forward(ctx, memory, read_weights, write_weights, params, num_heads, max_shift):
+    def forward(
+        ctx, memory, read_weights, write_weights, params, num_heads, max_shift, record=True
+    ):
         H, S = int(num_heads), int(max_shift)
         B, N, W = memory.shape
         expected = sum(sum(s) for s in head_sizes(H, W, S))
@@ -224,20 +241,19 @@ class NTMAccessStep(torch.autograd.Function):
         ctx.dims = (H, S)
         lib = _kernel()
         if lib is not None and native.usable(memory, read_weights, write_weights, params):
+            k = _functions(lib, memory.dtype)
             inputs = [t.contiguous() for t in (memory, read_weights, write_weights, params)]
             memory_out = torch.empty_like(inputs[0])
             write_out = torch.empty_like(inputs[1])
             read_out = torch.empty_like(inputs[1])
             vectors = memory.new_empty(B, H, W)
-            sfx = _suffix(memory.dtype)
             workspace = None
-            if any(ctx.needs_input_grad[:4]):
-                size = getattr(lib, f"ntm_workspace_size_{sfx}")(N, W, H, S)
-                workspace = memory.new_empty(B, size)
-            getattr(lib, f"ntm_forward_{sfx}")(
-                B, N, W, H, S, *(native.ptr(t) for t in inputs),
-                native.ptr(memory_out), native.ptr(write_out), native.ptr(read_out),
-                native.ptr(vectors), None if workspace is None else native.ptr(workspace),
+            if record and any(ctx.needs_input_grad[:4]):
+                workspace = memory.new_empty(B, k.workspace_size(N, W, H, S))
+            k.forward(
+                B, N, W, H, S, H * W, *(t.data_ptr() for t in inputs), memory_out.data_ptr(),
+                write_out.data_ptr(), read_out.data_ptr(), vectors.data_ptr(),
+                None if workspace is None else workspace.data_ptr(),
             )  # fmt: skip
             ctx.native = True
             if workspace is not None:
@@ -246,27 +262,198 @@ class NTMAccessStep(torch.autograd.Function):
         ctx.native = False
         index = addressing.shift_index(N, S, device=memory.device)
         outputs, cache = _torch_forward(memory, read_weights, write_weights, params, H, S, index)
-        ctx.save_for_backward(*cache)
+        if record:
+            ctx.save_for_backward(*cache)
         return outputs
 
     @staticmethod
     def backward(ctx, g_memory, g_write, g_read, g_vectors):
         H, S = ctx.dims
+        saved = ctx.saved_tensors
         if ctx.native:
-            saved = ctx.saved_tensors
             memory = saved[0]
             B, N, W = memory.shape
             grads = [g.contiguous() for g in (g_memory, g_write, g_read, g_vectors)]
             outs = [torch.empty_like(t) for t in saved[:4]]
-            getattr(_kernel(), f"ntm_backward_{_suffix(memory.dtype)}")(
-                B, N, W, H, S, *(native.ptr(t) for t in saved),
-                *(native.ptr(g) for g in grads), *(native.ptr(t) for t in outs),
+            _functions(_kernel(), memory.dtype).backward(
+                B, N, W, H, S, H * W, *(t.data_ptr() for t in saved),
+                *(g.data_ptr() for g in grads), *(t.data_ptr() for t in outs),
             )  # fmt: skip
-            return (*outs, None, None)
-        cache = ctx.saved_tensors
-        index = addressing.shift_index(cache[0].shape[1], S, device=g_memory.device)
-        grads = _torch_backward((g_memory, g_write, g_read, g_vectors), cache, index)
-        return (*grads, None, None)
+            return (*outs, None, None, None)
+        index = addressing.shift_index(saved[0].shape[1], S, device=g_memory.device)
+        grads = _torch_backward((g_memory, g_write, g_read, g_vectors), saved, index)
+        return (*grads, None, None, None)
+
+
+class NTMSequence(torch.autograd.Function):
+    """``T`` whole NTM steps (controller LSTM cell, head parameters, memory access) as one
+    autograd node, its backward being backpropagation through time by hand. Native kernels only
+    (CPU, float32/float64): callers check :func:`sequence_available` first.
+
+    Step ``t`` (Graves et al. 2014, section 2: the controller sees ``x_t`` and ``r_{t-1}``):
+
+    - where ``starts[t, b]``, element ``b``'s state is first replaced by the initial state;
+    - gates ``= x_proj[t] + [h_{t-1}; r_{t-1}] w_state^T``, then the LSTM cell (torch's gate order
+      ``i, f, g, o``) gives ``c_t, h_t``;
+    - raw head parameters ``h_t w_heads^T + b_heads``, then the access of :class:`NTMAccessStep`.
+
+    The input projection ``x_proj`` (all steps, with both LSTM biases) is computed by the caller
+    in one call under autograd, and the weight gradients are formed once over all steps
+    (``[T*B]``-row matrix products), so each step costs two small matrix products and two kernel
+    calls forward, and about the same backward.
+
+    Inputs: ``x_proj [T, B, 4Hd]``; ``w_state [4Hd, Hd + H*W]`` (acting on ``[h; r]``);
+    ``w_heads [P, Hd]``; ``b_heads [P]``; the state before step 0: ``h [B, Hd]``, ``c [B, Hd]``,
+    ``r [B, H, W]``, ``M [B, N, W]``, ``w^r [B, H, N]``, ``w^w [B, H, N]``; the initial state in the
+    same six shapes (broadcastable, or all ``None`` when ``starts`` is ``None``); ``starts [T, B]``
+    bool or ``None``; ``H``; ``S``; ``record`` (``False``: no backward, keep nothing).
+
+    Outputs: ``y [T, B, Hd + H*W]`` (``[h_t; r_t]``), and the final ``c [B, Hd]``,
+    ``M [B, N, W]``, ``w^r [B, H, N]``, ``w^w [B, H, N]`` (``h_T`` and ``r_T`` are in ``y[-1]``).
+    """
+
+    @staticmethod
+    def forward(
+        ctx, x_proj, w_state, w_heads, b_heads, h, c, r, memory, read_w, write_w,
+        init_h, init_c, init_r, init_memory, init_read_w, init_write_w, starts,
+        num_heads, max_shift, record=True,
+    ):  # fmt: skip
+        H, S = int(num_heads), int(max_shift)
+        T, B, G = x_proj.shape
+        Hd, (N, W), P = G // 4, memory.shape[1:], w_heads.shape[0]
+        D = Hd + H * W
+        k = _functions(_kernel(), x_proj.dtype)
+        new = x_proj.new_empty
+        x_proj = x_proj.contiguous()
+        w_state_t, w_heads_t = w_state.t(), w_heads.t()
+        gates, cells, params = new(T, B, G), new(T, B, Hd), new(T, B, P)
+        memories, reads, writes = new(T, B, N, W), new(T, B, H, N), new(T, B, H, N)
+        y = new(T, B, D)
+        record = record and any(ctx.needs_input_grad)
+        ws = new(T, B, k.workspace_size(N, W, H, S)) if record else None
+        offset = Hd * y.element_size()  # r_t sits after h_t in each row of y
+
+        z = torch.cat([h.reshape(B, Hd), r.reshape(B, H * W)], 1)  # [h; r]: [B, D]
+        cell, mem = c.reshape(B, Hd).contiguous(), memory.contiguous()
+        rw, ww = read_w.contiguous(), write_w.contiguous()
+        start_state = (z, cell, mem, rw, ww)
+        resets = [False] * T if starts is None else starts.any(1).tolist()
+        if any(resets):
+            init_z = torch.cat([init_h.reshape(B, Hd), init_r.reshape(B, H * W)], 1)
+            init = (init_z, init_c.reshape(B, Hd), init_memory, init_read_w, init_write_w)
+        reset_inputs = {}  # t -> (mask, state after the reset) for the backward
+        for t in range(T):
+            if resets[t]:
+                mask = starts[t]
+                z, cell, mem, rw, ww = (
+                    torch.where(mask.view(B, *([1] * (a.dim() - 1))), i, a)
+                    for i, a in zip(init, (z, cell, mem, rw, ww), strict=True)
+                )
+                reset_inputs[t] = (mask, (z, cell, mem, rw, ww))
+            yt = y[t]
+            torch.addmm(x_proj[t], z, w_state_t, out=gates[t])
+            k.lstm_forward(
+                B, Hd, gates[t].data_ptr(), cell.data_ptr(), cells[t].data_ptr(), yt.data_ptr(), D
+            )
+            torch.addmm(b_heads, yt[:, :Hd], w_heads_t, out=params[t])
+            k.forward(
+                B, N, W, H, S, D, mem.data_ptr(), rw.data_ptr(), ww.data_ptr(),
+                params[t].data_ptr(), memories[t].data_ptr(), writes[t].data_ptr(),
+                reads[t].data_ptr(), yt.data_ptr() + offset,
+                None if ws is None else ws[t].data_ptr(),
+            )  # fmt: skip
+            z, cell, mem, rw, ww = yt, cells[t], memories[t], reads[t], writes[t]
+        if record:
+            ctx.dims = (H, S)
+            ctx.reset_inputs = reset_inputs
+            ctx.save_for_backward(
+                w_state, w_heads, gates, cells, params, memories, reads, writes, ws, y,
+                *start_state,
+            )  # fmt: skip
+        return y, cells[-1].clone(), memories[-1].clone(), reads[-1].clone(), writes[-1].clone()
+
+    @staticmethod
+    def backward(ctx, g_y, g_c, g_memory, g_read, g_write):
+        H, S = ctx.dims
+        saved = ctx.saved_tensors
+        w_state, w_heads, gates, cells, params, memories, reads, writes, ws, y = saved[:10]
+        start_state = saved[10:]
+        T, B, D = y.shape
+        G, P, (N, W) = gates.shape[-1], params.shape[-1], memories.shape[-2:]
+        Hd = G // 4
+        k = _functions(_kernel(), y.dtype)
+        offset = Hd * y.element_size()
+        g_y = g_y.contiguous()
+        g_gates, g_params = torch.empty_like(gates), torch.empty_like(params)
+        # gradients of the state after step t, carried backwards: [h; r] (less g_y), c, M, w^r, w^w
+        g_z = None
+        g_cell = g_c.contiguous().clone()  # updated in place by the LSTM kernel
+        g_mem, g_rw, g_ww = g_memory.contiguous(), g_read.contiguous(), g_write.contiguous()
+        g_init = None
+        for t in reversed(range(T)):
+            if t in ctx.reset_inputs:
+                inputs = ctx.reset_inputs[t][1]
+            elif t == 0:
+                inputs = start_state
+            else:
+                inputs = (y[t - 1], cells[t - 1], memories[t - 1], reads[t - 1], writes[t - 1])
+            z_in, cell_in, mem_in, rw_in, ww_in = inputs
+            gzt = g_y[t] if g_z is None else g_y[t] + g_z  # [B, D]
+            g_mem_in, g_rw_in, g_ww_in = (
+                torch.empty_like(mem_in),
+                torch.empty_like(rw_in),
+                torch.empty_like(ww_in),
+            )
+            k.backward(
+                B, N, W, H, S, D, mem_in.data_ptr(), rw_in.data_ptr(), ww_in.data_ptr(),
+                params[t].data_ptr(), memories[t].data_ptr(), writes[t].data_ptr(),
+                reads[t].data_ptr(), ws[t].data_ptr(), g_mem.data_ptr(), g_ww.data_ptr(),
+                g_rw.data_ptr(), gzt.data_ptr() + offset, g_mem_in.data_ptr(),
+                g_rw_in.data_ptr(), g_ww_in.data_ptr(), g_params[t].data_ptr(),
+            )  # fmt: skip
+            g_h = torch.addmm(gzt[:, :Hd], g_params[t], w_heads)  # [B, Hd]
+            k.lstm_backward(
+                B, Hd, gates[t].data_ptr(), cell_in.data_ptr(), cells[t].data_ptr(),
+                g_h.data_ptr(), Hd, g_cell.data_ptr(), g_gates[t].data_ptr(),
+            )  # fmt: skip
+            g_z = torch.mm(g_gates[t], w_state)  # [B, D]
+            g_mem, g_rw, g_ww = g_mem_in, g_rw_in, g_ww_in
+            if t in ctx.reset_inputs:  # the reset elements' inputs came from the initial state
+                mask = ctx.reset_inputs[t][0]
+                carried = (g_z, g_cell, g_mem, g_rw, g_ww)
+                masks = [mask.view(B, *([1] * (g.dim() - 1))) for g in carried]
+                to_init = [torch.where(m, g, 0.0) for m, g in zip(masks, carried, strict=True)]
+                if g_init is None:
+                    g_init = to_init
+                else:
+                    g_init = [a + b for a, b in zip(g_init, to_init, strict=True)]
+                g_z, g_cell, g_mem, g_rw, g_ww = (
+                    torch.where(m, 0.0, g) for m, g in zip(masks, carried, strict=True)
+                )
+        # weight gradients over all steps at once: the inputs [h; r] of every step
+        z_in_all = torch.cat([start_state[0].unsqueeze(0), y[:-1]])
+        for t, (_, (z_in, *_)) in ctx.reset_inputs.items():
+            z_in_all[t] = z_in
+        g_gates_2d, g_params_2d = g_gates.view(T * B, G), g_params.view(T * B, P)
+        g_w_state = g_gates_2d.t().mm(z_in_all.view(T * B, D))
+        g_w_heads = g_params_2d.t().mm(y.view(T * B, D)[:, :Hd])
+        g_b_heads = g_params_2d.sum(0)
+        g_start = (g_z[:, :Hd], g_cell, g_z[:, Hd:].reshape(B, H, W), g_mem, g_rw, g_ww)
+        if g_init is None:
+            g_init_out = (None,) * 6
+        else:
+            gz_i, gc_i, gm_i, grw_i, gww_i = g_init
+            g_init_out = (gz_i[:, :Hd], gc_i, gz_i[:, Hd:].reshape(B, H, W), gm_i, grw_i, gww_i)
+        return (
+            g_gates, g_w_state, g_w_heads, g_b_heads, *g_start, *g_init_out,
+            None, None, None, None,
+        )  # fmt: skip
+
+
+def sequence_available(*tensors: Tensor) -> bool:
+    """Whether :class:`NTMSequence` can run on these tensors (its kernels built, CPU, one float
+    dtype)."""
+    return _kernel() is not None and native.usable(*tensors)
 
 
 def ntm_access(
@@ -287,4 +474,6 @@ def ntm_access(
     :param max_shift: ``S``.
     :return: ``(M_t [B, N, W], w^w_t [B, H, N], w^r_t [B, H, N], r_t [B, H, W])``.
     """
-    return NTMAccessStep.apply(memory, read_weights, write_weights, params, num_heads, max_shift)
+    return NTMAccessStep.apply(
+        memory, read_weights, write_weights, params, num_heads, max_shift, torch.is_grad_enabled()
+    )

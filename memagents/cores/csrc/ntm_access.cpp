@@ -51,8 +51,10 @@ struct Dims {
   int param_size;    // 2 * read_size + 2*H*W
   int head_ws;     // workspace per (pass, head): sim, wc, wg, wt [N each], s [K], kn beta g gamma
   long ws_size;    // per batch element: 2N norms + 2 passes * H heads * head_ws
+  long vec_stride;  // distance between batch elements' read vectors r (H*W when packed)
 
-  Dims(long b, int n, int w, int h, int s) : B(b), N(n), W(w), H(h), S(s), K(2 * s + 1) {
+  Dims(long b, int n, int w, int h, int s, long vs = 0)
+      : B(b), N(n), W(w), H(h), S(s), K(2 * s + 1), vec_stride(vs ? vs : long(h) * w) {
     read_size = H * W + 3 * H + H * K;
     erase_offset = 2 * read_size;
     param_size = 2 * read_size + 2 * H * W;
@@ -328,7 +330,7 @@ void forward(const Dims& d, const T* memory, const T* read_prev, const T* write_
                       wr + h * N, heads_ws + (H + h) * d.head_ws, pad.data());
 
     // 4. read vectors r_h = M_t^T w^r_h (eq. 2)
-    T* r = read_vectors + b * long(H) * W;
+    T* r = read_vectors + b * d.vec_stride;
     for (int h = 0; h < H; ++h) {
       T* rh = r + h * W;
       for (int w = 0; w < W; ++w) rh[w] = 0;
@@ -360,7 +362,7 @@ void backward(const Dims& d, const T* memory, const T* read_prev, const T* write
     const T* heads_ws = ws + 2 * N;
     const T* ww = write_out + b * HN;
     const T* wr = read_out + b * HN;
-    const T* gr = g_read_vectors + b * long(H) * W;
+    const T* gr = g_read_vectors + b * d.vec_stride;
     T* gM0 = g_memory + b * NW;
     T* grow = g_params + b * d.param_size;
 
@@ -433,6 +435,61 @@ void backward(const Dims& d, const T* memory, const T* read_prev, const T* write
   }
 }
 
+// -- the controller's LSTM cell, pointwise part (Hochreiter & Schmidhuber 1997; torch's gate order) --
+// gates [B, 4Hd] holds the pre-activations i, f, g, o on entry and sigmoid(i), sigmoid(f),
+// tanh(g), sigmoid(o) on exit; c = f c_prev + i g, h = o tanh(c). h is written with row stride
+// h_stride (so that it can land in the core's output row [h; r]).
+template <typename T>
+void lstm_forward(long B, int Hd, T* gates, const T* c_prev, T* c_out, T* h_out, long h_stride) {
+  for (long b = 0; b < B; ++b) {
+    T* gi = gates + b * 4 * Hd;
+    T* gf = gi + Hd;
+    T* gg = gi + 2 * Hd;
+    T* go = gi + 3 * Hd;
+    const T* cp = c_prev + b * Hd;
+    T* c = c_out + b * Hd;
+    T* h = h_out + b * h_stride;
+    for (int j = 0; j < Hd; ++j) {
+      gi[j] = sigmoid(gi[j]);
+      gf[j] = sigmoid(gf[j]);
+      gg[j] = std::tanh(gg[j]);
+      go[j] = sigmoid(go[j]);
+      c[j] = gf[j] * cp[j] + gi[j] * gg[j];
+      h[j] = go[j] * std::tanh(c[j]);
+    }
+  }
+}
+
+// Backward of lstm_forward. gc holds the gradient of c on entry and that of c_prev on exit;
+// g_gates [B, 4Hd] receives the gradient of the pre-activations.
+template <typename T>
+void lstm_backward(long B, int Hd, const T* act, const T* c_prev, const T* c, const T* gh,
+                   long gh_stride, T* gc, T* g_gates) {
+  for (long b = 0; b < B; ++b) {
+    const T* ai = act + b * 4 * Hd;
+    const T* af = ai + Hd;
+    const T* ag = ai + 2 * Hd;
+    const T* ao = ai + 3 * Hd;
+    const T* cp = c_prev + b * Hd;
+    const T* cb = c + b * Hd;
+    const T* ghb = gh + b * gh_stride;
+    T* gcb = gc + b * Hd;
+    T* gi = g_gates + b * 4 * Hd;
+    T* gf = gi + Hd;
+    T* gg = gi + 2 * Hd;
+    T* go = gi + 3 * Hd;
+    for (int j = 0; j < Hd; ++j) {
+      const T tc = std::tanh(cb[j]);
+      const T gct = gcb[j] + ghb[j] * ao[j] * (T(1) - tc * tc);
+      go[j] = ghb[j] * tc * ao[j] * (T(1) - ao[j]);
+      gi[j] = gct * ag[j] * ai[j] * (T(1) - ai[j]);
+      gf[j] = gct * cp[j] * af[j] * (T(1) - af[j]);
+      gg[j] = gct * ai[j] * (T(1) - ag[j] * ag[j]);
+      gcb[j] = gct * af[j];
+    }
+  }
+}
+
 }  // namespace
 
 #define NTM_EXPORT extern "C" __attribute__((visibility("default")))
@@ -441,22 +498,31 @@ void backward(const Dims& d, const T* memory, const T* read_prev, const T* write
   NTM_EXPORT long ntm_workspace_size_##SUFFIX(int N, int W, int H, int S) {                     \
     return Dims(1, N, W, H, S).ws_size;                                                         \
   }                                                                                             \
-  NTM_EXPORT void ntm_forward_##SUFFIX(long B, int N, int W, int H, int S, const T* memory,     \
-                                       const T* read_prev, const T* write_prev, const T* params, \
-                                       T* memory_out, T* write_out, T* read_out,                \
-                                       T* read_vectors, T* workspace) {                         \
-    forward(Dims(B, N, W, H, S), memory, read_prev, write_prev, params, memory_out, write_out,  \
-            read_out, read_vectors, workspace);                                                 \
+  NTM_EXPORT void ntm_forward_##SUFFIX(long B, int N, int W, int H, int S, long vec_stride,     \
+                                       const T* memory, const T* read_prev, const T* write_prev, \
+                                       const T* params, T* memory_out, T* write_out,            \
+                                       T* read_out, T* read_vectors, T* workspace) {            \
+    forward(Dims(B, N, W, H, S, vec_stride), memory, read_prev, write_prev, params, memory_out, \
+            write_out, read_out, read_vectors, workspace);                                      \
   }                                                                                             \
   NTM_EXPORT void ntm_backward_##SUFFIX(                                                        \
-      long B, int N, int W, int H, int S, const T* memory, const T* read_prev,                  \
+      long B, int N, int W, int H, int S, long vec_stride, const T* memory, const T* read_prev, \
       const T* write_prev, const T* params, const T* memory_out, const T* write_out,            \
       const T* read_out, const T* workspace, const T* g_memory_out, const T* g_write_out,       \
       const T* g_read_out, const T* g_read_vectors, T* g_memory, T* g_read_prev,                \
       T* g_write_prev, T* g_params) {                                                           \
-    backward(Dims(B, N, W, H, S), memory, read_prev, write_prev, params, memory_out, write_out, \
-             read_out, workspace, g_memory_out, g_write_out, g_read_out, g_read_vectors,        \
-             g_memory, g_read_prev, g_write_prev, g_params);                                    \
+    backward(Dims(B, N, W, H, S, vec_stride), memory, read_prev, write_prev, params,            \
+             memory_out, write_out, read_out, workspace, g_memory_out, g_write_out, g_read_out, \
+             g_read_vectors, g_memory, g_read_prev, g_write_prev, g_params);                    \
+  }                                                                                             \
+  NTM_EXPORT void ntm_lstm_forward_##SUFFIX(long B, int Hd, T* gates, const T* c_prev,          \
+                                            T* c_out, T* h_out, long h_stride) {                \
+    lstm_forward(B, Hd, gates, c_prev, c_out, h_out, h_stride);                                 \
+  }                                                                                             \
+  NTM_EXPORT void ntm_lstm_backward_##SUFFIX(long B, int Hd, const T* act, const T* c_prev,     \
+                                             const T* c, const T* gh, long gh_stride, T* gc,    \
+                                             T* g_gates) {                                      \
+    lstm_backward(B, Hd, act, c_prev, c, gh, gh_stride, gc, g_gates);                           \
   }
 
 NTM_INSTANTIATE(float, f32)
