@@ -27,6 +27,7 @@ Two execution paths compute the same function (tested to 1e-4 in float32):
 
 from __future__ import annotations
 
+import ctypes
 import math
 from typing import NamedTuple
 
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from memagents.cores import native
 from memagents.cores.base import MemoryCore, check_positive_int
 
 #: Update rules of the fast weights (``update`` kwarg).
@@ -119,6 +121,166 @@ def sum_normalise(phi: Tensor, eps: float = NORM_EPS) -> Tensor:
     return phi * phi.sum(dim=-1, keepdim=True).clamp_min(eps).reciprocal()
 
 
+# -- the slow net's output layer, split into heads ---------------------------------------------
+
+
+def slow_net_heads(
+    z: Tensor,
+    num_heads: int,
+    key_size: int,
+    value_size: int,
+    feature_map: str,
+    nu: int,
+    delta: bool,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The slow net's output ``z = W_slow x`` split into what programs the fast weights.
+
+    ``z``'s last axis is ``[k_1..k_H, q_1..q_H | v_1..v_H | β_1..β_H]`` (``β`` for the delta
+    rule only): keys and queries go through ``φ'`` (the feature map, then
+    :func:`sum_normalise`), values stay as they are, ``β = σ(·)``. The same as
+    ``sum_normalise(dpfp(k))`` (or ``elu1``) etc. with plain autograd, computed by
+    :class:`_SlowNetHeads` with a hand-written backward pass (native kernel on CPU).
+
+    :param z: ``[..., 2 H d_key + H d_v (+ H)]``.
+    :return: ``φ'([k; q])`` ``[..., 2, H, d_φ]`` (keys first), ``v [..., H, d_v]`` and
+        ``β [..., H]`` (``None`` for the sum rule).
+    """
+    return _SlowNetHeads.apply(z, num_heads, key_size, value_size, feature_map, nu, delta)
+
+
+def _features_forward(x: Tensor, feature_map: str, nu: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``φ'(x)``, the scale ``1 / max(Σ φ, eps)`` ``[..., 1]`` and ``Σ φ ≥ eps`` (torch path)."""
+    if feature_map == "dpfp":
+        r = torch.cat([x, -x], dim=-1).clamp_min_(0.0)  # ReLU([x, -x])
+        phi = torch.cat([r * r.roll(-i, dims=-1) for i in range(1, nu + 1)], dim=-1)
+    else:
+        phi = elu1(x)
+    total = phi.sum(dim=-1, keepdim=True)
+    scale = total.clamp_min(NORM_EPS).reciprocal_()
+    return phi.mul_(scale), scale, total >= NORM_EPS
+
+
+def _features_backward(
+    x: Tensor,
+    features: Tensor,
+    scale: Tensor,
+    unclamped: Tensor,
+    grad: Tensor,
+    feature_map: str,
+    nu: int,
+) -> Tensor:
+    """The gradient wrt ``x`` of ``φ'(x) = φ(x) / max(Σ φ(x), eps)`` given ``grad = dφ'``
+    (torch path; see :class:`_SlowNetHeads`)."""
+    # φ' = φ c with c = 1 / max(s, eps): dφ_j = c (g_j - [s ≥ eps] Σ_i g_i φ'_i)
+    dot = torch.where(unclamped, (grad * features).sum(dim=-1, keepdim=True), 0.0)
+    dphi = (grad - dot).mul_(scale)
+    if feature_map == "elu1":
+        # d(ELU(x) + 1)/dx = 1 for x > 0, exp(x) = φ otherwise: min(φ, 1)
+        return dphi.mul_(torch.where(x > 0, 1.0, torch.exp(x)))
+    d = x.shape[-1]
+    r = torch.cat([x, -x], dim=-1).clamp_min_(0.0)
+    dr = torch.zeros_like(r)
+    for i in range(1, nu + 1):  # φ_i = r ⊙ roll(r, -i): both factors get a gradient
+        dphi_i = dphi[..., (i - 1) * 2 * d : i * 2 * d]
+        dr += dphi_i * r.roll(-i, dims=-1)
+        dr += (dphi_i * r).roll(i, dims=-1)
+    # ReLU: no gradient at 0 (``where``, not a product with a bool mask: that is slow on CPU)
+    return torch.where(x > 0, dr[..., :d], 0.0) - torch.where(x < 0, dr[..., d:], 0.0)
+
+
+def _heads_kernel() -> ctypes.CDLL | None:
+    """The compiled ``csrc/fwp_heads.cpp`` or ``None`` (see :func:`native.load`)."""
+    return native.load("fwp_heads")
+
+
+_HEADS_BOUND: dict[tuple[int, torch.dtype], tuple] = {}
+_P, _L, _I, _D = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_double
+
+
+def _heads_functions(lib: ctypes.CDLL, dtype: torch.dtype) -> tuple:
+    """``(forward, backward)`` entry points of ``lib`` for ``dtype``, bound once."""
+    key = (id(lib), dtype)
+    if key not in _HEADS_BOUND:
+        suffix = "f32" if dtype == torch.float32 else "f64"
+        fwd = getattr(lib, f"fwp_heads_forward_{suffix}")
+        fwd.argtypes = [_P, _L, _I, _I, _I, _I, _I, _I, _D, _P, _P, _P]
+        fwd.restype = None
+        bwd = getattr(lib, f"fwp_heads_backward_{suffix}")
+        bwd.argtypes = [_P, _L, _I, _I, _I, _I, _I, _I, _D, _P, _P, _P, _P, _P]
+        bwd.restype = None
+        _HEADS_BOUND[key] = (fwd, bwd)
+    return _HEADS_BOUND[key]
+
+
+class _SlowNetHeads(torch.autograd.Function):
+    """:func:`slow_net_heads` with a hand-written backward pass.
+
+    With ``r = ReLU([x, -x])``, ``φ_{i,j} = r_j r_{j+i}`` (DPFP, Schlag et al. 2021, Sec. 5.3)
+    and ``φ' = φ c``, ``c = 1 / max(Σ φ, eps)`` (Sec. 4.2), given ``g = dφ'``::
+
+        dφ   = c (g - [Σ φ ≥ eps] (g · φ'))
+        dr_j = Σ_i dφ_{i,j} r_{j+i} + dφ_{i,j-i} r_{j-i}          (indices modulo 2 d_key)
+        dx_j = dr_j [x_j > 0] - dr_{j+d_key} [x_j < 0]
+
+    and for ``φ = ELU(x) + 1``, ``dx = dφ · (1 if x > 0 else exp(x))``; ``dβ = σ (1 - σ) g_β``.
+    These are a few elementwise passes instead of autograd's chain (two permutation products,
+    ReLU, product, sum, clamp, division, splits).
+    """
+
+    @staticmethod
+    def forward(ctx, z, num_heads, key_size, value_size, feature_map, nu, delta):
+        H, Dk, Dv = num_heads, key_size, value_size
+        lead = z.shape[:-1]
+        n_kq, n_v = 2 * H * Dk, H * Dv
+        ctx.config = (H, Dk, Dv, feature_map, nu, delta)
+        lib = _heads_kernel()
+        ctx.native = lib is not None and native.usable(z)
+        if ctx.native:
+            z = z.contiguous()
+            d_phi = 2 * Dk * nu if feature_map == "dpfp" else Dk
+            features = z.new_empty(*lead, 2, H, d_phi)
+            v = z.new_empty(*lead, H, Dv)
+            beta = z.new_empty(*lead, H) if delta else None
+            forward, _ = _heads_functions(lib, z.dtype)
+            sizes = (z.numel() // z.shape[-1], H, Dk, Dv, feature_map == "dpfp", nu, delta)
+            out = (native.ptr(features), native.ptr(v), native.ptr(beta) if delta else None)
+            forward(native.ptr(z), *sizes, NORM_EPS, *out)
+            ctx.save_for_backward(z, beta)
+            return features, v, beta
+        x = z[..., :n_kq].unflatten(-1, (2, H, Dk))
+        features, scale, unclamped = _features_forward(x, feature_map, nu)
+        v = z[..., n_kq : n_kq + n_v].unflatten(-1, (H, Dv)).clone()
+        beta = torch.sigmoid(z[..., n_kq + n_v :]) if delta else None
+        ctx.save_for_backward(z, beta, features, scale, unclamped)
+        return features, v, beta
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_features, d_v, d_beta):
+        z, beta, *torch_path = ctx.saved_tensors
+        H, Dk, Dv, feature_map, nu, delta = ctx.config
+        n_kq, n_v = 2 * H * Dk, H * Dv
+        dz = torch.empty_like(z)
+        if ctx.native:
+            _, backward = _heads_functions(_heads_kernel(), z.dtype)
+            d_features, d_v = d_features.contiguous(), d_v.contiguous()
+            d_beta = d_beta.contiguous() if delta else None
+            sizes = (z.numel() // z.shape[-1], H, Dk, Dv, feature_map == "dpfp", nu, delta)
+            grads = (native.ptr(d_features), native.ptr(d_v))
+            grads += (native.ptr(d_beta) if delta else None,)
+            beta_ptr = native.ptr(beta) if delta else None
+            backward(native.ptr(z), *sizes, NORM_EPS, beta_ptr, *grads, native.ptr(dz))
+            return dz, None, None, None, None, None, None
+        features, scale, unclamped = torch_path
+        x = z[..., :n_kq].unflatten(-1, (2, H, Dk))
+        dx = _features_backward(x, features, scale, unclamped, d_features, feature_map, nu)
+        dz[..., :n_kq] = dx.flatten(-3)
+        dz[..., n_kq : n_kq + n_v] = d_v.flatten(-2)
+        if beta is not None:
+            dz[..., n_kq + n_v :] = d_beta * beta * (1.0 - beta)
+        return dz, None, None, None, None, None, None
+
+
 # -- the two execution paths -------------------------------------------------------------------
 
 
@@ -163,22 +325,24 @@ def fast_weight_chunked(
 
     - Delta rule. The state after step ``t`` of the chunk is ``S_t = S P_t + H_t`` with
       ``P_t = Π_{i≤t} (I - β_i k_i k_iᵀ)``, which the WY representation writes as
-      ``P_t = I - Σ_{i≤t} w_i k_iᵀ`` and ``H_t = Σ_{i≤t} u_i k_iᵀ``, where
-      ``w_t = β_t (k_t - Σ_{i<t} (k_iᵀ k_t) w_i)`` and ``u_t = β_t (v_t - Σ_{i<t} (k_iᵀ k_t) u_i)``.
-      Stacked as rows, this is the UT transform ``(I + A) [Wy | U] = diag(β) [K | V]`` with
-      ``A = strict_tril(diag(β) K Kᵀ)``: one unit-lower-triangular solve per chunk, for all
-      chunks at once since it does not involve ``S``.
-    - Sum rule: ``P_t = I`` and ``H_t = Σ_{i≤t} v_i k_iᵀ``, i.e. ``Wy = 0`` and ``U = V``.
+      ``P_t = I - Σ_{i≤t} w_i k_iᵀ`` and ``H_t = Σ_{i≤t} u_i k_iᵀ``. Stacked as rows, the
+      UT transform gives ``[Wy | U] = T diag(β) [K | V]`` with ``T = (I + A)^{-1}`` and
+      ``A = strict_tril(diag(β) K Kᵀ)``. The "new values" ``Ũ = U - Wy Sᵀ`` (``u_i - S w_i``:
+      what step ``i`` writes, given the state the chunk started from) are therefore
+      ``Ũ = T diag(β) (V - K Sᵀ)``: one unit-lower-triangular solve per chunk with ``d_v``
+      right-hand sides, and ``Wy`` is never formed.
+    - Sum rule: ``P_t = I`` and ``H_t = Σ_{i≤t} v_i k_iᵀ``, i.e. ``Ũ = V``.
 
-    Then, with the "new values" ``Ũ = U - Wy Sᵀ`` (``u_i - S w_i``: what step ``i`` writes,
-    given the state the chunk started from) and the causal scores ``A_qk = tril(Q Kᵀ)`` (diagonal
-    included: ``y_t`` reads ``S_t``)::
+    Then, with the causal scores ``A_qk = tril(Q Kᵀ)`` (diagonal included: ``y_t`` reads
+    ``S_t``)::
 
         O     = Q Sᵀ + A_qk Ũ                            [C, d_v]
         S_C   = S + Ũᵀ K                                 [d_v, d_φ]
 
-    ``A_qk``, ``U`` and ``Wy`` are computed for all chunks at once; the ``T / C`` sequential
-    steps are the four small products above.
+    ``A_qk`` and ``K Kᵀ`` are one batched product for all chunks; the ``T / C`` sequential
+    steps only carry the state (``K Sᵀ``, the solve, ``Ũᵀ K``), and ``Q Sᵀ + A_qk Ũ`` runs
+    batched over all chunks afterwards. The backward pass is written by hand
+    (:class:`_FastWeightChunks`): the same structure in reverse, with ``Tᵀ`` solves.
 
     **Resets inside a chunk.** An episode start at step ``t`` sets the state to zero before step
     ``t``, so each chunk splits into segments (the steps between starts) that do not interact,
@@ -186,7 +350,7 @@ def fast_weight_chunked(
 
     - ``A`` and ``A_qk`` are masked to pairs ``(t, i)`` in the same segment, so that the UT
       transform and the intra-chunk outputs restart at every start;
-    - ``Q Sᵀ`` and ``Wy Sᵀ`` are kept only in rows before the chunk's first start;
+    - ``Q Sᵀ`` and ``K Sᵀ`` are kept only in rows before the chunk's first start;
     - the next state keeps ``S`` only if the chunk has no start, and sums ``Ũᵀ K`` over the
       chunk's last segment only.
 
@@ -207,72 +371,238 @@ def fast_weight_chunked(
     :param update: ``"sum"`` or ``"delta"``.
     :return: ``y [T, B, H, d_v]`` and the state after the last step ``[B, H, d_v, d_φ]``.
     """
-    T, B, H, Dk = k.shape
-    Dv = v.shape[-1]
-    C = min(chunk_size, T)
-    N = math.ceil(T / C)
-    pad = N * C - T
+    return _chunked(W, torch.stack([k, q], dim=2), v, beta, starts, chunk_size, update)
+
+
+def _chunked(
+    W: Tensor,
+    kq: Tensor,
+    v: Tensor,
+    beta: Tensor | None,
+    starts: Tensor | None,
+    chunk_size: int,
+    update: str,
+) -> tuple[Tensor, Tensor]:
+    """:func:`fast_weight_chunked` with keys and queries in one tensor ``kq [T, B, 2, H, d_φ]``
+    (``kq[:, :, 0]`` the keys, ``kq[:, :, 1]`` the queries), as the slow net makes them."""
     delta = update == "delta"
-
-    def chunked(a: Tensor) -> Tensor:
-        # [T, B, H, d] -> (pad) [N, C, B, H, d] -> [N, B, H, C, d]: chunk n is a ``C x d`` block
-        if pad:
-            a = F.pad(a, (0, 0) * (a.dim() - 1) + (0, pad))
-        return a.reshape(N, C, *a.shape[1:]).movedim(1, -2).contiguous()
-
-    k, v, q = chunked(k), chunked(v), chunked(q)
-    causal = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()  # i ≤ t
-    carry = in_last = carry_last = None
-    qk_mask = causal
     if starts is not None:
-        if pad:
-            starts = F.pad(starts, (0, 0, 0, pad), value=False)
-        seg = starts.reshape(N, C, B).transpose(1, 2).long().cumsum(-1)  # [N, B, C] segment ids
-        same = (seg.unsqueeze(-1) == seg.unsqueeze(-2)).unsqueeze(2)  # [N, B, 1, C, C]
-        qk_mask = causal & same
-        carry = (seg == 0).view(N, B, 1, C, 1)  # rows before the chunk's first start
-        in_last = same[..., -1, :].unsqueeze(-1)  # [N, B, 1, C, 1]: rows in the last segment
-        carry_last = carry[:, :, :, -1:, :]  # [N, B, 1, 1, 1]: the chunk has no start
+        starts = starts.bool()
+        if not starts.any():
+            starts = None  # the unmasked path
+    return _FastWeightChunks.apply(W, kq, v, beta if delta else None, starts, chunk_size)
 
-    scores = q @ k.transpose(-1, -2)  # Q Kᵀ [N, B, H, C, C]
-    # A_qk: tril is cheaper than a masked where, forward and backward
-    scores = scores.tril() if starts is None else torch.where(qk_mask, scores, 0.0)
-    if delta:
-        b = chunked(beta.unsqueeze(-1))  # [N, B, H, C, 1]
-        bk = b * k  # diag(β) K
-        # A = diag(β) K Kᵀ: the solve reads only its strict lower triangle (the unit diagonal
-        # of I + A is implied by unitriangular) and autograd gives a gradient only there
-        A = bk @ k.transpose(-1, -2)  # [N, B, H, C, C]
-        if starts is not None:
-            A = torch.where(same, A, 0.0)
-        wu = torch.linalg.solve_triangular(
-            A, torch.cat([bk, b * v], dim=-1), upper=False, unitriangular=True
-        )
-        w, u = wu.split([Dk, Dv], dim=-1)  # Wy [N, B, H, C, d_φ], U [N, B, H, C, d_v]
-    else:
-        w, u = None, v
-    k_last = k if in_last is None else torch.where(in_last, k, 0.0)  # K on the last segment
 
-    # per-chunk views by unbind, whose backward is one stack (indexing [n] would allocate and
-    # accumulate a full-size gradient per chunk)
-    q_n, u_n, k_n, s_n = q.unbind(0), u.unbind(0), k_last.unbind(0), scores.unbind(0)
-    w_n = w.unbind(0) if delta else None
-    outputs = []
-    for n in range(N):
-        S_t = W.transpose(-1, -2)  # Sᵀ [B, H, d_φ, d_v]
-        q_s = q_n[n] @ S_t  # Q Sᵀ [B, H, C, d_v]
-        new_values = u_n[n]
+class _ChunkMasks(NamedTuple):
+    """Where the terms of a chunk apply, with ``G = B H`` (heads share their element's masks).
+
+    ``qk`` and ``grad`` multiply ``[N G, ·, C]`` score matrices viewed as ``[N, B, H, ·, C]``;
+    without episode starts they are ``[·, C]`` constants and the row masks are ``None``.
+    """
+
+    qk: Tensor  # [C, C] or [N, B, 1, C, C]: causal pairs in one segment (A_qk), float
+    solve: Tensor | None  # [N, B, 1, C, C]: pairs in one segment (A), float; None: no starts
+    grad: Tensor  # [2C, C] or [N, B, 1, 2C, C]: [-strict pairs (dA); causal pairs (dA_qk)]
+    carry: Tensor | None  # [N G, C, 1] bool: rows before the chunk's first start (read S)
+    last: Tensor | None  # [N G, C, 1] float: rows in the chunk's last segment (write S)
+    keep: Tensor | None  # [N, G, 1, 1] bool: the chunk has no start (keeps S)
+
+
+def _chunk_masks(
+    starts: Tensor | None, T: int, B: int, H: int, N: int, C: int, dtype: torch.dtype
+) -> _ChunkMasks:
+    """The masks of :func:`fast_weight_chunked`'s chunks from ``starts [T, B]`` (or ``None``)."""
+    causal = torch.ones(C, C, dtype=torch.bool, device=None if starts is None else starts.device)
+    causal = causal.tril()  # i ≤ t
+    strict = causal.logical_not().mT  # i < t
+    if starts is None:
+        grad = torch.cat([-strict.to(dtype), causal.to(dtype)])
+        return _ChunkMasks(causal.to(dtype), None, grad, None, None, None)
+    if N * C != T:
+        starts = F.pad(starts, (0, 0, 0, N * C - T), value=False)
+    seg = starts.reshape(N, C, B).transpose(1, 2).long().cumsum(-1)  # [N, B, C] segment ids
+    same = (seg.unsqueeze(-1) == seg.unsqueeze(-2)).unsqueeze(2)  # [N, B, 1, C, C]
+    qk = (causal & same).to(dtype)
+    grad = torch.cat([-(strict & same).to(dtype), qk], dim=-2)
+
+    def rows(mask: Tensor) -> Tensor:  # [N, B, 1, R, 1] -> [N G, R, 1]
+        return mask.expand(N, B, H, mask.shape[-2], 1).reshape(N * B * H, mask.shape[-2], 1)
+
+    carry = (seg == 0).view(N, B, 1, C, 1)
+    last = rows(same[..., -1, :].unsqueeze(-1)).to(dtype)
+    keep = rows(carry[:, :, :, -1:]).view(N, B * H, 1, 1)
+    return _ChunkMasks(qk, same.to(dtype), grad, rows(carry), last, keep)
+
+
+def _mask_(x: Tensor, mask: Tensor, B: int, H: int) -> Tensor:
+    """``x [N G, R, C] *= mask`` in place, ``mask`` ``[R, C]`` or ``[N, B, 1, R, C]``."""
+    if mask.dim() == 2:
+        return x.mul_(mask)
+    x.view(-1, B, H, *x.shape[-2:]).mul_(mask)
+    return x
+
+
+def _rows_to_chunks(a: Tensor, N: int, C: int) -> Tensor:
+    """``[T, B, H, d] -> [N G, C, d]`` (chunk-major, zero padded to ``N C`` steps): a copy."""
+    T = a.shape[0]
+    if N * C != T:
+        a = F.pad(a, (0, 0) * (a.dim() - 1) + (0, N * C - T))
+    return a.reshape(N, C, -1, a.shape[-1]).transpose(1, 2).reshape(-1, C, a.shape[-1])
+
+
+def _chunks_to_rows(a: Tensor, N: int, T: int, B: int, H: int) -> Tensor:
+    """``[N G, C, d] -> [T, B, H, d]``, the inverse of :func:`_rows_to_chunks`: a copy."""
+    C, d = a.shape[-2:]
+    return a.view(N, B * H, C, d).transpose(1, 2).reshape(N * C, B, H, d)[:T]
+
+
+class _FastWeightChunks(torch.autograd.Function):
+    """The chunk form of :func:`fast_weight_chunked` with a hand-written backward pass.
+
+    Layout: the ``N`` chunks of the ``G = B H`` heads are ``N G`` independent ``C``-row blocks
+    (chunk-major, so chunk ``n`` is the contiguous slice ``[n G, (n + 1) G)``); keys and queries
+    of a block are stacked as ``KQ = [K; Q]`` ``[2C, d_φ]``, so that ``[K Kᵀ; Q Kᵀ] = KQ Kᵀ``
+    is one product, and in the backward pass ``[dA; dA_qk] = [dR; dO] Ũᵀ``,
+    ``[(β dA) K; dA_qk K] = [β dA; dA_qk] K`` and ``Gᵀ KQ`` are one product each.
+
+    Backward of one chunk (rows masked as in the forward), from ``dO``, ``dS_C``
+    (the gradient of the state the chunk hands on) and ``R = diag(β) E``, ``E = V - K Sᵀ``::
+
+        dŨ  = A_qkᵀ dO + K dS_Cᵀ          dR = Tᵀ dŨ  (a solve with (I + A)ᵀ)
+        dV  = diag(β) dR = dE             dβ = rowsum(dR ⊙ E) + rowsum(dA ⊙ K Kᵀ)
+        dA  = -strict(dR Ũᵀ)              dA_qk = tril(dO Ũᵀ)
+        dS  = dS_C + dOᵀ Q - dEᵀ K        (the sequential part)
+        dQ  = dO S + dA_qk K
+        dK  = Ũ dS_C - dE S + dA_qkᵀ Q + (diag(β) dA + (diag(β) dA)ᵀ) K
+    """
+
+    @staticmethod
+    def forward(ctx, W0, kq, v, beta, starts, chunk_size):
+        T, B, _, H, Dk = kq.shape
+        Dv = v.shape[-1]
+        G = B * H
+        C = min(chunk_size, T)
+        N = math.ceil(T / C)
+        delta = beta is not None
+        dtype, device = kq.dtype, kq.device
+        # [T, B, 2, H, d] -> (pad) [N, C, B, 2, H, d] -> [N, B, H, 2, C, d] = [N G, 2C, d]
+        KQ = F.pad(kq, (0, 0) * 4 + (0, N * C - T)) if N * C != T else kq
+        KQ = KQ.reshape(N, C, B, 2, H, Dk).permute(0, 2, 4, 3, 1, 5).reshape(N * G, 2 * C, Dk)
+        K, Q = KQ[:, :C], KQ[:, C:]
+        V = _rows_to_chunks(v, N, C)  # [N G, C, d_v]
+        masks = _chunk_masks(starts, T, B, H, N, C, dtype)
+        K_last = K if masks.last is None else K * masks.last  # K on the last segment
         if delta:
-            w_s = w_n[n] @ S_t  # Wy Sᵀ
-            new_values = new_values - (w_s if carry is None else torch.where(carry[n], w_s, 0.0))
-        if carry is not None:
-            q_s = torch.where(carry[n], q_s, 0.0)
-            W = torch.where(carry_last[n], W, 0.0)
-        outputs.append(q_s + s_n[n] @ new_values)  # Q Sᵀ + A_qk Ũ
-        W = W + new_values.transpose(-1, -2) @ k_n[n]  # S + Ũᵀ K
-    y = torch.stack(outputs)  # [N, B, H, C, d_v]
-    y = y.movedim(-2, 1).reshape(N * C, B, H, Dv)  # -> [N, C, B, H, d_v] -> [T + pad, B, H, d_v]
-    return y[:T], W
+            b = _rows_to_chunks(beta.unsqueeze(-1), N, C)  # [N G, C, 1]
+            scores = torch.bmm(KQ, K.mT)  # [K Kᵀ; Q Kᵀ] [N G, 2C, C]
+            A = scores[:, :C] * b  # diag(β) K Kᵀ: the solve reads its strict lower triangle
+            if masks.solve is not None:
+                _mask_(A, masks.solve, B, H)
+            A_qk = _mask_(scores[:, C:], masks.qk, B, H)
+            U = torch.empty(N * G, C, Dv, dtype=dtype, device=device)  # Ũ
+            E = torch.empty_like(U)  # V - K Sᵀ
+        else:
+            b = A = E = None
+            scores = A_qk = _mask_(torch.bmm(Q, K.mT), masks.qk, B, H)
+            U = V
+        S = W0.reshape(G, Dv, Dk)
+        states = torch.empty(N * G, Dv, Dk, dtype=dtype, device=device)  # S entering chunk n
+        for n in range(N):
+            now = slice(n * G, (n + 1) * G)
+            states[now] = S
+            if delta:
+                ks = torch.bmm(K[now], S.mT)  # K Sᵀ [G, C, d_v]
+                if masks.carry is not None:
+                    ks.masked_fill_(~masks.carry[now], 0.0)
+                torch.sub(V[now], ks, out=E[now])
+                torch.linalg.solve_triangular(
+                    A[now], E[now] * b[now], upper=False, unitriangular=True, out=U[now]
+                )
+            if masks.keep is not None:
+                S = torch.where(masks.keep[n], S, 0.0)
+            S = torch.baddbmm(S, U[now].mT, K_last[now])  # S + Ũᵀ K
+        O = torch.bmm(Q, states.mT)  # Q Sᵀ [N G, C, d_v]
+        if masks.carry is not None:
+            O.masked_fill_(~masks.carry, 0.0)
+        O.baddbmm_(A_qk, U)  # + A_qk Ũ
+        ctx.save_for_backward(KQ, b, scores, A, U, E, states, K_last)
+        ctx.masks = masks
+        ctx.sizes = (T, B, H, N, C, W0.shape, kq.shape)
+        return _chunks_to_rows(O, N, T, B, H), S.reshape(W0.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, dW):
+        KQ, b, scores, A, U, E, states, K_last = ctx.saved_tensors
+        masks = ctx.masks
+        T, B, H, N, C, w_shape, kq_shape = ctx.sizes
+        G = B * H
+        Dk, Dv = KQ.shape[-1], U.shape[-1]
+        delta = b is not None
+        K, Q = KQ[:, :C], KQ[:, C:]
+        A_qk = scores[:, C:] if delta else scores
+        # [dR; dO] [N G, 2C, d_v] (the sum rule: dO only)
+        dRO = torch.empty(N * G, 2 * C if delta else C, Dv, dtype=U.dtype, device=U.device)
+        dO = dRO[:, C:] if delta else dRO
+        dy = F.pad(dy, (0, 0) * 3 + (0, N * C - T)) if N * C != T else dy
+        dO.view(N, G, C, Dv).copy_(dy.reshape(N, C, G, Dv).transpose(1, 2))
+        X = torch.bmm(A_qk.mT, dO)  # A_qkᵀ dO
+        dO_c = dO if masks.carry is None else dO * masks.carry
+        Y = torch.bmm(dO_c.mT, Q)  # dOᵀ Q [N G, d_v, d_φ]
+        dS = dW.reshape(G, Dv, Dk)
+        dS_next = torch.empty_like(states)  # dS_C of chunk n
+        dU = None if delta else torch.empty_like(U)
+        dE = torch.empty_like(U) if delta else None
+        for n in reversed(range(N)):
+            now = slice(n * G, (n + 1) * G)
+            dS_next[now] = dS
+            dU_n = torch.baddbmm(X[now], K_last[now], dS.mT)  # dŨ
+            if masks.keep is not None:
+                dS = torch.where(masks.keep[n], dS, 0.0)
+            dS = dS + Y[now]
+            if delta:
+                dR = dRO[now, :C]
+                torch.linalg.solve_triangular(
+                    A[now].mT, dU_n, upper=True, unitriangular=True, out=dR
+                )
+                dE_n = torch.mul(dR, b[now], out=dE[now])
+                if masks.carry is not None:
+                    dE_n = dE_n * masks.carry[now]
+                dS = torch.baddbmm(dS, dE_n.mT, K[now], alpha=-1)  # - dEᵀ K
+            else:
+                dU[now] = dU_n
+        grads = torch.bmm(dRO, U.mT)  # [dR; dO] Ũᵀ [N G, 2C, C]
+        _mask_(grads, masks.grad if delta else masks.qk, B, H)  # [dA; dA_qk] (sum: dA_qk)
+        dKQ = torch.empty_like(KQ)  # [dK; dQ]
+        dK, dQ = dKQ[:, :C], dKQ[:, C:]
+        U_last = U if masks.last is None else U * masks.last
+        if delta:
+            dA = grads[:, :C]
+            db = (dRO[:, :C] * E).sum(-1, keepdim=True)
+            db += (dA * scores[:, :C]).sum(-1, keepdim=True)
+            dA.mul_(b)  # diag(β) dA
+            torch.bmm(grads, K, out=dKQ)  # [diag(β) dA K; dA_qk K]
+            dK.baddbmm_(grads.mT, KQ)  # + (diag(β) dA)ᵀ K + dA_qkᵀ Q
+            dE_c = dE if masks.carry is None else dE * masks.carry
+            dK.baddbmm_(dE_c, states, alpha=-1)  # - dE S
+            dv = dE
+            dbeta = _chunks_to_rows(db, N, T, B, H).squeeze(-1)
+        else:
+            torch.bmm(grads.mT, Q, out=dK)  # dA_qkᵀ Q
+            torch.bmm(grads, K, out=dQ)  # dA_qk K
+            dv, dbeta = dU, None
+        dK.baddbmm_(U_last, dS_next)  # + Ũ dS_C
+        dQ.baddbmm_(dO_c, states)  # + dO S
+        # [N G, 2C, d] = [N, B, H, 2, C, d] -> [N, C, B, 2, H, d] -> [T, B, 2, H, d]
+        dkq = dKQ.view(N, B, H, 2, C, Dk).permute(0, 4, 1, 3, 2, 5).reshape(N * C, *kq_shape[1:])
+        return (
+            dS.reshape(w_shape),
+            dkq[:T],
+            _chunks_to_rows(dv, N, T, B, H),
+            dbeta,
+            None,
+            None,
+        )
 
 
 # -- the core ----------------------------------------------------------------------------------
@@ -373,13 +703,22 @@ class FWPCore(MemoryCore):
     def _program(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """The slow net: ``x [..., I]`` -> ``φ'(k) [..., H, d_φ]``, ``v [..., H, d_v]``,
         ``φ'(q) [..., H, d_φ]``, ``β [..., H]`` (``None`` for the sum rule)."""
-        H = self.num_heads
-        kq, v, *b = self.slow(x).split(self._split, dim=-1)
-        kq = self._phi(kq.unflatten(-1, (2 * H, self.key_size)))  # keys and queries at once
-        k, q = kq.split(H, dim=-2)
-        v = v.unflatten(-1, (H, self.value_size))
-        beta = torch.sigmoid(b[0]) if b else None
+        kq, v, beta = self._program_kq(x)
+        k, q = kq.unbind(-3)
         return k, v, q, beta
+
+    def _program_kq(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """:meth:`_program` with keys and queries in one tensor ``[..., 2, H, d_φ]`` (keys
+        first), as the chunk form takes them."""
+        return slow_net_heads(
+            self.slow(x),
+            self.num_heads,
+            self.key_size,
+            self.value_size,
+            self.feature_map,
+            self.dpfp_nu,
+            self.update == "delta",
+        )
 
     # -- time --------------------------------------------------------------------------------
     def step(self, x, state, return_debug=False):
@@ -406,10 +745,8 @@ class FWPCore(MemoryCore):
         T = x.shape[0]
         if return_debug or T == 1 or self.chunk_size == 1:
             return self._forward_steps(x, state, starts, return_debug)
-        k, v, q, beta = self._program(x)  # [T, B, H, d]
-        y, W = fast_weight_chunked(
-            state.fast_weights, k, v, q, beta, starts, self.chunk_size, self.update
-        )
+        kq, v, beta = self._program_kq(x)  # [T, B, 2, H, d_φ], [T, B, H, d_v], [T, B, H]
+        y, W = _chunked(state.fast_weights, kq, v, beta, starts, self.chunk_size, self.update)
         y = self.out(y.flatten(-2))  # [T, B, H, d_v] -> [T, B, H * d_v]
         return y, FWPState(W)
 
