@@ -62,8 +62,8 @@ class _Kernels(NamedTuple):
     workspace_size: Callable
     forward: Callable
     backward: Callable
-    lstm_forward: Callable
-    lstm_backward: Callable
+    step_forward: Callable
+    step_backward: Callable
 
 
 _BOUND: dict[tuple[int, torch.dtype], _Kernels] = {}
@@ -84,9 +84,9 @@ def _functions(lib, dtype: torch.dtype) -> _Kernels:
         fns.workspace_size.argtypes, fns.workspace_size.restype = [i, i, i, i], L
         fns.forward.argtypes, fns.forward.restype = [L, i, i, i, i, L] + [p] * 9, None
         fns.backward.argtypes, fns.backward.restype = [L, i, i, i, i, L] + [p] * 16, None
-        fns.lstm_forward.argtypes, fns.lstm_forward.restype = [L, i, p, p, p, p, L], None
-        fns.lstm_backward.argtypes = [L, i, p, p, p, p, L, p, p]
-        fns.lstm_backward.restype = None
+        fns.step_forward.argtypes, fns.step_forward.restype = [L, i, i, i, i, i] + [p] * 14, None
+        fns.step_backward.argtypes = [L, i, i, i, i, i] + [p] * 20
+        fns.step_backward.restype = None
         _BOUND[key] = fns
     return _BOUND[key]
 
@@ -299,8 +299,8 @@ class NTMSequence(torch.autograd.Function):
 
     The input projection ``x_proj`` (all steps, with both LSTM biases) is computed by the caller
     in one call under autograd, and the weight gradients are formed once over all steps
-    (``[T*B]``-row matrix products), so each step costs two small matrix products and two kernel
-    calls forward, and about the same backward.
+    (``[T*B]``-row matrix products), so each step costs one matrix product (the gates) and one
+    kernel call (cell, heads, access: ``ntm_step_forward``) forward, and the same backward.
 
     Inputs: ``x_proj [T, B, 4Hd]``; ``w_state [4Hd, Hd + H*W]`` (acting on ``[h; r]``);
     ``w_heads [P, Hd]``; ``b_heads [P]``; the state before step 0: ``h [B, Hd]``, ``c [B, Hd]``,
@@ -325,51 +325,49 @@ class NTMSequence(torch.autograd.Function):
         k = _functions(_kernel(), x_proj.dtype)
         new = x_proj.new_empty
         x_proj = x_proj.contiguous()
-        w_state_t, w_heads_t = w_state.t(), w_heads.t()
+        w_state_t, w_heads_t = w_state.t(), w_heads.t().contiguous()  # [D, 4Hd], [Hd, P]
         gates, cells, params = new(T, B, G), new(T, B, Hd), new(T, B, P)
         memories, reads, writes = new(T, B, N, W), new(T, B, H, N), new(T, B, H, N)
         y = new(T, B, D)
         record = record and any(ctx.needs_input_grad)
         ws = new(T, B, k.workspace_size(N, W, H, S)) if record else None
-        offset = Hd * y.element_size()  # r_t sits after h_t in each row of y
+        at = _StepPointers(gates, cells, params, memories, reads, writes, y, ws)
 
         z = torch.cat([h.reshape(B, Hd), r.reshape(B, H * W)], 1)  # [h; r]: [B, D]
-        cell, mem = c.reshape(B, Hd).contiguous(), memory.contiguous()
-        rw, ww = read_w.contiguous(), write_w.contiguous()
-        start_state = (z, cell, mem, rw, ww)
+        start = (z, c.reshape(B, Hd).contiguous(), memory.contiguous())
+        start += (read_w.contiguous(), write_w.contiguous())
+        state = [t.data_ptr() for t in start[1:]]  # pointers to c, M, w^r, w^w before step t
         resets = [False] * T if starts is None else starts.any(1).tolist()
         if any(resets):
             init_z = torch.cat([init_h.reshape(B, Hd), init_r.reshape(B, H * W)], 1)
             init = (init_z, init_c.reshape(B, Hd), init_memory, init_read_w, init_write_w)
-        reset_inputs = {}  # t -> (mask, state after the reset) for the backward
+        reset_inputs = {}  # t -> (mask, the state after the reset), kept for the backward
+        xs, gs, ys = x_proj.unbind(0), gates.unbind(0), y.unbind(0)
+        w_heads_ptr, b_heads_ptr = w_heads_t.data_ptr(), b_heads.contiguous().data_ptr()
         for t in range(T):
             if resets[t]:
                 mask = starts[t]
-                z, cell, mem, rw, ww = (
+                before = start if t == 0 else (z, cells[t - 1], memories[t - 1])
+                before = before if t == 0 else (*before, reads[t - 1], writes[t - 1])
+                after = tuple(
                     torch.where(mask.view(B, *([1] * (a.dim() - 1))), i, a)
-                    for i, a in zip(init, (z, cell, mem, rw, ww), strict=True)
+                    for i, a in zip(init, before, strict=True)
                 )
-                reset_inputs[t] = (mask, (z, cell, mem, rw, ww))
-            yt = y[t]
-            torch.addmm(x_proj[t], z, w_state_t, out=gates[t])
-            k.lstm_forward(
-                B, Hd, gates[t].data_ptr(), cell.data_ptr(), cells[t].data_ptr(), yt.data_ptr(), D
-            )
-            torch.addmm(b_heads, yt[:, :Hd], w_heads_t, out=params[t])
-            k.forward(
-                B, N, W, H, S, D, mem.data_ptr(), rw.data_ptr(), ww.data_ptr(),
-                params[t].data_ptr(), memories[t].data_ptr(), writes[t].data_ptr(),
-                reads[t].data_ptr(), yt.data_ptr() + offset,
-                None if ws is None else ws[t].data_ptr(),
+                reset_inputs[t] = (mask, after)
+                z, state = after[0], [a.data_ptr() for a in after[1:]]
+            torch.addmm(xs[t], z, w_state_t, out=gs[t])
+            k.step_forward(
+                B, N, W, H, S, Hd, at.gates[t], state[0], at.cells[t], at.y[t], w_heads_ptr,
+                b_heads_ptr, at.params[t], state[1], state[2], state[3], at.memories[t],
+                at.writes[t], at.reads[t], at.ws[t],
             )  # fmt: skip
-            z, cell, mem, rw, ww = yt, cells[t], memories[t], reads[t], writes[t]
+            z, state = ys[t], [at.cells[t], at.memories[t], at.reads[t], at.writes[t]]
         if record:
             ctx.dims = (H, S)
             ctx.reset_inputs = reset_inputs
             ctx.save_for_backward(
-                w_state, w_heads, gates, cells, params, memories, reads, writes, ws, y,
-                *start_state,
-            )  # fmt: skip
+                w_state, w_heads, gates, cells, params, memories, reads, writes, ws, y, *start
+            )
         return y, cells[-1].clone(), memories[-1].clone(), reads[-1].clone(), writes[-1].clone()
 
     @staticmethod
@@ -377,77 +375,84 @@ class NTMSequence(torch.autograd.Function):
         H, S = ctx.dims
         saved = ctx.saved_tensors
         w_state, w_heads, gates, cells, params, memories, reads, writes, ws, y = saved[:10]
-        start_state = saved[10:]
+        start = saved[10:]
         T, B, D = y.shape
         G, P, (N, W) = gates.shape[-1], params.shape[-1], memories.shape[-2:]
         Hd = G // 4
         k = _functions(_kernel(), y.dtype)
-        offset = Hd * y.element_size()
         g_y = g_y.contiguous()
         g_gates, g_params = torch.empty_like(gates), torch.empty_like(params)
-        # gradients of the state after step t, carried backwards: [h; r] (less g_y), c, M, w^r, w^w
-        g_z = None
-        g_cell = g_c.contiguous().clone()  # updated in place by the LSTM kernel
-        g_mem, g_rw, g_ww = g_memory.contiguous(), g_read.contiguous(), g_write.contiguous()
-        g_init = None
+        at = _StepPointers(
+            gates, cells, params, memories, reads, writes, y, ws, g_y, g_params, g_gates
+        )
+        g_gate_steps = g_gates.unbind(0)
+        w_heads = w_heads.contiguous()
+        # Gradients of the state after step t, carried backwards and updated in place by the
+        # kernel to those of the state before step t: [h; r] (less g_y), c, M, w^r, w^w.
+        g_z = y.new_zeros(B, D)
+        carried = (g_z, g_c.clone(memory_format=torch.contiguous_format))
+        carried += tuple(
+            g.clone(memory_format=torch.contiguous_format) for g in (g_memory, g_read, g_write)
+        )
+        g_cell, g_mem, g_rw, g_ww = carried[1:]
+        g_init = [torch.zeros_like(g) for g in carried] if ctx.reset_inputs else None
+        start_ptrs = [t.data_ptr() for t in start[1:]]
         for t in reversed(range(T)):
             if t in ctx.reset_inputs:
-                inputs = ctx.reset_inputs[t][1]
+                state = [a.data_ptr() for a in ctx.reset_inputs[t][1][1:]]
             elif t == 0:
-                inputs = start_state
+                state = start_ptrs
             else:
-                inputs = (y[t - 1], cells[t - 1], memories[t - 1], reads[t - 1], writes[t - 1])
-            z_in, cell_in, mem_in, rw_in, ww_in = inputs
-            gzt = g_y[t] if g_z is None else g_y[t] + g_z  # [B, D]
-            g_mem_in, g_rw_in, g_ww_in = (
-                torch.empty_like(mem_in),
-                torch.empty_like(rw_in),
-                torch.empty_like(ww_in),
-            )
-            k.backward(
-                B, N, W, H, S, D, mem_in.data_ptr(), rw_in.data_ptr(), ww_in.data_ptr(),
-                params[t].data_ptr(), memories[t].data_ptr(), writes[t].data_ptr(),
-                reads[t].data_ptr(), ws[t].data_ptr(), g_mem.data_ptr(), g_ww.data_ptr(),
-                g_rw.data_ptr(), gzt.data_ptr() + offset, g_mem_in.data_ptr(),
-                g_rw_in.data_ptr(), g_ww_in.data_ptr(), g_params[t].data_ptr(),
+                state = [at.cells[t - 1], at.memories[t - 1], at.reads[t - 1], at.writes[t - 1]]
+            k.step_backward(
+                B, N, W, H, S, Hd, at.gates[t], state[0], at.cells[t], w_heads.data_ptr(),
+                state[1], state[2], state[3], at.params[t], at.memories[t], at.writes[t],
+                at.reads[t], at.ws[t], at.g_y[t], g_z.data_ptr(), g_mem.data_ptr(),
+                g_ww.data_ptr(), g_rw.data_ptr(), g_cell.data_ptr(), at.g_params[t],
+                at.g_gates[t],
             )  # fmt: skip
-            g_h = torch.addmm(gzt[:, :Hd], g_params[t], w_heads)  # [B, Hd]
-            k.lstm_backward(
-                B, Hd, gates[t].data_ptr(), cell_in.data_ptr(), cells[t].data_ptr(),
-                g_h.data_ptr(), Hd, g_cell.data_ptr(), g_gates[t].data_ptr(),
-            )  # fmt: skip
-            g_z = torch.mm(g_gates[t], w_state)  # [B, D]
-            g_mem, g_rw, g_ww = g_mem_in, g_rw_in, g_ww_in
-            if t in ctx.reset_inputs:  # the reset elements' inputs came from the initial state
+            torch.mm(g_gate_steps[t], w_state, out=g_z)  # gradient of [h; r] before step t
+            if t in ctx.reset_inputs:  # reset elements' inputs came from the initial state
                 mask = ctx.reset_inputs[t][0]
-                carried = (g_z, g_cell, g_mem, g_rw, g_ww)
-                masks = [mask.view(B, *([1] * (g.dim() - 1))) for g in carried]
-                to_init = [torch.where(m, g, 0.0) for m, g in zip(masks, carried, strict=True)]
-                if g_init is None:
-                    g_init = to_init
-                else:
-                    g_init = [a + b for a, b in zip(g_init, to_init, strict=True)]
-                g_z, g_cell, g_mem, g_rw, g_ww = (
-                    torch.where(m, 0.0, g) for m, g in zip(masks, carried, strict=True)
-                )
+                for g, acc in zip(carried, g_init, strict=True):
+                    m = mask.view(B, *([1] * (g.dim() - 1)))
+                    acc.add_(torch.where(m, g, 0.0))
+                    g.masked_fill_(m, 0.0)
         # weight gradients over all steps at once: the inputs [h; r] of every step
-        z_in_all = torch.cat([start_state[0].unsqueeze(0), y[:-1]])
-        for t, (_, (z_in, *_)) in ctx.reset_inputs.items():
-            z_in_all[t] = z_in
+        z_in = torch.cat([start[0].unsqueeze(0), y[:-1]])
+        for t, (_, after) in ctx.reset_inputs.items():
+            z_in[t] = after[0]
         g_gates_2d, g_params_2d = g_gates.view(T * B, G), g_params.view(T * B, P)
-        g_w_state = g_gates_2d.t().mm(z_in_all.view(T * B, D))
+        g_w_state = g_gates_2d.t().mm(z_in.view(T * B, D))
         g_w_heads = g_params_2d.t().mm(y.view(T * B, D)[:, :Hd])
         g_b_heads = g_params_2d.sum(0)
-        g_start = (g_z[:, :Hd], g_cell, g_z[:, Hd:].reshape(B, H, W), g_mem, g_rw, g_ww)
-        if g_init is None:
-            g_init_out = (None,) * 6
-        else:
-            gz_i, gc_i, gm_i, grw_i, gww_i = g_init
-            g_init_out = (gz_i[:, :Hd], gc_i, gz_i[:, Hd:].reshape(B, H, W), gm_i, grw_i, gww_i)
+
+        def split(g_z, g_cell, g_mem, g_rw, g_ww):  # as the inputs h, c, r, M, w^r, w^w
+            return g_z[:, :Hd], g_cell, g_z[:, Hd:].reshape(B, H, W), g_mem, g_rw, g_ww
+
+        g_init = (None,) * 6 if g_init is None else split(*g_init)
         return (
-            g_gates, g_w_state, g_w_heads, g_b_heads, *g_start, *g_init_out,
+            g_gates, g_w_state, g_w_heads, g_b_heads, *split(*carried), *g_init,
             None, None, None, None,
         )  # fmt: skip
+
+
+class _StepPointers:
+    """Data pointers of the per-step slices of ``[T, ...]`` contiguous buffers, by name:
+    ``at.gates[t]`` is the address of ``gates[t]``; a ``None`` buffer gives ``None`` for every
+    step."""
+
+    _NAMES = ("gates", "cells", "params", "memories", "reads", "writes", "y", "ws")
+    _NAMES += ("g_y", "g_params", "g_gates")
+
+    def __init__(self, *buffers: Tensor | None):
+        T = buffers[0].shape[0]
+        for name, buf in zip(self._NAMES, buffers, strict=False):
+            if buf is None:
+                setattr(self, name, [None] * T)
+                continue
+            base, size = buf.data_ptr(), buf[0].numel() * buf.element_size()
+            setattr(self, name, [base + t * size for t in range(T)])
 
 
 def sequence_available(*tensors: Tensor) -> bool:

@@ -43,6 +43,15 @@ inline T sigmoid(T x) {
   return T(1) / (T(1) + std::exp(-x));
 }
 
+// tanh(x) = sign(x) (1 - e) / (1 + e), e = exp(-2|x|): a few times cheaper than libm's tanh, which
+// goes through expm1; near 0 the error is absolute (~1 ulp of 1), not relative.
+template <typename T>
+inline T fast_tanh(T x) {
+  const T e = std::exp(T(-2) * std::fabs(x));
+  const T t = (T(1) - e) / (T(1) + e);
+  return x < T(0) ? -t : t;
+}
+
 struct Dims {
   long B;
   int N, W, H, S, K;
@@ -452,10 +461,10 @@ void lstm_forward(long B, int Hd, T* gates, const T* c_prev, T* c_out, T* h_out,
     for (int j = 0; j < Hd; ++j) {
       gi[j] = sigmoid(gi[j]);
       gf[j] = sigmoid(gf[j]);
-      gg[j] = std::tanh(gg[j]);
+      gg[j] = fast_tanh(gg[j]);
       go[j] = sigmoid(go[j]);
       c[j] = gf[j] * cp[j] + gi[j] * gg[j];
-      h[j] = go[j] * std::tanh(c[j]);
+      h[j] = go[j] * fast_tanh(c[j]);
     }
   }
 }
@@ -479,7 +488,7 @@ void lstm_backward(long B, int Hd, const T* act, const T* c_prev, const T* c, co
     T* gg = gi + 2 * Hd;
     T* go = gi + 3 * Hd;
     for (int j = 0; j < Hd; ++j) {
-      const T tc = std::tanh(cb[j]);
+      const T tc = fast_tanh(cb[j]);
       const T gct = gcb[j] + ghb[j] * ao[j] * (T(1) - tc * tc);
       go[j] = ghb[j] * tc * ao[j] * (T(1) - ao[j]);
       gi[j] = gct * ag[j] * ai[j] * (T(1) - ai[j]);
@@ -488,6 +497,63 @@ void lstm_backward(long B, int Hd, const T* act, const T* c_prev, const T* c, co
       gcb[j] = gct * af[j];
     }
   }
+}
+
+// -- one whole step of the core after the gates' matrix product (NTMSequence) ----------------------
+// Forward: LSTM cell (h_t into y[:, :Hd], row stride D = Hd + H*W), raw head parameters
+// params = b_heads + h_t w_heads^T (w_heads_t is w_heads transposed, [Hd, P]), then the access
+// (r_t into y[:, Hd:]).
+template <typename T>
+void step_forward(const Dims& d, int Hd, T* gates, const T* c_prev, T* c_out, T* y,
+                  const T* w_heads_t, const T* b_heads, T* params, const T* memory,
+                  const T* read_prev, const T* write_prev, T* memory_out, T* write_out,
+                  T* read_out, T* workspace) {
+  const long D = d.vec_stride;
+  const int P = d.param_size;
+  lstm_forward(d.B, Hd, gates, c_prev, c_out, y, D);
+  for (long b = 0; b < d.B; ++b) {
+    T* row = params + b * P;
+    const T* h = y + b * D;
+    for (int q = 0; q < P; ++q) row[q] = b_heads[q];
+    for (int j = 0; j < Hd; ++j) {
+      const T hj = h[j];
+      const T* wj = w_heads_t + long(j) * P;
+      for (int q = 0; q < P; ++q) row[q] += hj * wj[q];
+    }
+  }
+  forward(d, memory, read_prev, write_prev, params, memory_out, write_out, read_out, y + Hd,
+          workspace);
+}
+
+// Backward of step_forward. g_y [B, D] is the gradient of this step's output row and g_z [B, D]
+// that of the same row as the next step's input; the gradients of the access state (g_memory,
+// g_write, g_read) and of the cell (g_cell) are read as those of this step's outputs and
+// overwritten with those of its inputs (in place: each batch element's outputs are read before
+// its inputs are written). g_params [B, P] and g_gates [B, 4Hd] receive the gradients of the
+// head parameters and of the gates' pre-activations.
+template <typename T>
+void step_backward(const Dims& d, int Hd, const T* act, const T* c_prev, const T* c,
+                   const T* w_heads, const T* memory, const T* read_prev, const T* write_prev,
+                   const T* params, const T* memory_out, const T* write_out, const T* read_out,
+                   const T* workspace, const T* g_y, const T* g_z, T* g_memory, T* g_write,
+                   T* g_read, T* g_cell, T* g_params, T* g_gates) {
+  const long D = d.vec_stride;
+  const int P = d.param_size;
+  std::vector<T> g_row(d.B * D), g_h(d.B * Hd);
+  for (long j = 0; j < d.B * D; ++j) g_row[j] = g_y[j] + g_z[j];
+  backward(d, memory, read_prev, write_prev, params, memory_out, write_out, read_out, workspace,
+           g_memory, g_write, g_read, g_row.data() + Hd, g_memory, g_read, g_write, g_params);
+  for (long b = 0; b < d.B; ++b) {  // g_h = g_y[:, :Hd] + g_params w_heads
+    T* gh = g_h.data() + b * Hd;
+    for (int j = 0; j < Hd; ++j) gh[j] = g_row[b * D + j];
+    const T* gp = g_params + b * P;
+    for (int q = 0; q < P; ++q) {
+      const T gq = gp[q];
+      const T* wq = w_heads + long(q) * Hd;
+      for (int j = 0; j < Hd; ++j) gh[j] += gq * wq[j];
+    }
+  }
+  lstm_backward(d.B, Hd, act, c_prev, c, g_h.data(), Hd, g_cell, g_gates);
 }
 
 }  // namespace
@@ -515,14 +581,23 @@ void lstm_backward(long B, int Hd, const T* act, const T* c_prev, const T* c, co
              memory_out, write_out, read_out, workspace, g_memory_out, g_write_out, g_read_out, \
              g_read_vectors, g_memory, g_read_prev, g_write_prev, g_params);                    \
   }                                                                                             \
-  NTM_EXPORT void ntm_lstm_forward_##SUFFIX(long B, int Hd, T* gates, const T* c_prev,          \
-                                            T* c_out, T* h_out, long h_stride) {                \
-    lstm_forward(B, Hd, gates, c_prev, c_out, h_out, h_stride);                                 \
+  NTM_EXPORT void ntm_step_forward_##SUFFIX(                                                    \
+      long B, int N, int W, int H, int S, int Hd, T* gates, const T* c_prev, T* c_out, T* y,    \
+      const T* w_heads_t, const T* b_heads, T* params, const T* memory, const T* read_prev,     \
+      const T* write_prev, T* memory_out, T* write_out, T* read_out, T* workspace) {            \
+    step_forward(Dims(B, N, W, H, S, Hd + long(H) * W), Hd, gates, c_prev, c_out, y, w_heads_t, \
+                 b_heads, params, memory, read_prev, write_prev, memory_out, write_out,         \
+                 read_out, workspace);                                                          \
   }                                                                                             \
-  NTM_EXPORT void ntm_lstm_backward_##SUFFIX(long B, int Hd, const T* act, const T* c_prev,     \
-                                             const T* c, const T* gh, long gh_stride, T* gc,    \
-                                             T* g_gates) {                                      \
-    lstm_backward(B, Hd, act, c_prev, c, gh, gh_stride, gc, g_gates);                           \
+  NTM_EXPORT void ntm_step_backward_##SUFFIX(                                                   \
+      long B, int N, int W, int H, int S, int Hd, const T* act, const T* c_prev, const T* c,    \
+      const T* w_heads, const T* memory, const T* read_prev, const T* write_prev,               \
+      const T* params, const T* memory_out, const T* write_out, const T* read_out,              \
+      const T* workspace, const T* g_y, const T* g_z, T* g_memory, T* g_write, T* g_read,       \
+      T* g_cell, T* g_params, T* g_gates) {                                                     \
+    step_backward(Dims(B, N, W, H, S, Hd + long(H) * W), Hd, act, c_prev, c, w_heads, memory,   \
+                  read_prev, write_prev, params, memory_out, write_out, read_out, workspace,    \
+                  g_y, g_z, g_memory, g_write, g_read, g_cell, g_params, g_gates);              \
   }
 
 NTM_INSTANTIATE(float, f32)
