@@ -212,3 +212,21 @@ def test_sam_core_native_matches_torch_with_resets(torch_path):
         torch.testing.assert_close(a.detach(), b.detach(), **TOL)
     for a, b in zip(g_n, g_t, strict=True):
         torch.testing.assert_close(a, b, **TOL)
+
+
+@needs_native
+def test_sam_core_native_matches_torch_from_a_packed_state(torch_path):
+    """A state unpacked from SB3's flat layout (non-contiguous views) runs the same."""
+    core = _sam(memory_size=12)
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(7, 3, core.input_size, generator=gen, dtype=torch.float64)
+    _, mid = core(x[:4], core.initial_state(3))
+    packed = core.unpack_state(core.pack_state(mid).clone())
+    assert not packed.access.time.is_contiguous()
+    torch_path(False)
+    y_n, s_n = core(x[4:], packed)
+    torch_path(True)
+    y_t, s_t = core(x[4:], mid)
+    torch.testing.assert_close(y_n, y_t, **TOL)
+    for a, b in zip(s_n.access, s_t.access, strict=True):
+        torch.testing.assert_close(a, b, **TOL)

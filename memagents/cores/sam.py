@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from memagents.cores import addressing, sparse_access
+from memagents.cores import addressing, native, sparse_access
 from memagents.cores import state as state_lib
 from memagents.cores.base import MemoryCore, check_positive_int, set_forget_bias, stack_debug
 from memagents.cores.rnn import LSTMState
@@ -214,7 +214,20 @@ class SAMCore(MemoryCore):
             return y, new_state, {k: v.squeeze(0) for k, v in out[2].items()}
         return y, new_state
 
+    def _native(self, x: Tensor, state: SAMState) -> bool:
+        """Whether :meth:`_run` takes the kernel path (:meth:`_run_native`)."""
+        a = state.access
+        return (
+            self.fused
+            and sparse_access._kernel() is not None
+            and native.usable(
+                x, a.memory, a.last_access, a.time, a.read_weights, state.read_vectors
+            )
+        )
+
     def _run(self, x: Tensor, state: SAMState, starts: Tensor | None, return_debug: bool):
+        if self._native(x, state):
+            return self._run_native(x, state, starts, return_debug)
         T, B = x.shape[0], x.shape[1]
         R, W, K = self.num_reads, self.word_size, self.sparse_reads
         reset_steps = [False] * T if starts is None else starts.any(dim=1).tolist()
@@ -311,6 +324,93 @@ class SAMCore(MemoryCore):
             controller=controller,
             access=small._replace(memory=memory),
             read_vectors=read_vectors,
+        )
+        y = torch.stack(outputs)
+        if return_debug:
+            return y, new_state, stack_debug(debug_steps)
+        return y, new_state
+
+    def _run_native(self, x: Tensor, state: SAMState, starts: Tensor | None, return_debug: bool):
+        """:meth:`_run` with the memory step as one autograd node per step
+        (:class:`~memagents.cores.sparse_access.SAMAccessStep`, native kernels): the same
+        equations; the loop keeps ``h``, ``c`` and the read vectors flat (``[B, ·]``) and the
+        indices as integers, converting to the state's layout once at the end."""
+        T, B = x.shape[0], x.shape[1]
+        R, W, K = self.num_reads, self.word_size, self.sparse_reads
+        reset_steps = [False] * T if starts is None else starts.any(dim=1).tolist()
+        initial = self._initial(B, x.device, memory=False) if any(reset_steps) else None
+
+        access = state.access
+        memory = access.memory.clone(memory_format=torch.contiguous_format)  # written in place
+        last_access = access.last_access.clone(memory_format=torch.contiguous_format)
+        index = sparse_access.make_index(self.index_kind, memory.detach())
+        h, c = state.controller.h.squeeze(1), state.controller.c.squeeze(1)  # [B, H]
+        read_flat = state.read_vectors.reshape(B, R * W)
+        time, read_w, write_w = access.time, access.read_weights, access.write_weights
+        read_idx, write_idx = access.read_indices.long(), access.write_indices.long()
+        no_reset = torch.zeros(0, dtype=torch.long, device=x.device)
+        lru = None
+
+        outputs, debug_steps = [], []
+        for t in range(T):
+            reset = no_reset
+            if reset_steps[t]:
+                st = starts[t]
+                reset = st.nonzero().flatten()
+                init, init_a = initial, initial.access
+                h = torch.where(st[:, None], init.controller.h.squeeze(1), h)
+                c = torch.where(st[:, None], init.controller.c.squeeze(1), c)
+                read_flat = torch.where(st[:, None], init.read_vectors.reshape(B, R * W), read_flat)
+                time = state_lib.reset_where(time, init_a.time, st)
+                read_w = state_lib.reset_where(read_w, init_a.read_weights, st)
+                write_w = state_lib.reset_where(write_w, init_a.write_weights, st)
+                read_idx = read_idx.masked_fill(st[:, None, None], 0)
+                write_idx = write_idx.masked_fill(st[:, None], 0)
+                last_access.index_fill_(0, reset, 0.0)  # the memory is zeroed by the step
+                lru = None
+            if lru is None:
+                lru = sparse_access.least_recently_used(last_access)
+
+            ctrl_in = torch.cat([x[t], read_flat], dim=-1)
+            h, c = self.controller(ctrl_in, (h, c))
+            xi = self.interface(h)
+            step_lru = lru
+            memory, read_w, read_idx, read_flat, write_w, write_idx, time, lru = (
+                sparse_access.SAMAccessStep.apply(
+                    xi, read_w, memory, read_idx, lru, last_access, time, reset, index,
+                    R, W, K, t < T - 1,
+                )
+            )  # fmt: skip
+            outputs.append(torch.cat([h, read_flat], dim=-1))
+            if return_debug:
+                dtype = read_w.dtype
+                debug_steps.append(
+                    {
+                        "memory": memory.detach().clone(),
+                        "last_access": last_access.clone(),
+                        "time": time,
+                        "read_weights": read_w,
+                        "read_indices": read_idx.to(dtype),
+                        "write_weights": write_w,
+                        "write_indices": write_idx.to(dtype),
+                        "lru": step_lru.to(dtype),
+                        "read_vectors": read_flat.view(B, R, W),
+                    }
+                )
+
+        dtype = memory.dtype
+        new_state = SAMState(
+            controller=LSTMState(h.unsqueeze(1), c.unsqueeze(1)),
+            access=SparseAccessState(
+                memory=memory,
+                last_access=last_access,
+                time=time,
+                read_weights=read_w,
+                read_indices=read_idx.to(dtype),
+                write_weights=write_w,
+                write_indices=write_idx.to(dtype),
+            ),
+            read_vectors=read_flat.view(B, R, W),
         )
         y = torch.stack(outputs)
         if return_debug:

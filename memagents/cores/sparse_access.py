@@ -73,6 +73,8 @@ def _load():
             "backward": [p, n, n, n, n, n, n, n] + [p] * 18,
             "usage": [p, p, p, n, n, n, p, p, n, p, p, f, p],
             "lru": [p, n, n, p],
+            "head": [p, n, n, n, n, n, p, p, p, p, p, p, p, p, p],
+            "head_backward": [p, n, n, n, n, n] + [p] * 8,
         }
         for name, argtypes in signatures.items():
             for suffix in ("f32", "f64"):
@@ -555,6 +557,21 @@ def _native_step_usable(memory: Tensor, *tensors: Tensor) -> bool:
     return memory.is_contiguous() and native.usable(memory, *tensors)
 
 
+def _carve(buffer: Tensor, batch: int, sizes: list[int]) -> list[int]:
+    """Pointers to consecutive blocks ``[batch, size]`` of a flat contiguous buffer."""
+    base, item, out = buffer.data_ptr(), buffer.element_size(), []
+    for size in sizes:
+        out.append(base)
+        base += batch * size * item
+    return out
+
+
+def _uncarve(buffer: Tensor, pointer: int, shape: tuple[int, ...]) -> Tensor:
+    """The block of ``buffer`` at ``pointer`` (from :func:`_carve`) as a tensor view."""
+    start = (pointer - buffer.data_ptr()) // buffer.element_size()
+    return buffer[start : start + math.prod(shape)].view(shape)
+
+
 def _reset_mask(reset: Tensor, batch: int) -> Tensor | None:
     """``[n]`` element indices -> ``[B]`` uint8 mask, or ``None`` when no element resets."""
     if not reset.numel():
@@ -640,6 +657,117 @@ def _native_backward(ctx, g_memory, g_weights, g_read, g_extra):
         g, g_a, g_ww, g_keys, g_beta,
         None, None, None, None, None, None,
     )  # fmt: skip
+
+
+class SAMAccessStep(torch.autograd.Function):
+    """SAM's whole memory step after the controller, as one autograd node (native kernels only).
+
+    From the interface vector ``xi = [q (R·W) | a (W) | β̂ (R) | α̂, γ̂]`` (layout of
+    :class:`~memagents.cores.sam.SAMCore`): ``β = oneplus(β̂)``, ``α = σ(α̂)``, ``γ = σ(γ̂)``,
+    :func:`sparse_write_weights`, the write, search and read of :class:`SparseAccessStep`, then
+    :func:`usage_update_lru` (section 3.3), which also gives the next step's LRU row. The same
+    equations as composing those functions (the torch reference); tests compare both.
+
+    Inputs: ``xi [B, R·W + W + R + 2]``, ``prev_read_weights [B, R, K]`` ``w^R_{t-1}``,
+    ``memory [B, N, W]`` (contiguous, modified in place); then non-differentiable
+    ``prev_read_indices [B, R, K]`` long, ``lru [B]`` long ``I^U_t``, ``last_access [B, N]``
+    (updated in place), ``time [B, 1]``, ``reset [n]`` long, ``index``, ``R``, ``W``, ``K``,
+    ``owns_grad`` (as in :class:`SparseAccessStep`).
+
+    Outputs: ``memory``, ``read_weights [B, R, K]``, ``read_indices [B, R, K]`` long,
+    ``read_vectors [B, R·W]`` (flat), ``write_weights [B, J]``, ``write_indices [B, J]`` long,
+    ``time [B, 1]`` ``t``, ``next_lru [B]`` long.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, xi, prev_read_weights, memory, prev_read_indices, lru, last_access, time,
+        reset, index, R, W, K, owns_grad,
+    ):  # fmt: skip
+        B, N, _ = memory.shape
+        S, J = xi.shape[1], R * K + 1
+        like = {"dtype": memory.dtype}
+        xi_c = xi.detach().contiguous()
+        prev_w = prev_read_weights.detach().contiguous()
+        # one workspace for the intermediates the backward needs (pointers into it, no views)
+        work = torch.empty(B * (R * W + W + R + 2 + R * K * W + R * K), **like)
+        keys, a, beta, gates, rows, sim = _carve(work, B, [R * W, W, R, 2, R * K * W, R * K])
+        weights = torch.empty(B, R, K, **like)
+        read = torch.empty(B, R * W, **like)
+        ww = torch.empty(B, J, **like)
+        ints = torch.empty(B * (J + R * K + 1), dtype=torch.long)  # write rows | read rows | lru
+        widx_p, ridx_p, lru_p = _carve(ints, B, [J, R * K, 1])
+        widx = _uncarve(ints, widx_p, (B, J))
+        ridx = _uncarve(ints, ridx_p, (B, R, K))
+        next_lru = _uncarve(ints, lru_p, (B,))
+        prev_idx, lru, time = prev_read_indices.contiguous(), lru.contiguous(), time.contiguous()
+        _fn("head", memory)(
+            _p(xi_c), B, S, R, W, K, _p(prev_w), _p(prev_idx), _p(lru),
+            keys, a, beta, gates, _p(ww), widx_p,
+        )  # fmt: skip
+        mask = _reset_mask(reset, B)
+        sqnorm = index.sqnorm if isinstance(index, ExactIndex) else None
+        _fn("write", memory)(_p(memory), _p(sqnorm), B, N, W, J, a, _p(ww), widx_p, _p(mask))
+        if sqnorm is not None:
+            _fn("search", memory)(_p(memory), _p(sqnorm), B, N, W, keys, R, K, ridx_p)
+        else:
+            if mask is not None:
+                index.reset(memory, reset)
+            index.update(memory, widx)
+            found = index.search(memory, _uncarve(work, keys, (B, R, W)), K)
+            ridx.copy_(found)
+        _fn("read", memory)(
+            _p(memory), B, N, W, R, K, ridx_p, keys, beta,
+            rows, _p(weights), sim, _p(read), 0, None, None,
+        )  # fmt: skip
+        new_time = torch.empty(B, 1, **like)
+        _fn("usage", memory)(
+            _p(last_access), _p(time), _p(new_time), B, N, J, widx_p, _p(ww),
+            R * K, ridx_p, _p(weights), ACCESS_THRESHOLD, lru_p,
+        )  # fmt: skip
+        ctx.shape = (B, N, W, R, K, J, S)
+        ctx.owns_grad = owns_grad
+        ctx.save_for_backward(xi_c, prev_w, work, weights, ints, ww)
+        ctx.reset_mask = mask
+        ctx.set_materialize_grads(False)
+        ctx.mark_dirty(memory)
+        ctx.mark_non_differentiable(new_time)
+        return memory, weights, ridx, read, ww, widx, new_time, next_lru
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_memory, g_weights, _gi, g_read, g_ww_out, _gwi, _gt, _gl):
+        B, N, W, R, K, J, S = ctx.shape
+        xi, prev_w, work, weights, ints, ww = ctx.saved_tensors
+        keys, a, beta, gates, rows, sim = _carve(work, B, [R * W, W, R, 2, R * K * W, R * K])
+        widx, ridx, _ = _carve(ints, B, [J, R * K, 1])
+        like = {"dtype": work.dtype}
+        if g_memory is None:
+            g = torch.zeros(B, N, W, **like)
+        elif ctx.owns_grad and g_memory.is_contiguous():
+            g = g_memory
+        else:
+            g = g_memory.clone(memory_format=torch.contiguous_format)
+        g_a = torch.empty(B, W, **like)
+        g_ww = torch.empty(B, J, **like)
+        g_keys = torch.empty(B, R, W, **like)
+        g_beta = torch.empty(B, R, **like)
+        g_weights = None if g_weights is None else g_weights.contiguous()
+        g_read = None if g_read is None else g_read.contiguous()
+        _fn("backward", g)(
+            _p(g), B, N, W, R, K, J, 0, rows, keys, beta, sim, _p(weights),
+            ridx, _p(g_weights), _p(g_read), None, None, a, _p(ww), widx,
+            _p(ctx.reset_mask), _p(g_a), _p(g_ww), _p(g_keys), _p(g_beta),
+        )  # fmt: skip
+        if g_ww_out is not None:
+            g_ww += g_ww_out
+        g_xi = torch.empty(B, S, **like)
+        g_prev_w = torch.empty(B, R, K, **like)
+        _fn("head_backward", g)(
+            _p(xi), B, S, R, W, K, _p(prev_w), gates, _p(g_keys), _p(g_a), _p(g_beta),
+            _p(g_ww), _p(g_xi), _p(g_prev_w),
+        )  # fmt: skip
+        return (g_xi, g_prev_w, g) + (None,) * 10
 
 
 def dense_access_step(

@@ -31,6 +31,18 @@ namespace {
 
 constexpr double kEps = 1e-6;  // addressing.EPSILON, under the norms' sqrt
 
+// x·y with 8 independent partial sums (so that the loop vectorises without reassociation).
+template <typename T>
+inline T dot(const T* x, const T* y, i64 n) {
+    T acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    i64 i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int l = 0; l < 8; ++l) acc[l] += x[i + l] * y[i + l];
+    T total = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; i < n; ++i) total += x[i] * y[i];
+    return total;
+}
+
 // M_t = (1 - I^U_t 1^T) ∘ M_{t-1} + w^W_t a_t^T at the J write rows (duplicates add up, in
 // order), after zeroing the elements that reset; sqnorm follows the rows that changed.
 template <typename T>
@@ -53,9 +65,7 @@ void write_rows(T* mem, T* sqnorm, i64 B, i64 N, i64 W, i64 J, const T* a, const
         if (sqnorm != nullptr) {
             for (i64 j = 0; j < J; ++j) {
                 const T* row = m + wi[j] * W;
-                T sq = 0;
-                for (i64 w = 0; w < W; ++w) sq += row[w] * row[w];
-                sqnorm[b * N + wi[j]] = sq;
+                sqnorm[b * N + wi[j]] = dot(row, row, W);
             }
         }
     }
@@ -64,12 +74,7 @@ void write_rows(T* mem, T* sqnorm, i64 B, i64 N, i64 W, i64 J, const T* a, const
 // |M[i]|^2 of every row.
 template <typename T>
 void row_sqnorm(const T* mem, T* sqnorm, i64 rows, i64 W) {
-    for (i64 i = 0; i < rows; ++i) {
-        const T* row = mem + i * W;
-        T sq = 0;
-        for (i64 w = 0; w < W; ++w) sq += row[w] * row[w];
-        sqnorm[i] = sq;
-    }
+    for (i64 i = 0; i < rows; ++i) sqnorm[i] = dot(mem + i * W, mem + i * W, W);
 }
 
 // Insert (s, n) into the descending list (score, row) of at most k entries; equal scores keep
@@ -108,9 +113,7 @@ void exact_search(const T* mem, const T* sqnorm, i64 B, i64 N, i64 W, const T* k
         const T* sq = sqnorm + b * N;
         const T* q = keys + b * R * W;
         for (i64 r = 0; r < R; ++r) {
-            T kk = 0;
-            for (i64 w = 0; w < W; ++w) kk += q[r * W + w] * q[r * W + w];
-            key_norm[r] = std::sqrt(kk + T(kEps));
+            key_norm[r] = std::sqrt(dot(q + r * W, q + r * W, W) + T(kEps));
             count[r] = 0;
         }
         i64 zeros = 0;
@@ -124,9 +127,9 @@ void exact_search(const T* mem, const T* sqnorm, i64 B, i64 N, i64 W, const T* k
             const T* mr = m + n * W;
             const T rn = std::sqrt(sq[n] + T(kEps));
             for (i64 r = 0; r < R; ++r) {
-                T dot = 0;
-                for (i64 w = 0; w < W; ++w) dot += q[r * W + w] * mr[w];
-                top_insert(score + r * K, row + r * K, count[r], K, dot / (key_norm[r] * rn), n);
+                const T s = dot(q + r * W, mr, W) / (key_norm[r] * rn);
+                if (count[r] < K || s > score[r * K + K - 1])
+                    top_insert(score + r * K, row + r * K, count[r], K, s, n);
             }
         }
         for (i64 r = 0; r < R; ++r) {
@@ -311,6 +314,77 @@ void usage_update(T* last, const T* time_in, T* time_out, i64 B, i64 N, i64 J1, 
     if (lru != nullptr) least_recently_used(last, B, N, lru);
 }
 
+// SAM's interface (sam.py): xi [B, S] = [keys R·W | a W | beta^ R | alpha^, gamma^ | ...] at
+// offsets (0, RW, RW + W, RW + W + R) with row stride S. beta = oneplus(beta^) = 1 +
+// softplus(beta^) (torch's threshold 20), alpha = sigmoid, gamma = sigmoid; then the write
+// weighting w^W = alpha (gamma mean_R(w^R_{t-1}), 1 - gamma) at rows (idx^R_{t-1}, I^U_t)
+// (sparse_write_weights). Outputs keys [B, R, W] and a [B, W] copied out contiguous.
+template <typename T>
+inline T softplus(T x) {
+    return x > T(20) ? x : std::log1p(std::exp(x));
+}
+
+template <typename T>
+inline T sigmoid(T x) {
+    return T(1) / (T(1) + std::exp(-x));
+}
+
+template <typename T>
+void sam_head(const T* xi, i64 B, i64 S, i64 R, i64 W, i64 K, const T* prev_w,
+              const i64* prev_idx, const i64* lru, T* keys, T* a, T* beta, T* gates, T* ww,
+              i64* widx) {
+    const i64 J = R * K + 1;
+    for (i64 b = 0; b < B; ++b) {
+        const T* x = xi + b * S;
+        std::copy(x, x + R * W, keys + b * R * W);
+        std::copy(x + R * W, x + R * W + W, a + b * W);
+        for (i64 r = 0; r < R; ++r) beta[b * R + r] = T(1) + softplus(x[R * W + W + r]);
+        const T alpha = sigmoid(x[R * W + W + R]);
+        const T gamma = sigmoid(x[R * W + W + R + 1]);
+        gates[b * 2] = alpha;
+        gates[b * 2 + 1] = gamma;
+        for (i64 j = 0; j < R * K; ++j) {
+            ww[b * J + j] = alpha * (gamma * prev_w[b * R * K + j] / T(R));
+            widx[b * J + j] = prev_idx[b * R * K + j];
+        }
+        ww[b * J + J - 1] = alpha * (T(1) - gamma);
+        widx[b * J + J - 1] = lru[b];
+    }
+}
+
+// Backward of sam_head: g_keys, g_a, g_beta (dL/d beta), g_ww (dL/d w^W) -> g_xi [B, S] (the
+// columns past RW + W + R + 2 untouched) and g_prev_w [B, R, K].
+template <typename T>
+void sam_head_backward(const T* xi, i64 B, i64 S, i64 R, i64 W, i64 K, const T* prev_w,
+                       const T* gates, const T* g_keys, const T* g_a, const T* g_beta,
+                       const T* g_ww, T* g_xi, T* g_prev_w) {
+    const i64 J = R * K + 1;
+    for (i64 b = 0; b < B; ++b) {
+        const T* x = xi + b * S;
+        T* gx = g_xi + b * S;
+        std::copy(g_keys + b * R * W, g_keys + b * R * W + R * W, gx);
+        std::copy(g_a + b * W, g_a + b * W + W, gx + R * W);
+        for (i64 r = 0; r < R; ++r) {
+            const T v = x[R * W + W + r];  // torch.softplus backward (beta 1, threshold 20)
+            const T z = std::exp(v);
+            gx[R * W + W + r] = v > T(20) ? g_beta[b * R + r] : g_beta[b * R + r] * z / (z + T(1));
+        }
+        const T alpha = gates[b * 2], gamma = gates[b * 2 + 1];
+        const T* gw = g_ww + b * J;
+        T g_alpha = 0, g_gamma = 0;
+        for (i64 j = 0; j < R * K; ++j) {
+            const T p = prev_w[b * R * K + j] / T(R);
+            g_alpha += gw[j] * (gamma * p);
+            g_gamma += gw[j] * alpha * p;
+            g_prev_w[b * R * K + j] = gw[j] * alpha * gamma / T(R);
+        }
+        g_alpha += gw[J - 1] * (T(1) - gamma);
+        g_gamma -= gw[J - 1] * alpha;
+        gx[R * W + W + R] = g_alpha * alpha * (T(1) - alpha);
+        gx[R * W + W + R + 1] = g_gamma * gamma * (T(1) - gamma);
+    }
+}
+
 }  // namespace
 
 // ---- extern "C" wrappers: float (_f32) and double (_f64) ---------------------------------------
@@ -344,6 +418,17 @@ void usage_update(T* last, const T* time_in, T* time_out, i64 B, i64 N, i64 J1, 
                                   const i64* i1, const T* w1, i64 J2, const i64* i2, const T* w2,  \
                                   double threshold, i64* lru) {                                    \
         usage_update<T>(last, time_in, time_out, B, N, J1, i1, w1, J2, i2, w2, T(threshold), lru); \
+    }                                                                                              \
+    EXPORT void sa_head_##SUFFIX(const T* xi, i64 B, i64 S, i64 R, i64 W, i64 K, const T* prev_w,  \
+                                 const i64* prev_idx, const i64* lru, T* keys, T* a, T* beta,      \
+                                 T* gates, T* ww, i64* widx) {                                     \
+        sam_head<T>(xi, B, S, R, W, K, prev_w, prev_idx, lru, keys, a, beta, gates, ww, widx);     \
+    }                                                                                              \
+    EXPORT void sa_head_backward_##SUFFIX(                                                         \
+        const T* xi, i64 B, i64 S, i64 R, i64 W, i64 K, const T* prev_w, const T* gates,           \
+        const T* g_keys, const T* g_a, const T* g_beta, const T* g_ww, T* g_xi, T* g_prev_w) {     \
+        sam_head_backward<T>(xi, B, S, R, W, K, prev_w, gates, g_keys, g_a, g_beta, g_ww, g_xi,    \
+                             g_prev_w);                                                            \
     }                                                                                              \
     EXPORT void sa_lru_##SUFFIX(const T* last, i64 B, i64 N, i64* lru) {                           \
         least_recently_used<T>(last, B, N, lru);                                                   \
