@@ -397,3 +397,28 @@ def test_sequence_float32_native_agrees_with_the_reference():
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
     for (name, p), q in zip(fused.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("B", "N", "W", "H", "S", "hidden"),
+    [(1, 3, 1, 1, 1, 1), (2, 5, 3, 3, 2, 2), (4, 9, 2, 1, 4, 3)],
+)
+def test_sequence_at_edge_sizes_agrees_with_the_reference(B, N, W, H, S, hidden):
+    """One element, one unit, one-wide words, N = 2S + 1, three head pairs."""
+    fused = build_core(
+        "ntm", dtype=F64, hidden_size=hidden, memory_size=N, word_size=W, num_heads=H, max_shift=S
+    )
+    randomize_initial_state(fused)
+    reference = copy.deepcopy(fused)
+    reference.fused = False
+    T = 5
+    x = torch.randn(T, B, INPUT_SIZE, dtype=F64, requires_grad=True)
+    starts = torch.zeros(T, B)
+    starts[3, 0] = 1.0
+    ref_y, ref_final, ref_grads = _sequence_grads(reference, x, _start_state(fused, B), starts)
+    y, final, grads = _sequence_grads(fused, x, _start_state(fused, B), starts)
+    torch.testing.assert_close(y, ref_y, **TIGHT)
+    for a, b in zip(_state_leaves(final), _state_leaves(ref_final), strict=True):
+        torch.testing.assert_close(a, b, **TIGHT)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-11)

@@ -158,7 +158,7 @@ class NTMCore(MemoryCore):
         if not ntm_access.sequence_available(x, self.heads.weight, *leaves):
             return super().forward(x, state, starts, return_debug)
         if starts is not None and bool(starts.any()):
-            init = self._sequence_leaves(self.initial_state(B, x.device), B)
+            init = self._initial_leaves(x.device)
         else:
             starts, init = None, (None,) * 6
         cell = self.controller
@@ -191,6 +191,22 @@ class NTMCore(MemoryCore):
             state.memory,
             state.read_weights,
             state.write_weights,
+        )
+
+    def _initial_leaves(self, device) -> tuple[Tensor, ...]:
+        """:meth:`initial_state` as :class:`NTMSequence` takes it, without the batch dimension
+        (``[1, ...]``, broadcast where episodes start)."""
+        Hd, dtype = self.hidden_size, self._dtype()
+        memory = torch.full(
+            (1, self.memory_size, self.word_size), MEMORY_INIT, device=device, dtype=dtype
+        )
+        return (
+            self.h0.reshape(1, Hd),
+            self.c0.reshape(1, Hd),
+            self.read0,
+            memory,
+            torch.softmax(self.read_logits0, -1),
+            torch.softmax(self.write_logits0, -1),
         )
 
     # -- one step ------------------------------------------------------------------------------

@@ -305,8 +305,9 @@ class NTMSequence(torch.autograd.Function):
     Inputs: ``x_proj [T, B, 4Hd]``; ``w_state [4Hd, Hd + H*W]`` (acting on ``[h; r]``);
     ``w_heads [P, Hd]``; ``b_heads [P]``; the state before step 0: ``h [B, Hd]``, ``c [B, Hd]``,
     ``r [B, H, W]``, ``M [B, N, W]``, ``w^r [B, H, N]``, ``w^w [B, H, N]``; the initial state in the
-    same six shapes (broadcastable, or all ``None`` when ``starts`` is ``None``); ``starts [T, B]``
-    bool or ``None``; ``H``; ``S``; ``record`` (``False``: no backward, keep nothing).
+    same six shapes or with a leading 1 instead of ``B`` (broadcast; all ``None`` when ``starts``
+    is ``None``); ``starts [T, B]`` bool or ``None``; ``H``; ``S``; ``record`` (``False``: no
+    backward, keep nothing).
 
     Outputs: ``y [T, B, Hd + H*W]`` (``[h_t; r_t]``), and the final ``c [B, Hd]``,
     ``M [B, N, W]``, ``w^r [B, H, N]``, ``w^w [B, H, N]`` (``h_T`` and ``r_T`` are in ``y[-1]``).
@@ -339,8 +340,8 @@ class NTMSequence(torch.autograd.Function):
         state = [t.data_ptr() for t in start[1:]]  # pointers to c, M, w^r, w^w before step t
         resets = [False] * T if starts is None else starts.any(1).tolist()
         if any(resets):
-            init_z = torch.cat([init_h.reshape(B, Hd), init_r.reshape(B, H * W)], 1)
-            init = (init_z, init_c.reshape(B, Hd), init_memory, init_read_w, init_write_w)
+            init_z = torch.cat([init_h.expand(B, Hd), init_r.expand(B, H, W).reshape(B, -1)], 1)
+            init = (init_z, init_c, init_memory, init_read_w, init_write_w)
         reset_inputs = {}  # t -> (mask, the state after the reset), kept for the backward
         xs, gs, ys = x_proj.unbind(0), gates.unbind(0), y.unbind(0)
         w_heads_ptr, b_heads_ptr = w_heads_t.data_ptr(), b_heads.contiguous().data_ptr()
@@ -368,7 +369,10 @@ class NTMSequence(torch.autograd.Function):
             ctx.save_for_backward(
                 w_state, w_heads, gates, cells, params, memories, reads, writes, ws, y, *start
             )
-        return y, cells[-1].clone(), memories[-1].clone(), reads[-1].clone(), writes[-1].clone()
+        last = (cells[-1], memories[-1], reads[-1], writes[-1])
+        if record:  # outputs apart from the buffers saved for the backward
+            last = tuple(t.clone() for t in last)
+        return (y, *last)
 
     @staticmethod
     def backward(ctx, g_y, g_c, g_memory, g_read, g_write):
@@ -451,8 +455,8 @@ class _StepPointers:
             if buf is None:
                 setattr(self, name, [None] * T)
                 continue
-            base, size = buf.data_ptr(), buf[0].numel() * buf.element_size()
-            setattr(self, name, [base + t * size for t in range(T)])
+            base, size = buf.data_ptr(), buf.stride(0) * buf.element_size()
+            setattr(self, name, range(base, base + T * size, size))
 
 
 def sequence_available(*tensors: Tensor) -> bool:
