@@ -122,6 +122,7 @@ CORE_CASES: list[tuple[str, dict[str, Any]]] = [(name, {}) for name in cores.ava
     ("dnc", {"num_writes": 1, "num_reads": 1}),
     ("dnc", {"fused": False}),  # the reference path built from the addressing functions
     ("ntm", {"num_heads": 1, "max_shift": 2}),
+    ("ntm", {"fused": False}),  # the reference path built from the addressing functions
     ("sam", {"fused": False}),  # the dense reference of the sparse access step
     ("sam", {"index": "faiss"}),
     ("sdnc", {"fused": False}),  # the dense reference of the memory step

@@ -1,4 +1,5 @@
-"""The NTM memory access step as one autograd function with a hand-derived backward.
+"""The NTM memory access step (and a whole NTM sequence) as autograd functions with hand-derived
+backwards.
 
 Graves, Wayne & Danihelka 2014, "Neural Turing Machines", arXiv:1410.5401, section 3: for each of
 ``H`` (write head, read head) pairs, the write head addresses ``M_{t-1}`` (content eqs. 5-6,
@@ -13,6 +14,11 @@ dispatch costs far more than their arithmetic at RL sizes (``B`` ≈ 8-64, ``N``
 this function runs forward and backward as one C++ kernel call each (``csrc/ntm_access.cpp``,
 loaded by :mod:`memagents.cores.native`); elsewhere (CUDA, other dtypes, ``MEMAGENTS_NATIVE=0``)
 it runs the same hand-derived backward as a few dozen batched torch ops.
+
+:class:`NTMSequence` goes one level up, for the native path: ``T`` whole steps of the core
+(controller LSTM cell, head layer, access) as a single autograd node, with backpropagation
+through time written out, so that a training sequence records one node instead of ``T`` times a
+dozen (the controller's cell, linear layers, concatenations, views).
 
 The head parameters enter **raw** (the controller's linear output, before activations), one row
 of ``P`` numbers per batch element, laid out as :func:`head_sizes` says::

@@ -14,6 +14,9 @@
 // with beta = softplus, gate = sigmoid, shift = softmax over K = 2S+1, gamma = 1 + softplus,
 // erase = sigmoid, add and key raw. softplus follows torch (x > 20 gives x).
 //
+// ntm_step_forward / ntm_step_backward wrap one whole step of the core around it for NTMSequence:
+// the controller's LSTM cell (from the gates' pre-activations), the head layer, the access.
+//
 // The forward optionally fills a workspace (per element: the memory row norms of M_{t-1} and M_t,
 // then per pass and head the similarities, content, gated and shifted weightings, the shift
 // distribution and the activated scalars) that the backward reads instead of recomputing.
