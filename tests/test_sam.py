@@ -204,8 +204,12 @@ def test_exact_and_faiss_cores_give_the_same_reads_with_resets():
 def test_index_resolution_and_validation():
     assert sparse_access.resolve_index("exact", 10**6) == "exact"
     assert sparse_access.resolve_index("auto", 64) == "exact"
-    expected = "faiss" if sparse_access.faiss_available() else "exact"
+    if sparse_access._kernel() is not None:
+        expected = "ivf"
+    else:
+        expected = "faiss" if sparse_access.faiss_available() else "exact"
     assert sparse_access.resolve_index("auto", sparse_access.AUTO_FAISS_MIN_ROWS) == expected
+    assert sparse_access.resolve_index("auto", sparse_access.AUTO_FAISS_MIN_ROWS - 1) == "exact"
     with pytest.raises(ValueError, match="index"):
         SAMCore(input_size=3, index="annoy")
     with pytest.raises(ValueError, match="sparse_reads"):

@@ -230,3 +230,135 @@ def test_sam_core_native_matches_torch_from_a_packed_state(torch_path):
     torch.testing.assert_close(y_n, y_t, **TOL)
     for a, b in zip(s_n.access, s_t.access, strict=True):
         torch.testing.assert_close(a, b, **TOL)
+
+
+# -- the native inverted-file index ----------------------------------------------------------------
+
+
+@needs_native
+@pytest.mark.parametrize("zero_rows", [0, 20])
+def test_ivf_index_is_exact_on_small_memories_and_after_updates(zero_rows):
+    """With ``nprobe >= nlist`` (N <= 1024) every list is probed: the exact top-k."""
+    gen = torch.Generator().manual_seed(0)
+    memory = torch.randn(4, 64, 8, generator=gen)
+    memory[:, :zero_rows] = 0.0
+    keys = torch.randn(4, 3, 8, generator=gen)
+    exact, ivf = sparse_access.ExactIndex(memory), sparse_access.IVFIndex(memory)
+    assert ivf.nprobe == ivf.nlist
+    for k in (1, 4, 30):
+        assert torch.equal(ivf.search(memory, keys, k), exact.search(memory, keys, k))
+    rows = torch.tensor([[0, 5, 40, 40]] * 4)  # a duplicate row
+    memory[:, 0] = torch.randn(8, generator=gen)
+    memory[:, 5] = 0.0
+    memory[:, 40] = keys[:, 0]
+    ivf.update(memory, rows)
+    assert torch.equal(ivf.search(memory, keys, 4), exact.search(memory, keys, 4))
+    assert (ivf.search(memory, keys, 4)[:, 0] == 40).any(-1).all()
+    memory[2] = torch.randn(64, 8, generator=gen)
+    memory[2, 3] = 0.0
+    ivf.reset(memory, torch.tensor([2]))
+    assert torch.equal(ivf.search(memory, keys, 4), exact.search(memory, keys, 4))
+
+
+@needs_native
+@pytest.mark.skipif(not sparse_access.faiss_available(), reason="faiss not installed")
+def test_ivf_index_finds_what_the_faiss_index_finds():
+    """Approximate (nprobe < nlist) and with too few rows in the probed lists (exact fallback)."""
+    gen = torch.Generator().manual_seed(1)
+    for N, live in ((4096, 4096), (4096, 3)):
+        memory = torch.zeros(3, N, 16)
+        memory[:, :live] = torch.randn(3, live, 16, generator=gen)
+        keys = torch.randn(3, 8, 16, generator=gen)
+        ivf, fai = sparse_access.IVFIndex(memory), sparse_access.FaissIndex(memory)
+        assert (ivf.nlist, ivf.nprobe) == (fai.nlist, fai.nprobe) == (64, 32)
+        assert torch.equal(ivf.search(memory, keys, 4), fai.search(memory, keys, 4))
+        rows = torch.randint(0, N, (3, 17), generator=gen)
+        memory[torch.arange(3)[:, None], rows] = torch.randn(3, 17, 16, generator=gen)
+        ivf.update(memory, rows)
+        fai.update(memory, rows)
+        assert torch.equal(ivf.search(memory, keys, 4), fai.search(memory, keys, 4))
+
+
+@needs_native
+def test_sam_core_with_the_ivf_index_matches_exact_on_a_small_memory(torch_path):
+    exact, ivf = _sam(index="exact"), _sam(index="ivf")
+    assert ivf.index_kind == "ivf"
+    ivf.load_state_dict(exact.state_dict())
+    torch_path(False)
+    y_i, s_i, g_i = _sam_grads(ivf)
+    torch_path(True)
+    y_e, s_e, g_e = _sam_grads(exact)
+    torch.testing.assert_close(y_i, y_e, **TOL)
+    assert torch.equal(s_i.read_indices, s_e.read_indices)
+    for a, b in zip(g_i, g_e, strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+@needs_native
+@pytest.mark.parametrize("blocks", [False, True])
+def test_sam_core_native_with_lru_blocks_and_a_starting_memory_without_grad(
+    torch_path, monkeypatch, blocks
+):
+    """The block-minima LRU and the lazily zeroed gradient buffer (starting memory needs no
+    gradient) give the torch path's outputs, states and parameter gradients, across resets."""
+    from memagents.cores import sam
+
+    monkeypatch.setattr(sam, "BLOCK_LRU_MIN_ROWS", 4 if blocks else 10**9)
+    core = _sam(memory_size=11)
+
+    def run():
+        gen = torch.Generator().manual_seed(2)
+        T, B = 9, 3
+        x = torch.randn(T, B, core.input_size, generator=gen, dtype=torch.float64)
+        x.requires_grad_(True)
+        starts = torch.zeros(T, B)
+        starts[3, 1] = starts[6, 0] = starts[6, 2] = 1.0
+        y, s = core(x, core.initial_state(B), starts)
+        loss = (y * torch.randn(y.shape, generator=gen, dtype=y.dtype)).sum()
+        params = [p for p in core.parameters() if p.requires_grad]
+        return y.detach(), s, torch.autograd.grad(loss, [x, *params])
+
+    torch_path(False)
+    y_n, s_n, g_n = run()
+    torch_path(True)
+    y_t, s_t, g_t = run()
+    torch.testing.assert_close(y_n, y_t, **TOL)
+    for a, b in zip(s_n.access, s_t.access, strict=True):
+        torch.testing.assert_close(a.detach(), b.detach(), **TOL)
+    for a, b in zip(g_n, g_t, strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+    assert (s_n.last_access > 0).all(-1).any()  # the memory filled: the LRU left the zero rows
+
+
+def test_owned_copy_of_a_broadcast_zero_is_a_writable_zero_memory():
+    zero = torch.zeros((), dtype=torch.float64).expand(2, 5, 3)
+    assert sparse_access.is_zero_broadcast(zero)
+    assert not sparse_access.is_zero_broadcast(torch.zeros(2, 5, 3))  # materialised: copied
+    assert not sparse_access.is_zero_broadcast(torch.ones(()).expand(2, 5, 3))
+    assert not sparse_access.is_zero_broadcast(torch.tensor(-0.0).expand(2, 5, 3))
+    copy = sparse_access.owned_copy(zero)
+    assert copy.is_contiguous() and copy.dtype == torch.float64 and torch.equal(copy, zero)
+    copy[1, 2] = 7.0  # writable, and the source is untouched
+    assert zero.sum() == 0
+    other = torch.randn(2, 5, 3)
+    assert torch.equal(sparse_access.owned_copy(other), other)
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["exact", "ivf"])
+def test_an_index_built_on_a_broadcast_zero_memory_equals_one_built_by_a_scan(kind):
+    gen = torch.Generator().manual_seed(5)
+    B, N, W = 2, 70, 4
+    zero = torch.zeros(()).expand(B, N, W)
+    lazy = sparse_access.make_index(kind, zero)
+    memory = sparse_access.owned_copy(zero)
+    scanned = sparse_access.make_index(kind, memory)
+    keys = torch.randn(B, 3, W, generator=gen)
+    if kind == "exact":
+        assert torch.equal(lazy.sqnorm, scanned.sqnorm)
+    assert torch.equal(lazy.search(memory, keys, 4), torch.arange(4).expand(B, 3, 4))
+    rows = torch.randint(0, N, (B, 9), generator=gen)
+    memory[torch.arange(B)[:, None], rows] = torch.randn(B, 9, W, generator=gen)
+    for index in (lazy, scanned):
+        index.update(memory, rows)
+    assert torch.equal(lazy.search(memory, keys, 4), scanned.search(memory, keys, 4))

@@ -22,6 +22,7 @@ gradient buffer; ``fused=False`` is the dense reference (a new memory per step u
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -34,6 +35,10 @@ from memagents.cores.rnn import LSTMState
 
 #: Largest ``N`` whose row indices are exact in float32 (the packed state's dtype).
 MAX_MEMORY_SIZE = 2**24
+
+#: From this many rows on, the native path finds the LRU row through block minima of the
+#: last-access steps (``O(sqrt N)`` per step) rather than a scan of all ``N``.
+BLOCK_LRU_MIN_ROWS = 4096
 
 
 class SparseAccessState(NamedTuple):
@@ -157,9 +162,11 @@ class SAMCore(MemoryCore):
         def zeros(*shape: int) -> Tensor:
             return torch.zeros(B, *shape, device=device, dtype=dtype)
 
+        # the N×W memory as a broadcast zero (no allocation): forward copies it once anyway
+        empty = torch.zeros((), device=device, dtype=dtype).expand(B, N, W) if memory else None
         return SparseAccessState(
-            memory=zeros(N, W) if memory else None,
-            last_access=zeros(N),
+            memory=empty,
+            last_access=torch.zeros((), device=device, dtype=dtype).expand(B, N),
             time=zeros(1),
             read_weights=zeros(R, K),
             read_indices=zeros(R, K),
@@ -341,9 +348,16 @@ class SAMCore(MemoryCore):
         initial = self._initial(B, x.device, memory=False) if any(reset_steps) else None
 
         access = state.access
-        memory = access.memory.clone(memory_format=torch.contiguous_format)  # written in place
-        last_access = access.last_access.clone(memory_format=torch.contiguous_format)
-        index = sparse_access.make_index(self.index_kind, memory.detach())
+        memory = sparse_access.owned_copy(access.memory)  # written in place from here on
+        last_access = sparse_access.owned_copy(access.last_access)
+        # from the state's memory: an initial (broadcast zero) memory needs no scan
+        index = sparse_access.make_index(self.index_kind, access.memory.detach())
+        N = self.memory_size
+        scratch = sparse_access.StepScratch(
+            last_access,
+            dense_grad=memory.requires_grad,
+            block_rows=math.isqrt(N) if N >= BLOCK_LRU_MIN_ROWS else None,
+        )
         h, c = state.controller.h.squeeze(1), state.controller.c.squeeze(1)  # [B, H]
         read_flat = state.read_vectors.reshape(B, R * W)
         time, read_w, write_w = access.time, access.read_weights, access.write_weights
@@ -367,6 +381,7 @@ class SAMCore(MemoryCore):
                 read_idx = read_idx.masked_fill(st[:, None, None], 0)
                 write_idx = write_idx.masked_fill(st[:, None], 0)
                 last_access.index_fill_(0, reset, 0.0)  # the memory is zeroed by the step
+                scratch.rebuild(last_access, st.to(torch.uint8))
                 lru = None
             if lru is None:
                 lru = sparse_access.least_recently_used(last_access)
@@ -378,7 +393,7 @@ class SAMCore(MemoryCore):
             memory, read_w, read_idx, read_flat, write_w, write_idx, time, lru = (
                 sparse_access.SAMAccessStep.apply(
                     xi, read_w, memory, read_idx, lru, last_access, time, reset, index,
-                    R, W, K, t < T - 1,
+                    R, W, K, t < T - 1, scratch,
                 )
             )  # fmt: skip
             outputs.append(torch.cat([h, read_flat], dim=-1))

@@ -53,10 +53,10 @@ ACCESS_THRESHOLD = 0.005
 #: Lists probed per query by :class:`FaissIndex` (all lists when the index has fewer).
 FAISS_NPROBE = 32
 
-#: ``index="auto"`` uses FAISS from this many rows on (when faiss is installed).
+#: ``index="auto"`` uses an inverted-file index (``"ivf"``, else ``"faiss"``) from this many rows on.
 AUTO_FAISS_MIN_ROWS = 16_384
 
-INDEX_KINDS = ("auto", "exact", "faiss")
+INDEX_KINDS = ("auto", "exact", "faiss", "ivf")
 
 
 # -- the native kernels ----------------------------------------------------------------------------
@@ -71,15 +71,22 @@ def _load():
             "search": [p, p, n, n, n, p, n, n, p],
             "read": [p, n, n, n, n, n, p, p, p, p, p, p, p, n, p, p],
             "backward": [p, n, n, n, n, n, n, n] + [p] * 18,
-            "usage": [p, p, p, n, n, n, p, p, n, p, p, f, p],
+            "usage": [p, p, p, n, n, n, p, p, n, p, p, f, p, n, p, p],
+            "lru_blocks": [p, n, n, n, p, p, p],
             "lru": [p, n, n, p],
             "head": [p, n, n, n, n, n, p, p, p, p, p, p, p, p, p],
             "head_backward": [p, n, n, n, n, n] + [p] * 8,
+            "ivf_reset": [p, p, p],
+            "ivf_update": [p, p, p, n],
+            "ivf_search": [p, p, p, n, n, p],
         }
         for name, argtypes in signatures.items():
             for suffix in ("f32", "f64"):
                 fn = getattr(lib, f"sa_{name}_{suffix}")
                 fn.argtypes, fn.restype = argtypes, None
+        lib.sa_ivf_new.argtypes, lib.sa_ivf_new.restype = [n, n, n, n, n, p], p
+        lib.sa_ivf_free.argtypes, lib.sa_ivf_free.restype = [p], None
+        lib.sa_ivf_clear.argtypes, lib.sa_ivf_clear.restype = [p], None
         lib._sa_ready = True
     return lib
 
@@ -115,16 +122,25 @@ def faiss_available() -> bool:
 
 
 def resolve_index(index: str, memory_size: int) -> str:
-    """Resolve ``"auto"`` to ``"exact"`` (small ``N`` or no faiss) or ``"faiss"``.
+    """Resolve ``"auto"``: ``"exact"`` below :data:`AUTO_FAISS_MIN_ROWS` rows; from there on
+    ``"ivf"`` (the inverted-file index run by the native kernels) when they are available, else
+    ``"faiss"`` when faiss is installed, else ``"exact"``.
 
-    :raises ValueError: an unknown kind, or ``"faiss"`` without faiss installed.
+    :raises ValueError: an unknown kind, ``"faiss"`` without faiss installed, or ``"ivf"`` without
+        the native kernels.
     """
     if index not in INDEX_KINDS:
         raise ValueError(f"index must be one of {', '.join(map(repr, INDEX_KINDS))}; got {index!r}")
     if index == "faiss" and not faiss_available():
         raise ValueError("index='faiss' needs the faiss-cpu package; use index='exact' or 'auto'")
+    if index == "ivf" and _kernel() is None:
+        raise ValueError("index='ivf' needs the native kernels (a C++ compiler, MEMAGENTS_NATIVE)")
     if index == "auto":
-        return "faiss" if faiss_available() and memory_size >= AUTO_FAISS_MIN_ROWS else "exact"
+        if memory_size < AUTO_FAISS_MIN_ROWS:
+            return "exact"
+        if _kernel() is not None:
+            return "ivf"
+        return "faiss" if faiss_available() else "exact"
     return index
 
 
@@ -212,9 +228,51 @@ def _usage_native(last_access, time, accesses, threshold, lru: bool):
         _p(last_access), _p(time_in), _p(time_out), B, N,
         0 if i1 is None else i1.shape[1], _p(i1), _p(w1),
         0 if i2 is None else i2.shape[1], _p(i2), _p(w2),
-        threshold, _p(out),
+        threshold, _p(out), 0, None, None,
     )  # fmt: skip
     return last_access, time_out, out
+
+
+class StepScratch:
+    """Per-``forward`` bookkeeping shared by the :class:`SAMAccessStep` nodes of one sequence.
+
+    - ``blocks``: the block minima of ``last_access`` (``bs``, ``bmin [B, nb]``, ``barg [B, nb]``)
+      that find the LRU row in ``O(N / bs + bs)`` instead of ``O(N)`` per step;
+    - ``rows``: the rows each step touches (written and read). When the starting memory needs
+      no gradient, the backward's ``[B, N, W]`` gradient buffer is allocated uninitialised and
+      only these rows are zeroed: no step reads any other row of it, and its final value (the
+      gradient of the starting memory) is not used.
+    """
+
+    def __init__(self, last_access: Tensor, dense_grad: bool, block_rows: int | None = None):
+        B, N = last_access.shape
+        self.dense_grad = dense_grad
+        self.rows: list[Tensor] = []
+        self.blocks = None
+        if block_rows is not None:
+            nb = -(-N // block_rows)
+            bmin = torch.empty(B, nb, dtype=last_access.dtype)
+            barg = torch.empty(B, nb, dtype=torch.long)
+            self.blocks = (block_rows, bmin, barg)
+            self.rebuild(last_access, None)
+
+    def rebuild(self, last_access: Tensor, mask: Tensor | None) -> None:
+        """Recompute the block minima (of the elements in ``mask``, ``[B]`` uint8; all if None)."""
+        if self.blocks is not None:
+            bs, bmin, barg = self.blocks
+            B, N = last_access.shape
+            _fn("lru_blocks", last_access)(
+                _p(last_access), B, N, bs, _p(bmin), _p(barg), _p(mask)
+            )  # fmt: skip
+
+    def gradient_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        if self.dense_grad or not self.rows:
+            return torch.zeros(shape, dtype=dtype)
+        B, N, W = shape
+        g = torch.empty(shape, dtype=dtype)
+        rows = torch.cat(self.rows, dim=1)  # [B, Σ touched]
+        g.view(B * N, W).index_fill_(0, _flat_rows(rows, N), 0.0)
+        return g
 
 
 # -- write weighting (section 3.2) -----------------------------------------------------------------
@@ -269,7 +327,10 @@ class ExactIndex:
     def __init__(self, memory: Tensor):
         self.sqnorm = None
         if _kernel() is not None and native.usable(memory):
-            self.sqnorm = _sqnorm(memory.detach().contiguous())
+            if is_zero_broadcast(memory):
+                self.sqnorm = torch.zeros(memory.shape[:2], dtype=memory.dtype)
+            else:
+                self.sqnorm = _sqnorm(memory.detach().contiguous())
 
     def reset(self, memory: Tensor, elements: Tensor) -> None:
         if self.sqnorm is not None:
@@ -311,6 +372,25 @@ class ExactIndex:
         # the k best, ties to the lowest row (as the kernel and FaissIndex)
         best = torch.sort(similarity, dim=-1, descending=True, stable=True).indices[..., :k]
         return best.sort(dim=-1).values
+
+
+def is_zero_broadcast(t: Tensor) -> bool:
+    """``t`` is one ``+0.0`` broadcast to its shape (every stride 0), as the cores' initial
+    memories are: nothing to copy or scan."""
+    if t.numel() == 0 or any(s != 0 for s in t.stride()):
+        return False
+    value = t.reshape(-1)[0].item()
+    return value == 0 and math.copysign(1.0, value) > 0
+
+
+def owned_copy(t: Tensor) -> Tensor:
+    """A contiguous copy of ``t`` that the caller may write in place. A CPU :func:`is_zero_broadcast`
+    tensor becomes lazily zeroed memory (``calloc``: pages are zeroed by the OS when first
+    touched), so a large memory that a sequence writes sparsely costs only the pages it touches."""
+    if t.device.type == "cpu" and not t.requires_grad and is_zero_broadcast(t):
+        dtype = torch.empty(0, dtype=t.dtype).numpy().dtype
+        return torch.from_numpy(np.zeros(tuple(t.shape), dtype=dtype))
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _sqnorm(memory: Tensor) -> Tensor:
@@ -401,8 +481,73 @@ class FaissIndex:
         return torch.from_numpy(out).to(keys.device)
 
 
+class IVFIndex:
+    """:class:`FaissIndex`'s inverted-file index, run by the native kernels (no faiss needed).
+
+    The same algorithm and parameters: ``nlist ≈ sqrt(N)`` fixed seeded random unit centroids
+    (the same ones), ``nprobe`` lists probed, unit rows in float32 filed under their nearest
+    centroid, zero rows kept apart (score 0, the ``K`` lowest can be read), the exact scan when the
+    probed lists hold fewer than ``K`` rows; ties go to the lowest row. Its state lives in the
+    kernel library (freed with the object); every method is one kernel call for the whole batch,
+    so a step costs ``O(J·nlist·W)`` to update and ``O(R·(nlist + N·nprobe/nlist)·W)`` to search
+    per element, with no Python loop over the batch.
+    """
+
+    def __init__(self, memory: Tensor, nprobe: int = FAISS_NPROBE, seed: int = 0):
+        B, N, W = memory.shape
+        self.size, self.width = N, W
+        self.nlist = max(1, round(math.sqrt(N)))
+        self.nprobe = min(nprobe, self.nlist)
+        gen = torch.Generator().manual_seed(seed)
+        centroids = torch.randn(self.nlist, W, generator=gen, dtype=torch.float64)
+        self.centroids = torch.from_numpy(_unit_rows(centroids))  # as FaissIndex
+        self._lib = _kernel()
+        self._handle = self._lib.sa_ivf_new(B, N, W, self.nlist, self.nprobe, _p(self.centroids))
+        if not self._handle:
+            raise ValueError(f"IVFIndex supports word sizes up to 256; got {W}")
+        if is_zero_broadcast(memory):
+            self._lib.sa_ivf_clear(self._handle)  # every row zero: nothing to scan
+        else:
+            self.reset(memory, torch.arange(B))
+
+    def __del__(self) -> None:
+        handle, self._handle = getattr(self, "_handle", None), None
+        if handle:
+            self._lib.sa_ivf_free(handle)
+
+    def _kernel(self, name: str, memory: Tensor):
+        suffix = "f64" if memory.dtype == torch.float64 else "f32"
+        return getattr(self._lib, f"sa_ivf_{name}_{suffix}")
+
+    def reset(self, memory: Tensor, elements: Tensor) -> None:
+        memory = memory.detach().contiguous()
+        mask = _reset_mask(elements, memory.shape[0])
+        if mask is not None:
+            self._kernel("reset", memory)(self._handle, _p(memory), _p(mask))
+
+    def update(self, memory: Tensor, rows: Tensor) -> None:
+        memory, rows = memory.detach().contiguous(), rows.contiguous()
+        self._kernel("update", memory)(self._handle, _p(memory), _p(rows), rows.shape[1])
+
+    def search(self, memory: Tensor, keys: Tensor, k: int) -> Tensor:
+        memory, keys = memory.detach().contiguous(), keys.detach().contiguous()
+        out = torch.empty(*keys.shape[:2], k, dtype=torch.long)
+        self._kernel("search", memory)(
+            self._handle, _p(memory), _p(keys), keys.shape[1], k, _p(out)
+        )  # fmt: skip
+        return out
+
+
 def make_index(kind: str, memory: Tensor) -> Index:
-    """An index of kind ``"exact"`` or ``"faiss"`` (already resolved) over ``memory``."""
+    """An index of kind ``"exact"``, ``"faiss"`` or ``"ivf"`` (already resolved) over ``memory``.
+
+    ``"ivf"`` on memory the kernels cannot take (another device or dtype) runs the same algorithm
+    through faiss when it is installed, else the exact scan.
+    """
+    if kind == "ivf":
+        if _kernel() is not None and native.usable(memory):
+            return IVFIndex(memory)
+        kind = "faiss" if faiss_available() else "exact"
     return FaissIndex(memory) if kind == "faiss" else ExactIndex(memory)
 
 
@@ -672,7 +817,8 @@ class SAMAccessStep(torch.autograd.Function):
     ``memory [B, N, W]`` (contiguous, modified in place); then non-differentiable
     ``prev_read_indices [B, R, K]`` long, ``lru [B]`` long ``I^U_t``, ``last_access [B, N]``
     (updated in place), ``time [B, 1]``, ``reset [n]`` long, ``index``, ``R``, ``W``, ``K``,
-    ``owns_grad`` (as in :class:`SparseAccessStep`).
+    ``owns_grad`` (as in :class:`SparseAccessStep`), ``scratch`` (a :class:`StepScratch` or
+    ``None``).
 
     Outputs: ``memory``, ``read_weights [B, R, K]``, ``read_indices [B, R, K]`` long,
     ``read_vectors [B, R·W]`` (flat), ``write_weights [B, J]``, ``write_indices [B, J]`` long,
@@ -682,7 +828,7 @@ class SAMAccessStep(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, xi, prev_read_weights, memory, prev_read_indices, lru, last_access, time,
-        reset, index, R, W, K, owns_grad,
+        reset, index, R, W, K, owns_grad, scratch=None,
     ):  # fmt: skip
         B, N, _ = memory.shape
         S, J = xi.shape[1], R * K + 1
@@ -721,12 +867,18 @@ class SAMAccessStep(torch.autograd.Function):
             rows, _p(weights), sim, _p(read), 0, None, None,
         )  # fmt: skip
         new_time = torch.empty(B, 1, **like)
+        bs, bmin, barg = (0, None, None) if scratch is None or scratch.blocks is None else (
+            scratch.blocks
+        )  # fmt: skip
         _fn("usage", memory)(
             _p(last_access), _p(time), _p(new_time), B, N, J, widx_p, _p(ww),
-            R * K, ridx_p, _p(weights), ACCESS_THRESHOLD, lru_p,
+            R * K, ridx_p, _p(weights), ACCESS_THRESHOLD, lru_p, bs, _p(bmin), _p(barg),
         )  # fmt: skip
+        if scratch is not None:
+            scratch.rows += [widx, ridx.view(B, R * K)]
         ctx.shape = (B, N, W, R, K, J, S)
         ctx.owns_grad = owns_grad
+        ctx.scratch = scratch
         ctx.save_for_backward(xi_c, prev_w, work, weights, ints, ww)
         ctx.reset_mask = mask
         ctx.set_materialize_grads(False)
@@ -743,7 +895,11 @@ class SAMAccessStep(torch.autograd.Function):
         widx, ridx, _ = _carve(ints, B, [J, R * K, 1])
         like = {"dtype": work.dtype}
         if g_memory is None:
-            g = torch.zeros(B, N, W, **like)
+            scratch = ctx.scratch
+            if scratch is None:
+                g = torch.zeros(B, N, W, **like)
+            else:
+                g = scratch.gradient_buffer((B, N, W), work.dtype)
         elif ctx.owns_grad and g_memory.is_contiguous():
             g = g_memory
         else:
@@ -767,7 +923,7 @@ class SAMAccessStep(torch.autograd.Function):
             _p(xi), B, S, R, W, K, _p(prev_w), gates, _p(g_keys), _p(g_a), _p(g_beta),
             _p(g_ww), _p(g_xi), _p(g_prev_w),
         )  # fmt: skip
-        return (g_xi, g_prev_w, g) + (None,) * 10
+        return (g_xi, g_prev_w, g) + (None,) * 11
 
 
 def dense_access_step(

@@ -284,34 +284,82 @@ void step_backward(T* g, i64 B, i64 N, i64 W, i64 R, i64 K, i64 J, i64 E, const 
     }
 }
 
+// The first position of the minimum of u[0..n) (torch.argmin).
+template <typename T>
+i64 argmin_first(const T* u, i64 n) {
+    T lane[16];
+    for (int l = 0; l < 16; ++l) lane[l] = u[0];
+    i64 i = 0;
+    for (; i + 16 <= n; i += 16)  // 16 independent minima: vectorises (minps semantics)
+        for (int l = 0; l < 16; ++l) lane[l] = u[i + l] < lane[l] ? u[i + l] : lane[l];
+    T best = lane[0];
+    for (int l = 1; l < 16; ++l) best = lane[l] < best ? lane[l] : best;
+    for (; i < n; ++i) best = u[i] < best ? u[i] : best;
+    i = 0;
+    while (i < n - 1 && !(u[i] == best)) ++i;
+    return i;
+}
+
 // I^U = argmin_i U(i) per element, the first minimum (torch.argmin).
 template <typename T>
 void least_recently_used(const T* last, i64 B, i64 N, i64* lru) {
+    for (i64 b = 0; b < B; ++b) lru[b] = argmin_first(last + b * N, N);
+}
+
+// Block minima of U, so that the LRU row is found in O(N / bs + bs) per step instead of O(N):
+// bmin[b, k] = min of rows [k bs, (k + 1) bs) and barg[b, k] the first row holding it (the
+// first minimum over the blocks' minima is then the first minimum over the rows). Rebuilt for
+// the elements in `only` (all when null).
+template <typename T>
+void lru_blocks_build(const T* last, i64 B, i64 N, i64 bs, T* bmin, i64* barg, const u8* only) {
+    const i64 nb = (N + bs - 1) / bs;
     for (i64 b = 0; b < B; ++b) {
-        const T* u = last + b * N;
-        T best = u[0];
-        for (i64 n = 1; n < N; ++n) best = std::min(best, u[n]);
-        i64 n = 0;
-        while (n < N - 1 && !(u[n] == best)) ++n;
-        lru[b] = n;
+        if (only != nullptr && !only[b]) continue;
+        for (i64 k = 0; k < nb; ++k) {
+            const i64 n0 = k * bs;
+            const i64 a = n0 + argmin_first(last + b * N + n0, std::min(bs, N - n0));
+            barg[b * nb + k] = a;
+            bmin[b * nb + k] = last[b * N + a];
+        }
     }
 }
 
 // U_t(i) = max(U_{t-1}(i), t) where a weight of row i exceeds δ (usage_update), t = time + 1 per
-// element; then, if lru is given, I^U_{t+1} = argmin_i U_t(i) (first minimum).
+// element; then, if lru is given, I^U_{t+1} = argmin_i U_t(i) (first minimum), through the block
+// minima when bmin/barg are given (kept current: values only grow, so a block changes only when
+// its argmin row is stamped).
 template <typename T>
 void usage_update(T* last, const T* time_in, T* time_out, i64 B, i64 N, i64 J1, const i64* i1,
-                  const T* w1, i64 J2, const i64* i2, const T* w2, T threshold, i64* lru) {
+                  const T* w1, i64 J2, const i64* i2, const T* w2, T threshold, i64* lru,
+                  i64 bs, T* bmin, i64* barg) {
+    const i64 nb = bmin != nullptr ? (N + bs - 1) / bs : 0;
     for (i64 b = 0; b < B; ++b) {
         T* u = last + b * N;
         const T t = time_in[b] + T(1);
         time_out[b] = t;
-        for (i64 j = 0; j < J1; ++j)
-            if (w1[b * J1 + j] > threshold) u[i1[b * J1 + j]] = std::max(u[i1[b * J1 + j]], t);
-        for (i64 j = 0; j < J2; ++j)
-            if (w2[b * J2 + j] > threshold) u[i2[b * J2 + j]] = std::max(u[i2[b * J2 + j]], t);
+        for (int pass = 0; pass < 2; ++pass) {
+            const i64 J = pass == 0 ? J1 : J2;
+            const i64* idx = (pass == 0 ? i1 : i2) + b * J;
+            const T* w = (pass == 0 ? w1 : w2) + b * J;
+            for (i64 j = 0; j < J; ++j) {
+                const i64 n = idx[j];
+                if (!(w[j] > threshold) || !(u[n] < t)) continue;
+                u[n] = t;
+                if (nb != 0 && barg[b * nb + n / bs] == n) {
+                    const i64 k = n / bs, n0 = k * bs;
+                    const i64 a = n0 + argmin_first(u + n0, std::min(bs, N - n0));
+                    barg[b * nb + k] = a;
+                    bmin[b * nb + k] = u[a];
+                }
+            }
+        }
     }
-    if (lru != nullptr) least_recently_used(last, B, N, lru);
+    if (lru == nullptr) return;
+    if (nb == 0) {
+        least_recently_used(last, B, N, lru);
+        return;
+    }
+    for (i64 b = 0; b < B; ++b) lru[b] = barg[b * nb + argmin_first(bmin + b * nb, nb)];
 }
 
 // SAM's interface (sam.py): xi [B, S] = [keys R·W | a W | beta^ R | alpha^, gamma^ | ...] at
@@ -385,6 +433,163 @@ void sam_head_backward(const T* xi, i64 B, i64 S, i64 R, i64 W, i64 K, const T* 
     }
 }
 
+
+// ---- an inverted-file index (FaissIndex's algorithm, natively) ----------------------------------
+// Per batch element, the non-zero rows' unit vectors x / sqrt(|x|^2 + eps) (float32, as
+// FaissIndex stores them) live in the list of their nearest centroid by inner product (fixed
+// unit centroids from Python); zero rows are kept in a bit set instead. A search probes the
+// nprobe lists whose centroids score highest against the unit key, keeps the k best rows by
+// inner product together with the k lowest zero rows (score 0), ties to the lowest row, and
+// falls back to the exact scan (exact_search) when fewer than k rows were found.
+struct IVF {
+    i64 B, N, W, nlist, nprobe, words;
+    std::vector<float> centroids_t;             // [W, nlist] (transposed: scores vectorise)
+    std::vector<float> cscore;                  // [nlist] scratch
+    std::vector<std::vector<int32_t>> ids;      // [B * nlist] rows per list
+    std::vector<std::vector<float>> vecs;       // [B * nlist] their unit vectors, W each
+    std::vector<int32_t> list_of, pos_of;       // [B * N] list (-1: zero row) and position
+    std::vector<uint64_t> zero;                 // [B * words] bit set: the row is zero
+};
+
+// <centroid_c, unit> for every c, into ix.cscore.
+inline const float* centroid_scores(IVF& ix, const float* unit) {
+    float* out = ix.cscore.data();
+    const i64 L = ix.nlist;
+    std::fill(out, out + L, 0.0f);
+    for (i64 w = 0; w < ix.W; ++w) {
+        const float u = unit[w];
+        const float* ct = ix.centroids_t.data() + w * L;
+        for (i64 c = 0; c < L; ++c) out[c] += u * ct[c];
+    }
+    return out;
+}
+
+template <typename T>
+void ivf_set_row(IVF& ix, i64 b, i64 n, const T* row) {
+    const i64 W = ix.W, at = b * ix.N + n;
+    int32_t l = ix.list_of[at];
+    if (l >= 0) {  // remove: the list's last entry takes its place
+        auto& ids = ix.ids[b * ix.nlist + l];
+        auto& vecs = ix.vecs[b * ix.nlist + l];
+        const int32_t p = ix.pos_of[at], last = ids.back();
+        ids[p] = last;
+        std::copy(vecs.end() - W, vecs.end(), vecs.begin() + p * W);
+        ix.pos_of[b * ix.N + last] = p;
+        ids.pop_back();
+        vecs.resize(vecs.size() - W);
+        ix.list_of[at] = -1;
+    }
+    const T sq = dot(row, row, W);
+    uint64_t& word = ix.zero[b * ix.words + n / 64];
+    if (sq == 0) {
+        word |= uint64_t(1) << (n % 64);
+        return;
+    }
+    word &= ~(uint64_t(1) << (n % 64));
+    float unit[256];
+    const T norm = std::sqrt(sq + T(kEps));
+    for (i64 w = 0; w < W; ++w) unit[w] = float(row[w] / norm);
+    const float* cs = centroid_scores(ix, unit);
+    int32_t best = 0;
+    for (i64 c = 1; c < ix.nlist; ++c)
+        if (cs[c] > cs[best]) best = int32_t(c);
+    auto& ids = ix.ids[b * ix.nlist + best];
+    auto& vecs = ix.vecs[b * ix.nlist + best];
+    ix.list_of[at] = best;
+    ix.pos_of[at] = int32_t(ids.size());
+    ids.push_back(int32_t(n));
+    vecs.insert(vecs.end(), unit, unit + W);
+}
+
+template <typename T>
+void ivf_reset(IVF& ix, const T* mem, const u8* elements) {
+    for (i64 b = 0; b < ix.B; ++b) {
+        if (elements != nullptr && !elements[b]) continue;
+        for (i64 l = 0; l < ix.nlist; ++l) {
+            ix.ids[b * ix.nlist + l].clear();
+            ix.vecs[b * ix.nlist + l].clear();
+        }
+        std::fill(ix.list_of.begin() + b * ix.N, ix.list_of.begin() + (b + 1) * ix.N, -1);
+        std::fill(ix.zero.begin() + b * ix.words, ix.zero.begin() + (b + 1) * ix.words, 0);
+        for (i64 n = 0; n < ix.N; ++n) ivf_set_row(ix, b, n, mem + (b * ix.N + n) * ix.W);
+    }
+}
+
+template <typename T>
+void ivf_update(IVF& ix, const T* mem, const i64* rows, i64 J) {
+    for (i64 b = 0; b < ix.B; ++b)
+        for (i64 j = 0; j < J; ++j) {
+            const i64 n = rows[b * J + j];
+            ivf_set_row(ix, b, n, mem + (b * ix.N + n) * ix.W);
+        }
+}
+
+// Insert (s, n) into the descending list of at most k (score, row) pairs; ties: lowest row.
+inline void top_insert_any(float* score, i64* row, i64& count, i64 k, float s, i64 n) {
+    auto better = [&](float s1, i64 n1, float s2, i64 n2) { return s1 > s2 || (s1 == s2 && n1 < n2); };
+    if (count == k && !better(s, n, score[k - 1], row[k - 1])) return;
+    i64 pos = count < k ? count++ : k - 1;
+    while (pos > 0 && better(s, n, score[pos - 1], row[pos - 1])) {
+        score[pos] = score[pos - 1];
+        row[pos] = row[pos - 1];
+        --pos;
+    }
+    score[pos] = s;
+    row[pos] = n;
+}
+
+template <typename T>
+void ivf_search(IVF& ix, const T* mem, const T* keys, i64 R, i64 K, i64* out) {
+    const i64 W = ix.W, N = ix.N;
+    std::vector<float> score(K);
+    std::vector<i64> probe(ix.nprobe), found(K);
+    std::vector<float> pscore(ix.nprobe);
+    float unit[256];
+    std::vector<T> sq;
+    for (i64 b = 0; b < ix.B; ++b) {
+        for (i64 r = 0; r < R; ++r) {
+            const T* q = keys + (b * R + r) * W;
+            const T norm = std::sqrt(dot(q, q, W) + T(kEps));
+            for (i64 w = 0; w < W; ++w) unit[w] = float(q[w] / norm);
+            const float* cs = centroid_scores(ix, unit);
+            i64 np = 0;
+            for (i64 c = 0; c < ix.nlist; ++c)
+                if (np < ix.nprobe || cs[c] > pscore[ix.nprobe - 1])
+                    top_insert_any(pscore.data(), probe.data(), np, ix.nprobe, cs[c], c);
+            i64 count = 0;
+            for (i64 p = 0; p < np; ++p) {
+                const auto& ids = ix.ids[b * ix.nlist + probe[p]];
+                const float* v = ix.vecs[b * ix.nlist + probe[p]].data();
+                for (size_t i = 0; i < ids.size(); ++i) {
+                    const float s = dot(unit, v + i * W, W);
+                    if (count < K || s >= score[K - 1])
+                        top_insert_any(score.data(), found.data(), count, K, s, ids[i]);
+                }
+            }
+            i64 zeros = 0;  // the k lowest zero rows, score 0
+            for (i64 w = 0; w < ix.words && zeros < K; ++w) {
+                uint64_t bits = ix.zero[b * ix.words + w];
+                while (bits != 0 && zeros < K) {
+                    const i64 n = w * 64 + __builtin_ctzll(bits);
+                    bits &= bits - 1;
+                    top_insert_any(score.data(), found.data(), count, K, 0.0f, n);
+                    ++zeros;
+                }
+            }
+            i64* o = out + (b * R + r) * K;
+            if (count < K) {  // the probed lists held fewer than k rows: exact scan
+                sq.resize(N);
+                const T* m = mem + b * N * W;
+                row_sqnorm(m, sq.data(), N, W);
+                exact_search(m, sq.data(), 1, N, W, q, 1, K, o);
+                continue;
+            }
+            std::copy(found.begin(), found.end(), o);
+            std::sort(o, o + K);
+        }
+    }
+}
+
 }  // namespace
 
 // ---- extern "C" wrappers: float (_f32) and double (_f64) ---------------------------------------
@@ -416,8 +621,13 @@ void sam_head_backward(const T* xi, i64 B, i64 S, i64 R, i64 W, i64 K, const T* 
     }                                                                                              \
     EXPORT void sa_usage_##SUFFIX(T* last, const T* time_in, T* time_out, i64 B, i64 N, i64 J1,    \
                                   const i64* i1, const T* w1, i64 J2, const i64* i2, const T* w2,  \
-                                  double threshold, i64* lru) {                                    \
-        usage_update<T>(last, time_in, time_out, B, N, J1, i1, w1, J2, i2, w2, T(threshold), lru); \
+                                  double threshold, i64* lru, i64 bs, T* bmin, i64* barg) {        \
+        usage_update<T>(last, time_in, time_out, B, N, J1, i1, w1, J2, i2, w2, T(threshold), lru,  \
+                        bs, bmin, barg);                                                           \
+    }                                                                                              \
+    EXPORT void sa_lru_blocks_##SUFFIX(const T* last, i64 B, i64 N, i64 bs, T* bmin, i64* barg,    \
+                                       const u8* only) {                                           \
+        lru_blocks_build<T>(last, B, N, bs, bmin, barg, only);                                     \
     }                                                                                              \
     EXPORT void sa_head_##SUFFIX(const T* xi, i64 B, i64 S, i64 R, i64 W, i64 K, const T* prev_w,  \
                                  const i64* prev_idx, const i64* lru, T* keys, T* a, T* beta,      \
@@ -436,3 +646,50 @@ void sam_head_backward(const T* xi, i64 B, i64 S, i64 R, i64 W, i64 K, const T* 
 
 SA_INSTANTIATE(float, f32)
 SA_INSTANTIATE(double, f64)
+
+EXPORT void* sa_ivf_new(i64 B, i64 N, i64 W, i64 nlist, i64 nprobe, const float* centroids) {
+    if (W > 256) return nullptr;
+    IVF* ix = new IVF();
+    ix->B = B, ix->N = N, ix->W = W, ix->nlist = nlist, ix->nprobe = nprobe;
+    ix->words = (N + 63) / 64;
+    ix->centroids_t.resize(nlist * W);
+    for (i64 c = 0; c < nlist; ++c)
+        for (i64 w = 0; w < W; ++w) ix->centroids_t[w * nlist + c] = centroids[c * W + w];
+    ix->cscore.resize(nlist);
+    ix->ids.resize(B * nlist);
+    ix->vecs.resize(B * nlist);
+    ix->list_of.assign(B * N, -1);
+    ix->pos_of.assign(B * N, 0);
+    ix->zero.assign(B * ix->words, 0);
+    return ix;
+}
+
+EXPORT void sa_ivf_free(void* ix) { delete static_cast<IVF*>(ix); }
+
+// Every row of every element zero (the initial memory), without reading it.
+EXPORT void sa_ivf_clear(void* handle) {
+    IVF& ix = *static_cast<IVF*>(handle);
+    for (auto& v : ix.ids) v.clear();
+    for (auto& v : ix.vecs) v.clear();
+    std::fill(ix.list_of.begin(), ix.list_of.end(), -1);
+    for (i64 b = 0; b < ix.B; ++b)
+        for (i64 w = 0; w < ix.words; ++w) {
+            const i64 left = ix.N - w * 64;
+            ix.zero[b * ix.words + w] = left >= 64 ? ~uint64_t(0) : (uint64_t(1) << left) - 1;
+        }
+}
+
+#define SA_IVF_INSTANTIATE(T, SUFFIX)                                                              \
+    EXPORT void sa_ivf_reset_##SUFFIX(void* ix, const T* mem, const u8* elements) {                \
+        ivf_reset<T>(*static_cast<IVF*>(ix), mem, elements);                                       \
+    }                                                                                              \
+    EXPORT void sa_ivf_update_##SUFFIX(void* ix, const T* mem, const i64* rows, i64 J) {           \
+        ivf_update<T>(*static_cast<IVF*>(ix), mem, rows, J);                                       \
+    }                                                                                              \
+    EXPORT void sa_ivf_search_##SUFFIX(void* ix, const T* mem, const T* keys, i64 R, i64 K,        \
+                                       i64* out) {                                                 \
+        ivf_search<T>(*static_cast<IVF*>(ix), mem, keys, R, K, out);                               \
+    }
+
+SA_IVF_INSTANTIATE(float, f32)
+SA_IVF_INSTANTIATE(double, f64)
