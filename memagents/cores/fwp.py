@@ -132,20 +132,27 @@ def slow_net_heads(
     feature_map: str,
     nu: int,
     delta: bool,
-) -> tuple[Tensor, Tensor, Tensor | None]:
+    chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """The slow net's output ``z = W_slow x`` split into what programs the fast weights.
 
     ``z``'s last axis is ``[k_1..k_H, q_1..q_H | v_1..v_H | β_1..β_H]`` (``β`` for the delta
     rule only): keys and queries go through ``φ'`` (the feature map, then
-    :func:`sum_normalise`), values stay as they are, ``β = σ(·)``. The same as
-    ``sum_normalise(dpfp(k))`` (or ``elu1``) etc. with plain autograd, computed by
-    :class:`_SlowNetHeads` with a hand-written backward pass (native kernel on CPU).
+    :func:`sum_normalise`), values stay as they are, ``β = σ(·)``. The same function as
+    ``sum_normalise(dpfp(k))`` (or :func:`elu1`), ``torch.sigmoid`` etc. under plain autograd,
+    computed by :class:`_SlowNetHeads` with a hand-written backward pass (one native kernel call
+    each way on CPU).
 
-    :param z: ``[..., 2 H d_key + H d_v (+ H)]``.
-    :return: ``φ'([k; q])`` ``[..., 2, H, d_φ]`` (keys first), ``v [..., H, d_v]`` and
-        ``β [..., H]`` (``None`` for the sum rule).
+    :param z: ``[..., 2 H d_key + H d_v (+ H)]``; ``[T, B, ·]`` when ``chunk_size`` is given.
+    :param chunk_size: ``None``: outputs in step layout, ``φ'(k)``, ``φ'(q)`` ``[..., H, d_φ]``,
+        ``v [..., H, d_v]``, ``β [..., H]``. ``C``: outputs in the chunk layout of
+        :func:`fast_weight_chunked` (``[N B H, C, d]`` and ``β [N B H, C, 1]``, steps padded with
+        zeros to ``N = ⌈T / C⌉`` chunks), written there directly instead of copied.
+    :return: ``φ'(k)``, ``φ'(q)``, ``v``, ``β`` (``None`` for the sum rule).
     """
-    return _SlowNetHeads.apply(z, num_heads, key_size, value_size, feature_map, nu, delta)
+    return _SlowNetHeads.apply(
+        z, num_heads, key_size, value_size, feature_map, nu, delta, chunk_size
+    )
 
 
 def _features_forward(x: Tensor, feature_map: str, nu: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -170,12 +177,10 @@ def _features_backward(
     nu: int,
 ) -> Tensor:
     """The gradient wrt ``x`` of ``φ'(x) = φ(x) / max(Σ φ(x), eps)`` given ``grad = dφ'``
-    (torch path; see :class:`_SlowNetHeads`)."""
-    # φ' = φ c with c = 1 / max(s, eps): dφ_j = c (g_j - [s ≥ eps] Σ_i g_i φ'_i)
+    (torch path; the formulas are in :class:`_SlowNetHeads`)."""
     dot = torch.where(unclamped, (grad * features).sum(dim=-1, keepdim=True), 0.0)
     dphi = (grad - dot).mul_(scale)
     if feature_map == "elu1":
-        # d(ELU(x) + 1)/dx = 1 for x > 0, exp(x) = φ otherwise: min(φ, 1)
         return dphi.mul_(torch.where(x > 0, 1.0, torch.exp(x)))
     d = x.shape[-1]
     r = torch.cat([x, -x], dim=-1).clamp_min_(0.0)
@@ -194,91 +199,141 @@ def _heads_kernel() -> ctypes.CDLL | None:
 
 
 _HEADS_BOUND: dict[tuple[int, torch.dtype], tuple] = {}
-_P, _L, _I, _D = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_double
 
 
 def _heads_functions(lib: ctypes.CDLL, dtype: torch.dtype) -> tuple:
     """``(forward, backward)`` entry points of ``lib`` for ``dtype``, bound once."""
     key = (id(lib), dtype)
     if key not in _HEADS_BOUND:
+        P, D = ctypes.c_void_p, ctypes.c_double
         suffix = "f32" if dtype == torch.float32 else "f64"
-        fwd = getattr(lib, f"fwp_heads_forward_{suffix}")
-        fwd.argtypes = [_P, _L, _I, _I, _I, _I, _I, _I, _D, _P, _P, _P]
-        fwd.restype = None
-        bwd = getattr(lib, f"fwp_heads_backward_{suffix}")
-        bwd.argtypes = [_P, _L, _I, _I, _I, _I, _I, _I, _D, _P, _P, _P, _P, _P]
-        bwd.restype = None
-        _HEADS_BOUND[key] = (fwd, bwd)
+        forward = getattr(lib, f"fwp_heads_forward_{suffix}")
+        forward.argtypes = [P, P, D, P, P, P, P, P]
+        forward.restype = None
+        backward = getattr(lib, f"fwp_heads_backward_{suffix}")
+        backward.argtypes = [P, P, D, P, P, P, P, P, P, P]
+        backward.restype = None
+        _HEADS_BOUND[key] = (forward, backward)
     return _HEADS_BOUND[key]
+
+
+def _longs(*values: int) -> ctypes.Array:
+    return (ctypes.c_long * len(values))(*values)
 
 
 class _SlowNetHeads(torch.autograd.Function):
     """:func:`slow_net_heads` with a hand-written backward pass.
 
     With ``r = ReLU([x, -x])``, ``φ_{i,j} = r_j r_{j+i}`` (DPFP, Schlag et al. 2021, Sec. 5.3)
-    and ``φ' = φ c``, ``c = 1 / max(Σ φ, eps)`` (Sec. 4.2), given ``g = dφ'``::
+    and ``φ' = c φ``, ``c = 1 / max(Σ φ, eps)`` (Sec. 4.2), given ``g = dφ'``::
 
         dφ   = c (g - [Σ φ ≥ eps] (g · φ'))
         dr_j = Σ_i dφ_{i,j} r_{j+i} + dφ_{i,j-i} r_{j-i}          (indices modulo 2 d_key)
         dx_j = dr_j [x_j > 0] - dr_{j+d_key} [x_j < 0]
 
     and for ``φ = ELU(x) + 1``, ``dx = dφ · (1 if x > 0 else exp(x))``; ``dβ = σ (1 - σ) g_β``.
-    These are a few elementwise passes instead of autograd's chain (two permutation products,
-    ReLU, product, sum, clamp, division, splits).
+    On CPU these are one pass over ``z`` each way (``csrc/fwp_heads.cpp``, which also writes the
+    chunk layout directly); elsewhere a few elementwise torch ops instead of autograd's chain
+    (two permutation products, ReLU, product, sum, clamp, division, splits and their concats).
     """
 
     @staticmethod
-    def forward(ctx, z, num_heads, key_size, value_size, feature_map, nu, delta):
+    def forward(ctx, z, num_heads, key_size, value_size, feature_map, nu, delta, chunk_size):
         H, Dk, Dv = num_heads, key_size, value_size
-        lead = z.shape[:-1]
-        n_kq, n_v = 2 * H * Dk, H * Dv
-        ctx.config = (H, Dk, Dv, feature_map, nu, delta)
+        d_phi = 2 * Dk * nu if feature_map == "dpfp" else Dk
+        if chunk_size is None:  # step layout: T = all leading axes, B = 1
+            lead = z.shape[:-1]
+            T, B, C, N = math.prod(lead), 1, max(math.prod(lead), 1), 1
+        else:
+            T, B = z.shape[:2]
+            C = min(chunk_size, T)
+            N = math.ceil(T / C)
+        ctx.config = (H, Dk, Dv, d_phi, feature_map, nu, delta, T, B, C, N, chunk_size)
         lib = _heads_kernel()
         ctx.native = lib is not None and native.usable(z)
         if ctx.native:
             z = z.contiguous()
-            d_phi = 2 * Dk * nu if feature_map == "dpfp" else Dk
-            features = z.new_empty(*lead, 2, H, d_phi)
-            v = z.new_empty(*lead, H, Dv)
-            beta = z.new_empty(*lead, H) if delta else None
+            if chunk_size is None:
+                shape = (*lead, H)
+                beta = z.new_empty(shape) if delta else None
+            else:  # [N B H, C, ·]; padded steps must be zero
+                shape = (N * B * H, C)
+                beta = z.new_zeros(*shape, 1) if delta else None
+            new = z.new_zeros if N * C != T else z.new_empty
+            k, q, v = new(*shape, d_phi), new(*shape, d_phi), new(*shape, Dv)
             forward, _ = _heads_functions(lib, z.dtype)
-            sizes = (z.numel() // z.shape[-1], H, Dk, Dv, feature_map == "dpfp", nu, delta)
-            out = (native.ptr(features), native.ptr(v), native.ptr(beta) if delta else None)
-            forward(native.ptr(z), *sizes, NORM_EPS, *out)
+            strides = _longs(
+                *_layout_strides(d_phi, chunk_size, B, H, C),
+                *_layout_strides(Dv, chunk_size, B, H, C),
+                *_layout_strides(1, chunk_size, B, H, C),
+            )
+            sizes = _longs(T, B, C, H, Dk, Dv, feature_map == "dpfp", nu, delta)
+            out = [native.ptr(t) for t in (k, q, v)] + [native.ptr(beta) if delta else None]
+            forward(native.ptr(z), sizes, NORM_EPS, *out, strides)
             ctx.save_for_backward(z, beta)
-            return features, v, beta
-        x = z[..., :n_kq].unflatten(-1, (2, H, Dk))
-        features, scale, unclamped = _features_forward(x, feature_map, nu)
+            return k, q, v, beta
+        n_kq, n_v = 2 * H * Dk, H * Dv
+        k, k_scale, k_unclamped = _features_forward(
+            z[..., : n_kq // 2].unflatten(-1, (H, Dk)), feature_map, nu
+        )
+        q, q_scale, q_unclamped = _features_forward(
+            z[..., n_kq // 2 : n_kq].unflatten(-1, (H, Dk)), feature_map, nu
+        )
         v = z[..., n_kq : n_kq + n_v].unflatten(-1, (H, Dv)).clone()
         beta = torch.sigmoid(z[..., n_kq + n_v :]) if delta else None
-        ctx.save_for_backward(z, beta, features, scale, unclamped)
-        return features, v, beta
+        ctx.save_for_backward(z, beta, k, k_scale, k_unclamped, q, q_scale, q_unclamped)
+        if chunk_size is not None:
+            k, q, v = (_rows_to_chunks(a, N, C) for a in (k, q, v))
+            beta = _rows_to_chunks(beta.unsqueeze(-1), N, C) if delta else None
+        return k, q, v, beta
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, d_features, d_v, d_beta):
-        z, beta, *torch_path = ctx.saved_tensors
-        H, Dk, Dv, feature_map, nu, delta = ctx.config
-        n_kq, n_v = 2 * H * Dk, H * Dv
+    def backward(ctx, dk, dq, dv, dbeta):
+        z, beta, *saved = ctx.saved_tensors
+        H, Dk, Dv, d_phi, feature_map, nu, delta, T, B, C, N, chunk_size = ctx.config
         dz = torch.empty_like(z)
         if ctx.native:
             _, backward = _heads_functions(_heads_kernel(), z.dtype)
-            d_features, d_v = d_features.contiguous(), d_v.contiguous()
-            d_beta = d_beta.contiguous() if delta else None
-            sizes = (z.numel() // z.shape[-1], H, Dk, Dv, feature_map == "dpfp", nu, delta)
-            grads = (native.ptr(d_features), native.ptr(d_v))
-            grads += (native.ptr(d_beta) if delta else None,)
+            dk, dq, dv = dk.contiguous(), dq.contiguous(), dv.contiguous()
+            dbeta = dbeta.contiguous() if delta else None
+            strides = _longs(
+                *_layout_strides(1, chunk_size, B, H, C),
+                *_layout_strides(d_phi, chunk_size, B, H, C),
+                *_layout_strides(Dv, chunk_size, B, H, C),
+                *_layout_strides(1, chunk_size, B, H, C),
+            )
+            sizes = _longs(T, B, C, H, Dk, Dv, feature_map == "dpfp", nu, delta)
+            grads = [native.ptr(t) if t is not None else None for t in (dk, dq, dv, dbeta)]
             beta_ptr = native.ptr(beta) if delta else None
-            backward(native.ptr(z), *sizes, NORM_EPS, beta_ptr, *grads, native.ptr(dz))
-            return dz, None, None, None, None, None, None
-        features, scale, unclamped = torch_path
-        x = z[..., :n_kq].unflatten(-1, (2, H, Dk))
-        dx = _features_backward(x, features, scale, unclamped, d_features, feature_map, nu)
-        dz[..., :n_kq] = dx.flatten(-3)
-        dz[..., n_kq : n_kq + n_v] = d_v.flatten(-2)
-        if beta is not None:
-            dz[..., n_kq + n_v :] = d_beta * beta * (1.0 - beta)
-        return dz, None, None, None, None, None, None
+            backward(native.ptr(z), sizes, NORM_EPS, beta_ptr, *grads, strides, native.ptr(dz))
+            return dz, None, None, None, None, None, None, None
+        if chunk_size is not None:
+            dk, dq, dv = (_chunks_to_rows(a, N, T, B, H) for a in (dk, dq, dv))
+            dbeta = _chunks_to_rows(dbeta, N, T, B, H).squeeze(-1) if delta else None
+        k, k_scale, k_unclamped, q, q_scale, q_unclamped = saved
+        n_kq, n_v = 2 * H * Dk, H * Dv
+        x_k = z[..., : n_kq // 2].unflatten(-1, (H, Dk))
+        x_q = z[..., n_kq // 2 : n_kq].unflatten(-1, (H, Dk))
+        dz[..., : n_kq // 2] = _features_backward(
+            x_k, k, k_scale, k_unclamped, dk, feature_map, nu
+        ).flatten(-2)
+        dz[..., n_kq // 2 : n_kq] = _features_backward(
+            x_q, q, q_scale, q_unclamped, dq, feature_map, nu
+        ).flatten(-2)
+        dz[..., n_kq : n_kq + n_v] = dv.flatten(-2)
+        if delta:
+            dz[..., n_kq + n_v :] = dbeta * beta * (1.0 - beta)
+        return dz, None, None, None, None, None, None, None
+
+
+def _layout_strides(d: int, chunk_size: int | None, B: int, H: int, C: int) -> tuple[int, ...]:
+    """Strides ``(n, b, h, c)`` of the per-head vectors of size ``d`` in the step layout
+    (``chunk_size`` ``None``: ``[T, H, d]`` with ``B = 1``, ``C = T``) or the chunk layout
+    (``[N B H, C, d]``); step ``t`` is chunk ``n = t // C``, row ``c = t % C``."""
+    if chunk_size is None:
+        return (0, 0, d, H * d)
+    return (B * H * C * d, H * C * d, C * d, d)
 
 
 # -- the two execution paths -------------------------------------------------------------------
@@ -325,8 +380,8 @@ def fast_weight_chunked(
 
     - Delta rule. The state after step ``t`` of the chunk is ``S_t = S P_t + H_t`` with
       ``P_t = Π_{i≤t} (I - β_i k_i k_iᵀ)``, which the WY representation writes as
-      ``P_t = I - Σ_{i≤t} w_i k_iᵀ`` and ``H_t = Σ_{i≤t} u_i k_iᵀ``. Stacked as rows, the
-      UT transform gives ``[Wy | U] = T diag(β) [K | V]`` with ``T = (I + A)^{-1}`` and
+      ``P_t = I - Σ_{i≤t} w_i k_iᵀ`` and ``H_t = Σ_{i≤t} u_i k_iᵀ``. Stacked as rows, the UT
+      transform gives ``[Wy | U] = T diag(β) [K | V]`` with ``T = (I + A)^{-1}`` and
       ``A = strict_tril(diag(β) K Kᵀ)``. The "new values" ``Ũ = U - Wy Sᵀ`` (``u_i - S w_i``:
       what step ``i`` writes, given the state the chunk started from) are therefore
       ``Ũ = T diag(β) (V - K Sᵀ)``: one unit-lower-triangular solve per chunk with ``d_v``
@@ -339,10 +394,10 @@ def fast_weight_chunked(
         O     = Q Sᵀ + A_qk Ũ                            [C, d_v]
         S_C   = S + Ũᵀ K                                 [d_v, d_φ]
 
-    ``A_qk`` and ``K Kᵀ`` are one batched product for all chunks; the ``T / C`` sequential
-    steps only carry the state (``K Sᵀ``, the solve, ``Ũᵀ K``), and ``Q Sᵀ + A_qk Ũ`` runs
-    batched over all chunks afterwards. The backward pass is written by hand
-    (:class:`_FastWeightChunks`): the same structure in reverse, with ``Tᵀ`` solves.
+    ``K Kᵀ`` and ``Q Kᵀ`` are batched products over all chunks; the ``T / C`` sequential steps
+    only carry the state (``K Sᵀ``, the solve, ``Ũᵀ K``), and ``Q Sᵀ + A_qk Ũ`` runs batched over
+    all chunks afterwards. The backward pass is written by hand (:class:`_FastWeightChunks`):
+    the same structure in reverse, with solves by ``(I + A)ᵀ``.
 
     **Resets inside a chunk.** An episode start at step ``t`` sets the state to zero before step
     ``t``, so each chunk splits into segments (the steps between starts) that do not interact,
@@ -371,37 +426,37 @@ def fast_weight_chunked(
     :param update: ``"sum"`` or ``"delta"``.
     :return: ``y [T, B, H, d_v]`` and the state after the last step ``[B, H, d_v, d_φ]``.
     """
-    return _chunked(W, torch.stack([k, q], dim=2), v, beta, starts, chunk_size, update)
+    T = k.shape[0]
+    C = min(chunk_size, T)
+    N = math.ceil(T / C)
+    K, Q, V = (_rows_to_chunks(a, N, C) for a in (k, q, v))
+    b = _rows_to_chunks(beta.unsqueeze(-1), N, C) if update == "delta" else None
+    return _chunked(W, K, Q, V, b, starts, T)
 
 
 def _chunked(
-    W: Tensor,
-    kq: Tensor,
-    v: Tensor,
-    beta: Tensor | None,
-    starts: Tensor | None,
-    chunk_size: int,
-    update: str,
+    W: Tensor, K: Tensor, Q: Tensor, V: Tensor, b: Tensor | None, starts: Tensor | None, T: int
 ) -> tuple[Tensor, Tensor]:
-    """:func:`fast_weight_chunked` with keys and queries in one tensor ``kq [T, B, 2, H, d_φ]``
-    (``kq[:, :, 0]`` the keys, ``kq[:, :, 1]`` the queries), as the slow net makes them."""
-    delta = update == "delta"
+    """:func:`fast_weight_chunked` on inputs in chunk layout (:func:`_rows_to_chunks`):
+    ``K``, ``Q`` ``[N B H, C, d_φ]``, ``V [N B H, C, d_v]``, ``b`` (``β``) ``[N B H, C, 1]``
+    (``None``: the sum rule), with ``T`` the number of steps before padding."""
     if starts is not None:
         starts = starts.bool()
         if not starts.any():
             starts = None  # the unmasked path
-    return _FastWeightChunks.apply(W, kq, v, beta if delta else None, starts, chunk_size)
+    return _FastWeightChunks.apply(W, K, Q, V, b, starts, T)
 
 
 class _ChunkMasks(NamedTuple):
     """Where the terms of a chunk apply, with ``G = B H`` (heads share their element's masks).
 
-    ``qk`` and ``grad`` multiply ``[N G, ·, C]`` score matrices viewed as ``[N, B, H, ·, C]``;
-    without episode starts they are ``[·, C]`` constants and the row masks are ``None``.
+    ``qk``, ``solve`` and ``grad`` multiply ``[N G, ·, C]`` score matrices viewed as
+    ``[N, B, H, ·, C]``; without episode starts ``qk`` and ``grad`` are ``[·, C]`` constants and
+    the others are ``None``.
     """
 
     qk: Tensor  # [C, C] or [N, B, 1, C, C]: causal pairs in one segment (A_qk), float
-    solve: Tensor | None  # [N, B, 1, C, C]: pairs in one segment (A), float; None: no starts
+    solve: Tensor | None  # [N, B, 1, C, C]: pairs in one segment (A), float
     grad: Tensor  # [2C, C] or [N, B, 1, 2C, C]: [-strict pairs (dA); causal pairs (dA_qk)]
     carry: Tensor | None  # [N G, C, 1] bool: rows before the chunk's first start (read S)
     last: Tensor | None  # [N G, C, 1] float: rows in the chunk's last segment (write S)
@@ -409,11 +464,10 @@ class _ChunkMasks(NamedTuple):
 
 
 def _chunk_masks(
-    starts: Tensor | None, T: int, B: int, H: int, N: int, C: int, dtype: torch.dtype
+    starts: Tensor | None, T: int, B: int, H: int, N: int, C: int, dtype: torch.dtype, device
 ) -> _ChunkMasks:
     """The masks of :func:`fast_weight_chunked`'s chunks from ``starts [T, B]`` (or ``None``)."""
-    causal = torch.ones(C, C, dtype=torch.bool, device=None if starts is None else starts.device)
-    causal = causal.tril()  # i ≤ t
+    causal = torch.ones(C, C, dtype=torch.bool, device=device).tril()  # i ≤ t
     strict = causal.logical_not().mT  # i < t
     if starts is None:
         grad = torch.cat([-strict.to(dtype), causal.to(dtype)])
@@ -443,7 +497,8 @@ def _mask_(x: Tensor, mask: Tensor, B: int, H: int) -> Tensor:
 
 
 def _rows_to_chunks(a: Tensor, N: int, C: int) -> Tensor:
-    """``[T, B, H, d] -> [N G, C, d]`` (chunk-major, zero padded to ``N C`` steps): a copy."""
+    """``[T, B, H, d] -> [N B H, C, d]`` (chunk-major, zero padded to ``N C`` steps): a copy.
+    Block ``(n, b, h)`` holds steps ``n C .. n C + C - 1`` of head ``h`` of element ``b``."""
     T = a.shape[0]
     if N * C != T:
         a = F.pad(a, (0, 0) * (a.dim() - 1) + (0, N * C - T))
@@ -451,7 +506,7 @@ def _rows_to_chunks(a: Tensor, N: int, C: int) -> Tensor:
 
 
 def _chunks_to_rows(a: Tensor, N: int, T: int, B: int, H: int) -> Tensor:
-    """``[N G, C, d] -> [T, B, H, d]``, the inverse of :func:`_rows_to_chunks`: a copy."""
+    """``[N B H, C, d] -> [T, B, H, d]``, the inverse of :func:`_rows_to_chunks`: a copy."""
     C, d = a.shape[-2:]
     return a.view(N, B * H, C, d).transpose(1, 2).reshape(N * C, B, H, d)[:T]
 
@@ -460,50 +515,44 @@ class _FastWeightChunks(torch.autograd.Function):
     """The chunk form of :func:`fast_weight_chunked` with a hand-written backward pass.
 
     Layout: the ``N`` chunks of the ``G = B H`` heads are ``N G`` independent ``C``-row blocks
-    (chunk-major, so chunk ``n`` is the contiguous slice ``[n G, (n + 1) G)``); keys and queries
-    of a block are stacked as ``KQ = [K; Q]`` ``[2C, d_φ]``, so that ``[K Kᵀ; Q Kᵀ] = KQ Kᵀ``
-    is one product, and in the backward pass ``[dA; dA_qk] = [dR; dO] Ũᵀ``,
-    ``[(β dA) K; dA_qk K] = [β dA; dA_qk] K`` and ``Gᵀ KQ`` are one product each.
+    (chunk-major, so chunk ``n`` is the contiguous slice ``[n G, (n + 1) G)``), as
+    :func:`_rows_to_chunks` and :func:`slow_net_heads` make them. In the backward pass
+    ``[dA; dA_qk] = [dR; dO] Ũᵀ`` is one product.
 
-    Backward of one chunk (rows masked as in the forward), from ``dO``, ``dS_C``
-    (the gradient of the state the chunk hands on) and ``R = diag(β) E``, ``E = V - K Sᵀ``::
+    Backward of one chunk (rows and pairs masked as in the forward), from ``dO``, ``dS_C`` (the
+    gradient of the state the chunk hands on), ``E = V - K Sᵀ`` and ``R = diag(β) E``::
 
-        dŨ  = A_qkᵀ dO + K dS_Cᵀ          dR = Tᵀ dŨ  (a solve with (I + A)ᵀ)
-        dV  = diag(β) dR = dE             dβ = rowsum(dR ⊙ E) + rowsum(dA ⊙ K Kᵀ)
+        dŨ  = A_qkᵀ dO + K dS_Cᵀ          dR = (I + A)^{-T} dŨ
+        dE  = diag(β) dR = dV             dβ = rowsum(dR ⊙ E) + rowsum(dA ⊙ K Kᵀ)
         dA  = -strict(dR Ũᵀ)              dA_qk = tril(dO Ũᵀ)
         dS  = dS_C + dOᵀ Q - dEᵀ K        (the sequential part)
         dQ  = dO S + dA_qk K
         dK  = Ũ dS_C - dE S + dA_qkᵀ Q + (diag(β) dA + (diag(β) dA)ᵀ) K
+
+    (the sum rule: ``Ũ = V``, ``dV = dŨ``, no ``A``).
     """
 
     @staticmethod
-    def forward(ctx, W0, kq, v, beta, starts, chunk_size):
-        T, B, _, H, Dk = kq.shape
-        Dv = v.shape[-1]
+    def forward(ctx, W0, K, Q, V, b, starts, T):
+        B, H, Dv, Dk = W0.shape
         G = B * H
-        C = min(chunk_size, T)
-        N = math.ceil(T / C)
-        delta = beta is not None
-        dtype, device = kq.dtype, kq.device
-        # [T, B, 2, H, d] -> (pad) [N, C, B, 2, H, d] -> [N, B, H, 2, C, d] = [N G, 2C, d]
-        KQ = F.pad(kq, (0, 0) * 4 + (0, N * C - T)) if N * C != T else kq
-        KQ = KQ.reshape(N, C, B, 2, H, Dk).permute(0, 2, 4, 3, 1, 5).reshape(N * G, 2 * C, Dk)
-        K, Q = KQ[:, :C], KQ[:, C:]
-        V = _rows_to_chunks(v, N, C)  # [N G, C, d_v]
-        masks = _chunk_masks(starts, T, B, H, N, C, dtype)
+        C = K.shape[1]
+        N = K.shape[0] // G
+        delta = b is not None
+        dtype, device = K.dtype, K.device
+        masks = _chunk_masks(starts, T, B, H, N, C, dtype, device)
         K_last = K if masks.last is None else K * masks.last  # K on the last segment
+        A_qk = _mask_(torch.bmm(Q, K.mT), masks.qk, B, H)  # [N G, C, C]
         if delta:
-            b = _rows_to_chunks(beta.unsqueeze(-1), N, C)  # [N G, C, 1]
-            scores = torch.bmm(KQ, K.mT)  # [K Kᵀ; Q Kᵀ] [N G, 2C, C]
-            A = scores[:, :C] * b  # diag(β) K Kᵀ: the solve reads its strict lower triangle
+            # M = K Kᵀ diag(β): its strict lower triangle is A' = diag(β)^-1 A diag(β), its
+            # strict upper triangle is Aᵀ (K Kᵀ is symmetric), the two solves' matrices
+            M = torch.bmm(K, K.mT).mul_(b.mT)
             if masks.solve is not None:
-                _mask_(A, masks.solve, B, H)
-            A_qk = _mask_(scores[:, C:], masks.qk, B, H)
+                _mask_(M, masks.solve, B, H)
             U = torch.empty(N * G, C, Dv, dtype=dtype, device=device)  # Ũ
-            E = torch.empty_like(U)  # V - K Sᵀ
+            E_hat = torch.empty_like(U)  # Ê = diag(β)^-1 Ũ
         else:
-            b = A = E = None
-            scores = A_qk = _mask_(torch.bmm(Q, K.mT), masks.qk, B, H)
+            M = E_hat = None
             U = V
         S = W0.reshape(G, Dv, Dk)
         states = torch.empty(N * G, Dv, Dk, dtype=dtype, device=device)  # S entering chunk n
@@ -514,10 +563,11 @@ class _FastWeightChunks(torch.autograd.Function):
                 ks = torch.bmm(K[now], S.mT)  # K Sᵀ [G, C, d_v]
                 if masks.carry is not None:
                     ks.masked_fill_(~masks.carry[now], 0.0)
-                torch.sub(V[now], ks, out=E[now])
+                # (I + A) Ũ = diag(β) (V - K Sᵀ)  <=>  (I + A') Ê = V - K Sᵀ, Ũ = diag(β) Ê
                 torch.linalg.solve_triangular(
-                    A[now], E[now] * b[now], upper=False, unitriangular=True, out=U[now]
+                    M[now], V[now] - ks, upper=False, unitriangular=True, out=E_hat[now]
                 )
+                torch.mul(E_hat[now], b[now], out=U[now])
             if masks.keep is not None:
                 S = torch.where(masks.keep[n], S, 0.0)
             S = torch.baddbmm(S, U[now].mT, K_last[now])  # S + Ũᵀ K
@@ -525,34 +575,37 @@ class _FastWeightChunks(torch.autograd.Function):
         if masks.carry is not None:
             O.masked_fill_(~masks.carry, 0.0)
         O.baddbmm_(A_qk, U)  # + A_qk Ũ
-        ctx.save_for_backward(KQ, b, scores, A, U, E, states, K_last)
+        ctx.save_for_backward(K, Q, b, A_qk, M, U, E_hat, states, K_last)
         ctx.masks = masks
-        ctx.sizes = (T, B, H, N, C, W0.shape, kq.shape)
+        ctx.T = T
         return _chunks_to_rows(O, N, T, B, H), S.reshape(W0.shape)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy, dW):
-        KQ, b, scores, A, U, E, states, K_last = ctx.saved_tensors
-        masks = ctx.masks
-        T, B, H, N, C, w_shape, kq_shape = ctx.sizes
+        K, Q, b, A_qk, M, U, E_hat, states, K_last = ctx.saved_tensors
+        masks, T = ctx.masks, ctx.T
+        B, H, Dv, Dk = dW.shape
         G = B * H
-        Dk, Dv = KQ.shape[-1], U.shape[-1]
+        C = K.shape[1]
+        N = K.shape[0] // G
         delta = b is not None
-        K, Q = KQ[:, :C], KQ[:, C:]
-        A_qk = scores[:, C:] if delta else scores
-        # [dR; dO] [N G, 2C, d_v] (the sum rule: dO only)
-        dRO = torch.empty(N * G, 2 * C if delta else C, Dv, dtype=U.dtype, device=U.device)
-        dO = dRO[:, C:] if delta else dRO
-        dy = F.pad(dy, (0, 0) * 3 + (0, N * C - T)) if N * C != T else dy
+        # [dE; dO] [N G, 2C, d_v] (the sum rule: dO only), dO from [T, B, H, d_v]
+        dEO = U.new_empty(N * G, 2 * C if delta else C, Dv)
+        dO = dEO[:, C:] if delta else dEO
+        if N * C != T:
+            dy = F.pad(dy, (0, 0) * 3 + (0, N * C - T))
         dO.view(N, G, C, Dv).copy_(dy.reshape(N, C, G, Dv).transpose(1, 2))
         X = torch.bmm(A_qk.mT, dO)  # A_qkᵀ dO
         dO_c = dO if masks.carry is None else dO * masks.carry
         Y = torch.bmm(dO_c.mT, Q)  # dOᵀ Q [N G, d_v, d_φ]
         dS = dW.reshape(G, Dv, Dk)
         dS_next = torch.empty_like(states)  # dS_C of chunk n
-        dU = None if delta else torch.empty_like(U)
-        dE = torch.empty_like(U) if delta else None
+        if delta:
+            dE = dEO[:, :C]  # dV
+            dR = torch.empty_like(U)
+        else:
+            dE = torch.empty_like(U)  # dV = dŨ
         for n in reversed(range(N)):
             now = slice(n * G, (n + 1) * G)
             dS_next[now] = dS
@@ -561,48 +614,37 @@ class _FastWeightChunks(torch.autograd.Function):
                 dS = torch.where(masks.keep[n], dS, 0.0)
             dS = dS + Y[now]
             if delta:
-                dR = dRO[now, :C]
+                # dR = (I + A)^-T dŨ: (I + A)ᵀ is the unit upper triangle of M
                 torch.linalg.solve_triangular(
-                    A[now].mT, dU_n, upper=True, unitriangular=True, out=dR
+                    M[now], dU_n, upper=True, unitriangular=True, out=dR[now]
                 )
-                dE_n = torch.mul(dR, b[now], out=dE[now])
+                dE_n = torch.mul(dR[now], b[now], out=dE[now])
                 if masks.carry is not None:
                     dE_n = dE_n * masks.carry[now]
                 dS = torch.baddbmm(dS, dE_n.mT, K[now], alpha=-1)  # - dEᵀ K
             else:
-                dU[now] = dU_n
-        grads = torch.bmm(dRO, U.mT)  # [dR; dO] Ũᵀ [N G, 2C, C]
-        _mask_(grads, masks.grad if delta else masks.qk, B, H)  # [dA; dA_qk] (sum: dA_qk)
-        dKQ = torch.empty_like(KQ)  # [dK; dQ]
-        dK, dQ = dKQ[:, :C], dKQ[:, C:]
-        U_last = U if masks.last is None else U * masks.last
+                dE[now] = dU_n
+        grads = torch.bmm(dEO, U.mT)  # [dE; dO] Ũᵀ [N G, 2C, C]
+        _mask_(grads, masks.grad if delta else masks.qk, B, H)  # [diag(β) dA; dA_qk]
+        dA_qk = grads[:, C:] if delta else grads
+        # dK and dQ accumulate in place in contiguous buffers (into strided views, torch would
+        # run the in-place products one matrix at a time)
+        dK = torch.bmm(dA_qk.mT, Q)  # dA_qkᵀ Q
+        dQ = torch.bmm(dA_qk, K)  # dA_qk K
         if delta:
-            dA = grads[:, :C]
-            db = (dRO[:, :C] * E).sum(-1, keepdim=True)
-            db += (dA * scores[:, :C]).sum(-1, keepdim=True)
-            dA.mul_(b)  # diag(β) dA
-            torch.bmm(grads, K, out=dKQ)  # [diag(β) dA K; dA_qk K]
-            dK.baddbmm_(grads.mT, KQ)  # + (diag(β) dA)ᵀ K + dA_qkᵀ Q
+            # dβ = rowsum(dR ⊙ E) + rowsum(dA ⊙ K Kᵀ) = rowsum(dR ⊙ Ê), as (I + A) Ũ = diag(β) E
+            # gives rowsum_j(A ⊙ ...): Σ_j (K Kᵀ)_ij Ũ_j = E_i - Ê_i
+            db = torch.linalg.vecdot(dR, E_hat).unsqueeze(-1)
+            dA_b = grads[:, :C]  # diag(β) dA
+            dK.baddbmm_(dA_b.mT, K).baddbmm_(dA_b, K)  # + (diag(β) dA + (diag(β) dA)ᵀ) K
             dE_c = dE if masks.carry is None else dE * masks.carry
             dK.baddbmm_(dE_c, states, alpha=-1)  # - dE S
-            dv = dE
-            dbeta = _chunks_to_rows(db, N, T, B, H).squeeze(-1)
         else:
-            torch.bmm(grads.mT, Q, out=dK)  # dA_qkᵀ Q
-            torch.bmm(grads, K, out=dQ)  # dA_qk K
-            dv, dbeta = dU, None
+            db = None
+        U_last = U if masks.last is None else U * masks.last
         dK.baddbmm_(U_last, dS_next)  # + Ũ dS_C
         dQ.baddbmm_(dO_c, states)  # + dO S
-        # [N G, 2C, d] = [N, B, H, 2, C, d] -> [N, C, B, 2, H, d] -> [T, B, 2, H, d]
-        dkq = dKQ.view(N, B, H, 2, C, Dk).permute(0, 4, 1, 3, 2, 5).reshape(N * C, *kq_shape[1:])
-        return (
-            dS.reshape(w_shape),
-            dkq[:T],
-            _chunks_to_rows(dv, N, T, B, H),
-            dbeta,
-            None,
-            None,
-        )
+        return dS.reshape(dW.shape), dK, dQ, dE, db, None, None
 
 
 # -- the core ----------------------------------------------------------------------------------
@@ -695,22 +737,13 @@ class FWPCore(MemoryCore):
         return FWPState((self.num_heads, self.value_size, self.feature_size))
 
     # -- slow net ----------------------------------------------------------------------------
-    def _phi(self, x: Tensor) -> Tensor:
-        """``φ'``: the feature map, then sum normalisation. ``[..., d_key] -> [..., d_φ]``."""
-        phi = dpfp(x, self.dpfp_nu) if self.feature_map == "dpfp" else elu1(x)
-        return sum_normalise(phi)
-
-    def _program(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    def _program(
+        self, x: Tensor, chunk_size: int | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """The slow net: ``x [..., I]`` -> ``φ'(k) [..., H, d_φ]``, ``v [..., H, d_v]``,
-        ``φ'(q) [..., H, d_φ]``, ``β [..., H]`` (``None`` for the sum rule)."""
-        kq, v, beta = self._program_kq(x)
-        k, q = kq.unbind(-3)
-        return k, v, q, beta
-
-    def _program_kq(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """:meth:`_program` with keys and queries in one tensor ``[..., 2, H, d_φ]`` (keys
-        first), as the chunk form takes them."""
-        return slow_net_heads(
+        ``φ'(q) [..., H, d_φ]``, ``β [..., H]`` (``None`` for the sum rule); with ``chunk_size``,
+        in the chunk layout of :func:`fast_weight_chunked` (see :func:`slow_net_heads`)."""
+        k, q, v, beta = slow_net_heads(
             self.slow(x),
             self.num_heads,
             self.key_size,
@@ -718,7 +751,9 @@ class FWPCore(MemoryCore):
             self.feature_map,
             self.dpfp_nu,
             self.update == "delta",
+            chunk_size,
         )
+        return k, v, q, beta
 
     # -- time --------------------------------------------------------------------------------
     def step(self, x, state, return_debug=False):
@@ -745,8 +780,8 @@ class FWPCore(MemoryCore):
         T = x.shape[0]
         if return_debug or T == 1 or self.chunk_size == 1:
             return self._forward_steps(x, state, starts, return_debug)
-        kq, v, beta = self._program_kq(x)  # [T, B, 2, H, d_φ], [T, B, H, d_v], [T, B, H]
-        y, W = _chunked(state.fast_weights, kq, v, beta, starts, self.chunk_size, self.update)
+        k, v, q, beta = self._program(x, self.chunk_size)  # [N B H, C, d]: chunk layout
+        y, W = _chunked(state.fast_weights, k, q, v, beta, starts, T)
         y = self.out(y.flatten(-2))  # [T, B, H, d_v] -> [T, B, H * d_v]
         return y, FWPState(W)
 
