@@ -125,6 +125,7 @@ class DNCCore(MemoryCore):
         #   oneplus: read strengths R | write strengths H
         #   sigmoid: erase H*W | free gates R | allocation gates H | write gates H
         #   softmax: read modes R*(1 + 2H)
+        # (the order of dnc_access.interface_sizes, which the fused access step reads)
         self._sizes = [R * W + 2 * H * W, R + H, H * W + R + 2 * H, R * (1 + 2 * H)]
         self.interface = nn.Linear(hidden_size, sum(self._sizes))
 
@@ -190,25 +191,27 @@ class DNCCore(MemoryCore):
         h, c = self.controller(ctrl_in, (h_prev.squeeze(1), c_prev.squeeze(1)))
 
         # Interface parameters ξ_t (Methods, "Interface parameters").
-        raw, strengths, gates, modes = self.interface(h).split(self._sizes, dim=-1)
-        read_keys, write_keys, write_vectors = raw.split([R * W, H * W, H * W], dim=-1)
-        strengths = addressing.oneplus(strengths)
-        read_strengths, write_strengths = strengths.split([R, H], dim=-1)
-        erase, free_gates, alloc_gates, write_gates = torch.sigmoid(gates).split(
-            [H * W, R, H, H], dim=-1
-        )
-        modes = torch.softmax(modes.view(B, R, 1 + 2 * H), dim=-1)  # π_t: [B, R, 1 + 2H]
-
+        xi = self.interface(h)
         if self.fused:
+            # ξ goes in whole: the access step applies the activations itself (one graph node)
             memory, usage, link, precedence, read_weights, write_weights, read_vectors, allocation = (
                 DNCAccessStep.apply(
                     prev.memory, prev.usage, prev.link, prev.precedence, prev.read_weights,
-                    prev.write_weights, read_keys.view(B, R, W), read_strengths,
-                    write_keys.view(B, H, W), write_strengths, write_vectors.view(B, H, W),
-                    erase.view(B, H, W), free_gates, alloc_gates, write_gates, modes,
+                    prev.write_weights, xi,
                 )
             )  # fmt: skip
+            if return_debug:
+                modes = torch.softmax(xi[:, -R * (1 + 2 * H) :].reshape(B, R, 1 + 2 * H), dim=-1)
         else:
+            raw, strengths, gates, modes = xi.split(self._sizes, dim=-1)
+            read_keys, write_keys, write_vectors = raw.split([R * W, H * W, H * W], dim=-1)
+            strengths = addressing.oneplus(strengths)
+            read_strengths, write_strengths = strengths.split([R, H], dim=-1)
+            erase, free_gates, alloc_gates, write_gates = torch.sigmoid(gates).split(
+                [H * W, R, H, H], dim=-1
+            )
+            modes = torch.softmax(modes.view(B, R, 1 + 2 * H), dim=-1)  # π_t: [B, R, 1 + 2H]
+
             # 1. usage, 2. write weighting
             usage = addressing.usage_update(
                 prev.usage, prev.write_weights, free_gates, prev.read_weights

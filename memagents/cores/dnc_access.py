@@ -8,15 +8,216 @@ their arithmetic at the sizes RL uses; this function records one node and its ba
 chain rule mechanism by mechanism in a few dozen batched ops. Tests check it against the reference
 path (forward values and gradients) and with float64 ``gradcheck``.
 
+On CPU tensors (float32/float64) both directions run as one call each into a C++ kernel
+(``csrc/dnc_access.cpp``, built and loaded by :mod:`memagents.cores.native`) that loops over the
+batch and computes the same equations in the same order; the forward leaves a workspace of
+intermediates (softmax weights, norms, sort order, directional weightings) for the backward.
+The torch code below is the reference and the path for other devices (or ``MEMAGENTS_NATIVE=0``).
+
 Shapes: ``B`` batch, ``N`` slots, ``W`` word size, ``R`` read heads, ``H`` write heads.
 """
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from memagents.cores import native
 from memagents.cores.addressing import EPSILON, _link_step_backward, _link_step_forward
+
+
+# -- the interface vector ξ and its activations (Methods, "Interface parameters") ----------------
+def interface_sizes(R: int, H: int, W: int) -> list[int]:
+    """Widths of the parts of ξ, in order: read keys ``R*W``, write keys ``H*W``, write vectors
+    ``H*W``, read strengths ``R``, write strengths ``H``, erase ``H*W``, free gates ``R``,
+    allocation gates ``H``, write gates ``H``, read modes ``R*(1 + 2H)`` (as ``DNCCore``)."""
+    return [R * W, H * W, H * W, R, H, H * W, R, H, H, R * (1 + 2 * H)]
+
+
+def _softplus_grad(x: Tensor) -> Tensor:
+    """Derivative of torch's softplus (threshold 20)."""
+    return torch.where(x > 20.0, torch.ones_like(x), torch.sigmoid(x))
+
+
+def _activate(raw: Tensor, R: int, H: int, W: int) -> tuple[Tensor, ...]:
+    """ξ ``[B, X]`` -> the 10 activated interface inputs of :class:`DNCAccessStep` (keys and
+    write vectors as they are, strengths ``oneplus``, erase and gates ``sigmoid``, read modes
+    ``softmax`` over ``1 + 2H`` per read head)."""
+    B = raw.shape[0]
+    kr, kw, v, br, bw, erase, free, g_alloc, g_write, modes = raw.split(
+        interface_sizes(R, H, W), dim=-1
+    )
+    return (
+        kr.reshape(B, R, W), 1.0 + F.softplus(br), kw.reshape(B, H, W), 1.0 + F.softplus(bw),
+        v.reshape(B, H, W), torch.sigmoid(erase).view(B, H, W), torch.sigmoid(free),
+        torch.sigmoid(g_alloc), torch.sigmoid(g_write),
+        torch.softmax(modes.reshape(B, R, 1 + 2 * H), dim=-1),
+    )  # fmt: skip
+
+
+def _activate_backward(raw: Tensor, act: tuple[Tensor, ...], grads) -> Tensor:
+    """Gradient of ξ ``[B, X]`` from the gradients of the 10 activated inputs."""
+    B = raw.shape[0]
+    R, W = act[0].shape[1:]
+    H = act[2].shape[1]
+    start = R * W + 2 * H * W  # the strengths' raw values
+    br_raw, bw_raw = raw[:, start : start + R], raw[:, start + R : start + R + H]
+    g_kr, g_br, g_kw, g_bw, g_v, g_erase, g_free, g_ga, g_gw, g_modes = grads
+    _, _, _, _, _, erase, free, g_alloc, g_write, modes = act
+
+    def sig(g, y):
+        return (g * (1.0 - y) * y).reshape(B, -1)
+
+    g_z = modes * (g_modes - (g_modes * modes).sum(-1, keepdim=True))  # softmax
+    pieces = [
+        g_kr.reshape(B, -1), g_kw.reshape(B, -1), g_v.reshape(B, -1),
+        g_br * _softplus_grad(br_raw), g_bw * _softplus_grad(bw_raw),
+        sig(g_erase, erase), sig(g_free, free), sig(g_ga, g_alloc), sig(g_gw, g_write),
+        g_z.reshape(B, -1),
+    ]  # fmt: skip
+    return torch.cat(pieces, dim=-1)
+
+
+# -- the native kernel -----------------------------------------------------------------------------
+def _load():
+    """The compiled ``dnc_access`` library with its signatures set, or ``None``."""
+    lib = native.load("dnc_access")
+    if lib is not None and not getattr(lib, "_dnc_ready", False):
+        p, L = ctypes.c_void_p, ctypes.c_long
+        for name in ("dnc_workspace_size", "dnc_interface_size"):
+            getattr(lib, name).argtypes, getattr(lib, name).restype = [p], L
+        for suffix in ("f32", "f64"):
+            fwd = getattr(lib, f"dnc_forward_{suffix}")
+            fwd.argtypes, fwd.restype = [p, p, p, p, L, p, p, p], None
+            bwd = getattr(lib, f"dnc_backward_{suffix}")
+            bwd.argtypes, bwd.restype = [p, p, p, p, p, p, L, p, p, p, p, p], None
+        lib._dnc_ready = True
+    return lib
+
+
+_UNLOADED = object()
+
+#: The kernel library, loaded on first use (``None``: torch path only). Tests set it to ``None``
+#: to run the torch path.
+lib = _UNLOADED
+
+
+def _kernel():
+    global lib
+    if lib is _UNLOADED:
+        lib = _load()
+    return lib
+
+
+def _rows(t: Tensor) -> tuple[Tensor, int]:
+    """``t [B, ...]`` with each batch element's entries contiguous, and its batch stride.
+
+    Slices of the interface vector (``[B, R, W]`` views with batch stride ``> R*W``) and
+    gradients arriving through them are passed as they are; anything else is copied.
+    """
+    if t.is_contiguous():
+        return t, t.stride(0)
+    expected, strides, shape = 1, t.stride(), t.shape
+    for d in range(t.dim() - 1, 0, -1):
+        if shape[d] != 1 and strides[d] != expected:
+            t = t.contiguous()
+            return t, t.stride(0)
+        expected *= shape[d]
+    return t, strides[0]
+
+
+def _pointers(tensors) -> tuple[ctypes.Array, ctypes.Array, list]:
+    """``void*[]`` and batch-stride ``long[]`` arrays for tensors (``None`` -> null), and the
+    tensors actually pointed to (kept alive for the call)."""
+    kept, ptrs, strides = [], [], []
+    for t in tensors:
+        if t is None:
+            ptrs.append(None)
+            strides.append(0)
+        else:
+            t, stride = _rows(t)
+            kept.append(t)
+            ptrs.append(t.data_ptr())
+            strides.append(stride)
+    n = len(ptrs)
+    return (ctypes.c_void_p * n)(*ptrs), (ctypes.c_long * n)(*strides), kept
+
+
+def _native_forward(ctx, inputs: tuple[Tensor, ...]):
+    """The forward as one kernel call (see ``csrc/dnc_access.cpp`` for the layout). ``inputs``
+    are the six state tensors and either the 10 activated interface tensors or ξ alone."""
+    memory0, read0, write0 = inputs[0], inputs[4], inputs[5]
+    B, N, W = memory0.shape
+    R, H = read0.shape[1], write0.shape[1]
+    dims = (ctypes.c_long * 5)(B, N, W, R, H)
+    raw = None
+    if len(inputs) == 7:
+        raw, raw_stride = _rows(inputs[6])
+        if raw.shape[1] != lib.dnc_interface_size(dims):
+            raise ValueError(f"interface vector of width {raw.shape[1]} for R={R}, H={H}, W={W}")
+    like = {"dtype": memory0.dtype, "device": memory0.device}
+    outputs = (
+        torch.empty(B, N, W, **like),  # memory
+        torch.empty(B, N, **like),  # usage
+        torch.empty(B, H, N, N, **like),  # link: every element is written by the kernel
+        torch.empty(B, H, N, **like),  # precedence
+        torch.empty(B, R, N, **like),  # read weights
+        torch.empty(B, H, N, **like),  # write weights
+        torch.empty(B, R, W, **like),  # read vectors
+        torch.empty(B, H, N, **like),  # allocation
+    )
+    work = torch.empty(B, lib.dnc_workspace_size(dims), **like)
+    order = torch.empty(B, H, N, dtype=torch.int32)
+    in_ptrs, in_strides, _kept = _pointers(inputs if raw is None else inputs[:6])
+    out_ptrs = (ctypes.c_void_p * 8)(*(t.data_ptr() for t in outputs))
+    kernel = lib.dnc_forward_f64 if memory0.dtype == torch.float64 else lib.dnc_forward_f32
+    kernel(
+        dims, in_ptrs, in_strides, None if raw is None else raw.data_ptr(),
+        0 if raw is None else raw_stride, out_ptrs, work.data_ptr(), order.data_ptr(),
+    )  # fmt: skip
+
+    memory, _usage, _link, _prec, read, write, _rv, alloc = outputs
+    ctx.native = True
+    ctx.work = (work, order)  # never require grad: plain attributes are safe and cheap
+    ctx.save_for_backward(*inputs, memory, read, write, alloc)
+    ctx.mark_non_differentiable(alloc)
+    ctx.set_materialize_grads(False)  # unused outputs: null gradients, no zero tensors
+    return outputs
+
+
+def _native_backward(ctx, grads):
+    """The backward as one kernel call; gradients of unused outputs arrive as ``None``."""
+    saved = ctx.saved_tensors
+    inputs, (memory, read, write, alloc) = saved[:-4], saved[-4:]
+    work, order = ctx.work
+    memory0, read0, write0 = inputs[0], inputs[4], inputs[5]
+    B, N, W = memory0.shape
+    R, H = read0.shape[1], write0.shape[1]
+    dims = (ctypes.c_long * 5)(B, N, W, R, H)
+    results = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in inputs]
+    if not ctx.needs_input_grad[2]:  # e.g. the all-zero initial link: skip the N x N output
+        results[2] = None
+    raw = g_raw = None
+    if len(inputs) == 7:
+        raw, raw_stride = _rows(inputs[6])
+        g_raw = results[6]
+    grad_ptrs, grad_strides, _kept = _pointers(grads[:7])
+    in_ptrs, in_strides, _kept_in = _pointers(inputs[:6] if raw is not None else inputs)
+    outs = (memory, None, None, None, read, write, None, alloc)
+    out_ptrs = (ctypes.c_void_p * 8)(*(None if t is None else t.data_ptr() for t in outs))
+    res = results[:6] + [None] * 10 if raw is not None else results
+    res_ptrs = (ctypes.c_void_p * 16)(*(None if t is None else t.data_ptr() for t in res))
+    kernel = lib.dnc_backward_f64 if memory0.dtype == torch.float64 else lib.dnc_backward_f32
+    kernel(
+        dims, grad_ptrs, grad_strides, in_ptrs, in_strides,
+        None if raw is None else raw.data_ptr(), 0 if raw is None else raw_stride,
+        out_ptrs, work.data_ptr(), order.data_ptr(), res_ptrs,
+        None if g_raw is None else g_raw.data_ptr(),
+    )  # fmt: skip
+    return tuple(results)
 
 
 def _others_product(x: Tensor, dim: int) -> Tensor:
@@ -87,7 +288,10 @@ class DNCAccessStep(torch.autograd.Function):
     activated interface: ``read_keys [B,R,W]``, ``read_strengths [B,R]`` (≥ 1),
     ``write_keys [B,H,W]``, ``write_strengths [B,H]``, ``write_vectors [B,H,W]``,
     ``erase [B,H,W]``, ``free_gates [B,R]``, ``alloc_gates [B,H]``, ``write_gates [B,H]``,
-    ``read_modes [B,R,1+2H]`` (backward x H, content, forward x H; rows sum to 1).
+    ``read_modes [B,R,1+2H]`` (backward x H, content, forward x H; rows sum to 1). In place of
+    these ten, the interface vector ξ ``[B, X]`` before its activations may be passed alone
+    (layout :func:`interface_sizes`): the function then applies them itself and returns the
+    gradient of ξ (one graph node where the activations and splits would take two dozen).
 
     Outputs: the new ``memory, usage, link, precedence, read_weights, write_weights``, the read
     vectors ``[B,R,W]`` and (no gradient) the allocation weighting ``[B,H,N]``.
@@ -95,9 +299,18 @@ class DNCAccessStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, memory0, usage0, link0, prec0, read0, write0, *interface):
-        kr, br, kw, bw, v, erase, free, g_alloc, g_write, modes = interface
+        inputs = (memory0, usage0, link0, prec0, read0, write0, *interface)
+        if _kernel() is not None and native.usable(*inputs):
+            return _native_forward(ctx, inputs)
+        ctx.native = False
         B, N, W = memory0.shape
         R, H = read0.shape[1], write0.shape[1]
+        ctx.raw = None
+        if len(interface) == 1:  # ξ before its activations
+            raw = interface[0]
+            interface = _activate(raw, R, H, W)
+            ctx.raw = (raw, interface)
+        kr, br, kw, bw, v, erase, free, g_alloc, g_write, modes = interface
 
         # 1. usage u = (u0 + c - u0 c) ψ, c the combined previous write, ψ the retention
         keep = 1.0 - free.unsqueeze(-1) * read0  # [B, R, N]
@@ -160,6 +373,8 @@ class DNCAccessStep(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_memory, g_usage, g_link, g_prec, g_read, g_write, g_rv, _g_alloc):
+        if ctx.native:
+            return _native_backward(ctx, (g_memory, g_usage, g_link, g_prec, g_read, g_write, g_rv))
         B, N, _W, R, H = ctx.shapes
         cw_cache, cr_cache, alloc_caches = ctx.caches
         (
@@ -242,7 +457,10 @@ class DNCAccessStep(torch.autograd.Function):
         g_free = -(g_keep_r * read0).sum(-1)
         g_read0 = g_read0 - g_keep_r * free.unsqueeze(-1)
 
+        g_interface = (g_kr, g_br, g_kw, g_bw, g_v, g_erase, g_free, g_ga, g_gw, g_modes)
+        if ctx.raw is not None:
+            g_interface = (_activate_backward(ctx.raw[0], ctx.raw[1], g_interface),)
         return (
             g_memory0, g_usage0, g_link0.view(B, H, N, N), g_prec0, g_read0, g_write0,
-            g_kr, g_br, g_kw, g_bw, g_v, g_erase, g_free, g_ga, g_gw, g_modes,
+            *g_interface,
         )  # fmt: skip
