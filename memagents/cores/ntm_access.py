@@ -332,7 +332,7 @@ class NTMSequence(torch.autograd.Function):
         k = _functions(_kernel(), x_proj.dtype)
         new = x_proj.new_empty
         x_proj = x_proj.contiguous()
-        w_state_t, w_heads_t = w_state.t(), w_heads.t().contiguous()  # [D, 4Hd], [Hd, P]
+        w_state_t, w_heads = w_state.t(), w_heads.contiguous()  # [D, 4Hd], [P, Hd]
         gates, cells, params = new(T, B, G), new(T, B, Hd), new(T, B, P)
         memories, reads, writes = new(T, B, N, W), new(T, B, H, N), new(T, B, H, N)
         y = new(T, B, D)
@@ -350,7 +350,7 @@ class NTMSequence(torch.autograd.Function):
             init = (init_z, init_c, init_memory, init_read_w, init_write_w)
         reset_inputs = {}  # t -> (mask, the state after the reset), kept for the backward
         xs, gs, ys = x_proj.unbind(0), gates.unbind(0), y.unbind(0)
-        w_heads_ptr, b_heads_ptr = w_heads_t.data_ptr(), b_heads.contiguous().data_ptr()
+        w_heads_ptr, b_heads_ptr = w_heads.data_ptr(), b_heads.contiguous().data_ptr()
         for t in range(T):
             if resets[t]:
                 mask = starts[t]

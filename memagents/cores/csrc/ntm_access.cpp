@@ -504,11 +504,10 @@ void lstm_backward(long B, int Hd, const T* act, const T* c_prev, const T* c, co
 
 // -- one whole step of the core after the gates' matrix product (NTMSequence) ----------------------
 // Forward: LSTM cell (h_t into y[:, :Hd], row stride D = Hd + H*W), raw head parameters
-// params = b_heads + h_t w_heads^T (w_heads_t is w_heads transposed, [Hd, P]), then the access
-// (r_t into y[:, Hd:]).
+// params = b_heads + h_t w_heads^T (w_heads [P, Hd]), then the access (r_t into y[:, Hd:]).
 template <typename T>
 void step_forward(const Dims& d, int Hd, T* gates, const T* c_prev, T* c_out, T* y,
-                  const T* w_heads_t, const T* b_heads, T* params, const T* memory,
+                  const T* w_heads, const T* b_heads, T* params, const T* memory,
                   const T* read_prev, const T* write_prev, T* memory_out, T* write_out,
                   T* read_out, T* workspace) {
   const long D = d.vec_stride;
@@ -517,12 +516,7 @@ void step_forward(const Dims& d, int Hd, T* gates, const T* c_prev, T* c_out, T*
   for (long b = 0; b < d.B; ++b) {
     T* row = params + b * P;
     const T* h = y + b * D;
-    for (int q = 0; q < P; ++q) row[q] = b_heads[q];
-    for (int j = 0; j < Hd; ++j) {
-      const T hj = h[j];
-      const T* wj = w_heads_t + long(j) * P;
-      for (int q = 0; q < P; ++q) row[q] += hj * wj[q];
-    }
+    for (int q = 0; q < P; ++q) row[q] = b_heads[q] + dot(h, w_heads + long(q) * Hd, Hd);
   }
   forward(d, memory, read_prev, write_prev, params, memory_out, write_out, read_out, y + Hd,
           workspace);
@@ -586,9 +580,9 @@ void step_backward(const Dims& d, int Hd, const T* act, const T* c_prev, const T
   }                                                                                             \
   NTM_EXPORT void ntm_step_forward_##SUFFIX(                                                    \
       long B, int N, int W, int H, int S, int Hd, T* gates, const T* c_prev, T* c_out, T* y,    \
-      const T* w_heads_t, const T* b_heads, T* params, const T* memory, const T* read_prev,     \
+      const T* w_heads, const T* b_heads, T* params, const T* memory, const T* read_prev,       \
       const T* write_prev, T* memory_out, T* write_out, T* read_out, T* workspace) {            \
-    step_forward(Dims(B, N, W, H, S, Hd + long(H) * W), Hd, gates, c_prev, c_out, y, w_heads_t, \
+    step_forward(Dims(B, N, W, H, S, Hd + long(H) * W), Hd, gates, c_prev, c_out, y, w_heads,   \
                  b_heads, params, memory, read_prev, write_prev, memory_out, write_out,         \
                  read_out, workspace);                                                          \
   }                                                                                             \
