@@ -5,17 +5,26 @@ checked here on all four rule x feature-map variants and on both execution paths
 ``tests/test_cores_contract.py`` only sees the default variant. Beyond the contract: the step form
 and the chunk-parallel form agree with resets inside chunks and a ragged last chunk; the delta rule
 and DPFP match numbers computed by hand from the papers' formulas; bad kwargs raise ValueError.
+
+The two hand-written autograd Functions are checked against plain autograd in float64 (~1e-10,
+values and gradients of every input): the slow-net heads (:func:`slow_net_heads`, native kernel
+and torch path, step and chunk layout, zero keys and exact zeros) against ``sum_normalise(dpfp(·))``
+etc., and the chunk form (:func:`fast_weight_chunked`) against the step recurrence, with episode
+starts inside chunks, on chunk boundaries and at the last step; both are ``gradcheck``-ed, and the
+kernel must load whenever a C++ compiler is present.
 """
 
 from __future__ import annotations
 
 import itertools
 import re
+import shutil
 
 import pytest
 import torch
 
 import memagents.cores as cores
+from memagents.cores import fwp, native
 from memagents.cores import state as state_lib
 from memagents.cores.fwp import (
     FWPCore,
@@ -24,6 +33,7 @@ from memagents.cores.fwp import (
     elu1,
     fast_weight_chunked,
     fast_weight_step,
+    slow_net_heads,
     sum_normalise,
 )
 
@@ -442,3 +452,217 @@ def test_value_errors_list_the_allowed_choices():
         cores.make("fwp", input_size=3, key_size=2, dpfp_nu=9)
     with pytest.raises(ValueError, match="input_size"):
         cores.make("fwp", input_size=0)
+
+
+# -- the hand-written autograd Functions against plain autograd (float64) ------------------------
+
+F64 = torch.float64
+TIGHT = {"rtol": 1e-10, "atol": 1e-12}
+HAS_KERNEL = shutil.which("c++") is not None and native.mode() != "0"
+
+
+def test_heads_kernel_loads_when_a_compiler_exists():
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler on PATH")
+    if native.mode() == "0":
+        pytest.skip("MEMAGENTS_NATIVE=0")
+    assert fwp._heads_kernel() is not None, native._errors.get("fwp_heads")
+
+
+@pytest.fixture(params=["native", "torch"])
+def heads_path(request, monkeypatch):
+    """Run :func:`slow_net_heads` on its C++ kernel or on its torch implementation."""
+    if request.param == "native":
+        if not HAS_KERNEL:
+            pytest.skip("no C++ compiler, or MEMAGENTS_NATIVE=0")
+    else:
+        monkeypatch.setattr(fwp, "_heads_kernel", lambda: None)
+    return request.param
+
+
+def reference_heads(z, H, Dk, Dv, feature_map, nu, delta):
+    """The slow-net heads under plain autograd, from the reference feature maps."""
+    kq, v, *b = z.split([2 * H * Dk, H * Dv] + ([H] if delta else []), dim=-1)
+    phi = (lambda x: dpfp(x, nu)) if feature_map == "dpfp" else elu1
+    k = sum_normalise(phi(kq[..., : H * Dk].unflatten(-1, (H, Dk))))
+    q = sum_normalise(phi(kq[..., H * Dk :].unflatten(-1, (H, Dk))))
+    return k, q, v.unflatten(-1, (H, Dv)), (torch.sigmoid(b[0]) if delta else None)
+
+
+def heads_input(T, batch, H, Dk, Dv, delta, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    z = 1.5 * torch.randn(T, batch, 2 * H * Dk + H * Dv + (H if delta else 0), generator=gen)
+    z = z.to(F64)
+    z[0, 0, :Dk] = 0.0  # an all-zero key: the zero DPFP feature, the clamped normalisation
+    z[1, -1, H * Dk + 1 : H * Dk + 3] = 0.0  # exact zeros in a query: ReLU at 0
+    z[2 % T, 0, 2 * H * Dk :] = 25.0  # β = σ(25) ≈ 1 - 1e-11
+    return z.requires_grad_(True)
+
+
+HEADS_CASES = [
+    ("dpfp", 1, True),
+    ("dpfp", 1, False),
+    ("dpfp", 2, True),
+    ("elu1", 1, True),
+    ("elu1", 1, False),
+]
+
+
+@pytest.mark.parametrize(("feature_map", "nu", "delta"), HEADS_CASES)
+@pytest.mark.parametrize("chunk_size", [None, 3, 4, 64], ids=["steps", "C3", "C4", "C64"])
+def test_slow_net_heads_equal_plain_autograd(heads_path, feature_map, nu, delta, chunk_size):
+    """Outputs and the gradient wrt ``z`` (random upstream gradients into every output), in the
+    step layout and in the chunk layout (T = 7: ragged with C = 3 and 4, one padded chunk
+    with C = 64)."""
+    T, batch, H, Dk, Dv = 7, 3, 2, 3, 2
+    z = heads_input(T, batch, H, Dk, Dv, delta)
+    ref = reference_heads(z, H, Dk, Dv, feature_map, nu, delta)
+    out = slow_net_heads(z, H, Dk, Dv, feature_map, nu, delta, chunk_size)
+    if chunk_size is not None:  # the reference in chunk layout, zero padded
+        C = min(chunk_size, T)
+        N = -(-T // C)
+        ref = [fwp._rows_to_chunks(a, N, C) for a in ref[:3]] + [
+            fwp._rows_to_chunks(ref[3].unsqueeze(-1), N, C) if delta else None
+        ]
+    assert (out[3] is None) == (not delta)
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(a.shape, generator=gen, dtype=F64) for a in ref if a is not None]
+    for got, want in zip(out, ref, strict=True):
+        if want is not None:
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, **TIGHT)
+    (dz,) = torch.autograd.grad([o for o in out if o is not None], z, grads)
+    (dz_ref,) = torch.autograd.grad([r for r in ref if r is not None], z, grads)
+    torch.testing.assert_close(dz, dz_ref, **TIGHT)
+    key_00 = out[0][0, 0, 0] if chunk_size is None else out[0][0, 0]  # step 0, element 0, head 0
+    assert (not key_00.any()) == (feature_map == "dpfp")  # the zero key has the zero feature
+    if chunk_size is not None and T % min(chunk_size, T):
+        C = min(chunk_size, T)
+        for a in out:
+            if a is not None:  # padded steps are zero
+                assert not a.view(-1, batch, H, C, a.shape[-1])[-1, :, :, T % C :].any()
+
+
+@pytest.mark.parametrize(("feature_map", "nu", "delta"), HEADS_CASES)
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_slow_net_heads_gradcheck(heads_path, feature_map, nu, delta, chunk_size):
+    T, batch, H, Dk, Dv = 3, 2, 2, 2, 2
+    gen = torch.Generator().manual_seed(2)
+    z = torch.randn(T, batch, 2 * H * Dk + H * Dv + (H if delta else 0), generator=gen, dtype=F64)
+    z.requires_grad_(True)
+
+    def run(z_in):
+        out = slow_net_heads(z_in, H, Dk, Dv, feature_map, nu, delta, chunk_size)
+        return tuple(o for o in out if o is not None)
+
+    assert torch.autograd.gradcheck(run, (z,), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_KERNEL, reason="no C++ compiler, or MEMAGENTS_NATIVE=0")
+@pytest.mark.parametrize("chunk_size", [None, 64])
+def test_slow_net_heads_native_equals_torch_path_in_float32(monkeypatch, chunk_size):
+    z = heads_input(70, 4, 4, 16, 16, True).detach().float().requires_grad_(True)
+    args = (4, 16, 16, "dpfp", 1, True, chunk_size)
+    out = slow_net_heads(z, *args)
+    grads = [torch.randn_like(o) for o in out]
+    (dz,) = torch.autograd.grad(out, z, grads)
+    monkeypatch.setattr(fwp, "_heads_kernel", lambda: None)
+    out_t = slow_net_heads(z, *args)
+    (dz_t,) = torch.autograd.grad(out_t, z, grads)
+    for a, b in zip(out, out_t, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dz, dz_t, rtol=1e-5, atol=1e-5)
+
+
+def step_reference(W0, k, v, q, beta, starts, update):
+    """The step recurrence under plain autograd, resetting where ``starts``."""
+    W, ys = W0, []
+    for t in range(k.shape[0]):
+        if starts is not None:
+            W = torch.where(starts[t].view(-1, 1, 1, 1), 0.0, W)
+        y, W = fast_weight_step(W, k[t], v[t], q[t], beta[t], update)
+        ys.append(y)
+    return torch.stack(ys), W
+
+
+def chunk_inputs(T, batch, H, d_phi, Dv, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    k = sum_normalise(dpfp(torch.randn(T, batch, H, d_phi // 2, generator=gen, dtype=F64)))
+    k[3 % T, 0, 0] = 0.0  # a zero key (DPFP of an all-zero or sign-alternating key)
+    q = sum_normalise(elu1(torch.randn(T, batch, H, d_phi, generator=gen, dtype=F64)))
+    v = torch.randn(T, batch, H, Dv, generator=gen, dtype=F64)
+    beta = torch.rand(T, batch, H, generator=gen, dtype=F64)
+    beta[0, 0, 0] = 1.0  # β at its bound (a projection: I - k kᵀ / kᵀk scaled)
+    W0 = torch.randn(batch, H, Dv, d_phi, generator=gen, dtype=F64)
+    return [a.requires_grad_(True) for a in (W0, k, v, q, beta)]
+
+
+@pytest.mark.parametrize("update", UPDATES)
+@pytest.mark.parametrize("chunk_size", [1, 3, 4, 8, 64])
+@pytest.mark.parametrize("with_starts", [True, False], ids=["starts", "no-starts"])
+def test_chunk_function_equals_step_recurrence_in_float64(update, chunk_size, with_starts):
+    """Values and gradients of ``W0, k, v, q, β`` (random upstream gradients into the outputs
+    and the final state), T = 21: ragged for C = 4, 8; one padded chunk for C = 64."""
+    T, batch, H, d_phi, Dv = 21, 4, 2, 6, 3
+    W0, k, v, q, beta = chunk_inputs(T, batch, H, d_phi, Dv)
+    starts = None
+    if with_starts:
+        starts = torch.zeros(T, batch, dtype=torch.bool)
+        starts[[5, 6, 13], 0] = True  # mid-chunk, twice in a row
+        starts[[8, 20], 1] = True  # a chunk boundary (C = 4, 8) and the last step
+        starts[[0, 9, 11], 2] = True  # step 0, and twice inside one chunk
+        # element 3 never resets
+    y, W = fast_weight_chunked(W0, k, v, q, beta, starts, chunk_size, update)
+    y_ref, W_ref = step_reference(W0, k, v, q, beta, starts, update)
+    torch.testing.assert_close(y, y_ref, **TIGHT)
+    torch.testing.assert_close(W, W_ref, **TIGHT)
+    gen = torch.Generator().manual_seed(3)
+    gy = torch.randn(y.shape, generator=gen, dtype=F64)
+    gW = torch.randn(W.shape, generator=gen, dtype=F64)
+    inputs = (W0, k, v, q, beta) if update == "delta" else (W0, k, v, q)
+    grads = torch.autograd.grad((y * gy).sum() + (W * gW).sum(), inputs)
+    grads_ref = torch.autograd.grad((y_ref * gy).sum() + (W_ref * gW).sum(), inputs)
+    for name, got, want in zip("W0 k v q beta".split(), grads, grads_ref, strict=False):
+        torch.testing.assert_close(got, want, **TIGHT, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@pytest.mark.parametrize("update", UPDATES)
+@pytest.mark.parametrize("with_starts", [True, False], ids=["starts", "no-starts"])
+def test_chunk_function_gradcheck(update, with_starts):
+    T, batch, H, d_phi, Dv = 7, 2, 1, 4, 2
+    W0, k, v, q, beta = chunk_inputs(T, batch, H, d_phi, Dv, seed=4)
+    starts = None
+    if with_starts:
+        starts = torch.zeros(T, batch, dtype=torch.bool)
+        starts[[2, 4], 1] = True  # two starts inside one chunk of 3... and across
+
+    def run(*args):
+        return fast_weight_chunked(*args, starts, 3, update)
+
+    assert torch.autograd.gradcheck(run, (W0, k, v, q, beta), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.skipif(not HAS_KERNEL, reason="no C++ compiler, or MEMAGENTS_NATIVE=0")
+@pytest.mark.parametrize("update", UPDATES)
+def test_core_native_heads_equal_torch_heads_in_float64(monkeypatch, update):
+    """The whole chunk-form core (slow net into the chunk layout, chunk form, output layer):
+    outputs, final state and every parameter's gradient, native heads vs torch heads."""
+    core = make(update, "dpfp", chunk_size=4, dtype=F64, hidden_size=5, key_size=3)
+    T = 11
+    x = inputs(T, seed=16, dtype=F64)
+    starts = no_starts(T)
+    starts[6, 1] = 1.0
+
+    def run():
+        core.zero_grad(set_to_none=True)
+        y, s = core(x, random_state(core, seed=17), starts)
+        (y.square().sum() + s.fast_weights.sum()).backward()
+        return y.detach(), s.fast_weights.detach(), [p.grad for p in core.parameters()]
+
+    y, W, grads = run()
+    monkeypatch.setattr(fwp, "_heads_kernel", lambda: None)
+    y_t, W_t, grads_t = run()
+    torch.testing.assert_close(y, y_t, **TIGHT)
+    torch.testing.assert_close(W, W_t, **TIGHT)
+    for g, g_t in zip(grads, grads_t, strict=True):
+        torch.testing.assert_close(g, g_t, **TIGHT)

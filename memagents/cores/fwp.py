@@ -549,28 +549,34 @@ class _FastWeightChunks(torch.autograd.Function):
             M = torch.bmm(K, K.mT).mul_(b.mT)
             if masks.solve is not None:
                 _mask_(M, masks.solve, B, H)
-            U = torch.empty(N * G, C, Dv, dtype=dtype, device=device)  # Ũ
-            E_hat = torch.empty_like(U)  # Ê = diag(β)^-1 Ũ
+            E_hat = torch.empty(N * G, C, Dv, dtype=dtype, device=device)  # Ê = diag(β)^-1 Ũ
+            written = E_hat
+            bK_last = K_last * b  # Ũᵀ K = Êᵀ diag(β) K
         else:
             M = E_hat = None
-            U = V
-        S = W0.reshape(G, Dv, Dk)
-        states = torch.empty(N * G, Dv, Dk, dtype=dtype, device=device)  # S entering chunk n
+            written, bK_last = V, K_last  # Ũ = V
+        # states[n]: S entering chunk n (states[N]: the final state)
+        states = torch.empty(N + 1, G, Dv, Dk, dtype=dtype, device=device)
+        states[0] = W0.reshape(G, Dv, Dk)
         for n in range(N):
             now = slice(n * G, (n + 1) * G)
-            states[now] = S
+            S = states[n]
             if delta:
-                ks = torch.bmm(K[now], S.mT)  # K Sᵀ [G, C, d_v]
-                if masks.carry is not None:
-                    ks.masked_fill_(~masks.carry[now], 0.0)
+                if masks.carry is None:
+                    E = torch.baddbmm(V[now], K[now], S.mT, alpha=-1)  # V - K Sᵀ [G, C, d_v]
+                else:
+                    E = torch.bmm(K[now], S.mT).masked_fill_(~masks.carry[now], 0.0)
+                    E = V[now] - E
                 # (I + A) Ũ = diag(β) (V - K Sᵀ)  <=>  (I + A') Ê = V - K Sᵀ, Ũ = diag(β) Ê
                 torch.linalg.solve_triangular(
-                    M[now], V[now] - ks, upper=False, unitriangular=True, out=E_hat[now]
+                    M[now], E, upper=False, unitriangular=True, out=E_hat[now]
                 )
-                torch.mul(E_hat[now], b[now], out=U[now])
             if masks.keep is not None:
                 S = torch.where(masks.keep[n], S, 0.0)
-            S = torch.baddbmm(S, U[now].mT, K_last[now])  # S + Ũᵀ K
+            torch.baddbmm(S, written[now].mT, bK_last[now], out=states[n + 1])  # S + Ũᵀ K
+        U = E_hat * b if delta else V  # Ũ
+        S_final = states[N]
+        states = states[:N].view(N * G, Dv, Dk)
         O = torch.bmm(Q, states.mT)  # Q Sᵀ [N G, C, d_v]
         if masks.carry is not None:
             O.masked_fill_(~masks.carry, 0.0)
@@ -578,7 +584,7 @@ class _FastWeightChunks(torch.autograd.Function):
         ctx.save_for_backward(K, Q, b, A_qk, M, U, E_hat, states, K_last)
         ctx.masks = masks
         ctx.T = T
-        return _chunks_to_rows(O, N, T, B, H), S.reshape(W0.shape)
+        return _chunks_to_rows(O, N, T, B, H), S_final.reshape(W0.shape)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -599,31 +605,32 @@ class _FastWeightChunks(torch.autograd.Function):
         X = torch.bmm(A_qk.mT, dO)  # A_qkᵀ dO
         dO_c = dO if masks.carry is None else dO * masks.carry
         Y = torch.bmm(dO_c.mT, Q)  # dOᵀ Q [N G, d_v, d_φ]
-        dS = dW.reshape(G, Dv, Dk)
-        dS_next = torch.empty_like(states)  # dS_C of chunk n
+        # dS_all[n + 1]: the gradient of the state chunk n hands on (dS_all[0]: of W0)
+        dS_all = torch.empty(N + 1, G, Dv, Dk, dtype=dW.dtype, device=dW.device)
+        dS_all[N] = dW.reshape(G, Dv, Dk)
         if delta:
-            dE = dEO[:, :C]  # dV
             dR = torch.empty_like(U)
+            bK_c = K * b if masks.carry is None else K * (b * masks.carry)  # dEᵀ K = dRᵀ diag(β) K
         else:
             dE = torch.empty_like(U)  # dV = dŨ
         for n in reversed(range(N)):
             now = slice(n * G, (n + 1) * G)
-            dS_next[now] = dS
-            dU_n = torch.baddbmm(X[now], K_last[now], dS.mT)  # dŨ
+            dS = dS_all[n + 1]
+            dU = torch.baddbmm(X[now], K_last[now], dS.mT, out=None if delta else dE[now])  # dŨ
             if masks.keep is not None:
                 dS = torch.where(masks.keep[n], dS, 0.0)
-            dS = dS + Y[now]
             if delta:
                 # dR = (I + A)^-T dŨ: (I + A)ᵀ is the unit upper triangle of M
                 torch.linalg.solve_triangular(
-                    M[now], dU_n, upper=True, unitriangular=True, out=dR[now]
+                    M[now], dU, upper=True, unitriangular=True, out=dR[now]
                 )
-                dE_n = torch.mul(dR[now], b[now], out=dE[now])
-                if masks.carry is not None:
-                    dE_n = dE_n * masks.carry[now]
-                dS = torch.baddbmm(dS, dE_n.mT, K[now], alpha=-1)  # - dEᵀ K
+                torch.baddbmm(dS, dR[now].mT, bK_c[now], alpha=-1, out=dS_all[n])  # - dEᵀ K
+                dS_all[n].add_(Y[now])  # + dOᵀ Q
             else:
-                dE[now] = dU_n
+                torch.add(dS, Y[now], out=dS_all[n])
+        dS_next = dS_all[1:].view(N * G, Dv, Dk)
+        if delta:
+            dE = torch.mul(dR, b, out=dEO[:, :C])  # dV
         grads = torch.bmm(dEO, U.mT)  # [dE; dO] Ũᵀ [N G, 2C, C]
         _mask_(grads, masks.grad if delta else masks.qk, B, H)  # [diag(β) dA; dA_qk]
         dA_qk = grads[:, C:] if delta else grads
@@ -644,7 +651,7 @@ class _FastWeightChunks(torch.autograd.Function):
         U_last = U if masks.last is None else U * masks.last
         dK.baddbmm_(U_last, dS_next)  # + Ũ dS_C
         dQ.baddbmm_(dO_c, states)  # + dO S
-        return dS.reshape(dW.shape), dK, dQ, dE, db, None, None
+        return dS_all[0].reshape(dW.shape), dK, dQ, dE, db, None, None
 
 
 # -- the core ----------------------------------------------------------------------------------
