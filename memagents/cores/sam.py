@@ -18,6 +18,11 @@ indices (the indices as exact integers in the state's float dtype, so that the s
 that writes the memory in place and saves only the ``K·W``-sized rows it touched, so that a
 sequence's forward and backward cost ``O(T·K·W)`` memory beside the one ``N×W`` memory and its one
 gradient buffer; ``fused=False`` is the dense reference (a new memory per step under autograd).
+On CPU float tensors with the native kernels available (:mod:`~memagents.cores.native`), the
+whole access step after the controller is one autograd node per step
+(:class:`~memagents.cores.sparse_access.SAMAccessStep`), the LRU row is found through block
+minima (``O(sqrt N)`` per step) and nothing ``N``-sized is touched per step; the composed torch
+functions stay the reference (tests compare both).
 """
 
 from __future__ import annotations
@@ -97,9 +102,10 @@ class SAMCore(MemoryCore):
     :param num_reads: ``R``, read heads.
     :param sparse_reads: ``K`` < ``N``, rows each read head attends to (non-zeros per read
         weighting).
-    :param index: kNN search for the reads: ``"exact"`` (torch scan of all rows), ``"faiss"``
-        (approximate inverted-file index of ``faiss-cpu``) or ``"auto"`` (FAISS from
-        :data:`~memagents.cores.sparse_access.AUTO_FAISS_MIN_ROWS` rows on, when installed).
+    :param index: kNN search for the reads: ``"exact"`` (scan of all rows), ``"ivf"``
+        (approximate inverted-file index run by the native kernels), ``"faiss"`` (the same
+        algorithm through ``faiss-cpu``) or ``"auto"`` (``"ivf"``, else ``"faiss"``, from
+        :data:`~memagents.cores.sparse_access.AUTO_FAISS_MIN_ROWS` rows on; ``"exact"`` below).
     :param learn_init: learn the controller's initial ``h_0, c_0`` and the initial read vectors
         (zero-initialised). Memory (zeros), last-access steps and sparse weights always start at 0.
     :param fused: run each memory step as :class:`~memagents.cores.sparse_access.SparseAccessStep`

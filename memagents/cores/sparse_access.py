@@ -22,9 +22,16 @@ the (single, dense) memory-gradient buffer in place and zeroes the erased rows, 
 copy of the ``N×W`` memory. :func:`dense_access_step` is the same step in plain differentiable
 torch (new memory per step): the reference the tests compare gradients against.
 
-kNN indexes (:class:`ExactIndex`, :class:`FaissIndex`) are plain objects built by the core for one
-``forward`` call from the memory it was given, updated after every write and rebuilt for elements
-whose episode restarts; they never live on the module or in the autograd graph.
+kNN indexes (:class:`ExactIndex`, :class:`IVFIndex`, :class:`FaissIndex`) are plain objects built
+by the core for one ``forward`` call from the memory it was given, updated after every write and
+rebuilt for elements whose episode restarts; they never live on the module or in the autograd
+graph.
+
+Native path: on CPU float32/float64 tensors the step, the exact search, the usage/LRU update and
+the inverted-file index run as C++ kernels (``csrc/sparse_access.cpp``, built and loaded by
+:mod:`memagents.cores.native`), one call per batch each; :class:`SAMAccessStep` is SAM's whole
+post-controller step as one autograd node. The torch code is the reference and the path for
+other devices (or ``MEMAGENTS_NATIVE=0``); tests compare both in float64.
 """
 
 from __future__ import annotations
