@@ -544,16 +544,17 @@ class _FastWeightChunks(torch.autograd.Function):
         K_last = K if masks.last is None else K * masks.last  # K on the last segment
         A_qk = _mask_(torch.bmm(Q, K.mT), masks.qk, B, H)  # [N G, C, C]
         if delta:
+            bK = K * b  # diag(β) K
             # M = K Kᵀ diag(β): its strict lower triangle is A' = diag(β)^-1 A diag(β), its
             # strict upper triangle is Aᵀ (K Kᵀ is symmetric), the two solves' matrices
-            M = torch.bmm(K, K.mT).mul_(b.mT)
+            M = torch.bmm(K, bK.mT)
             if masks.solve is not None:
                 _mask_(M, masks.solve, B, H)
             E_hat = torch.empty(N * G, C, Dv, dtype=dtype, device=device)  # Ê = diag(β)^-1 Ũ
             written = E_hat
-            bK_last = K_last * b  # Ũᵀ K = Êᵀ diag(β) K
+            bK_last = bK if masks.last is None else bK * masks.last  # Ũᵀ K = Êᵀ diag(β) K
         else:
-            M = E_hat = None
+            M = E_hat = bK = None
             written, bK_last = V, K_last  # Ũ = V
         # states[n]: S entering chunk n (states[N]: the final state)
         states = torch.empty(N + 1, G, Dv, Dk, dtype=dtype, device=device)
@@ -581,7 +582,7 @@ class _FastWeightChunks(torch.autograd.Function):
         if masks.carry is not None:
             O.masked_fill_(~masks.carry, 0.0)
         O.baddbmm_(A_qk, U)  # + A_qk Ũ
-        ctx.save_for_backward(K, Q, b, A_qk, M, U, E_hat, states, K_last)
+        ctx.save_for_backward(K, Q, b, bK, A_qk, M, U, E_hat, states, K_last)
         ctx.masks = masks
         ctx.T = T
         return _chunks_to_rows(O, N, T, B, H), S_final.reshape(W0.shape)
@@ -589,7 +590,7 @@ class _FastWeightChunks(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy, dW):
-        K, Q, b, A_qk, M, U, E_hat, states, K_last = ctx.saved_tensors
+        K, Q, b, bK, A_qk, M, U, E_hat, states, K_last = ctx.saved_tensors
         masks, T = ctx.masks, ctx.T
         B, H, Dv, Dk = dW.shape
         G = B * H
@@ -610,7 +611,7 @@ class _FastWeightChunks(torch.autograd.Function):
         dS_all[N] = dW.reshape(G, Dv, Dk)
         if delta:
             dR = torch.empty_like(U)
-            bK_c = K * b if masks.carry is None else K * (b * masks.carry)  # dEᵀ K = dRᵀ diag(β) K
+            bK_c = bK if masks.carry is None else bK * masks.carry  # dEᵀ K = dRᵀ diag(β) K
         else:
             dE = torch.empty_like(U)  # dV = dŨ
         for n in reversed(range(N)):
