@@ -23,6 +23,15 @@ Two execution paths compute the same function (tested to 1e-4 in float32):
   steps; inside a chunk everything is matrix products (the delta rule's product of
   ``I - β k kᵀ`` factors in the WY/UT form, one triangular solve), and only the ``T / C`` chunk
   states are passed on sequentially.
+
+Both the chunk form and the slow net's heads (feature map, normalisation, ``σ``) are autograd
+Functions with hand-derived backward passes (:class:`_FastWeightChunks`, :class:`_SlowNetHeads`):
+under plain autograd their backward passes were mostly glue (concatenations for splits, masks,
+copies for transposes), several times the cost of the arithmetic. The heads run as one C++ kernel
+call each way on CPU (``csrc/fwp_heads.cpp``, see :mod:`memagents.cores.native`), which also
+writes the chunk form's block layout directly; elsewhere they run as torch ops. The plain-autograd
+formulas (:func:`dpfp`, :func:`sum_normalise`, :func:`fast_weight_step`) stay the reference: tests
+compare the Functions with them in float64.
 """
 
 from __future__ import annotations
