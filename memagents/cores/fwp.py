@@ -466,7 +466,7 @@ class _ChunkMasks(NamedTuple):
 
     qk: Tensor  # [C, C] or [N, B, 1, C, C]: causal pairs in one segment (A_qk), float
     solve: Tensor | None  # [N, B, 1, C, C]: pairs in one segment (A), float
-    grad: Tensor  # [2C, C] or [N, B, 1, 2C, C]: [-strict pairs (dA); causal pairs (dA_qk)]
+    grad: Tensor  # [2C, C] or [N, B, 1, 2C, C]: [-strict pairs (Γ); causal pairs (dA_qk)]
     carry: Tensor | None  # [N G, C, 1] bool: rows before the chunk's first start (read S)
     last: Tensor | None  # [N G, C, 1] float: rows in the chunk's last segment (write S)
     keep: Tensor | None  # [N, G, 1, 1] bool: the chunk has no start (keeps S)
@@ -525,20 +525,27 @@ class _FastWeightChunks(torch.autograd.Function):
 
     Layout: the ``N`` chunks of the ``G = B H`` heads are ``N G`` independent ``C``-row blocks
     (chunk-major, so chunk ``n`` is the contiguous slice ``[n G, (n + 1) G)``), as
-    :func:`_rows_to_chunks` and :func:`slow_net_heads` make them. In the backward pass
-    ``[dA; dA_qk] = [dR; dO] Ũᵀ`` is one product.
+    :func:`_rows_to_chunks` and :func:`slow_net_heads` make them.
 
-    Backward of one chunk (rows and pairs masked as in the forward), from ``dO``, ``dS_C`` (the
-    gradient of the state the chunk hands on), ``E = V - K Sᵀ`` and ``R = diag(β) E``::
+    Forward, per block: ``M = K (diag(β) K)ᵀ`` (masked to pairs in one segment). Its strict lower
+    triangle is ``A' = diag(β)^-1 A diag(β)`` and, ``K Kᵀ`` being symmetric, its strict upper
+    triangle is ``Aᵀ``, so both solves read this one matrix: ``(I + A) Ũ = diag(β) E`` with
+    ``E = V - K Sᵀ`` is solved as ``(I + A') Ê = E``, ``Ũ = diag(β) Ê``.
 
-        dŨ  = A_qkᵀ dO + K dS_Cᵀ          dR = (I + A)^{-T} dŨ
-        dE  = diag(β) dR = dV             dβ = rowsum(dR ⊙ E) + rowsum(dA ⊙ K Kᵀ)
-        dA  = -strict(dR Ũᵀ)              dA_qk = tril(dO Ũᵀ)
+    Backward of one chunk (rows and pairs masked as in the forward), from ``dO`` and ``dS_C``
+    (the gradient of the state the chunk hands on), with ``R = diag(β) E``::
+
+        dŨ  = A_qkᵀ dO + K dS_Cᵀ          dR = (I + A)^-T dŨ
+        dE  = diag(β) dR = dV             dβ = rowsum(dR ⊙ Ê)
+        Γ   = diag(β) dA = -strict(dE Ũᵀ) dA_qk = tril(dO Ũᵀ)        ([Γ; dA_qk]: one product)
         dS  = dS_C + dOᵀ Q - dEᵀ K        (the sequential part)
         dQ  = dO S + dA_qk K
-        dK  = Ũ dS_C - dE S + dA_qkᵀ Q + (diag(β) dA + (diag(β) dA)ᵀ) K
+        dK  = Ũ dS_C - dE S + dA_qkᵀ Q + (Γ + Γᵀ) K
 
-    (the sum rule: ``Ũ = V``, ``dV = dŨ``, no ``A``).
+    The chain rule gives ``dβ = rowsum(dR ⊙ E) + rowsum(dA ⊙ K Kᵀ)``; row ``i`` of
+    ``(I + A) Ũ = diag(β) E`` says ``Σ_{j<i} (K Kᵀ)_ij Ũ_j = E_i - Ê_i``, so the second term is
+    ``-dR_i · (E_i - Ê_i)`` and ``dβ = rowsum(dR ⊙ Ê)``, without a pass over ``C × C`` matrices.
+    The sum rule: ``Ũ = V``, ``dV = dŨ``, no ``A``.
     """
 
     @staticmethod
@@ -642,18 +649,16 @@ class _FastWeightChunks(torch.autograd.Function):
         if delta:
             dE = torch.mul(dR, b, out=dEO[:, :C])  # dV
         grads = torch.bmm(dEO, U.mT)  # [dE; dO] Ũᵀ [N G, 2C, C]
-        _mask_(grads, masks.grad if delta else masks.qk, B, H)  # [diag(β) dA; dA_qk]
+        _mask_(grads, masks.grad if delta else masks.qk, B, H)  # [Γ; dA_qk]
         dA_qk = grads[:, C:] if delta else grads
         # dK and dQ accumulate in place in contiguous buffers (into strided views, torch would
         # run the in-place products one matrix at a time)
         dK = torch.bmm(dA_qk.mT, Q)  # dA_qkᵀ Q
         dQ = torch.bmm(dA_qk, K)  # dA_qk K
         if delta:
-            # dβ = rowsum(dR ⊙ E) + rowsum(dA ⊙ K Kᵀ) = rowsum(dR ⊙ Ê), as (I + A) Ũ = diag(β) E
-            # gives rowsum_j(A ⊙ ...): Σ_j (K Kᵀ)_ij Ũ_j = E_i - Ê_i
-            db = torch.linalg.vecdot(dR, E_hat).unsqueeze(-1)
-            dA_b = grads[:, :C]  # diag(β) dA
-            dK.baddbmm_(dA_b.mT, K).baddbmm_(dA_b, K)  # + (diag(β) dA + (diag(β) dA)ᵀ) K
+            db = torch.linalg.vecdot(dR, E_hat).unsqueeze(-1)  # dβ = rowsum(dR ⊙ Ê), see above
+            gamma = grads[:, :C]  # Γ = diag(β) dA
+            dK.baddbmm_(gamma.mT, K).baddbmm_(gamma, K)  # + (Γ + Γᵀ) K
             dE_c = dE if masks.carry is None else dE * masks.carry
             dK.baddbmm_(dE_c, states, alpha=-1)  # - dE S
         else:
