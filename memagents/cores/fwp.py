@@ -648,24 +648,25 @@ class _FastWeightChunks(torch.autograd.Function):
         dS_next = dS_all[1:].view(N * G, Dv, Dk)
         if delta:
             dE = torch.mul(dR, b, out=dEO[:, :C])  # dV
-        grads = torch.bmm(dEO, U.mT)  # [dE; dO] Ũᵀ [N G, 2C, C]
-        _mask_(grads, masks.grad if delta else masks.qk, B, H)  # [Γ; dA_qk]
-        dA_qk = grads[:, C:] if delta else grads
-        # dK and dQ accumulate in place in contiguous buffers (into strided views, torch would
-        # run the in-place products one matrix at a time)
-        dK = torch.bmm(dA_qk.mT, Q)  # dA_qkᵀ Q
-        dQ = torch.bmm(dA_qk, K)  # dA_qk K
-        if delta:
-            db = torch.linalg.vecdot(dR, E_hat).unsqueeze(-1)  # dβ = rowsum(dR ⊙ Ê), see above
-            gamma = grads[:, :C]  # Γ = diag(β) dA
-            dK.baddbmm_(gamma.mT, K).baddbmm_(gamma, K)  # + (Γ + Γᵀ) K
-            dE_c = dE if masks.carry is None else dE * masks.carry
-            dK.baddbmm_(dE_c, states, alpha=-1)  # - dE S
-        else:
-            db = None
+        dK = torch.empty_like(K)
+        dQ = torch.empty_like(Q)
+        db = torch.linalg.vecdot(dR, E_hat).unsqueeze(-1) if delta else None  # rowsum(dR ⊙ Ê)
+        dE_c = dE if masks.carry is None or not delta else dE * masks.carry
         U_last = U if masks.last is None else U * masks.last
-        dK.baddbmm_(U_last, dS_next)  # + Ũ dS_C
-        dQ.baddbmm_(dO_c, states)  # + dO S
+        for n in range(N):  # chunk by chunk: the [G, 2C, C] products stay in cache
+            now = slice(n * G, (n + 1) * G)
+            grads = torch.bmm(dEO[now], U[now].mT)  # [dE; dO] Ũᵀ [G, 2C, C]
+            mask = masks.grad if delta else masks.qk
+            _mask_(grads, mask if mask.dim() == 2 else mask[n : n + 1], B, H)  # [Γ; dA_qk]
+            dA_qk = grads[:, C:] if delta else grads
+            torch.bmm(dA_qk.mT, Q[now], out=dK[now])  # dA_qkᵀ Q
+            torch.bmm(dA_qk, K[now], out=dQ[now])  # dA_qk K
+            if delta:
+                gamma = grads[:, :C]  # Γ = diag(β) dA
+                dK[now].baddbmm_(gamma.mT, K[now]).baddbmm_(gamma, K[now])  # + (Γ + Γᵀ) K
+                dK[now].baddbmm_(dE_c[now], states[now], alpha=-1)  # - dE S
+            dK[now].baddbmm_(U_last[now], dS_next[now])  # + Ũ dS_C
+            dQ[now].baddbmm_(dO_c[now], states[now])  # + dO S
         return dS_all[0].reshape(dW.shape), dK, dQ, dE, db, None, None
 
 
