@@ -619,54 +619,47 @@ class _FastWeightChunks(torch.autograd.Function):
         if N * C != T:
             dy = F.pad(dy, (0, 0) * 3 + (0, N * C - T))
         dO.view(N, G, C, Dv).copy_(dy.reshape(N, C, G, Dv).transpose(1, 2))
-        X = torch.bmm(A_qk.mT, dO)  # A_qkᵀ dO
         dO_c = dO if masks.carry is None else dO * masks.carry
-        Y = torch.bmm(dO_c.mT, Q)  # dOᵀ Q [N G, d_v, d_φ]
         # dS_all[n + 1]: the gradient of the state chunk n hands on (dS_all[0]: of W0)
         dS_all = torch.empty(N + 1, G, Dv, Dk, dtype=dW.dtype, device=dW.device)
         dS_all[N] = dW.reshape(G, Dv, Dk)
+        dK, dQ = torch.empty_like(K), torch.empty_like(Q)
         if delta:
             dR = torch.empty_like(U)
+            dE = dEO[:, :C]  # dV
             bK_c = bK if masks.carry is None else bK * masks.carry  # dEᵀ K = dRᵀ diag(β) K
         else:
             dE = torch.empty_like(U)  # dV = dŨ
+        U_last = U if masks.last is None else U * masks.last
+        grad_mask = masks.grad if delta else masks.qk
+        # chunk by chunk backwards; each chunk's C x C products are used while in cache
         for n in reversed(range(N)):
             now = slice(n * G, (n + 1) * G)
-            dS = dS_all[n + 1]
-            dU = torch.baddbmm(X[now], K_last[now], dS.mT, out=None if delta else dE[now])  # dŨ
-            if masks.keep is not None:
-                dS = torch.where(masks.keep[n], dS, 0.0)
+            dS_next = dS_all[n + 1]
+            dU = torch.bmm(A_qk[now].mT, dO[now], out=None if delta else dE[now])  # A_qkᵀ dO
+            dU.baddbmm_(K_last[now], dS_next.mT)  # dŨ = A_qkᵀ dO + K dS_Cᵀ
+            dS = dS_next if masks.keep is None else torch.where(masks.keep[n], dS_next, 0.0)
+            torch.baddbmm(dS, dO_c[now].mT, Q[now], out=dS_all[n])  # dS_C + dOᵀ Q
             if delta:
                 # dR = (I + A)^-T dŨ: (I + A)ᵀ is the unit upper triangle of M
                 torch.linalg.solve_triangular(
                     M[now], dU, upper=True, unitriangular=True, out=dR[now]
                 )
-                torch.baddbmm(dS, dR[now].mT, bK_c[now], alpha=-1, out=dS_all[n])  # - dEᵀ K
-                dS_all[n].add_(Y[now])  # + dOᵀ Q
-            else:
-                torch.add(dS, Y[now], out=dS_all[n])
-        dS_next = dS_all[1:].view(N * G, Dv, Dk)
-        if delta:
-            dE = torch.mul(dR, b, out=dEO[:, :C])  # dV
-        dK = torch.empty_like(K)
-        dQ = torch.empty_like(Q)
-        db = torch.linalg.vecdot(dR, E_hat).unsqueeze(-1) if delta else None  # rowsum(dR ⊙ Ê)
-        dE_c = dE if masks.carry is None or not delta else dE * masks.carry
-        U_last = U if masks.last is None else U * masks.last
-        for n in range(N):  # chunk by chunk: the [G, 2C, C] products stay in cache
-            now = slice(n * G, (n + 1) * G)
+                dS_all[n].baddbmm_(dR[now].mT, bK_c[now], alpha=-1)  # - dEᵀ K
+                torch.mul(dR[now], b[now], out=dE[now])
             grads = torch.bmm(dEO[now], U[now].mT)  # [dE; dO] Ũᵀ [G, 2C, C]
-            mask = masks.grad if delta else masks.qk
-            _mask_(grads, mask if mask.dim() == 2 else mask[n : n + 1], B, H)  # [Γ; dA_qk]
-            dA_qk = grads[:, C:] if delta else grads
-            torch.bmm(dA_qk.mT, Q[now], out=dK[now])  # dA_qkᵀ Q
-            torch.bmm(dA_qk, K[now], out=dQ[now])  # dA_qk K
+            _mask_(grads, grad_mask if grad_mask.dim() == 2 else grad_mask[n : n + 1], B, H)
+            dA_qk = grads[:, C:] if delta else grads  # grads = [Γ; dA_qk]
+            dK_n = torch.bmm(dA_qk.mT, Q[now], out=dK[now])  # dA_qkᵀ Q
+            dQ_n = torch.bmm(dA_qk, K[now], out=dQ[now])  # dA_qk K
             if delta:
                 gamma = grads[:, :C]  # Γ = diag(β) dA
-                dK[now].baddbmm_(gamma.mT, K[now]).baddbmm_(gamma, K[now])  # + (Γ + Γᵀ) K
-                dK[now].baddbmm_(dE_c[now], states[now], alpha=-1)  # - dE S
-            dK[now].baddbmm_(U_last[now], dS_next[now])  # + Ũ dS_C
-            dQ[now].baddbmm_(dO_c[now], states[now])  # + dO S
+                dK_n.baddbmm_(gamma.mT, K[now]).baddbmm_(gamma, K[now])  # + (Γ + Γᵀ) K
+                dE_c = dE[now] if masks.carry is None else dE[now] * masks.carry[now]
+                dK_n.baddbmm_(dE_c, states[now], alpha=-1)  # - dE S
+            dK_n.baddbmm_(U_last[now], dS_next)  # + Ũ dS_C
+            dQ_n.baddbmm_(dO_c[now], states[now])  # + dO S
+        db = torch.linalg.vecdot(dR, E_hat).unsqueeze(-1) if delta else None  # rowsum(dR ⊙ Ê)
         return dS_all[0].reshape(dW.shape), dK, dQ, dE, db, None, None
 
 
