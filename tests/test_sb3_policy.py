@@ -25,6 +25,7 @@ from sb3_contrib import RecurrentPPO
 from sb3_contrib.common.recurrent.buffers import RecurrentRolloutBuffer
 from sb3_contrib.common.recurrent.type_aliases import RNNStates
 from stable_baselines3.common.vec_env import DummyVecEnv
+from torch import Tensor
 
 import envs  # noqa: F401  (registers memagents/Recall-v0)
 import memagents.cores as cores
@@ -167,6 +168,121 @@ def test_packed_core_sizes_and_exact_round_trip(name: str) -> None:
     assert torch.equal(flat[:, : core.state_size], core.pack_state(state))
     assert torch.all(flat[:, core.state_size :] == 0)  # padding
     assert torch.equal(core.pack_state(packed.unpack((h, c))), core.pack_state(state))
+
+
+@pytest.mark.parametrize("name", CORES)
+def test_packed_layout_equals_padded_flat_state(name: str) -> None:
+    """pack/unpack by the precomputed layout = padding ``core.pack_state`` to ``[B, 2H]`` and
+    splitting it (the definition), exactly, with gradients flowing through both."""
+    torch.manual_seed(0)
+    core = cores.make(name, input_size=3, **tiny_kwargs(name)).double()
+    packed = PackedCore(core)
+    S, H = packed.state_size, packed.hidden_size
+    flat = torch.randn(5, 2 * H, dtype=torch.float64, requires_grad=True)
+    h, c = flat[:, :H].unsqueeze(0), flat[:, H:].unsqueeze(0)
+    state = packed.unpack((h, c))
+    assert torch.equal(core.pack_state(state), flat[:, :S])
+    h2, c2 = packed.pack(state)
+    expected = torch.cat([flat[:, :S], flat.new_zeros(5, 2 * H - S)], dim=1)
+    assert torch.equal(torch.cat([h2[0], c2[0]], dim=1), expected)
+    # gradients: d(sum w * pack(unpack(flat))) / d flat = w on the state, 0 on the padding
+    if S == 0:  # the memoryless core: padding only
+        return
+    w = torch.randn(5, 2 * H, dtype=torch.float64)
+    (torch.cat([h2[0], c2[0]], dim=1) * w).sum().backward()
+    assert torch.equal(flat.grad[:, :S], w[:, :S])
+    assert torch.all(flat.grad[:, S:] == 0)
+
+
+def test_packed_lstm_state_is_views_without_copies() -> None:
+    """The LSTM's ``h`` and ``c`` are exactly the two packed halves: no copy either way."""
+    core = cores.make("lstm", input_size=3, hidden_size=8)
+    packed = PackedCore(core)
+    hc = (torch.randn(1, 4, 8), torch.randn(1, 4, 8))
+    state = packed.unpack(hc)
+    assert state.h.data_ptr() == hc[0].data_ptr() and state.c.data_ptr() == hc[1].data_ptr()
+    with torch.no_grad():
+        _, new = core(torch.randn(1, 4, 3), state, None)
+    h, c = packed.pack(new)
+    assert h.data_ptr() == new.h.data_ptr() and c.data_ptr() == new.c.data_ptr()
+
+
+@pytest.mark.parametrize("name", CORES)
+@pytest.mark.parametrize("T", [1, 3])
+def test_cores_leave_their_input_state_untouched(name: str, T: int) -> None:
+    """PackedCore hands the core views into sb3-contrib's stored ``(h, c)``: a core that wrote
+    into its input state would corrupt the rollout buffer, so none may."""
+    torch.manual_seed(0)
+    core = cores.make(name, input_size=3, **tiny_kwargs(name))
+    packed = PackedCore(core)
+    with torch.no_grad():
+        _, state = core(torch.randn(4, 3, 3), core.initial_state(3))
+        h, c = packed.pack(state)
+    hc = (h.clone(), c.clone())
+    before = (hc[0].clone(), hc[1].clone())
+    starts = torch.tensor([[1.0, 0.0, 0.0]] + [[0.0, 1.0, 0.0]] * (T - 1))
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            packed(torch.randn(T, 3, 3), hc, starts)
+        assert torch.equal(hc[0], before[0]) and torch.equal(hc[1], before[1])
+
+
+@pytest.mark.parametrize("name", CORES)
+def test_rollout_step_reset_on_packed_state_equals_core_reset(name: str) -> None:
+    """A rollout step (T = 1, no grad) resets on the packed state with the cached initial
+    state; it must give exactly what the core's own reset gives (garbage and NaN in the reset
+    rows, learned initial state set to nonzero values)."""
+    torch.manual_seed(0)
+    core = cores.make(name, input_size=3, **tiny_kwargs(name)).double()
+    with torch.no_grad():
+        for pname, p in core.named_parameters():
+            if pname.split(".")[-1] in INIT_PARAMS:
+                p.uniform_(-0.5, 0.5)
+    packed = PackedCore(core)
+    B = 4
+    with torch.no_grad():
+        _, state = core(torch.randn(3, B, 3, dtype=torch.float64), core.initial_state(B))
+        h, c = packed.pack(state)
+    h, c = h.clone(), c.clone()
+    h[:, 1], c[:, 3] = float("nan"), 7.0  # garbage in rows that reset
+    starts = torch.tensor([[0.0, 1.0, 0.0, 1.0]], dtype=torch.float64)
+    x = torch.randn(1, B, 3, dtype=torch.float64)
+    with torch.no_grad():
+        y, (h1, c1) = packed(x, (h, c), starts)
+        y_ref, state_ref = core(x, packed.unpack((h, c)), starts)
+    h_ref, c_ref = packed.pack(state_ref)
+    assert torch.equal(y, y_ref)
+    assert torch.equal(h1, h_ref) and torch.equal(c1, c_ref)
+    assert not torch.isnan(h1).any()
+
+
+def test_cached_initial_state_follows_parameter_changes() -> None:
+    """The packed initial state cached for rollouts is recomputed after an optimizer step,
+    ``load_state_dict`` and a new batch size: learned initial states change every update."""
+    torch.manual_seed(0)
+    core = cores.make("lstm", input_size=3, hidden_size=4, learn_init=True)
+    packed = PackedCore(core)
+    x, starts = torch.randn(1, 2, 3), torch.ones(1, 2)
+    hc = (torch.full((1, 2, 4), 3.0), torch.full((1, 2, 4), 3.0))
+
+    def rollout_step(batch: int = 2) -> Tensor:
+        with torch.no_grad():
+            y, _ = packed(x[:, :batch].expand(1, batch, 3), tuple(t[:, :1].expand(1, batch, 4)
+                          for t in hc), starts[:, :1].expand(1, batch))  # fmt: skip
+            y_ref, _ = core(x[:, :batch].expand(1, batch, 3), None, None)  # from initial_state
+        assert torch.equal(y, y_ref)
+        return y
+
+    first = rollout_step()
+    optimizer = torch.optim.SGD(core.parameters(), lr=0.5)
+    loss = sum((p - 1).square().sum() for p in (core.h0, core.c0))
+    loss.backward()
+    optimizer.step()  # in place: h0 and c0 move
+    second = rollout_step()
+    assert not torch.equal(first, second)
+    core.load_state_dict({k: torch.zeros_like(v) for k, v in core.state_dict().items()})
+    assert torch.equal(rollout_step(), torch.zeros_like(first))
+    rollout_step(batch=1)
 
 
 # -- rollout vs training ------------------------------------------------------------------------

@@ -168,14 +168,15 @@ class LSTMCore(_TorchRNNCore):
         self.c0 = self._init_param()
 
     def initial_state(self, batch_size, device=None) -> LSTMState:
-        device = self._device(device)
+        weight = self.rnn.weight_ih_l0  # the first parameter: its device and dtype
+        device = weight.device if device is None else torch.device(device)
         if self.h0 is not None:
             return LSTMState(
                 self.h0.to(device).expand(batch_size, -1, -1),
                 self.c0.to(device).expand(batch_size, -1, -1),
             )
         zeros = torch.zeros(
-            batch_size, self.num_layers, self.output_size, device=device, dtype=self._dtype()
+            batch_size, self.num_layers, self.output_size, device=device, dtype=weight.dtype
         )
         return LSTMState(zeros, zeros)
 
@@ -188,19 +189,17 @@ class LSTMCore(_TorchRNNCore):
 
     def _run_one_step(self, x: Tensor, state: LSTMState):
         inp, hs, cs = x[0], [], []
+        # nn.LSTM's own list of [w_ih, w_hh, b_ih, b_hh] per layer (what its forward uses)
+        weights = self.rnn._flat_weights
         for layer in range(self.num_layers):
+            w_ih, w_hh, b_ih, b_hh = weights[4 * layer : 4 * layer + 4]
             h, c = torch._VF.lstm_cell(
-                inp,
-                (state.h[:, layer], state.c[:, layer]),
-                getattr(self.rnn, f"weight_ih_l{layer}"),
-                getattr(self.rnn, f"weight_hh_l{layer}"),
-                getattr(self.rnn, f"bias_ih_l{layer}"),
-                getattr(self.rnn, f"bias_hh_l{layer}"),
+                inp, (state.h[:, layer], state.c[:, layer]), w_ih, w_hh, b_ih, b_hh
             )
             hs.append(h)
             cs.append(c)
             inp = h
-        return inp.unsqueeze(0), LSTMState(torch.stack(hs, 1), torch.stack(cs, 1))
+        return inp.unsqueeze(0), LSTMState(_stack_layers(hs), _stack_layers(cs))
 
     def _from_torch(self, hx):
         return LSTMState(hx[0].transpose(0, 1), hx[1].transpose(0, 1))
@@ -244,18 +243,18 @@ class GRUCore(_TorchRNNCore):
 
     def _run_one_step(self, x: Tensor, state: GRUState):
         inp, hs = x[0], []
+        weights = self.rnn._flat_weights  # [w_ih, w_hh, b_ih, b_hh] per layer
         for layer in range(self.num_layers):
-            h = torch._VF.gru_cell(
-                inp,
-                state.h[:, layer],
-                getattr(self.rnn, f"weight_ih_l{layer}"),
-                getattr(self.rnn, f"weight_hh_l{layer}"),
-                getattr(self.rnn, f"bias_ih_l{layer}"),
-                getattr(self.rnn, f"bias_hh_l{layer}"),
-            )
+            w_ih, w_hh, b_ih, b_hh = weights[4 * layer : 4 * layer + 4]
+            h = torch._VF.gru_cell(inp, state.h[:, layer], w_ih, w_hh, b_ih, b_hh)
             hs.append(h)
             inp = h
-        return inp.unsqueeze(0), GRUState(torch.stack(hs, 1))
+        return inp.unsqueeze(0), GRUState(_stack_layers(hs))
 
     def _from_torch(self, hx):
         return GRUState(hx.transpose(0, 1))
+
+
+def _stack_layers(per_layer: list[Tensor]) -> Tensor:
+    """``L`` tensors ``[B, H]`` -> ``[B, L, H]`` (a view when ``L = 1``)."""
+    return per_layer[0].unsqueeze(1) if len(per_layer) == 1 else torch.stack(per_layer, 1)

@@ -41,6 +41,7 @@ from stable_baselines3.common.type_aliases import Schedule
 from torch import Tensor, nn
 
 import memagents.cores as cores
+from memagents.cores import state as state_lib
 
 #: ``(h, c)``, each ``(1, B, hidden_size)``: a core state as sb3-contrib stores it.
 HC = tuple[Tensor, Tensor]
@@ -54,6 +55,12 @@ class PackedCore(nn.Module):
     them: ``flat [B, S]`` is padded with zeros to ``[B, 2H]``, ``h = flat[:, :H]``,
     ``c = flat[:, H:]``, with ``H = hidden_size = max(1, ceil(S / 2))``.
 
+    The layout (which slice of ``h`` or ``c`` each state tensor occupies) is computed once, so
+    :meth:`pack` concatenates the leaves of each half directly (no ``[B, 2H]`` intermediate; a
+    half that is one whole leaf, e.g. the LSTM's ``h`` and ``c``, is a view without a copy) and
+    :meth:`unpack` returns views into ``h`` and ``c`` (a copy only for the one leaf that may
+    straddle the two halves).
+
     :param core: the memory core (any :class:`memagents.cores.MemoryCore`).
     """
 
@@ -65,6 +72,11 @@ class PackedCore(nn.Module):
         self.core = core
         self.state_size = int(core.state_size)
         self.hidden_size = max(1, math.ceil(self.state_size / 2))
+        self._tree = core.state_shapes_tree()
+        self._layout = _Layout(list(state_lib.leaves(self._tree)), self.hidden_size)
+        # (batch, device, dtype, parameter versions) -> the packed initial state, for rollouts
+        # (see _initial_hc_cached); a cache of values that the parameters determine, not state.
+        self._initial_cache: dict[str, Any] = {}
 
     @property
     def input_size(self) -> int:
@@ -77,28 +89,45 @@ class PackedCore(nn.Module):
         return self.core.output_size
 
     def pack(self, state: Any) -> HC:
-        """Core state (leaves ``[B, ...]``) -> ``(h, c)``, each ``(1, B, H)``."""
-        flat = self.core.pack_state(state)  # [B, S]
-        pad = 2 * self.hidden_size - self.state_size
-        if pad:
-            flat = torch.cat([flat, flat.new_zeros(flat.shape[0], pad)], dim=1)  # [B, 2H]
-        h, c = flat.split(self.hidden_size, dim=1)  # [B, H] each
+        """Core state (leaves ``[B, ...]``) -> ``(h, c)``, each ``(1, B, H)``.
+
+        Same values as padding ``core.pack_state(state)`` to ``[B, 2H]`` and splitting it."""
+        leaves = [t.reshape(t.shape[0], -1) for t in state_lib.leaves(state)]  # [B, n_i]
+        h, c = self._layout.pack(leaves)
         return h.unsqueeze(0), c.unsqueeze(0)
 
     def unpack(self, hc: HC) -> Any:
-        """``(h, c)``, each ``(1, B, H)`` -> the core's NamedTuple state (leaves ``[B, ...]``)."""
+        """``(h, c)``, each ``(1, B, H)`` -> the core's NamedTuple state (leaves ``[B, ...]``,
+        views into ``h`` and ``c`` apart from a leaf that straddles them)."""
         h, c = hc
-        if h.shape[0] != 1 or h.shape[-1] != self.hidden_size or h.shape != c.shape:
+        if h.dim() != 3 or h.shape[0] != 1 or h.shape[-1] != self.hidden_size or h.shape != c.shape:
             raise ValueError(
                 f"packed state must be (h, c) of shape (1, B, {self.hidden_size}); "
                 f"got {tuple(h.shape)} and {tuple(c.shape)}"
             )
-        flat = torch.cat([h[0], c[0]], dim=1)[:, : self.state_size]  # [B, 2H] -> [B, S]
-        return self.core.unpack_state(flat)
+        leaves = iter(self._layout.unpack(h[0], c[0]))
+        return _rebuild(self._tree, leaves)
 
     def initial_hc(self, batch_size: int, device: torch.device | str | None = None) -> HC:
         """``core.initial_state`` in packed form: ``(h, c)``, each ``(1, batch_size, H)``."""
         return self.pack(self.core.initial_state(batch_size, device))
+
+    def _initial_hc_cached(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> HC:
+        """:meth:`initial_hc` without grad, recomputed only when a parameter of the core changed.
+
+        The key holds every parameter's identity, storage and version counter: an optimizer step
+        or ``load_state_dict`` (in-place updates), ``.to()`` or replacing a parameter all change
+        it (an in-place change through ``param.data`` would not, which nothing in SB3 does)."""
+        params = tuple((id(p), p.data_ptr(), p._version) for p in self.core.parameters())
+        key = (batch_size, device, dtype, params)
+        cached = self._initial_cache.get("key")
+        if cached != key:
+            with torch.no_grad():
+                # own copies: the packed halves may be views of learned initial-state parameters
+                h, c = (t.to(dtype).clone() for t in self.initial_hc(batch_size, device))
+            self._initial_cache.clear()
+            self._initial_cache.update(key=key, hc=(h, c))
+        return self._initial_cache["hc"]
 
     def forward(self, x: Tensor, hc: HC, episode_starts: Tensor) -> tuple[Tensor, HC]:
         """Run the core over a sequence, resetting where episodes start.
@@ -108,9 +137,91 @@ class PackedCore(nn.Module):
         :param episode_starts: ``[T, B]``, 1 where step ``t`` starts an episode for ``b``: the
             core replaces that element's state by its initial state before the step.
         :return: ``y [T, B, output_size]`` and the packed state after the last step.
+
+        A rollout step (``T = 1``, no grad) resets on the packed state instead, with the cached
+        packed initial state (:meth:`_initial_hc_cached`): ``torch.where`` on ``h`` and ``c``
+        picks the same values as the core's reset of each state tensor, in two operations and
+        without building the initial state every step.
         """
+        if x.shape[0] == 1 and not torch.is_grad_enabled() and episode_starts.shape == x.shape[:2]:
+            starts = episode_starts[0].to(device=x.device, dtype=torch.bool)  # [B]
+            if bool(starts.any()):
+                h, c = hc
+                h0, c0 = self._initial_hc_cached(x.shape[1], h.device, h.dtype)
+                mask = starts.view(1, -1, 1)
+                hc = (torch.where(mask, h0, h), torch.where(mask, c0, c))
+            y, state = self.core(x, self.unpack(hc), None)
+            return y, self.pack(state)
         y, state = self.core(x, self.unpack(hc), episode_starts)
         return y, self.pack(state)
+
+
+class _Layout:
+    """Where each state tensor lies in ``(h, c)``: leaf ``i`` (``n_i`` floats per element) at
+    offset ``o_i = n_0 + ... + n_{i-1}`` of the padded ``[B, 2H]`` flat state.
+
+    :param shapes: per-element shapes of the leaves, in field order.
+    :param hidden: ``H``.
+    """
+
+    def __init__(self, shapes: list[tuple[int, ...]], hidden: int):
+        sizes = [math.prod(s) for s in shapes]
+        self.sizes = sizes
+        self.hidden = hidden
+        # per half: pieces (leaf, start, stop) of the leaf's flat [B, n_i] in order, then padding
+        self.halves: list[list[tuple[int, int, int]]] = [[], []]
+        self.pad = [0, 0]
+        offset = 0
+        for i, n in enumerate(sizes):
+            for half in (0, 1):
+                lo, hi = max(offset, half * hidden), min(offset + n, (half + 1) * hidden)
+                if lo < hi:
+                    self.halves[half].append((i, lo - offset, hi - offset))
+            offset += n
+        for half in (0, 1):
+            self.pad[half] = hidden - sum(b - a for _, a, b in self.halves[half])
+        # unpack: per leaf, the (half, start, stop) pieces of h or c it is made of
+        self.sources: list[list[tuple[int, int, int]]] = [[] for _ in sizes]
+        for half in (0, 1):
+            pos = 0
+            for i, a, b in self.halves[half]:
+                self.sources[i].append((half, pos, pos + b - a))
+                pos += b - a
+        self.shapes = shapes
+
+    def pack(self, leaves: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Leaves ``[B, n_i]`` -> ``h, c`` each ``[B, H]``."""
+        out = []
+        for half in (0, 1):
+            parts = []
+            for i, a, b in self.halves[half]:
+                leaf = leaves[i]
+                parts.append(leaf if (a, b) == (0, self.sizes[i]) else leaf[:, a:b])
+            if self.pad[half]:
+                ref = leaves[0]
+                parts.append(ref.new_zeros(ref.shape[0], self.pad[half]))
+            out.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
+        return out[0], out[1]
+
+    def unpack(self, h: Tensor, c: Tensor) -> list[Tensor]:
+        """``h, c`` each ``[B, H]`` -> leaves ``[B, *shape_i]``."""
+        halves = (h, c)
+        leaves = []
+        for shape, pieces in zip(self.shapes, self.sources, strict=True):
+            parts = [halves[half][:, a:b] for half, a, b in pieces]
+            if not parts:  # an empty leaf ([B, 0])
+                parts = [h[:, :0]]
+            flat = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+            leaves.append(flat.reshape(h.shape[0], *shape))
+        return leaves
+
+
+def _rebuild(tree: Any, leaves: Any) -> Any:
+    """The NamedTuple structure of the shape tree ``tree`` with its leaves taken from the
+    iterator ``leaves`` in field order."""
+    if state_lib.is_namedtuple(tree):
+        return type(tree)(*(_rebuild(field, leaves) for field in tree))
+    return next(leaves)
 
 
 class MemoryPolicy(RecurrentActorCriticPolicy):
@@ -293,8 +404,11 @@ class MemoryPolicy(RecurrentActorCriticPolicy):
         """
         device = self.device if device is None else device
         with torch.no_grad():
-            pi = self.memory_actor.initial_hc(n_envs, device)
-            vf = pi if self.memory_critic is None else self.memory_critic.initial_hc(n_envs, device)
+            # clones: the packed halves may be views of learned initial-state parameters
+            pi = tuple(t.clone() for t in self.memory_actor.initial_hc(n_envs, device))
+            vf = pi
+            if self.memory_critic is not None:
+                vf = tuple(t.clone() for t in self.memory_critic.initial_hc(n_envs, device))
         return RNNStates(pi, vf)
 
     @staticmethod
