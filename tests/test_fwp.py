@@ -600,10 +600,17 @@ def chunk_inputs(T, batch, H, d_phi, Dv, seed=0):
 @pytest.mark.parametrize("update", UPDATES)
 @pytest.mark.parametrize("chunk_size", [1, 3, 4, 8, 64])
 @pytest.mark.parametrize("with_starts", [True, False], ids=["starts", "no-starts"])
-def test_chunk_function_equals_step_recurrence_in_float64(update, chunk_size, with_starts):
+@pytest.mark.parametrize("part", [None, 1, 3], ids=["whole", "part1", "part3"])
+def test_chunk_function_equals_step_recurrence_in_float64(
+    monkeypatch, update, chunk_size, with_starts, part
+):
     """Values and gradients of ``W0, k, v, q, β`` (random upstream gradients into the outputs
-    and the final state), T = 21: ragged for C = 4, 8; one padded chunk for C = 64."""
+    and the final state), T = 21: ragged for C = 4, 8; one padded chunk for C = 64. ``part``:
+    the backward's C x C blocks in parts of 1 or 3 of the 4 elements (as for large batches)."""
     T, batch, H, d_phi, Dv = 21, 4, 2, 6, 3
+    if part is not None:
+        C = min(chunk_size, T)
+        monkeypatch.setattr(fwp, "CACHE_FLOATS", part * H * 2 * C * C)
     W0, k, v, q, beta = chunk_inputs(T, batch, H, d_phi, Dv)
     starts = None
     if with_starts:

@@ -456,6 +456,12 @@ def _chunked(
     return _FastWeightChunks.apply(W, K, Q, V, b, starts, T)
 
 
+#: Size (in elements) of the C x C gradient blocks the chunk backward handles at once: small
+#: enough to stay in a core's cache while four products read them (~3-8% faster than whole
+#: chunks at the benchmark's B = 16, H = 4, C = 64, where a chunk's blocks take 2 MB).
+CACHE_FLOATS = 1 << 17
+
+
 class _ChunkMasks(NamedTuple):
     """Where the terms of a chunk apply, with ``G = B H`` (heads share their element's masks).
 
@@ -632,6 +638,7 @@ class _FastWeightChunks(torch.autograd.Function):
             dE = torch.empty_like(U)  # dV = dŨ
         U_last = U if masks.last is None else U * masks.last
         grad_mask = masks.grad if delta else masks.qk
+        per = max(1, CACHE_FLOATS // (H * grad_mask.shape[-2] * C))  # elements per part
         # chunk by chunk backwards; each chunk's C x C products are used while in cache
         for n in reversed(range(N)):
             now = slice(n * G, (n + 1) * G)
@@ -647,18 +654,23 @@ class _FastWeightChunks(torch.autograd.Function):
                 )
                 dS_all[n].baddbmm_(dR[now].mT, bK_c[now], alpha=-1)  # - dEᵀ K
                 torch.mul(dR[now], b[now], out=dE[now])
-            grads = torch.bmm(dEO[now], U[now].mT)  # [dE; dO] Ũᵀ [G, 2C, C]
-            _mask_(grads, grad_mask if grad_mask.dim() == 2 else grad_mask[n : n + 1], B, H)
-            dA_qk = grads[:, C:] if delta else grads  # grads = [Γ; dA_qk]
-            dK_n = torch.bmm(dA_qk.mT, Q[now], out=dK[now])  # dA_qkᵀ Q
-            dQ_n = torch.bmm(dA_qk, K[now], out=dQ[now])  # dA_qk K
-            if delta:
-                gamma = grads[:, :C]  # Γ = diag(β) dA
-                dK_n.baddbmm_(gamma.mT, K[now]).baddbmm_(gamma, K[now])  # + (Γ + Γᵀ) K
-                dE_c = dE[now] if masks.carry is None else dE[now] * masks.carry[now]
-                dK_n.baddbmm_(dE_c, states[now], alpha=-1)  # - dE S
-            dK_n.baddbmm_(U_last[now], dS_next)  # + Ũ dS_C
-            dQ_n.baddbmm_(dO_c[now], states[now])  # + dO S
+            # the C x C part a few elements at a time, so that [Γ; dA_qk] stays in cache
+            for b0 in range(0, B, per):
+                b1 = min(B, b0 + per)
+                part = slice(n * G + b0 * H, n * G + b1 * H)
+                grads = torch.bmm(dEO[part], U[part].mT)  # [dE; dO] Ũᵀ [·, 2C, C]
+                mask = grad_mask if grad_mask.dim() == 2 else grad_mask[n : n + 1, b0:b1]
+                _mask_(grads, mask, b1 - b0, H)
+                dA_qk = grads[:, C:] if delta else grads  # grads = [Γ; dA_qk]
+                dK_p = torch.bmm(dA_qk.mT, Q[part], out=dK[part])  # dA_qkᵀ Q
+                dQ_p = torch.bmm(dA_qk, K[part], out=dQ[part])  # dA_qk K
+                if delta:
+                    gamma = grads[:, :C]  # Γ = diag(β) dA
+                    dK_p.baddbmm_(gamma.mT, K[part]).baddbmm_(gamma, K[part])  # + (Γ + Γᵀ) K
+                    dE_c = dE[part] if masks.carry is None else dE[part] * masks.carry[part]
+                    dK_p.baddbmm_(dE_c, states[part], alpha=-1)  # - dE S
+                dK_p.baddbmm_(U_last[part], dS_next[b0 * H : b1 * H])  # + Ũ dS_C
+                dQ_p.baddbmm_(dO_c[part], states[part])  # + dO S
         db = torch.linalg.vecdot(dR, E_hat).unsqueeze(-1) if delta else None  # rowsum(dR ⊙ Ê)
         return dS_all[0].reshape(dW.shape), dK, dQ, dE, db, None, None
 
