@@ -37,6 +37,7 @@ compare the Functions with them in float64.
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 from typing import NamedTuple
 
@@ -478,15 +479,23 @@ class _ChunkMasks(NamedTuple):
     keep: Tensor | None  # [N, G, 1, 1] bool: the chunk has no start (keeps S)
 
 
+@functools.lru_cache(maxsize=32)
+def _causal_masks(C: int, dtype: torch.dtype, device: torch.device) -> _ChunkMasks:
+    """The masks without episode starts: constants per chunk size (cached; never modified)."""
+    causal = torch.ones(C, C, dtype=torch.bool, device=device).tril()  # i ≤ t
+    strict = causal.logical_not().mT  # i < t
+    grad = torch.cat([-strict.to(dtype), causal.to(dtype)])
+    return _ChunkMasks(causal.to(dtype), None, grad, None, None, None)
+
+
 def _chunk_masks(
     starts: Tensor | None, T: int, B: int, H: int, N: int, C: int, dtype: torch.dtype, device
 ) -> _ChunkMasks:
     """The masks of :func:`fast_weight_chunked`'s chunks from ``starts [T, B]`` (or ``None``)."""
+    if starts is None:
+        return _causal_masks(C, dtype, torch.device(device))
     causal = torch.ones(C, C, dtype=torch.bool, device=device).tril()  # i ≤ t
     strict = causal.logical_not().mT  # i < t
-    if starts is None:
-        grad = torch.cat([-strict.to(dtype), causal.to(dtype)])
-        return _ChunkMasks(causal.to(dtype), None, grad, None, None, None)
     if N * C != T:
         starts = F.pad(starts, (0, 0, 0, N * C - T), value=False)
     seg = starts.reshape(N, C, B).transpose(1, 2).long().cumsum(-1)  # [N, B, C] segment ids
