@@ -285,6 +285,30 @@ def test_cached_initial_state_follows_parameter_changes() -> None:
     rollout_step(batch=1)
 
 
+@pytest.mark.parametrize("env_id", [ENV_ID, "memagents/Copy-v0"])  # Discrete, MultiBinary
+def test_rollout_sampling_without_validation_equals_sb3_distribution(env_id: str) -> None:
+    """Rollout steps sample from Categorical/Bernoulli built without torch's argument checks:
+    the same actions (same generator draws) and log-probabilities as SB3's own distribution."""
+    venv = DummyVecEnv([lambda: gym.make(env_id)] * 3)
+    model = RecurrentPPO(MemoryPolicy, venv, policy_kwargs={"core": "lstm", "net_arch": [8]})
+    policy = model.policy
+    obs = torch.as_tensor(venv.reset(), dtype=torch.float32)
+    states, starts = policy.initial_state(3), torch.ones(3)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        actions, values, log_prob, _ = policy.forward(obs, states, starts)
+        latent_pi, latent_vf, _ = policy._latents(obs, states, starts)
+        torch.manual_seed(5)
+        reference = policy._get_action_dist_from_latent(latent_pi)
+        ref_actions = reference.get_actions()
+    assert reference.distribution._validate_args  # the reference path does validate
+    assert torch.equal(actions, ref_actions.reshape(actions.shape))
+    assert torch.equal(log_prob, reference.log_prob(ref_actions))
+    assert torch.equal(values, policy.value_net(latent_vf))
+    with torch.no_grad(), pytest.raises(RuntimeError):  # NaN logits still fail in the sampler
+        policy._sampling_distribution(torch.full_like(latent_pi, float("nan"))).get_actions()
+
+
 # -- rollout vs training ------------------------------------------------------------------------
 
 

@@ -29,7 +29,11 @@ import torch
 from gymnasium import spaces
 from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
 from sb3_contrib.common.recurrent.type_aliases import RNNStates
-from stable_baselines3.common.distributions import Distribution
+from stable_baselines3.common.distributions import (
+    BernoulliDistribution,
+    CategoricalDistribution,
+    Distribution,
+)
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.torch_layers import (
     BaseFeaturesExtractor,
@@ -42,6 +46,13 @@ from torch import Tensor, nn
 
 import memagents.cores as cores
 from memagents.cores import state as state_lib
+
+#: SB3 action distributions whose rollout sampling skips torch's argument validation (see
+#: ``MemoryPolicy._sampling_distribution``): SB3 class -> the torch distribution it wraps.
+_UNVALIDATED: dict[type, type[torch.distributions.Distribution]] = {
+    CategoricalDistribution: torch.distributions.Categorical,
+    BernoulliDistribution: torch.distributions.Bernoulli,
+}
 
 #: ``(h, c)``, each ``(1, B, hidden_size)``: a core state as sb3-contrib stores it.
 HC = tuple[Tensor, Tensor]
@@ -480,11 +491,27 @@ class MemoryPolicy(RecurrentActorCriticPolicy):
         """
         latent_pi, latent_vf, states = self._latents(obs, lstm_states, episode_starts)
         values = self.value_net(latent_vf)
-        distribution = self._get_action_dist_from_latent(latent_pi)
+        if deterministic:
+            distribution = self._get_action_dist_from_latent(latent_pi)
+        else:
+            distribution = self._sampling_distribution(latent_pi)
         actions = distribution.get_actions(deterministic=deterministic)
         log_prob = distribution.log_prob(actions)
         actions = actions.reshape((-1, *self.action_space.shape))
         return actions, values, log_prob, states
+
+    def _sampling_distribution(self, latent_pi: Tensor) -> Distribution:
+        """``_get_action_dist_from_latent`` for sampling in rollouts: Categorical and Bernoulli
+        actions skip torch's argument validation (a few tensor checks and host syncs per step);
+        the values are the same, and NaN logits still fail, in the sampler itself. Other action
+        distributions are built as SB3 builds them."""
+        torch_cls = _UNVALIDATED.get(type(self.action_dist))
+        if torch_cls is None:
+            return self._get_action_dist_from_latent(latent_pi)
+        self.action_dist.distribution = torch_cls(
+            logits=self.action_net(latent_pi), validate_args=False
+        )
+        return self.action_dist
 
     def evaluate_actions(
         self, obs: Tensor, actions: Tensor, lstm_states: RNNStates, episode_starts: Tensor
