@@ -20,6 +20,8 @@ Shapes: ``B`` batch, ``N`` slots, ``W`` word size, ``R`` read heads, ``H`` write
 from __future__ import annotations
 
 import ctypes
+import functools
+from array import array
 
 import torch
 import torch.nn.functional as F
@@ -129,21 +131,33 @@ def _rows(t: Tensor) -> tuple[Tensor, int]:
     return t, strides[0]
 
 
-def _pointers(tensors) -> tuple[ctypes.Array, ctypes.Array, list]:
-    """``void*[]`` and batch-stride ``long[]`` arrays for tensors (``None`` -> null), and the
-    tensors actually pointed to (kept alive for the call)."""
-    kept, ptrs, strides = [], [], []
+def _pointers(tensors) -> tuple[array, array, list]:
+    """Data pointers and batch strides of tensors (``None`` -> null) as ``int64`` arrays for a
+    kernel call (plain buffers: cheaper than ctypes arrays and invisible to the garbage
+    collector), and the tensors actually pointed to (kept alive for the call)."""
+    kept, ptrs, strides = [], array("q"), array("q")
     for t in tensors:
         if t is None:
-            ptrs.append(None)
+            ptrs.append(0)
             strides.append(0)
         else:
             t, stride = _rows(t)
             kept.append(t)
             ptrs.append(t.data_ptr())
             strides.append(stride)
-    n = len(ptrs)
-    return (ctypes.c_void_p * n)(*ptrs), (ctypes.c_long * n)(*strides), kept
+    return ptrs, strides, kept
+
+
+def _address(a: array) -> int:
+    return a.buffer_info()[0]
+
+
+@functools.lru_cache(maxsize=64)
+def _shape_info(B: int, N: int, W: int, R: int, H: int) -> tuple[array, int, int]:
+    """The kernel's dims array, workspace size (per batch element) and interface width."""
+    dims = array("q", (B, N, W, R, H))
+    address = _address(dims)
+    return dims, lib.dnc_workspace_size(address), lib.dnc_interface_size(address)
 
 
 def _native_forward(ctx, inputs: tuple[Tensor, ...]):
@@ -152,11 +166,12 @@ def _native_forward(ctx, inputs: tuple[Tensor, ...]):
     memory0, read0, write0 = inputs[0], inputs[4], inputs[5]
     B, N, W = memory0.shape
     R, H = read0.shape[1], write0.shape[1]
-    dims = (ctypes.c_long * 5)(B, N, W, R, H)
-    raw = None
+    dims, work_size, X = _shape_info(B, N, W, R, H)
+    raw, raw_ptr, raw_stride = None, None, 0
     if len(inputs) == 7:
         raw, raw_stride = _rows(inputs[6])
-        if raw.shape[1] != lib.dnc_interface_size(dims):
+        raw_ptr = raw.data_ptr()
+        if raw.shape[1] != X:
             raise ValueError(f"interface vector of width {raw.shape[1]} for R={R}, H={H}, W={W}")
     like = {"dtype": memory0.dtype, "device": memory0.device}
     outputs = (
@@ -169,14 +184,14 @@ def _native_forward(ctx, inputs: tuple[Tensor, ...]):
         torch.empty(B, R, W, **like),  # read vectors
         torch.empty(B, H, N, **like),  # allocation
     )
-    work = torch.empty(B, lib.dnc_workspace_size(dims), **like)
+    work = torch.empty(B, work_size, **like)
     order = torch.empty(B, H, N, dtype=torch.int32)
     in_ptrs, in_strides, _kept = _pointers(inputs if raw is None else inputs[:6])
-    out_ptrs = (ctypes.c_void_p * 8)(*(t.data_ptr() for t in outputs))
+    out_ptrs = array("q", [t.data_ptr() for t in outputs])
     kernel = lib.dnc_forward_f64 if memory0.dtype == torch.float64 else lib.dnc_forward_f32
     kernel(
-        dims, in_ptrs, in_strides, None if raw is None else raw.data_ptr(),
-        0 if raw is None else raw_stride, out_ptrs, work.data_ptr(), order.data_ptr(),
+        _address(dims), _address(in_ptrs), _address(in_strides), raw_ptr, raw_stride,
+        _address(out_ptrs), work.data_ptr(), order.data_ptr(),
     )  # fmt: skip
 
     memory, _usage, _link, _prec, read, write, _rv, alloc = outputs
@@ -196,26 +211,30 @@ def _native_backward(ctx, grads):
     memory0, read0, write0 = inputs[0], inputs[4], inputs[5]
     B, N, W = memory0.shape
     R, H = read0.shape[1], write0.shape[1]
-    dims = (ctypes.c_long * 5)(B, N, W, R, H)
-    results = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in inputs]
-    if not ctx.needs_input_grad[2]:  # e.g. the all-zero initial link: skip the N x N output
-        results[2] = None
-    raw = g_raw = None
+    dims = _shape_info(B, N, W, R, H)[0]
+    needs = ctx.needs_input_grad
+    results = [
+        torch.empty_like(t, memory_format=torch.contiguous_format) if i != 2 or needs[2] else None
+        for i, t in enumerate(inputs)
+    ]  # no gradient for a link that needs none (e.g. the all-zero initial link): no N x N output
+    raw, raw_ptr, raw_stride, g_raw_ptr = None, None, 0, None
     if len(inputs) == 7:
         raw, raw_stride = _rows(inputs[6])
-        g_raw = results[6]
+        raw_ptr, g_raw_ptr = raw.data_ptr(), results[6].data_ptr()
     grad_ptrs, grad_strides, _kept = _pointers(grads[:7])
     in_ptrs, in_strides, _kept_in = _pointers(inputs[:6] if raw is not None else inputs)
-    outs = (memory, None, None, None, read, write, None, alloc)
-    out_ptrs = (ctypes.c_void_p * 8)(*(None if t is None else t.data_ptr() for t in outs))
-    res = results[:6] + [None] * 10 if raw is not None else results
-    res_ptrs = (ctypes.c_void_p * 16)(*(None if t is None else t.data_ptr() for t in res))
+    out_ptrs = array("q", (memory.data_ptr(), 0, 0, 0, read.data_ptr(), write.data_ptr(), 0))
+    out_ptrs.append(alloc.data_ptr())
+    res_ptrs = array("q", [0 if t is None else t.data_ptr() for t in results[:6]])
+    if raw is None:
+        res_ptrs.extend(t.data_ptr() for t in results[6:])
+    else:
+        res_ptrs.extend([0] * 10)
     kernel = lib.dnc_backward_f64 if memory0.dtype == torch.float64 else lib.dnc_backward_f32
     kernel(
-        dims, grad_ptrs, grad_strides, in_ptrs, in_strides,
-        None if raw is None else raw.data_ptr(), 0 if raw is None else raw_stride,
-        out_ptrs, work.data_ptr(), order.data_ptr(), res_ptrs,
-        None if g_raw is None else g_raw.data_ptr(),
+        _address(dims), _address(grad_ptrs), _address(grad_strides), _address(in_ptrs),
+        _address(in_strides), raw_ptr, raw_stride, _address(out_ptrs), work.data_ptr(),
+        order.data_ptr(), _address(res_ptrs), g_raw_ptr,
     )  # fmt: skip
     return tuple(results)
 

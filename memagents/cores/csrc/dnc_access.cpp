@@ -289,6 +289,122 @@ inline T link_row_backward(const T* g, const T* l0, const T* w, const T* p0, lon
   return s;
 }
 
+// Row i of the link update fused with the first C (<= 4) read heads' f and b:
+// out[j] = (1 - w[i] - w[j]) l0[j] + w[i] p0[j] (0 at j = i), dots[c] = sum_j out[j] rd[c][j],
+// y[c][j] += coef[c] out[j], in one pass (rd, y: rows of length n).
+template <class T, int C>
+inline void link_row_forward(T* out, const T* l0, const T* w, const T* p0, long i, long n,
+                             const T* rd0, T* y0, const T* coef, T* dots) {
+  using S = Simd<T>;
+  using V = typename S::vec;
+  constexpr long L = S::L;
+  const T wi = w[i], keep = T(1) - wi;
+  const V vk = S::splat(keep), vw = S::splat(wi);
+  V acc[C] = {}, k[C];
+  const T* a[C];
+  T* y[C];
+  for (int c = 0; c < C; ++c) a[c] = rd0 + c * n, y[c] = y0 + c * n, k[c] = S::splat(coef[c]);
+  long j = 0;
+  for (; j + L <= n; j += L) {
+    V v = (vk - S::load(w + j)) * S::load(l0 + j) + vw * S::load(p0 + j);
+    if (static_cast<unsigned long>(i - j) < static_cast<unsigned long>(L)) v[i - j] = 0;
+    S::store(out + j, v);
+    for (int c = 0; c < C; ++c) {
+      acc[c] += v * S::load(a[c] + j);
+      S::store(y[c] + j, S::load(y[c] + j) + k[c] * v);
+    }
+  }
+  T sums[C];
+  for (int c = 0; c < C; ++c) sums[c] = S::total(acc[c]);
+  for (; j < n; ++j) {
+    const T v = j == i ? T(0) : (keep - w[j]) * l0[j] + wi * p0[j];
+    out[j] = v;
+    for (int c = 0; c < C; ++c) {
+      sums[c] += v * a[c][j];
+      y[c][j] += coef[c] * v;
+    }
+  }
+  for (int c = 0; c < C; ++c) dots[c] = sums[c];
+}
+
+// The backward of row i of the link step for C = R <= 4 read heads, in one pass:
+// G[j] = dl[j] + sum_c (c1[c] rd[c][j] + c2[c] gb[c][j]) (0 at j = i; dl null: 0), then
+// gp0[j] += w[i] G[j], gcol[j] += G[j] l0[j], gl0[j] = G[j] (1 - w[i] - w[j]) (if gl0), and with
+// L[j] the rebuilt row of L_t: gr[c][j] += c1[c] L[j], dots[c] = sum_j gb[c][j] L[j]. Returns
+// sum_j G[j] (p0[j] - l0[j]). (The multi-pass equivalent: rank_update_rows, link_row_backward,
+// link_row, dots_axpys_rows.)
+template <class T, int C, bool HasDL, bool HasGL0>
+inline T link_row_backward_fused(const T* dl, const T* l0, const T* w, const T* p0, long i,
+                                 long n, const T* rd0, const T* gb0, const T* c1, const T* c2,
+                                 T* gp0, T* gcol, T* gl0, T* gr0, T* dots) {
+  using S = Simd<T>;
+  using V = typename S::vec;
+  constexpr long L = S::L;
+  const T wi = w[i], keep = T(1) - wi;
+  const V vk = S::splat(keep), vw = S::splat(wi);
+  V k1[C], k2[C], dacc[C] = {}, acc0{}, acc1{};
+  const T* rd[C];
+  const T* gb[C];
+  T* gr[C];
+  for (int c = 0; c < C; ++c) {
+    rd[c] = rd0 + c * n, gb[c] = gb0 + c * n, gr[c] = gr0 + c * n;
+    k1[c] = S::splat(c1[c]), k2[c] = S::splat(c2[c]);
+  }
+  long j = 0;
+  for (; j + L <= n; j += L) {
+    V g = HasDL ? S::load(dl + j) : V{};
+    for (int c = 0; c < C; ++c) g += k1[c] * S::load(rd[c] + j) + k2[c] * S::load(gb[c] + j);
+    const V wv = S::load(w + j), l0v = S::load(l0 + j), pv = S::load(p0 + j);
+    V l = (vk - wv) * l0v + vw * pv;
+    if (static_cast<unsigned long>(i - j) < static_cast<unsigned long>(L)) g[i - j] = 0, l[i - j] = 0;
+    S::store(gp0 + j, S::load(gp0 + j) + vw * g);
+    acc0 += g * pv;
+    acc1 += g * l0v;
+    S::store(gcol + j, S::load(gcol + j) + g * l0v);
+    if (HasGL0) S::store(gl0 + j, g * (vk - wv));
+    for (int c = 0; c < C; ++c) {
+      S::store(gr[c] + j, S::load(gr[c] + j) + k1[c] * l);
+      dacc[c] += S::load(gb[c] + j) * l;
+    }
+  }
+  T s = S::total(acc0) - S::total(acc1);
+  T sums[C];
+  for (int c = 0; c < C; ++c) sums[c] = S::total(dacc[c]);
+  for (; j < n; ++j) {
+    T g = HasDL ? dl[j] : T(0);
+    for (int c = 0; c < C; ++c) g += c1[c] * rd[c][j] + c2[c] * gb[c][j];
+    T l = (keep - w[j]) * l0[j] + wi * p0[j];
+    if (j == i) g = 0, l = 0;
+    gp0[j] += wi * g;
+    s += g * (p0[j] - l0[j]);
+    gcol[j] += g * l0[j];
+    if (HasGL0) gl0[j] = g * (keep - w[j]);
+    for (int c = 0; c < C; ++c) {
+      gr[c][j] += c1[c] * l;
+      sums[c] += gb[c][j] * l;
+    }
+  }
+  for (int c = 0; c < C; ++c) dots[c] = sums[c];
+  return s;
+}
+
+template <class T, int C>
+inline T link_row_backward_c(const T* dl, const T* l0, const T* w, const T* p0, long i, long n,
+                             const T* rd0, const T* gb0, const T* c1, const T* c2, T* gp0,
+                             T* gcol, T* gl0, T* gr0, T* dots) {
+  if (dl && gl0)
+    return link_row_backward_fused<T, C, true, true>(dl, l0, w, p0, i, n, rd0, gb0, c1, c2, gp0,
+                                                     gcol, gl0, gr0, dots);
+  if (dl)
+    return link_row_backward_fused<T, C, true, false>(dl, l0, w, p0, i, n, rd0, gb0, c1, c2, gp0,
+                                                      gcol, gl0, gr0, dots);
+  if (gl0)
+    return link_row_backward_fused<T, C, false, true>(dl, l0, w, p0, i, n, rd0, gb0, c1, c2, gp0,
+                                                      gcol, gl0, gr0, dots);
+  return link_row_backward_fused<T, C, false, false>(dl, l0, w, p0, i, n, rd0, gb0, c1, c2, gp0,
+                                                     gcol, gl0, gr0, dots);
+}
+
 // out[k][n] = prod_{j != k} x[j][n] for K rows of length n (prefix times suffix, no division;
 // as dnc_access._others_product). out must not alias x.
 template <class T>
@@ -338,13 +454,13 @@ struct Work {
   T* act;                 // [X] the activated interface (raw mode)
 
   static long size(const Dims& d) {
-    const long N = d.N, R = d.R, H = d.H, W = d.W;
+    const long N = d.N, R = d.R, H = d.H;
     return 3 * N + 2 * H * N + N + H + H * N + 3 * H * N + H * N + 2 * R * N + N + R +
            2 * H * R * N + Layout(d).X;
   }
 
   Work(T* p, const Dims& d) {
-    const long N = d.N, R = d.R, H = d.H, W = d.W;
+    const long N = d.N, R = d.R, H = d.H;
     auto take = [&p](long n) {
       T* q = p;
       p += n;
@@ -648,10 +764,17 @@ void forward(const Dims& d, const void* const* in_p, const long* in_stride, cons
       std::fill(bwd, bwd + R * N, T(0));
       for (long i = 0; i < N; ++i) {
         T* row = l + i * N;
-        link_row(row, l0 + i * N, w, p0, i, N);
         for (long r = 0; r < R; ++r) coef[r] = x.read0[r * N + i];
-        // f[r, i] = sum_j L[i, j] w^r[j];  b[r, j] += w^r[i] L[i, j]
-        dots_axpys_rows(row, N, R, x.read0, bwd, coef, dots);
+        // L[i, :], with f[r, i] = sum_j L[i, j] w^r[j] and b[r, j] += w^r[i] L[i, j] for the
+        // first four read heads in the same pass, the others from the stored row
+        switch (std::min<long>(R, 4)) {
+          case 4: link_row_forward<T, 4>(row, l0 + i * N, w, p0, i, N, x.read0, bwd, coef, dots); break;
+          case 3: link_row_forward<T, 3>(row, l0 + i * N, w, p0, i, N, x.read0, bwd, coef, dots); break;
+          case 2: link_row_forward<T, 2>(row, l0 + i * N, w, p0, i, N, x.read0, bwd, coef, dots); break;
+          default: link_row_forward<T, 1>(row, l0 + i * N, w, p0, i, N, x.read0, bwd, coef, dots); break;
+        }
+        if (R > 4)
+          dots_axpys_rows(row, N, R - 4, x.read0 + 4 * N, bwd + 4 * N, coef + 4, dots + 4);
         for (long r = 0; r < R; ++r) fwd[r * N + i] = dots[r];
       }
       const T total = sum(w, N);
@@ -828,6 +951,21 @@ void backward(const Dims& d, const void* const* grad_p, const long* grad_stride,
       std::fill(gcol, gcol + N, T(0));
       for (long i = 0; i < N; ++i) {
         for (long r = 0; r < R; ++r) c1[r] = gf[r * N + i], c2[r] = x.read0[r * N + i];
+        if (R <= 4) {  // all of the below in one pass over the row
+          const T* dl = gl ? gl + i * N : nullptr;
+          T* out = gl0 ? gl0 + i * N : nullptr;
+          const T* l0i = l0 + i * N;
+          T s;
+          switch (R) {
+            case 4: s = link_row_backward_c<T, 4>(dl, l0i, w, p0, i, N, x.read0, gb, c1, c2, gp0, gcol, out, g_read0, dots); break;
+            case 3: s = link_row_backward_c<T, 3>(dl, l0i, w, p0, i, N, x.read0, gb, c1, c2, gp0, gcol, out, g_read0, dots); break;
+            case 2: s = link_row_backward_c<T, 2>(dl, l0i, w, p0, i, N, x.read0, gb, c1, c2, gp0, gcol, out, g_read0, dots); break;
+            default: s = link_row_backward_c<T, 1>(dl, l0i, w, p0, i, N, x.read0, gb, c1, c2, gp0, gcol, out, g_read0, dots); break;
+          }
+          gW[h * N + i] += s;
+          for (long r = 0; r < R; ++r) g_read0[r * N + i] += dots[r];
+          continue;
+        }
         // G[i, :] = dL[i, :] + sum_r g_f[r, i] w^r + w^r[i] g_b[r], zero on the diagonal
         rank_update_rows(row, gl ? gl + i * N : nullptr, N, R, x.read0, c1, gb, c2);
         row[i] = 0;
