@@ -226,12 +226,13 @@ class GRUCore(_TorchRNNCore):
         self.h0 = self._init_param()
 
     def initial_state(self, batch_size, device=None) -> GRUState:
-        device = self._device(device)
+        weight = self.rnn.weight_ih_l0  # the first parameter: its device and dtype
+        device = weight.device if device is None else torch.device(device)
         if self.h0 is not None:
             return GRUState(self.h0.to(device).expand(batch_size, -1, -1))
         return GRUState(
             torch.zeros(
-                batch_size, self.num_layers, self.output_size, device=device, dtype=self._dtype()
+                batch_size, self.num_layers, self.output_size, device=device, dtype=weight.dtype
             )
         )
 

@@ -219,7 +219,10 @@ class _Layout:
         halves = (h, c)
         leaves = []
         for shape, pieces in zip(self.shapes, self.sources, strict=True):
-            parts = [halves[half][:, a:b] for half, a, b in pieces]
+            parts = [
+                halves[half] if (a, b) == (0, self.hidden) else halves[half][:, a:b]
+                for half, a, b in pieces
+            ]
             if not parts:  # an empty leaf ([B, 0])
                 parts = [h[:, :0]]
             flat = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
