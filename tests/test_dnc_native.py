@@ -10,9 +10,12 @@ plain-autograd reference built from the :mod:`~memagents.cores.addressing` funct
   all-zero memory, unused outputs (null gradients), a link that needs no gradient, strided
   interface slices and batch-expanded state tensors;
 - ``gradcheck`` of the native backward in float64, one and two write heads, both interfaces;
-- a whole ``DNCCore`` sequence with mid-sequence episode starts: outputs, final state and the
-  gradients of input, starting state and every parameter agree native vs torch vs reference;
-- float32 agrees with float64 to ~1e-5;
+- the whole step (:class:`~memagents.cores.dnc_access.DNCStep`: controller, interface, access)
+  that ``DNCCore.forward`` runs on the CPU: ``gradcheck``, and a whole sequence with
+  mid-sequence episode starts whose outputs, final state and gradients of input, starting state
+  and every parameter agree with the torch step loop and the reference (float64), with the
+  kernel called once per step;
+- float32 agrees with float64 to ~1e-5 (one access step, and a DNCCore sequence);
 - the kernel builds and loads whenever a C++ compiler is present.
 """
 
@@ -25,8 +28,8 @@ import torch
 from conftest import build_core, randomize_initial_state
 
 from memagents.cores import addressing as A
-from memagents.cores import dnc_access, native
-from memagents.cores.dnc_access import DNCAccessStep, interface_sizes
+from memagents.cores import dnc, dnc_access, native
+from memagents.cores.dnc_access import DNCAccessStep, DNCStep, interface_sizes
 
 F64 = torch.float64
 TOL = {"rtol": 1e-9, "atol": 1e-10}
@@ -295,6 +298,53 @@ def test_native_gradcheck(R, H, raw):
     assert torch.autograd.gradcheck(step, inputs)
 
 
+# -- the whole step (controller, interface, access) ---------------------------------------------
+def _step_inputs(B, N, W, R, H, Hd, seed=0, dtype=F64):
+    gen = torch.Generator().manual_seed(seed)
+    X = sum(interface_sizes(R, H, W))
+
+    def randn(*shape, scale=1.0):
+        return scale * torch.randn(*shape, generator=gen, dtype=dtype)
+
+    state = _inputs(B, N, W, R, H, seed=seed, dtype=dtype)[:6]
+    return (
+        randn(B, 4 * Hd), randn(B, Hd), randn(B, Hd), randn(B, R * W),
+        randn(R * W + Hd, 4 * Hd, scale=0.3), randn(Hd, X, scale=0.3), randn(X), *state,
+    )  # fmt: skip
+
+
+def _step_reference(gates_x, h0, c0, r0, w_rh, w_xi, b_xi, *state):
+    """The same step from torch ops: nn.LSTMCell's cell, the interface Linear, DNCAccessStep on
+    ξ (its torch path when the kernel is switched off)."""
+    i, f, g, o = (gates_x + torch.cat([r0, h0], -1) @ w_rh).chunk(4, -1)
+    c = torch.sigmoid(f) * c0 + torch.sigmoid(i) * torch.tanh(g)
+    h = torch.sigmoid(o) * torch.tanh(c)
+    return (h, c, *DNCAccessStep.apply(*state, h @ w_xi + b_xi))
+
+
+@needs_kernel
+@pytest.mark.parametrize(("R", "H"), [(2, 1), (3, 2), (5, 1)])
+def test_whole_step_matches_torch(R, H):
+    inputs = _step_inputs(3, 9, 4, R, H, Hd=6, seed=R + H)
+    native_out, native_grad = _run("native", DNCStep.apply, inputs, outputs=slice(0, 9))
+    torch_out, torch_grad = _run("torch", _step_reference, inputs, outputs=slice(0, 9))
+    _assert_all_close(native_out, torch_out, "output")
+    _assert_all_close(native_grad, torch_grad, "gradient")
+
+
+@needs_kernel
+@pytest.mark.parametrize(("R", "H"), [(1, 1), (2, 2)])
+def test_whole_step_gradcheck(R, H):
+    inputs = tuple(t.requires_grad_(True) for t in _step_inputs(2, 4, 3, R, H, Hd=3, seed=1))
+    assert dnc_access._kernel() is not None
+
+    def step(*args):
+        out = DNCStep.apply(*args)
+        return out[:9]  # the allocation output carries no gradient
+
+    assert torch.autograd.gradcheck(step, inputs)
+
+
 # -- whole sequences through DNCCore --------------------------------------------------------------
 def _sequence(core, path, x, s0, starts, seed):
     """Outputs, final state and gradients (input, starting access state, parameters) of a random
@@ -319,7 +369,7 @@ def _sequence(core, path, x, s0, starts, seed):
 
 @needs_kernel
 @pytest.mark.parametrize(("R", "H"), [(2, 1), (3, 2)])
-def test_dnc_sequence_with_resets_matches(R, H):
+def test_dnc_sequence_with_resets_matches(R, H, monkeypatch):
     """A DNC run over 6 steps where two of four episodes restart mid-sequence (one of them twice):
     native, torch and reference paths agree on outputs, state and every gradient (float64)."""
     kwargs = {"memory_size": 7, "word_size": 4, "num_reads": R, "num_writes": H}
@@ -334,11 +384,21 @@ def test_dnc_sequence_with_resets_matches(R, H):
     starts[2, 1] = starts[4, 1] = starts[3, 3] = 1
     with torch.no_grad():  # a state reached by running, far from the initial one
         _, s0 = fused(torch.randn(5, B, fused.input_size, generator=gen, dtype=F64))
+    calls = []
+
+    class Counting:  # DNCCore.forward's native path: one DNCStep call per step
+        @staticmethod
+        def apply(*args):
+            calls.append(1)
+            return DNCStep.apply(*args)
+
+    monkeypatch.setattr(dnc, "DNCStep", Counting)
     runs = {
         "native": _sequence(fused, "native", x, s0, starts, 7),
         "torch": _sequence(fused, "torch", x, s0, starts, 7),
         "reference": _sequence(reference, "torch", x, s0, starts, 7),
     }
+    assert len(calls) == T  # the native run took the whole-step kernel, the others did not
     y, state, grads = runs["native"]
     for other in ("torch", "reference"):
         y2, state2, grads2 = runs[other]
@@ -358,3 +418,32 @@ def test_float32_agrees_with_float64(R, H):
     tol = {"rtol": 1e-4, "atol": 2e-5}
     _assert_all_close([o.double() for o in out32], out64, "float32 output", **tol)
     _assert_all_close([g.double() for g in grad32], grad64, "float32 gradient", **tol)
+
+
+@needs_kernel
+def test_float32_sequence_agrees_with_float64():
+    """A float32 DNCCore (whole-step kernel) over 8 steps with a reset, against the same core in
+    float64 on the torch path: outputs and parameter gradients."""
+    kwargs = {"memory_size": 16, "word_size": 8, "num_reads": 4, "num_writes": 1}
+    core64 = build_core("dnc", seed=8, dtype=F64, **kwargs)
+    randomize_initial_state(core64, seed=9)
+    core32 = build_core("dnc", seed=8, dtype=torch.float32, **kwargs)
+    core32.load_state_dict({k: v.float() for k, v in core64.state_dict().items()})
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(8, 3, core64.input_size, generator=gen, dtype=F64)
+    starts = torch.zeros(8, 3)
+    starts[4, 2] = 1
+    results = []
+    for core, path in ((core64, "torch"), (core32, "native")):
+        saved = dnc_access.lib
+        dnc_access.lib = dnc_access._kernel() if path == "native" else None
+        try:
+            y, _ = core(x.to(next(core.parameters()).dtype), None, starts)
+            params = [p for p in core.parameters() if p.requires_grad]
+            grads = torch.autograd.grad(y.square().sum(), params)
+        finally:
+            dnc_access.lib = saved
+        results.append((y.double(), [g.double() for g in grads]))
+    (y64, g64), (y32, g32) = results
+    torch.testing.assert_close(y32, y64, rtol=1e-4, atol=1e-5)
+    _assert_all_close(g32, g64, "float32 parameter gradient", rtol=1e-4, atol=1e-4)

@@ -27,9 +27,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from memagents.cores import addressing
+from memagents.cores import addressing, dnc_access
+from memagents.cores import state as state_lib
 from memagents.cores.base import MemoryCore, check_positive_int, set_forget_bias
-from memagents.cores.dnc_access import DNCAccessStep
+from memagents.cores.dnc_access import DNCAccessStep, DNCStep
 from memagents.cores.rnn import LSTMState
 
 
@@ -91,8 +92,10 @@ class DNCCore(MemoryCore):
         weightings always start at their fixed paper values.
     :param fused: run the memory access as one autograd function with a hand-written backward
         (:class:`~memagents.cores.dnc_access.DNCAccessStep`; same equations, several times
-        faster). ``False`` runs the reference path built from :mod:`addressing` functions
-        under plain autograd; tests check that both agree.
+        faster), on the CPU a C++ kernel, and a whole sequence with one kernel call per step
+        and direction (:class:`~memagents.cores.dnc_access.DNCStep`). ``False`` runs the
+        reference path built from :mod:`addressing` functions under plain autograd; tests
+        check that all of them agree.
     """
 
     def __init__(
@@ -179,6 +182,51 @@ class DNCCore(MemoryCore):
             ),
             read_vectors=(R, W),
         )
+
+    # -- a whole sequence -----------------------------------------------------------------------
+    def forward(self, x, state=None, episode_starts=None, return_debug=False):
+        """As :meth:`MemoryCore.forward`. On the CPU (``fused``, native kernel available, no
+        debug tensors) each step is one :class:`~memagents.cores.dnc_access.DNCStep` call,
+        the same computation as :meth:`step`: the input's share of the controller's gates
+        ``W_x x_t + b_ih + b_hh`` is one matrix product for all ``T`` steps, the rest of the step
+        (gates from ``[r_{t-1}; h_{t-1}]``, LSTM cell, interface ξ, memory access) one kernel
+        call, and ``y_t = [h_t; r_t]`` is assembled once at the end."""
+        if not self.fused or return_debug:
+            return super().forward(x, state, episode_starts, return_debug)
+        state, starts = self._check_inputs(x, state, episode_starts)
+        cell, head = self.controller, self.interface
+        params = (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh, head.weight)
+        leaves = state_lib.leaves(state)
+        if not dnc_access.step_usable(x, *leaves, *params, head.bias):
+            return super().forward(x, state, episode_starts)
+        T, B = x.shape[0], x.shape[1]
+        R, W, I = self.num_reads, self.word_size, self.input_size
+        reset_steps = [False] * T if starts is None else starts.any(dim=1).tolist()
+        initial = self.initial_state(B, x.device) if any(reset_steps) else None
+        # [T, B, 4 hidden]: the input's share of the gates, then one view per step (one unbind,
+        # whose backward stacks the steps' gradients once)
+        gates_x = torch.addmm(
+            cell.bias_ih + cell.bias_hh, x.reshape(T * B, I), cell.weight_ih[:, :I].t()
+        ).view(T, B, -1)
+        w_rh = torch.cat([cell.weight_ih[:, I:], cell.weight_hh], dim=1).t().contiguous()
+        w_xi = head.weight.t().contiguous()  # [hidden, X]
+        h, c = state.controller.h.squeeze(1), state.controller.c.squeeze(1)
+        access, read_vectors = state.access, state.read_vectors
+        hs, reads = [], []
+        for t, gates in enumerate(gates_x.unbind(0)):
+            if reset_steps[t]:
+                now = DNCState(LSTMState(h.unsqueeze(1), c.unsqueeze(1)), access, read_vectors)
+                now = state_lib.reset_where(now, initial, starts[t])
+                h, c = now.controller.h.squeeze(1), now.controller.c.squeeze(1)
+                access, read_vectors = now.access, now.read_vectors
+            h, c, *outs = DNCStep.apply(
+                gates, h, c, read_vectors.reshape(B, R * W), w_rh, w_xi, head.bias, *access
+            )
+            access, read_vectors = AccessState(*outs[:6]), outs[6]
+            hs.append(h)
+            reads.append(read_vectors)
+        y = torch.cat([torch.stack(hs), torch.stack(reads).view(T, B, R * W)], dim=-1)
+        return y, DNCState(LSTMState(h.unsqueeze(1), c.unsqueeze(1)), access, read_vectors)
 
     # -- one step ------------------------------------------------------------------------------
     def step(self, x, state: DNCState, return_debug=False):

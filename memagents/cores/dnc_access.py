@@ -91,11 +91,17 @@ def _load():
         p, L = ctypes.c_void_p, ctypes.c_long
         for name in ("dnc_workspace_size", "dnc_interface_size"):
             getattr(lib, name).argtypes, getattr(lib, name).restype = [p], L
+        lib.dnc_step_workspace_size.argtypes = [p]
+        lib.dnc_step_workspace_size.restype = L
         for suffix in ("f32", "f64"):
             fwd = getattr(lib, f"dnc_forward_{suffix}")
             fwd.argtypes, fwd.restype = [p, p, p, p, L, p, p, p], None
             bwd = getattr(lib, f"dnc_backward_{suffix}")
             bwd.argtypes, bwd.restype = [p, p, p, p, p, p, L, p, p, p, p, p], None
+            fwd = getattr(lib, f"dnc_step_forward_{suffix}")
+            fwd.argtypes, fwd.restype = [p] * 9, None
+            bwd = getattr(lib, f"dnc_step_backward_{suffix}")
+            bwd.argtypes, bwd.restype = [p] * 12, None
         lib._dnc_ready = True
     return lib
 
@@ -152,6 +158,11 @@ def _address(a: array) -> int:
     return a.buffer_info()[0]
 
 
+def _entry(name: str, dtype: torch.dtype):
+    """The kernel entry point ``name`` for ``dtype`` (float32 or float64)."""
+    return getattr(lib, f"{name}_{'f64' if dtype == torch.float64 else 'f32'}")
+
+
 @functools.lru_cache(maxsize=64)
 def _shape_info(B: int, N: int, W: int, R: int, H: int) -> tuple[array, int, int]:
     """The kernel's dims array, workspace size (per batch element) and interface width."""
@@ -188,7 +199,7 @@ def _native_forward(ctx, inputs: tuple[Tensor, ...]):
     order = torch.empty(B, H, N, dtype=torch.int32)
     in_ptrs, in_strides, _kept = _pointers(inputs if raw is None else inputs[:6])
     out_ptrs = array("q", [t.data_ptr() for t in outputs])
-    kernel = lib.dnc_forward_f64 if memory0.dtype == torch.float64 else lib.dnc_forward_f32
+    kernel = _entry("dnc_forward", memory0.dtype)
     kernel(
         _address(dims), _address(in_ptrs), _address(in_strides), raw_ptr, raw_stride,
         _address(out_ptrs), work.data_ptr(), order.data_ptr(),
@@ -230,7 +241,7 @@ def _native_backward(ctx, grads):
         res_ptrs.extend(t.data_ptr() for t in results[6:])
     else:
         res_ptrs.extend([0] * 10)
-    kernel = lib.dnc_backward_f64 if memory0.dtype == torch.float64 else lib.dnc_backward_f32
+    kernel = _entry("dnc_backward", memory0.dtype)
     kernel(
         _address(dims), _address(grad_ptrs), _address(grad_strides), _address(in_ptrs),
         _address(in_strides), raw_ptr, raw_stride, _address(out_ptrs), work.data_ptr(),
@@ -483,3 +494,110 @@ class DNCAccessStep(torch.autograd.Function):
             g_memory0, g_usage0, g_link0.view(B, H, N, N), g_prec0, g_read0, g_write0,
             *g_interface,
         )  # fmt: skip
+
+
+# -- a whole step: controller and access (DNCCore's fused sequence path on the CPU) ----------------
+@functools.lru_cache(maxsize=64)
+def _step_shape_info(B: int, N: int, W: int, R: int, H: int, Hd: int) -> tuple[array, int, int]:
+    """The step kernel's dims array, access and controller workspace sizes per batch element."""
+    dims = array("q", (B, N, W, R, H, Hd))
+    address = _address(dims)
+    return dims, lib.dnc_workspace_size(address), lib.dnc_step_workspace_size(address)
+
+
+def step_usable(*tensors: Tensor) -> bool:
+    """True when :class:`DNCStep` can run: the kernel is loaded and the tensors are CPU tensors of
+    one float dtype."""
+    return _kernel() is not None and native.usable(*tensors)
+
+
+class DNCStep(torch.autograd.Function):
+    """One whole DNC step, one C++ kernel call each way (CPU only; see :func:`step_usable`): the
+    LSTM controller's recurrent part, the interface vector ξ, then the access step on ξ (as
+    :class:`DNCAccessStep` with ξ whole). ``DNCCore.forward`` uses it; ``DNCCore.step`` is the
+    same computation in torch (tests compare both).
+
+    Inputs: ``gates_x [B, 4Hd]`` (the input's share of the LSTM gates with both biases,
+    ``W_x x_t + b_ih + b_hh``), ``h0, c0 [B, Hd]``, ``r0 [B, R*W]`` (previous read vectors),
+    ``w_rh [R*W + Hd, 4Hd]`` (the rest of the gate weights: ``[W_ih[:, I:], W_hh]`` transposed),
+    ``w_xi [Hd, X]`` (interface weight transposed), ``b_xi [X]``, then the six access state
+    tensors of :class:`DNCAccessStep`. Gate order i, f, g, o as ``nn.LSTMCell``.
+
+    Outputs: ``h, c [B, Hd]``, then the eight outputs of :class:`DNCAccessStep`.
+    """
+
+    @staticmethod
+    def forward(ctx, gates_x, h0, c0, r0, w_rh, w_xi, b_xi, *state):
+        memory0, read0, write0 = state[0], state[4], state[5]
+        B, N, W = memory0.shape
+        R, H, Hd = read0.shape[1], write0.shape[1], h0.shape[1]
+        dims, work_size, ctrl_size = _step_shape_info(B, N, W, R, H, Hd)
+        like = {"dtype": memory0.dtype, "device": memory0.device}
+        outputs = (
+            torch.empty(B, N, W, **like),  # memory
+            torch.empty(B, N, **like),  # usage
+            torch.empty(B, H, N, N, **like),  # link: every element is written by the kernel
+            torch.empty(B, H, N, **like),  # precedence
+            torch.empty(B, R, N, **like),  # read weights
+            torch.empty(B, H, N, **like),  # write weights
+            torch.empty(B, R, W, **like),  # read vectors
+            torch.empty(B, H, N, **like),  # allocation
+            torch.empty(B, Hd, **like),  # h
+            torch.empty(B, Hd, **like),  # c
+        )
+        work = torch.empty(B, work_size, **like)
+        cwork = torch.empty(B, ctrl_size, **like)
+        order = torch.empty(B, H, N, dtype=torch.int32)
+        weights = tuple(t.contiguous() for t in (w_rh, w_xi, b_xi))
+        ctrl_ptrs, ctrl_strides, _kept = _pointers((gates_x, h0, c0, r0, *weights))
+        in_ptrs, in_strides, _kept_in = _pointers(state)
+        out_ptrs = array("q", [t.data_ptr() for t in outputs])
+        kernel = _entry("dnc_step_forward", like["dtype"])
+        kernel(
+            _address(dims), _address(ctrl_ptrs), _address(ctrl_strides), _address(in_ptrs),
+            _address(in_strides), _address(out_ptrs), work.data_ptr(), cwork.data_ptr(),
+            order.data_ptr(),
+        )  # fmt: skip
+        memory, _usage, _link, _prec, read, write, _rv, alloc, h, _c = outputs
+        ctx.work = (work, cwork, order)
+        ctx.save_for_backward(gates_x, h0, c0, r0, *weights, *state, memory, read, write, alloc, h)
+        ctx.mark_non_differentiable(alloc)
+        ctx.set_materialize_grads(False)
+        return (h, outputs[9], *outputs[:8])
+
+    @staticmethod
+    def backward(ctx, g_h, g_c, *grads):
+        saved = ctx.saved_tensors
+        ctrl, state, (memory, read, write, alloc, h) = saved[:7], saved[7:13], saved[13:]
+        work, cwork, order = ctx.work
+        memory0, read0, write0 = state[0], state[4], state[5]
+        B, N, W = memory0.shape
+        R, H, Hd = read0.shape[1], write0.shape[1], h.shape[1]
+        dims = _step_shape_info(B, N, W, R, H, Hd)[0]
+        like = {"dtype": memory0.dtype, "device": memory0.device}
+        needs = ctx.needs_input_grad
+        g_state = [
+            torch.empty_like(t, memory_format=torch.contiguous_format)
+            if i != 2 or needs[9]
+            else None
+            for i, t in enumerate(state)
+        ]  # no N x N output for a link that needs no gradient
+        g_ctrl = [
+            torch.empty(B, 4 * Hd, **like), torch.empty(B, Hd, **like),
+            torch.empty(B, Hd, **like), torch.empty(B, R * W, **like),
+            torch.empty_like(ctrl[4]), torch.empty_like(ctrl[5]), torch.empty_like(ctrl[6]),
+        ]  # fmt: skip
+        grad_ptrs, grad_strides, _kept = _pointers((*grads[:7], g_h, g_c))
+        ctrl_ptrs, ctrl_strides, _kept_c = _pointers(ctrl)
+        in_ptrs, in_strides, _kept_in = _pointers(state)
+        out_ptrs = array("q", (memory.data_ptr(), 0, 0, 0, read.data_ptr(), write.data_ptr(), 0))
+        out_ptrs.extend((alloc.data_ptr(), h.data_ptr(), 0))
+        res_ptrs = array("q", [0 if t is None else t.data_ptr() for t in (*g_state, *g_ctrl)])
+        kernel = _entry("dnc_step_backward", like["dtype"])
+        kernel(
+            _address(dims), _address(grad_ptrs), _address(grad_strides), _address(ctrl_ptrs),
+            _address(ctrl_strides), _address(in_ptrs), _address(in_strides),
+            _address(out_ptrs), work.data_ptr(), cwork.data_ptr(), order.data_ptr(),
+            _address(res_ptrs),
+        )  # fmt: skip
+        return (*g_ctrl, *g_state)

@@ -97,6 +97,130 @@ struct Simd {
   }
 };
 
+// -- vectorised exp, expm1, sigmoid, tanh -----------------------------------------------------------
+// exp(x) = 2^k e^r with k = round(x / ln 2), r = x - k ln 2 (ln 2 in two parts, Cody & Waite 1980)
+// and e^r - 1 from its Taylor series on |r| <= ln(2)/2 (degree 7 in float, 13 in double: the
+// truncation error is below one ulp), 2^k assembled in the exponent bits. Inputs are clamped to
+// the range where 2^k is a normal number (results below ~1e-38 / 1e-308 come out slightly
+// larger than exact, never NaN). Their one-ulp-level differences from libm are far below the
+// tests' tolerances.
+template <class T>
+struct VecMath;
+
+template <>
+struct VecMath<float> {
+  using S = Simd<float>;
+  using V = S::vec;
+  typedef int32_t IV __attribute__((vector_size(DNC_VEC_BYTES)));
+  static constexpr float lo = -87.0f, hi = 88.0f;
+  static inline V expm1_reduced(V r) {  // e^r - 1 on |r| <= ln(2)/2
+    V p = S::splat(1.0f / 5040);
+    p = p * r + 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    return (p * r + 1.0f) * r;
+  }
+  static inline void reduce(V x, V& k, V& r) {
+    const V shifter = S::splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+    k = (x * 1.44269504088896341f + shifter) - shifter;
+    r = (x - k * 0.693145751953125f) - k * 1.428606765330187045e-06f;
+  }
+  static inline V pow2(V k) {  // 2^k for integral k in the normal range
+    const IV bits = (__builtin_convertvector(k, IV) + 127) << 23;
+    V out;
+    std::memcpy(&out, &bits, sizeof out);
+    return out;
+  }
+};
+
+template <>
+struct VecMath<double> {
+  using S = Simd<double>;
+  using V = S::vec;
+  typedef int64_t IV __attribute__((vector_size(DNC_VEC_BYTES)));
+  static constexpr double lo = -708.0, hi = 709.0;
+  static inline V expm1_reduced(V r) {
+    V p = S::splat(1.0 / 6227020800.0);  // 1/13!
+    p = p * r + 1.0 / 479001600.0;
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    return (p * r + 1.0) * r;
+  }
+  static inline void reduce(V x, V& k, V& r) {
+    const V shifter = S::splat(6755399441055744.0);  // 1.5 * 2^52
+    k = (x * 1.44269504088896338700 + shifter) - shifter;
+    r = (x - k * 6.93147180369123816490e-01) - k * 1.90821492927058770002e-10;
+  }
+  static inline V pow2(V k) {
+    const IV bits = (__builtin_convertvector(k, IV) + 1023) << 52;
+    V out;
+    std::memcpy(&out, &bits, sizeof out);
+    return out;
+  }
+};
+
+template <class T>
+inline typename Simd<T>::vec vclamp(typename Simd<T>::vec x, T lo, T hi) {
+  x = x < lo ? Simd<T>::splat(lo) : x;
+  return x > hi ? Simd<T>::splat(hi) : x;
+}
+
+template <class T>
+inline typename Simd<T>::vec vexp(typename Simd<T>::vec x) {
+  using M = VecMath<T>;
+  typename Simd<T>::vec k, r;
+  M::reduce(vclamp<T>(x, M::lo, M::hi), k, r);
+  return M::pow2(k) * (M::expm1_reduced(r) + T(1));
+}
+
+template <class T>
+inline typename Simd<T>::vec vexpm1(typename Simd<T>::vec x) {  // e^x - 1, relative near 0
+  using M = VecMath<T>;
+  typename Simd<T>::vec k, r;
+  M::reduce(vclamp<T>(x, M::lo, M::hi), k, r);
+  const typename Simd<T>::vec scale = M::pow2(k);
+  return scale * M::expm1_reduced(r) + (scale - T(1));
+}
+
+template <class T>
+inline typename Simd<T>::vec vsigmoid(typename Simd<T>::vec x) {  // 1 / (1 + e^-x), as torch
+  return T(1) / (T(1) + vexp<T>(-x));
+}
+
+template <class T>
+inline typename Simd<T>::vec vtanh(typename Simd<T>::vec x) {  // sign(x) t / (2 + t)... with
+  using V = typename Simd<T>::vec;                             // t = -expm1(-2|x|)
+  const V a = x < T(0) ? -x : x;
+  const V t = -vexpm1<T>(T(-2) * a);
+  const V y = t / (T(2) - t);
+  return x < T(0) ? -y : y;
+}
+
+// y[j] = f(x[j]) for j < n (y may be x); the last partial vector goes through a padded copy,
+// so every element gets the same vector arithmetic.
+template <class T, class F>
+inline void vmap(T* y, const T* x, long n, F f) {
+  using S = Simd<T>;
+  long j = 0;
+  for (; j + S::L <= n; j += S::L) S::store(y + j, f(S::load(x + j)));
+  if (j < n) {
+    T buf[S::L] = {};
+    std::copy(x + j, x + n, buf);
+    S::store(buf, f(S::load(buf)));
+    std::copy(buf, buf + (n - j), y + j);
+  }
+}
+
 // sum_j a[j] b[j]
 template <class T>
 inline T dot(const T* a, const T* b, long n) {
@@ -501,7 +625,8 @@ void activate(const T* raw, const Layout& lay, long R, long K, T* act) {
   std::copy(raw, raw + lay.br, act);
   for (long j = lay.br; j < lay.erase; ++j)
     act[j] = T(1) + (raw[j] > T(kSoftplusLimit) ? raw[j] : std::log1p(std::exp(raw[j])));
-  for (long j = lay.erase; j < lay.modes; ++j) act[j] = T(1) / (T(1) + std::exp(-raw[j]));
+  vmap(act + lay.erase, raw + lay.erase, lay.modes - lay.erase,
+       [](typename Simd<T>::vec v) { return vsigmoid<T>(v); });
   for (long r = 0; r < R; ++r) {
     const T* x = raw + lay.modes + r * K;
     T* y = act + lay.modes + r * K;
@@ -565,7 +690,7 @@ void content_forward(const T* mt, const T* keys, const T* beta, long K, long N, 
       z[n] = s[n] * beta[k];
       top = std::max(top, z[n]);
     }
-    for (long n = 0; n < N; ++n) z[n] = std::exp(z[n] - top);
+    vmap(z, z, N, [top](typename Simd<T>::vec v) { return vexp<T>(v - top); });
     const T inv = T(1) / sum(z, N);
     for (long n = 0; n < N; ++n) z[n] *= inv;
   }
@@ -1096,6 +1221,152 @@ void backward(const Dims& d, const void* const* grad_p, const long* grad_stride,
   }
 }
 
+// -- the controller's recurrent part (DNCCore's fused sequence path) ------------------------------
+// The LSTM controller (Hochreiter & Schmidhuber 1997; nn.LSTMCell's gate order i, f, g, o) with
+// the input's share of its gates computed outside for all steps at once:
+//   gates = gates_x + [r_{t-1}; h_{t-1}] W_rh,  c = σ(f) c_{t-1} + σ(i) tanh(g),
+//   h = σ(o) tanh(c),  ξ = b + h W_ξ  (the interface vector, then the access step on ξ).
+// ctrl (7): gates_x [4Hd], h0 [Hd], c0 [Hd], r0 [R*W] (batch strides in ctrl_stride), then
+//           W_rh [R*W + Hd, 4Hd], W_ξ [Hd, X], b [X] (contiguous, shared by the batch).
+// Controller workspace per batch element (Sc = 5 Hd + X): σ(i), σ(f), tanh(g), σ(o), tanh(c), ξ.
+struct Ctrl {
+  long B, Hd, RW, X;
+  long G() const { return 4 * Hd; }
+  long K() const { return RW + Hd; }  // rows of W_rh
+  long size() const { return 5 * Hd + X; }
+  long xi() const { return 5 * Hd; }  // offset of ξ in the workspace
+};
+
+template <class T>
+void controller_forward(const Ctrl& cd, const void* const* ctrl, const long* ctrl_stride,
+                        T* h_out, T* c_out, T* cwork) {
+  FlushDenormals flush;
+  const long Hd = cd.Hd, RW = cd.RW, X = cd.X, G = cd.G(), K = cd.K();
+  const T* w_rh = static_cast<const T*>(ctrl[4]);
+  const T* w_xi = static_cast<const T*>(ctrl[5]);
+  const T* bias = static_cast<const T*>(ctrl[6]);
+  std::vector<T> in(K);
+  for (long b = 0; b < cd.B; ++b) {
+    const T* gx = static_cast<const T*>(ctrl[0]) + b * ctrl_stride[0];
+    const T* h0 = static_cast<const T*>(ctrl[1]) + b * ctrl_stride[1];
+    const T* c0 = static_cast<const T*>(ctrl[2]) + b * ctrl_stride[2];
+    const T* r0 = static_cast<const T*>(ctrl[3]) + b * ctrl_stride[3];
+    T* act = cwork + b * cd.size();  // gates, then their activations
+    T* tc = act + G;
+    T* xi = act + cd.xi();
+    T* h = h_out + b * Hd;
+    T* c = c_out + b * Hd;
+    std::copy(r0, r0 + RW, in.data());
+    std::copy(h0, h0 + Hd, in.data() + RW);
+    std::copy(gx, gx + G, act);
+    for (long k = 0; k < K; ++k) axpy(act, in[k], w_rh + k * G, G);
+    auto vs = [](typename Simd<T>::vec v) { return vsigmoid<T>(v); };
+    auto vt = [](typename Simd<T>::vec v) { return vtanh<T>(v); };
+    vmap(act, act, 2 * Hd, vs);  // σ(i), σ(f)
+    vmap(act + 2 * Hd, act + 2 * Hd, Hd, vt);  // tanh(g)
+    vmap(act + 3 * Hd, act + 3 * Hd, Hd, vs);  // σ(o)
+    for (long k = 0; k < Hd; ++k) c[k] = act[Hd + k] * c0[k] + act[k] * act[2 * Hd + k];
+    vmap(tc, c, Hd, vt);
+    for (long k = 0; k < Hd; ++k) h[k] = act[3 * Hd + k] * tc[k];
+    std::copy(bias, bias + X, xi);
+    for (long k = 0; k < Hd; ++k) axpy(xi, h[k], w_xi + k * X, X);
+  }
+}
+
+// Given g_h, g_c (null: zero; batch strides) and g_ξ [B, X] (from the access step): res (7) =
+// g_gates_x [B, 4Hd], g_h0 [B, Hd], g_c0 [B, Hd], g_r0 [B, R*W] and the parameters' gradients
+// summed over the batch, g_W_rh [R*W + Hd, 4Hd], g_W_ξ [Hd, X], g_b [X] (all contiguous).
+template <class T>
+void controller_backward(const Ctrl& cd, const void* const* ctrl, const long* ctrl_stride,
+                         const T* g_h_all, long g_h_stride, const T* g_c_all, long g_c_stride,
+                         const T* g_xi_all, const T* h_all, const T* cwork, void* const* res) {
+  FlushDenormals flush;
+  const long Hd = cd.Hd, RW = cd.RW, X = cd.X, G = cd.G(), K = cd.K();
+  const T* w_rh = static_cast<const T*>(ctrl[4]);
+  const T* w_xi = static_cast<const T*>(ctrl[5]);
+  T* g_gates_all = static_cast<T*>(res[0]);
+  T* g_h0_all = static_cast<T*>(res[1]);
+  T* g_c0_all = static_cast<T*>(res[2]);
+  T* g_r0_all = static_cast<T*>(res[3]);
+  T* g_w_rh = static_cast<T*>(res[4]);
+  T* g_w_xi = static_cast<T*>(res[5]);
+  T* g_bias = static_cast<T*>(res[6]);
+  std::vector<T> gh(Hd);
+  for (long b = 0; b < cd.B; ++b) {
+    const T* g_xi = g_xi_all + b * X;
+    const T* act = cwork + b * cd.size();
+    const T* tc = act + G;
+    const T* c0 = static_cast<const T*>(ctrl[2]) + b * ctrl_stride[2];
+    T* dg = g_gates_all + b * G;
+    // ξ = b + h W_ξ, then h = σ(o) tanh(c), c = σ(f) c0 + σ(i) tanh(g)
+    for (long k = 0; k < Hd; ++k)
+      gh[k] = (g_h_all ? g_h_all[b * g_h_stride + k] : T(0)) + dot(w_xi + k * X, g_xi, X);
+    for (long k = 0; k < Hd; ++k) {
+      const T i = act[k], f = act[Hd + k], g = act[2 * Hd + k], o = act[3 * Hd + k];
+      const T gc = (g_c_all ? g_c_all[b * g_c_stride + k] : T(0)) +
+                   gh[k] * o * (T(1) - tc[k] * tc[k]);
+      g_c0_all[b * Hd + k] = gc * f;
+      dg[k] = gc * g * i * (T(1) - i);
+      dg[Hd + k] = gc * c0[k] * f * (T(1) - f);
+      dg[2 * Hd + k] = gc * i * (T(1) - g * g);
+      dg[3 * Hd + k] = gh[k] * tc[k] * o * (T(1) - o);
+    }
+    // gates = gates_x + [r0; h0] W_rh
+    for (long k = 0; k < RW; ++k) g_r0_all[b * RW + k] = dot(w_rh + k * G, dg, G);
+    for (long k = 0; k < Hd; ++k) g_h0_all[b * Hd + k] = dot(w_rh + (RW + k) * G, dg, G);
+  }
+  // the parameters, one output row at a time over the batch (the row stays in cache)
+  for (long k = 0; k < K; ++k) {
+    T* row = g_w_rh + k * G;
+    std::fill(row, row + G, T(0));
+    for (long b = 0; b < cd.B; ++b) {
+      const T in = k < RW ? static_cast<const T*>(ctrl[3])[b * ctrl_stride[3] + k]
+                          : static_cast<const T*>(ctrl[1])[b * ctrl_stride[1] + k - RW];
+      axpy(row, in, g_gates_all + b * G, G);
+    }
+  }
+  for (long k = 0; k < Hd; ++k) {
+    T* row = g_w_xi + k * X;
+    std::fill(row, row + X, T(0));
+    for (long b = 0; b < cd.B; ++b) axpy(row, h_all[b * Hd + k], g_xi_all + b * X, X);
+  }
+  std::fill(g_bias, g_bias + X, T(0));
+  for (long b = 0; b < cd.B; ++b) axpy(g_bias, T(1), g_xi_all + b * X, X);
+}
+
+// One whole DNC step: the controller, then the access step on its ξ. out (10): the access
+// step's 8 outputs, then h [B, Hd], c [B, Hd]; work: the access step's, cwork: [B, Sc].
+template <class T>
+void step_forward(const long* dims, const void* const* ctrl, const long* ctrl_stride,
+                  const void* const* in, const long* in_stride, void* const* out, void* work,
+                  void* cwork, int32_t* order) {
+  const Dims d{dims[0], dims[1], dims[2], dims[3], dims[4]};
+  const Ctrl cd{dims[0], dims[5], dims[3] * dims[2], Layout(d).X};
+  T* cw = static_cast<T*>(cwork);
+  controller_forward<T>(cd, ctrl, ctrl_stride, static_cast<T*>(out[8]), static_cast<T*>(out[9]),
+                        cw);
+  forward<T>(d, in, in_stride, cw + cd.xi(), cd.size(), out, work, order);
+}
+
+// grads (9): the access step's 7, then g_h, g_c (null: zero); res (13): the 6 state gradients,
+// then the controller's 7 (see controller_backward).
+template <class T>
+void step_backward(const long* dims, const void* const* grad, const long* grad_stride,
+                   const void* const* ctrl, const long* ctrl_stride, const void* const* in,
+                   const long* in_stride, const void* const* out, const void* work,
+                   const void* cwork, const int32_t* order, void* const* res) {
+  const Dims d{dims[0], dims[1], dims[2], dims[3], dims[4]};
+  const Ctrl cd{dims[0], dims[5], dims[3] * dims[2], Layout(d).X};
+  const T* cw = static_cast<const T*>(cwork);
+  std::vector<T> g_xi(cd.B * cd.X);
+  void* access_res[16] = {res[0], res[1], res[2], res[3], res[4], res[5]};
+  backward<T>(d, grad, grad_stride, in, in_stride, cw + cd.xi(), cd.size(), out, work, order,
+              access_res, g_xi.data());
+  controller_backward<T>(cd, ctrl, ctrl_stride, static_cast<const T*>(grad[7]), grad_stride[7],
+                         static_cast<const T*>(grad[8]), grad_stride[8], g_xi.data(),
+                         static_cast<const T*>(out[8]), cw, res + 6);
+}
+
 }  // namespace
 
 #define DNC_EXPORT extern "C" __attribute__((visibility("default")))
@@ -1140,4 +1411,43 @@ DNC_EXPORT void dnc_backward_f64(const long* dims, const void* const* grad,
   backward<double>(dims_of(dims), grad, grad_stride, in, in_stride,
                    static_cast<const double*>(raw), raw_stride, out, work, order, res,
                    static_cast<double*>(g_raw));
+}
+
+// Controller workspace elements per batch element; dims = B, N, W, R, H, Hd.
+DNC_EXPORT long dnc_step_workspace_size(const long* dims) {
+  return Ctrl{dims[0], dims[5], dims[3] * dims[2], Layout(dims_of(dims)).X}.size();
+}
+
+DNC_EXPORT void dnc_step_forward_f32(const long* dims, const void* const* ctrl,
+                                     const long* ctrl_stride, const void* const* in,
+                                     const long* in_stride, void* const* out, void* work,
+                                     void* cwork, int32_t* order) {
+  step_forward<float>(dims, ctrl, ctrl_stride, in, in_stride, out, work, cwork, order);
+}
+
+DNC_EXPORT void dnc_step_forward_f64(const long* dims, const void* const* ctrl,
+                                     const long* ctrl_stride, const void* const* in,
+                                     const long* in_stride, void* const* out, void* work,
+                                     void* cwork, int32_t* order) {
+  step_forward<double>(dims, ctrl, ctrl_stride, in, in_stride, out, work, cwork, order);
+}
+
+DNC_EXPORT void dnc_step_backward_f32(const long* dims, const void* const* grad,
+                                      const long* grad_stride, const void* const* ctrl,
+                                      const long* ctrl_stride, const void* const* in,
+                                      const long* in_stride, const void* const* out,
+                                      const void* work, const void* cwork, const int32_t* order,
+                                      void* const* res) {
+  step_backward<float>(dims, grad, grad_stride, ctrl, ctrl_stride, in, in_stride, out, work,
+                       cwork, order, res);
+}
+
+DNC_EXPORT void dnc_step_backward_f64(const long* dims, const void* const* grad,
+                                      const long* grad_stride, const void* const* ctrl,
+                                      const long* ctrl_stride, const void* const* in,
+                                      const long* in_stride, const void* const* out,
+                                      const void* work, const void* cwork, const int32_t* order,
+                                      void* const* res) {
+  step_backward<double>(dims, grad, grad_stride, ctrl, ctrl_stride, in, in_stride, out, work,
+                        cwork, order, res);
 }
