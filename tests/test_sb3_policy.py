@@ -347,6 +347,19 @@ def test_training_recomputes_rollout_log_probs_and_values(
     assert_training_matches_rollout(make_model(name, critic, algo))
 
 
+@pytest.mark.parametrize("name", ["lstm", "ntm"])
+def test_rollouts_after_an_update_reset_to_the_updated_initial_state(name: str) -> None:
+    """After ``learn`` has moved the learned initial state, rollouts (which reset with a cached
+    packed initial state) must still match training's recomputation, which resets with the
+    parameters as they are."""
+    model = make_model(name)
+    before = {k: v.clone() for k, v in model.policy.named_parameters() if k.endswith("h0")}
+    model.learn(model.n_steps * model.n_envs)  # one rollout (fills the cache), one update
+    after = dict(model.policy.named_parameters())
+    assert before and all(not torch.equal(v, after[k]) for k, v in before.items())
+    assert_training_matches_rollout(model)
+
+
 @pytest.mark.parametrize("algo", list(ALGOS))
 @pytest.mark.parametrize("name", ["lstm", "dnc"])
 def test_training_recomputes_rollout_with_dict_observations(name: str, algo: str) -> None:
