@@ -331,3 +331,19 @@ def test_gradcheck_through_steps_and_a_reset():
         return y, s.memory, s.read_weights
 
     assert torch.autograd.gradcheck(run, (x, memory), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bad", [7.0, -1.0, float("nan")])
+@pytest.mark.parametrize("field", ["read_indices", "write_indices"])
+def test_a_state_with_rows_outside_the_memory_is_rejected(field, bad):
+    """Native kernels index memory with the state's rows unchecked: a corrupted state must raise
+    a clear error instead of reading or writing out of bounds."""
+    core = SAMCore(input_size=3, hidden_size=8, memory_size=6, word_size=4, num_reads=2)
+    state = core.initial_state(4)
+    field_value = getattr(state.access, field).clone()
+    field_value[1].view(-1)[0] = bad
+    state = state._replace(access=state.access._replace(**{field: field_value}))
+    with pytest.raises(
+        ValueError, match=rf"state\.access\.{field} must hold row indices in \[0, 6\)"
+    ):
+        core(torch.randn(1, 4, 3), state)

@@ -239,6 +239,10 @@ class SAMCore(MemoryCore):
         )
 
     def _run(self, x: Tensor, state: SAMState, starts: Tensor | None, return_debug: bool):
+        for field in ("read_indices", "write_indices"):
+            sparse_access.check_row_indices(
+                f"access.{field}", getattr(state.access, field), self.memory_size
+            )
         if self._native(x, state):
             return self._run_native(x, state, starts, return_debug)
         T, B = x.shape[0], x.shape[1]

@@ -152,6 +152,29 @@ def resolve_index(index: str, memory_size: int) -> str:
 
 
 # -- usage and the least-recently-used row (section 3.3) -------------------------------------------
+def check_row_indices(name: str, indices: Tensor, memory_size: int) -> None:
+    """Raise unless every entry of ``indices`` (a state field holding row numbers, stored as
+    floats in the packed state) lies in ``[0, memory_size)``.
+
+    The native kernels index memory with these values unchecked, so a corrupted or foreign
+    state (e.g. one a user hands to ``predict``) would read or write outside the memory.
+    Checked once per call on the incoming state; rows produced inside a call are valid by
+    construction.
+
+    :raises ValueError: naming the field, the first bad value and the allowed range.
+    """
+    if indices.numel() == 0:
+        return
+    low, high = torch.aminmax(indices.detach())
+    low, high = low.item(), high.item()
+    if not (0 <= low and high < memory_size):  # also False for NaN
+        bad = low if not 0 <= low else high
+        raise ValueError(
+            f"state.{name} must hold row indices in [0, {memory_size}); got {bad!r} "
+            "(a corrupted state, or one packed by a core with another memory_size?)"
+        )
+
+
 def least_recently_used(last_access: Tensor) -> Tensor:
     """``I^U_t``: the row accessed longest ago, ties to the lowest index.
 
