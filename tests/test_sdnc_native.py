@@ -17,14 +17,14 @@ import pytest
 import torch
 from test_sdnc import _core, _random_memory_state, _x
 
-from memagents.cores import native, sparse_links
+from memagents.cores import native, sdnc, sparse_links
 from memagents.cores import state as state_lib
 
 F64 = torch.float64
 TOL = {"atol": 1e-12, "rtol": 1e-10}
 
 needs_kernel = pytest.mark.skipif(
-    sparse_links._kernel() is None, reason="native kernel off (MEMAGENTS_NATIVE=0)"
+    sparse_links.native_kernel() is None, reason="native kernel off (MEMAGENTS_NATIVE=0)"
 )
 
 
@@ -35,7 +35,7 @@ def torch_path(monkeypatch):
 
     def run(fn):
         with monkeypatch.context() as m:
-            m.setattr(sparse_links, "_kernel", lambda: None)
+            m.setattr(sparse_links, "native_kernel", lambda: None)
             return fn()
 
     return run
@@ -46,7 +46,7 @@ def test_kernel_loads_when_a_compiler_exists():
         pytest.skip("MEMAGENTS_NATIVE=0")
     if shutil.which("c++") is None:
         pytest.skip("no C++ compiler")
-    assert sparse_links._kernel() is not None
+    assert sparse_links.native_kernel() is not None
 
 
 # -- one step ----------------------------------------------------------------------------------------
@@ -186,9 +186,69 @@ def test_gradcheck_of_the_native_step():
             link.clone(), link_t.clone(), w, prec, rw, state[2].clone(), state[3].clone(), w_idx,
             state[5], rw_idx, reset, True, k,
         )  # fmt: skip
-        return out[0], out[1], out[2], out[4], out[6]
+        return out[0], out[1], out[2], out[4]
 
     inputs = [t.clone().requires_grad_(True) for t in (link, link_t, w, prec, rw)]
+    assert torch.autograd.gradcheck(run, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+# -- the read weighting ---------------------------------------------------------------------------------
+
+
+def _mix_inputs(B=3, R=2, K=3, W=4, seed=0, dtype=F64):
+    gen = torch.Generator().manual_seed(seed)
+    modes = torch.softmax(torch.randn(B, R, 3, generator=gen, dtype=dtype), -1)
+    link_w = torch.rand(B, R, 2 * K, generator=gen, dtype=dtype) / K
+    link_idx = torch.randint(0, 20, (B, R, 2 * K), generator=gen)
+    content_w = torch.softmax(torch.randn(B, R, K, generator=gen, dtype=dtype), -1)
+    content_idx = torch.randint(0, 20, (B, R, K), generator=gen).to(dtype)
+    content_r = torch.randn(B, R, W, generator=gen, dtype=dtype)
+    link_rows = torch.randn(B, R * 2 * K, W, generator=gen, dtype=dtype)
+    return modes, link_w, link_idx, content_w, content_idx, content_r, link_rows
+
+
+@needs_kernel
+@pytest.mark.parametrize("used", ["both", "vectors", "weights"])
+def test_native_read_mix_equals_the_torch_reference(torch_path, used):
+    """Values, indices and gradients, also when only one output receives a gradient."""
+    inputs = _mix_inputs()
+
+    def run():
+        leaves = [t.clone().requires_grad_(t.is_floating_point()) for t in inputs]
+        leaves[4].requires_grad_(False)  # row numbers
+        rv, rw, ri = sdnc.read_mix(*leaves)
+        gen = torch.Generator().manual_seed(1)
+        loss = 0.0
+        if used in ("both", "vectors"):
+            loss = loss + (rv * torch.randn(rv.shape, generator=gen, dtype=F64)).sum()
+        if used in ("both", "weights"):
+            loss = loss + (rw * torch.randn(rw.shape, generator=gen, dtype=F64)).sum()
+        diff = [leaves[i] for i in (0, 1, 3, 5, 6)]
+        grads = torch.autograd.grad(loss, diff, allow_unused=True)
+        return [rv.detach(), rw.detach(), ri], [
+            torch.zeros_like(x) if g is None else g for x, g in zip(diff, grads, strict=True)
+        ]
+
+    ref, nat = torch_path(run), run()
+    for a, b in zip(ref[0] + list(ref[1]), nat[0] + list(nat[1]), strict=True):
+        if a.is_floating_point():
+            torch.testing.assert_close(b, a, **TOL)
+        else:
+            assert torch.equal(a, b)
+    with torch.no_grad():  # the graph-free call gives the same values
+        for a, b in zip(sdnc.read_mix(*inputs), nat[0], strict=True):
+            assert torch.equal(a, b)
+
+
+@needs_kernel
+def test_gradcheck_of_the_native_read_mix():
+    modes, link_w, link_idx, content_w, content_idx, content_r, link_rows = _mix_inputs(2, 2, 2, 3)
+
+    def run(modes, link_w, content_w, content_r, link_rows):
+        out = sdnc.read_mix(modes, link_w, link_idx, content_w, content_idx, content_r, link_rows)
+        return out[0], out[1]
+
+    inputs = [t.requires_grad_(True) for t in (modes, link_w, content_w, content_r, link_rows)]
     assert torch.autograd.gradcheck(run, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
 
 

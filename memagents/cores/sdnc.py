@@ -35,8 +35,9 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
-from memagents.cores import addressing, sparse_access, sparse_links
+from memagents.cores import addressing, native, sparse_access, sparse_links
 from memagents.cores import state as state_lib
 from memagents.cores.base import MemoryCore, check_positive_int, set_forget_bias, stack_debug
 from memagents.cores.rnn import LSTMState
@@ -77,7 +78,112 @@ class SDNCState(NamedTuple):
 
 
 #: State fields carried as long working copies during a call (the rest are values).
-_INDEX_FIELDS = ("link_indices", "link_t_indices", "precedence_indices")
+_INDEX_FIELDS = (
+    "link_indices",
+    "link_t_indices",
+    "precedence_indices",
+    "read_indices",
+    "write_indices",
+)
+
+
+def read_mix(
+    modes: Tensor,
+    link_weights: Tensor,
+    link_idx: Tensor,
+    content_weights: Tensor,
+    content_idx: Tensor,
+    content_reads: Tensor,
+    link_rows: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Step 6: the read weighting ``w^R_t = π[0] b_t + π[1] c_t + π[2] f_t`` in its slots
+    ``[b_t | c_t | f_t]`` and the read vectors ``r_t = Σ_i w^R_t[i] M_t[i]`` (DNC read modes,
+    Graves et al. 2016, Methods "Read weighting", over SAM's sparse reads).
+
+    One native kernel call each way on CPU float tensors (``csrc/sparse_links.cpp``); the torch
+    ops below otherwise (the reference).
+
+    :param modes: ``[B, R, 3]`` read modes ``π_t`` (backward, content, forward).
+    :param link_weights: ``[B, R, 2K]`` ``[b_t | f_t]``; ``link_idx`` ``[B, R, 2K]`` long, their
+        rows.
+    :param content_weights: ``[B, R, K]`` ``c_t``; ``content_idx`` ``[B, R, K]`` their rows
+        (exact integers in the value dtype).
+    :param content_reads: ``[B, R, W]`` ``Σ c_t[i] M_t[i]``.
+    :param link_rows: ``[B, R·2K, W]`` the rows ``M_t`` at ``link_idx``.
+    :return: ``(read_vectors [B, R, W], read_weights [B, R, 3K], read_idx [B, R, 3K] long)``.
+    """
+    lib = sparse_links.native_kernel()
+    tensors = (modes, link_weights, content_weights, content_idx, content_reads, link_rows)
+    if lib is not None and native.usable(*tensors):
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return NativeReadMix.apply(*tensors, link_idx, lib)
+        return _mix_forward(lib, *tensors, link_idx)
+    B, R, K = content_weights.shape
+    link_w = torch.cat(
+        [modes[..., :1] * link_weights[..., :K], modes[..., 2:] * link_weights[..., K:]], dim=-1
+    )
+    read_vectors = modes[..., 1:2] * content_reads + torch.einsum(
+        "brk,brkw->brw", link_w, link_rows.view(B, R, 2 * K, -1)
+    )
+    read_weights = torch.cat(
+        [link_w[..., :K], modes[..., 1:2] * content_weights, link_w[..., K:]], dim=-1
+    )
+    read_idx = torch.cat([link_idx[..., :K], content_idx.long(), link_idx[..., K:]], dim=-1)
+    return read_vectors, read_weights, read_idx
+
+
+def _mix_forward(lib, modes, link_w, content_w, content_idx, content_r, link_rows, link_idx):
+    B, R, K = content_w.shape
+    W = content_r.shape[-1]
+    ins = [
+        t.detach().contiguous()
+        for t in (modes, link_w, content_w, content_idx, content_r, link_rows)
+    ]
+    read_vectors = torch.empty(B, R, W, dtype=modes.dtype)
+    read_weights = torch.empty(B, R, 3 * K, dtype=modes.dtype)
+    read_idx = torch.empty(B, R, 3 * K, dtype=torch.long)
+    m, lw, cw, ci, cr, er = (t.data_ptr() for t in ins)
+    sparse_links.kernel_fn(lib, "sdnc_mix_forward", modes)(
+        B, R, K, W, m, lw, link_idx.contiguous().data_ptr(), cw, ci, cr, er,
+        read_weights.data_ptr(), read_vectors.data_ptr(), read_idx.data_ptr(),
+    )  # fmt: skip
+    return read_vectors, read_weights, read_idx
+
+
+class NativeReadMix(torch.autograd.Function):
+    """:func:`read_mix` as one kernel call forward and one backward (saves its inputs:
+    ``O(R·K·W)``)."""
+
+    @staticmethod
+    def forward(ctx, modes, link_w, content_w, content_idx, content_r, link_rows, link_idx, lib):
+        out = _mix_forward(
+            lib, modes, link_w, content_w, content_idx, content_r, link_rows, link_idx
+        )
+        ctx.lib = lib
+        ctx.save_for_backward(modes, link_w, content_w, content_r, link_rows)
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(out[2])
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_read_vectors, g_read_weights, _g_idx):
+        modes, link_w, content_w, content_r, link_rows = (t.contiguous() for t in ctx.saved_tensors)
+        B, R, K = content_w.shape
+        W = content_r.shape[-1]
+        grads = [torch.empty_like(t) for t in (modes, link_w, content_w, content_r, link_rows)]
+        g_rv, g_rw = (
+            None if g is None else g.contiguous() for g in (g_read_vectors, g_read_weights)
+        )
+        sparse_links.kernel_fn(ctx.lib, "sdnc_mix_backward", modes)(
+            B, R, K, W,
+            *(t.data_ptr() for t in (modes, link_w, content_w, content_r, link_rows)),
+            None if g_rv is None else g_rv.data_ptr(),
+            None if g_rw is None else g_rw.data_ptr(),
+            *(g.data_ptr() for g in grads),
+        )  # fmt: skip
+        g_modes, g_link_w, g_content_w, g_content_r, g_link_rows = grads
+        return g_modes, g_link_w, g_content_w, None, g_content_r, g_link_rows, None, None
 
 
 class SDNCCore(MemoryCore):
@@ -248,7 +354,8 @@ class SDNCCore(MemoryCore):
         }
         small["last_access"] = last_access
         small["precedence"] = a.precedence
-        small["precedence_indices"] = a.precedence_indices.long()
+        for f in ("precedence_indices", "read_indices", "write_indices"):
+            small[f] = getattr(a, f).long()
         no_reset = torch.zeros(0, dtype=torch.long, device=x.device)
 
         outputs, debug_steps = [], []
@@ -276,7 +383,7 @@ class SDNCCore(MemoryCore):
             modes = torch.softmax(modes.view(B, R, 3), dim=-1)  # π_t: backward, content, forward
 
             # 2. write weighting (SAM)
-            prev_w, prev_idx = small["read_weights"], small["read_indices"].long()
+            prev_w, prev_idx = small["read_weights"], small["read_indices"]
             lru = sparse_access.least_recently_used(small["last_access"])
             write_weights, write_indices = sparse_access.sparse_write_weights(
                 prev_w, prev_idx, lru, write_gate, interp_gate
@@ -284,7 +391,7 @@ class SDNCCore(MemoryCore):
 
             # 3. sparse links L_t (with p_{t-1}), then p_t; 4. f_t = L_t w^R_{t-1} (rows of Lᵀ)
             # and b_t = L_tᵀ w^R_{t-1} (rows of L), each kept to its K largest rows
-            link, link_t, precedence, precedence_idx, bwd_w, bwd_idx, fwd_w, fwd_idx = (
+            link, link_t, precedence, precedence_idx, link_w, link_w_idx = (
                 sparse_links.temporal_step(
                     link, link_t, write_weights, small["precedence"], prev_w, link_idx,
                     link_t_idx, write_indices, small["precedence_indices"], prev_idx, reset,
@@ -293,7 +400,7 @@ class SDNCCore(MemoryCore):
             )  # fmt: skip
 
             # 5. write and content read (SAM), with the rows of b_t and f_t
-            extra = torch.cat([bwd_idx, fwd_idx], dim=-1).flatten(1)  # [B, R·2K]
+            extra = link_w_idx.view(B, R * 2 * K)  # per head [b_t | f_t]
             args = (memory, write_vector, write_weights, keys.view(B, R, W), strengths)
             if self.fused:
                 memory, content_w, content_idx, content_r, extra_rows = (
@@ -307,15 +414,9 @@ class SDNCCore(MemoryCore):
                 )
 
             # 6. w^R_t = π[0] b + π[1] c + π[2] f, r_t = Σ w^R M_t
-            link_w = torch.cat([modes[..., :1] * bwd_w, modes[..., 2:] * fwd_w], dim=-1)
-            read_vectors = modes[..., 1:2] * content_r + torch.einsum(
-                "brk,brkw->brw", link_w, extra_rows.view(B, R, 2 * K, W)
+            read_vectors, read_weights, read_idx = read_mix(
+                modes, link_w, link_w_idx, content_w, content_idx, content_r, extra_rows
             )
-            read_weights = torch.cat(
-                [modes[..., :1] * bwd_w, modes[..., 1:2] * content_w, modes[..., 2:] * fwd_w],
-                dim=-1,
-            )
-            read_idx = torch.cat([bwd_idx, content_idx.long(), fwd_idx], dim=-1)
 
             last_access, time = sparse_access.usage_update(
                 small["last_access"],
@@ -326,9 +427,9 @@ class SDNCCore(MemoryCore):
             small = {
                 "time": time,
                 "read_weights": read_weights,
-                "read_indices": read_idx.to(dtype),
+                "read_indices": read_idx,
                 "write_weights": write_weights,
-                "write_indices": write_indices.to(dtype),
+                "write_indices": write_indices,
                 "last_access": last_access,
                 "precedence": precedence,
                 "precedence_indices": precedence_idx,
@@ -342,9 +443,9 @@ class SDNCCore(MemoryCore):
                         "last_access": last_access.clone(),
                         "time": time,
                         "read_weights": read_weights,
-                        "read_indices": small["read_indices"],
+                        "read_indices": read_idx.to(dtype),
                         "write_weights": write_weights,
-                        "write_indices": small["write_indices"],
+                        "write_indices": write_indices.to(dtype),
                         "link": link.detach().clone(),
                         "link_indices": link_idx.to(dtype),
                         "link_t": link_t.detach().clone(),
@@ -353,10 +454,10 @@ class SDNCCore(MemoryCore):
                         "precedence_indices": precedence_idx.to(dtype),
                         "content_weights": content_w,
                         "content_indices": content_idx,
-                        "forward_weights": fwd_w,
-                        "forward_indices": fwd_idx.to(dtype),
-                        "backward_weights": bwd_w,
-                        "backward_indices": bwd_idx.to(dtype),
+                        "forward_weights": link_w[..., K:],
+                        "forward_indices": link_w_idx[..., K:].to(dtype),
+                        "backward_weights": link_w[..., :K],
+                        "backward_indices": link_w_idx[..., :K].to(dtype),
                         "read_modes": modes,
                         "lru": lru.to(dtype),
                         "read_vectors": read_vectors,

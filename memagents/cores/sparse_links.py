@@ -328,31 +328,31 @@ def temporal_step(
     ``f_t = L_t w^R_{t-1}`` (:func:`directional_read`, from the rows of ``L_t`` and ``L_tᵀ`` at
     the rows of ``w^R_{t-1}``).
 
-    On CPU float tensors with the native kernel (``csrc/sparse_links.cpp``) this is one
-    :class:`NativeTemporalStep` (one kernel call forward, one backward); otherwise the torch
-    functions above, which are the reference (same values, gradients and tie-breaking).
+    On CPU float tensors with the native kernel (``csrc/sparse_links.cpp``) this is one kernel
+    call forward (:class:`NativeTemporalStep` when a gradient is needed) and one backward;
+    otherwise the torch functions above, which are the reference (same values, indices,
+    tie-breaking and gradients; tests compare both in float64).
 
     :param link: ``[B, N, K_L]`` values of ``L_{t-1}``; ``link_t`` of ``L_{t-1}ᵀ`` (contiguous,
         owned by the caller: modified in place).
     :param write_weights: ``[B, J]`` ``w^W_t``; ``write_idx`` ``[B, J]`` long (duplicates add).
     :param precedence: ``[B, K_L]`` ``p_{t-1}``; ``precedence_idx`` ``[B, K_L]`` long, distinct.
     :param read_weights: ``[B, R, S]`` ``w^R_{t-1}``; ``read_idx`` ``[B, R, S]`` long.
-    :param link_idx: ``[B, N, K_L]`` long columns of ``L`` (``link_t_idx``: of ``Lᵀ``), modified
-        in place.
+    :param link_idx: ``[B, N, K_L]`` long columns of ``L`` (``link_t_idx``: of ``Lᵀ``),
+        contiguous, modified in place.
     :param reset: ``[n]`` long batch elements whose links are emptied first.
     :param owns_grad: as in :class:`SparseLinkStep`.
-    :param k: ``K``, entries kept per head by each link read.
-    :return: ``(link, link_t, p_t [B, K_L], p_t indices, b_t [B, R, K], b_t indices, f_t
-        [B, R, K], f_t indices)`` (indices long, no gradient).
+    :param k: ``K``, entries kept per head by each link read (``K ≤ S·K_L``).
+    :return: ``(link, link_t, p_t [B, K_L], p_t's rows [B, K_L] long, dir [B, R, 2K],
+        dir_idx [B, R, 2K] long)`` with ``dir = [b_t | f_t]`` per head.
     """
-    lib = _kernel()
+    lib = native_kernel()
     tensors = (link, link_t, write_weights, precedence, read_weights)
     if lib is not None and native.usable(*tensors):
-        record = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-        return NativeTemporalStep.apply(
-            *tensors, link_idx, link_t_idx, write_idx, precedence_idx, read_idx, reset,
-            owns_grad, k, record, lib,
-        )  # fmt: skip
+        indices = (link_idx, link_t_idx, write_idx, precedence_idx, read_idx, reset)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return NativeTemporalStep.apply(*tensors, *indices, owns_grad, k, lib)
+        return (link, link_t, *_native_forward(lib, *tensors, *indices, k, save=False)[:4])
     B, R, S = read_weights.shape
     KL = link.shape[-1]
     link, link_t, rows, rows_idx, rows_t, rows_t_idx = SparseLinkStep.apply(
@@ -366,33 +366,93 @@ def temporal_step(
     fwd_w, fwd_idx = directional_read(
         read_weights, read_idx, rows_t.view(B, R, S, KL), rows_t_idx.view(B, R, S, KL), k
     )
-    return link, link_t, prec, prec_idx, bwd_w, bwd_idx, fwd_w, fwd_idx
+    dir_w = torch.cat([bwd_w, fwd_w], dim=-1)
+    return link, link_t, prec, prec_idx, dir_w, torch.cat([bwd_idx, fwd_idx], dim=-1)
 
 
-def _kernel() -> ctypes.CDLL | None:
-    """The native kernel library (``None``: torch path). Tests monkeypatch this."""
+def native_kernel() -> ctypes.CDLL | None:
+    """The kernel library of ``csrc/sparse_links.cpp`` with its signatures set, or ``None``
+    (native kernels off or unbuildable: the torch paths run). Tests monkeypatch this."""
     lib = native.load("sparse_links")
     if lib is not None and not hasattr(lib, "_memagents_ready"):
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        for name in ("sdnc_links_forward_f32", "sdnc_links_forward_f64"):
-            fn = getattr(lib, name)
-            fn.argtypes = [i64] * 7 + [ptr] * 11 + [i64] + [ptr] * 6 + [ctypes.c_int] + [ptr] * 9
-            fn.restype = None
-        for name in ("sdnc_links_backward_f32", "sdnc_links_backward_f64"):
-            fn = getattr(lib, name)
-            fn.argtypes = [i64] * 7 + [ptr] * 12 + [i64] + [ptr] * 12
-            fn.restype = None
+        signatures = {
+            "sdnc_links_forward": [i64] * 7 + [ptr] * 11 + [i64] + [ptr] * 6,
+            "sdnc_links_backward": [i64] * 7 + [ptr] * 11 + [i64] + [ptr] * 5,
+            "sdnc_mix_forward": [i64] * 4 + [ptr] * 10,
+            "sdnc_mix_backward": [i64] * 4 + [ptr] * 12,
+        }
+        for name, argtypes in signatures.items():
+            for suffix in ("f32", "f64"):
+                fn = getattr(lib, f"{name}_{suffix}")
+                fn.argtypes, fn.restype = argtypes, None
         lib._memagents_ready = True
     return lib
+
+
+def kernel_fn(lib: ctypes.CDLL, name: str, like: Tensor):
+    """The kernel ``<name>_f32`` or ``<name>_f64`` for the dtype of ``like``."""
+    return getattr(lib, f"{name}_{'f64' if like.dtype == torch.float64 else 'f32'}")
+
+
+def _p(t: Tensor | None) -> int | None:
+    """Data pointer of a contiguous tensor (``None``: a null pointer)."""
+    return None if t is None else t.data_ptr()
+
+
+def saved_sizes(B: int, L: int, J: int, R: int, S: int, K: int) -> tuple[int, int]:
+    """Lengths of the int32 and the value buffer a recorded forward saves (``struct Saved`` of
+    the kernel): per element and link, ``U = J·(1 + K_L) + K_L`` touched rows (row number, old
+    values and columns, selected positions), the precedence's selected positions, and per head
+    the ``S`` link rows each read used (values, columns) and its selected positions."""
+    U = J * (1 + L) + L
+    n_i32 = 2 * B + 2 * B * U + 2 * (2 * B * U * L) + B * L + 2 * B * R * S * L + 2 * B * R * K
+    return n_i32, 2 * B * U * L + 2 * B * R * S * L
+
+
+def _native_forward(
+    lib, link, link_t, write_weights, precedence, read_weights,
+    link_idx, link_t_idx, write_idx, precedence_idx, read_idx, reset, k, save,
+):  # fmt: skip
+    """One kernel call: updates the links in place and returns ``(p_t, p_t idx, dir, dir_idx,
+    saved int32 buffer, saved value buffer)`` (the buffers ``None`` unless ``save``)."""
+    B, N, L = link.shape
+    J, R, S = write_idx.shape[1], read_idx.shape[1], read_idx.shape[2]
+    if S * L < k or L >= N:
+        raise ValueError(f"link reads need K <= S·K_L and K_L < N; got S={S}, K_L={L}, K={k}")
+    for t in (link, link_t, link_idx, link_t_idx):
+        if not t.is_contiguous():
+            raise ValueError("the link tensors are updated in place and must be contiguous")
+    w, p, rw = (t.detach().contiguous() for t in (write_weights, precedence, read_weights))
+    w_idx, p_idx, r_idx, reset = (
+        t.contiguous() for t in (write_idx, precedence_idx, read_idx, reset)
+    )
+    dtype = link.dtype
+    p_out = torch.empty(B, L, dtype=dtype)
+    dir_w = torch.empty(B, R, 2 * k, dtype=dtype)
+    p_out_idx = torch.empty(B, L, dtype=torch.long)
+    dir_idx = torch.empty(B, R, 2 * k, dtype=torch.long)
+    saved_i32 = saved_t = None
+    if save:
+        n_i32, n_t = saved_sizes(B, L, J, R, S, k)
+        saved_i32 = torch.empty(n_i32, dtype=torch.int32)
+        saved_t = torch.empty(n_t, dtype=dtype)
+    kernel_fn(lib, "sdnc_links_forward", link)(
+        B, N, L, J, R, S, k,
+        *map(_p, (link, link_t, link_idx, link_t_idx, w, w_idx, p, p_idx, rw, r_idx, reset)),
+        reset.numel(),
+        *map(_p, (p_out, p_out_idx, dir_w, dir_idx, saved_i32, saved_t)),
+    )  # fmt: skip
+    return p_out, p_out_idx, dir_w, dir_idx, saved_i32, saved_t
 
 
 class NativeTemporalStep(torch.autograd.Function):
     """:func:`temporal_step` as one native kernel call forward and one backward.
 
     Forward updates ``L`` and ``Lᵀ`` in place (each touched row once), then ``p_t`` and the two
-    link reads. When ``record`` is set it saves, per batch element, the touched rows before the
-    update (at most ``U = J·(1 + K_L) + K_L`` rows per link, ``O(U·K_L)``), the positions each
-    top-``K_L`` selected, and the ``R·S`` link rows each read used (``O(R·S·K_L)``); backward
+    link reads, and saves per batch element the touched rows before the update (at most
+    ``U = J·(1 + K_L) + K_L`` rows per link: ``O(U·K_L)``), the positions each top-``K_L`` and
+    top-``K`` selected, and the ``R·S`` link rows each read used (``O(R·S·K_L)``). Backward
     recomputes the rows' gradients from them and passes the dense link-gradient buffers on in
     place, as :class:`SparseLinkStep` does.
     """
@@ -400,88 +460,42 @@ class NativeTemporalStep(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, link, link_t, write_weights, precedence, read_weights,
-        link_idx, link_t_idx, write_idx, precedence_idx, read_idx, reset, owns_grad, k, record,
-        lib,
+        link_idx, link_t_idx, write_idx, precedence_idx, read_idx, reset, owns_grad, k, lib,
     ):  # fmt: skip
-        B, N, L = link.shape
-        J, R, S = write_idx.shape[1], read_idx.shape[1], read_idx.shape[2]
-        if S * L < k or L + 1 > N:
-            raise ValueError(f"link reads need S·K_L >= K and K_L < N; got S={S}, K_L={L}, K={k}")
-        U = J * (1 + L) + L
-        write_weights, precedence, read_weights = (
-            t.contiguous() for t in (write_weights, precedence, read_weights)
-        )
-        write_idx, precedence_idx, read_idx, reset = (
-            t.contiguous() for t in (write_idx, precedence_idx, read_idx, reset)
-        )
-        new = link.new_empty
-        p_out, b_out, f_out = new(B, L), new(B, R, k), new(B, R, k)
-        idx = write_idx.new_empty
-        p_out_idx, b_out_idx, f_out_idx = idx(B, L), idx(B, R, k), idx(B, R, k)
-        i32 = torch.int32
-        if record:
-            saved = [
-                torch.empty(B, 2, dtype=i32),  # n_rows
-                torch.empty(B, 2, U, dtype=i32),  # rows
-                new(B, 2, U, L),  # old
-                torch.empty(B, 2, U, L, dtype=i32),  # old_idx
-                torch.empty(B, 2, U, L, dtype=i32),  # sel
-                torch.empty(B, L, dtype=i32),  # p_sel
-                new(B, 2, R, S, L),  # read_vals
-                torch.empty(B, 2, R, S, L, dtype=i32),  # read_idx
-                torch.empty(B, 2, R, k, dtype=i32),  # read_sel
-            ]
-            saved_ptrs = [native.ptr(t) for t in saved]
-        else:
-            saved = []
-            saved_ptrs = [None] * 9
-        fn = (
-            lib.sdnc_links_forward_f64
-            if link.dtype == torch.float64
-            else lib.sdnc_links_forward_f32
-        )
-        fn(
-            B, N, L, J, R, S, k,
-            *map(native.ptr, (link, link_t, link_idx, link_t_idx, write_weights, write_idx,
-                              precedence, precedence_idx, read_weights, read_idx, reset)),
-            reset.numel(),
-            *map(native.ptr, (p_out, p_out_idx, b_out, b_out_idx, f_out, f_out_idx)),
-            int(record), *saved_ptrs,
+        p_out, p_out_idx, dir_w, dir_idx, saved_i32, saved_t = _native_forward(
+            lib, link, link_t, write_weights, precedence, read_weights,
+            link_idx, link_t_idx, write_idx, precedence_idx, read_idx, reset, k, save=True,
         )  # fmt: skip
-        ctx.shape = (B, N, L, J, R, S, k)
+        ctx.shape = (*link.shape, write_idx.shape[1], *read_idx.shape[1:], k)
         ctx.owns_grad = owns_grad
         ctx.lib = lib
-        if record:
-            ctx.save_for_backward(
-                write_weights, write_idx, precedence, precedence_idx, read_weights, read_idx,
-                reset, *saved,
-            )  # fmt: skip
+        ctx.save_for_backward(
+            write_weights, write_idx, precedence, precedence_idx, read_weights, read_idx, reset,
+            saved_i32, saved_t,
+        )  # fmt: skip
+        ctx.set_materialize_grads(False)
         ctx.mark_dirty(link, link_t)
-        ctx.mark_non_differentiable(p_out_idx, b_out_idx, f_out_idx)
-        return link, link_t, p_out, p_out_idx, b_out, b_out_idx, f_out, f_out_idx
+        ctx.mark_non_differentiable(p_out_idx, dir_idx)
+        return link, link_t, p_out, p_out_idx, dir_w, dir_idx
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g_link, g_link_t, g_p, _g_pi, g_b, _g_bi, g_f, _g_fi):
+    def backward(ctx, g_link, g_link_t, g_p, _g_pi, g_dir, _g_di):
         B, N, L, J, R, S, k = ctx.shape
-        if not ctx.saved_tensors:
-            raise RuntimeError("NativeTemporalStep ran without record=True; no backward")
-        w, w_idx, p, p_idx, rw, rw_idx, reset, *saved = ctx.saved_tensors
+        w, w_idx, p, p_idx, rw, rw_idx, reset, saved_i32, saved_t = ctx.saved_tensors
         grads = []
         for g in (g_link, g_link_t):
-            if not (ctx.owns_grad and g.is_contiguous()):
+            if g is None:
+                g = torch.zeros(B, N, L, dtype=w.dtype)
+            elif not (ctx.owns_grad and g.is_contiguous()):
                 g = g.clone(memory_format=torch.contiguous_format)
             grads.append(g)
-        g_p, g_b, g_f = (g.contiguous() for g in (g_p, g_b, g_f))
+        g_p, g_dir = (None if g is None else g.contiguous() for g in (g_p, g_dir))
         g_w, g_prec, g_rw = torch.empty_like(w), torch.empty_like(p), torch.empty_like(rw)
-        lib = ctx.lib
-        fn = (
-            lib.sdnc_links_backward_f64 if w.dtype == torch.float64 else lib.sdnc_links_backward_f32
-        )
-        fn(
+        kernel_fn(ctx.lib, "sdnc_links_backward", w)(
             B, N, L, J, R, S, k,
-            *map(native.ptr, (*grads, g_p, g_b, g_f, w, w_idx, p, p_idx, rw, rw_idx, reset)),
+            *map(_p, (*grads, g_p, g_dir, w, w_idx, p, p_idx, rw, rw_idx, reset)),
             reset.numel(),
-            *map(native.ptr, (*saved, g_w, g_prec, g_rw)),
+            *map(_p, (saved_i32, saved_t, g_w, g_prec, g_rw)),
         )  # fmt: skip
-        return (grads[0], grads[1], g_w, g_prec, g_rw) + (None,) * 10
+        return (grads[0], grads[1], g_w, g_prec, g_rw) + (None,) * 9

@@ -48,10 +48,24 @@ struct Scratch {
     }
 };
 
+// Raw pointers into the calling thread's Scratch (taken once per call: every access through the
+// thread_local itself would cost a TLS lookup) and the generation counter, written back by done().
 template <typename T>
-Scratch<T>& scratch() {
+struct Maps {
+    i32* wslot;
+    i32* pslot;
+    i64* stamp;
+    T* acc;
+    i64 gen;
+    Scratch<T>* home;
+    void done() { home->gen = gen; }
+};
+
+template <typename T>
+Maps<T> maps(i64 n) {
     thread_local Scratch<T> s;
-    return s;
+    s.ensure(n);
+    return Maps<T>{s.wslot.data(), s.pslot.data(), s.stamp.data(), s.acc.data(), s.gen, &s};
 }
 
 // Positions of the k largest scores among n, in descending order; ties go to the earlier
@@ -85,7 +99,7 @@ struct Batch {
     T* wsum;      // [J] merged w at the first entry of each row
     T* psum;      // [L] merged p at the first entry of each row
     char* first;  // [J] first occurrence of w_idx[j]
-    Scratch<T>* sc;
+    Maps<T>* sc;
 
     T wm(i64 row) const {
         i32 s = sc->wslot[row];
@@ -149,7 +163,12 @@ void update_row(const Batch<T>& bt, bool transpose, i64 r, T* vals, i64* idx, i3
         cs[k] = ex;
         ci[k] = c;
     }
-    i64 C = transpose ? bt.J : L;
+    // New entries are w[i] p[j]: all 0 when the row's own factor (w[i] for L, p[j] for L^T) is 0,
+    // as for most touched rows. A 0 candidate never beats an entry >= 0 that precedes it, so
+    // then only the old entries compete (same selection, a few compares instead of K_L + J).
+    bool none = (transpose ? p_row : w_row) == T(0);
+    for (i64 k = 0; none && k < L; ++k) none = cs[k] >= T(0);
+    i64 C = none ? 0 : transpose ? bt.J : L;
     for (i64 m = 0; m < C; ++m) {
         i64 c = transpose ? bt.w_idx[m] : bt.p_idx[m];
         bool ok = (!transpose || bt.first[m]) && c != r && !in_row<T>(idx, L, c);
@@ -165,15 +184,43 @@ void update_row(const Batch<T>& bt, bool transpose, i64 r, T* vals, i64* idx, i3
     }
 }
 
+// Offsets of the saved buffers (one int32 and one T buffer; sizes as saved_sizes() in Python).
+struct Saved {
+    i64 n_rows, rows, old_idx, sel, p_sel, read_idx, read_sel, n_i32;  // int32 buffer
+    i64 old, read_vals, n_t;                                          // T buffer
+    Saved(i64 B, i64 L, i64 J, i64 R, i64 S, i64 K) {
+        const i64 U = J * (1 + L) + L;
+        n_rows = 0;
+        rows = n_rows + B * 2;
+        old_idx = rows + B * 2 * U;
+        sel = old_idx + B * 2 * U * L;
+        p_sel = sel + B * 2 * U * L;
+        read_idx = p_sel + B * L;
+        read_sel = read_idx + B * 2 * R * S * L;
+        n_i32 = read_sel + B * 2 * R * K;
+        old = 0;
+        read_vals = old + B * 2 * U * L;
+        n_t = read_vals + B * 2 * R * S * L;
+    }
+};
+
 template <typename T>
 void forward(i64 B, i64 N, i64 L, i64 J, i64 R, i64 S, i64 K, T* link, T* link_t, i64* link_idx,
              i64* link_t_idx, const T* w, const i64* w_idx, const T* p, const i64* p_idx,
              const T* rw, const i64* rw_idx, const i64* reset, i64 n_reset, T* p_out,
-             i64* p_out_idx, T* b_out, i64* b_out_idx, T* f_out, i64* f_out_idx, int save,
-             i32* n_rows, i32* rows, T* old, i32* old_idx, i32* sel, i32* p_sel, T* read_vals,
-             i32* read_idx, i32* read_sel) {
-    Scratch<T>& sc = scratch<T>();
-    sc.ensure(N);
+             i64* p_out_idx, T* dir_out, i64* dir_out_idx, i32* saved_i32, T* saved_t) {
+    const bool save = saved_i32 != nullptr;
+    const Saved off(B, L, J, R, S, K);
+    i32* n_rows = save ? saved_i32 + off.n_rows : nullptr;
+    i32* rows = save ? saved_i32 + off.rows : nullptr;
+    i32* old_idx = save ? saved_i32 + off.old_idx : nullptr;
+    i32* sel = save ? saved_i32 + off.sel : nullptr;
+    i32* p_sel = save ? saved_i32 + off.p_sel : nullptr;
+    i32* read_idx = save ? saved_i32 + off.read_idx : nullptr;
+    i32* read_sel = save ? saved_i32 + off.read_sel : nullptr;
+    T* old = save ? saved_t + off.old : nullptr;
+    T* read_vals = save ? saved_t + off.read_vals : nullptr;
+    Maps<T> sc = maps<T>(N);
     const i64 U = J * (1 + L) + L;
     const i64 C = (J > L ? J : L) + L;
     const i64 SL = S * L;
@@ -271,8 +318,8 @@ void forward(i64 B, i64 N, i64 L, i64 J, i64 R, i64 S, i64 K, T* link, T* link_t
         // b_t from rows of L_t (set 0), f_t from rows of L_t^T (set 1), per head: the rows of
         // w^R_{t-1} weighted, duplicates merged at their first position, top K
         for (int set = 0; set < 2; ++set) {
-            T* outv = set == 0 ? b_out : f_out;
-            i64* outi = set == 0 ? b_out_idx : f_out_idx;
+            T* outv = dir_out + set * K;  // [B, R, 2K]: b_t | f_t per head
+            i64* outi = dir_out_idx + set * K;
             for (i64 h = 0; h < R; ++h) {
                 const T* wr = rw + (b * R + h) * S;
                 const i64* wr_idx = rw_idx + (b * R + h) * S;
@@ -306,23 +353,32 @@ void forward(i64 B, i64 N, i64 L, i64 J, i64 R, i64 S, i64 K, T* link, T* link_t
                 select_top<T>(cs.data(), (int)SL, (int)K, s, best.data());
                 for (i64 k = 0; k < K; ++k) {
                     i64 c = s[k];
-                    outv[(b * R + h) * K + k] = pos_first[c] ? cs[c] : T(0);
-                    outi[(b * R + h) * K + k] = ci[c];
+                    outv[(b * R + h) * 2 * K + k] = pos_first[c] ? cs[c] : T(0);
+                    outi[(b * R + h) * 2 * K + k] = ci[c];
                 }
             }
         }
     }
+    sc.done();
 }
 
+// g_p_out, g_dir may be null (no gradient reached those outputs).
 template <typename T>
 void backward(i64 B, i64 N, i64 L, i64 J, i64 R, i64 S, i64 K, T* g_link, T* g_link_t,
-              const T* g_p_out, const T* g_b, const T* g_f, const T* w, const i64* w_idx,
-              const T* p, const i64* p_idx, const T* rw, const i64* rw_idx, const i64* reset,
-              i64 n_reset, const i32* n_rows, const i32* rows, const T* old, const i32* old_idx,
-              const i32* sel, const i32* p_sel, const T* read_vals, const i32* read_idx,
-              const i32* read_sel, T* g_w, T* g_p, T* g_rw) {
-    Scratch<T>& sc = scratch<T>();
-    sc.ensure(N);
+              const T* g_p_out, const T* g_dir, const T* w, const i64* w_idx, const T* p,
+              const i64* p_idx, const T* rw, const i64* rw_idx, const i64* reset, i64 n_reset,
+              const i32* saved_i32, const T* saved_t, T* g_w, T* g_p, T* g_rw) {
+    const Saved off(B, L, J, R, S, K);
+    const i32* n_rows = saved_i32 + off.n_rows;
+    const i32* rows = saved_i32 + off.rows;
+    const i32* old_idx = saved_i32 + off.old_idx;
+    const i32* sel = saved_i32 + off.sel;
+    const i32* p_sel = saved_i32 + off.p_sel;
+    const i32* read_idx = saved_i32 + off.read_idx;
+    const i32* read_sel = saved_i32 + off.read_sel;
+    const T* old = saved_t + off.old;
+    const T* read_vals = saved_t + off.read_vals;
+    Maps<T> sc = maps<T>(N);
     const i64 U = J * (1 + L) + L;
     const i64 SL = S * L;
     std::vector<T> wsum(J), psum(L), gws(J), gps(L), gpd(L), g_new(L), g_old(L);
@@ -347,8 +403,8 @@ void backward(i64 B, i64 N, i64 L, i64 J, i64 R, i64 S, i64 K, T* g_link, T* g_l
         T* gbuf[2] = {g_link + b * N * L, g_link_t + b * N * L};
 
         // link reads: g of each selected (first-occurrence) row, spread over its candidates
-        for (int set = 0; set < 2; ++set) {
-            const T* g_out = set == 0 ? g_b : g_f;
+        for (int set = 0; g_dir && set < 2; ++set) {
+            const T* g_out = g_dir + set * K;  // [B, R, 2K]: b_t | f_t per head
             for (i64 h = 0; h < R; ++h) {
                 const T* wr = rw + (b * R + h) * S;
                 const i64* wr_idx = rw_idx + (b * R + h) * S;
@@ -365,7 +421,7 @@ void backward(i64 B, i64 N, i64 L, i64 J, i64 R, i64 S, i64 K, T* g_link, T* g_l
                             is_first = false;
                             break;
                         }
-                    if (is_first) sc.acc[ix[c]] += g_out[(b * R + h) * K + k];
+                    if (is_first) sc.acc[ix[c]] += g_out[(b * R + h) * 2 * K + k];
                 }
                 for (i64 s2 = 0; s2 < S; ++s2) {
                     T* grow = gbuf[set] + wr_idx[s2] * L;
@@ -383,7 +439,7 @@ void backward(i64 B, i64 N, i64 L, i64 J, i64 R, i64 S, i64 K, T* g_link, T* g_l
         {
             T total = T(0), g_total = T(0);
             for (i64 j = 0; j < J; ++j) total += bt.w[j];
-            for (i64 k2 = 0; k2 < L; ++k2) {
+            for (i64 k2 = 0; g_p_out && k2 < L; ++k2) {
                 T g = g_p_out[b * L + k2];
                 i64 q = p_sel[b * L + k2];
                 if (q < L) {
@@ -458,30 +514,120 @@ void backward(i64 B, i64 N, i64 L, i64 J, i64 R, i64 S, i64 K, T* g_link, T* g_l
     }
 }
 
+// The SDNC's read weighting and read vectors (DNC read modes over SAM's sparse reads):
+//   w^R = [pi_b b_t | pi_c c_t | pi_f f_t]            [B, R, 3K]
+//   r   = pi_c r_c + sum_k (pi_b b_t[k]) M[b_idx[k]] + sum_k (pi_f f_t[k]) M[f_idx[k]]
+// modes [B, R, 3] (pi_b, pi_c, pi_f), dir [B, R, 2K] (b_t | f_t), dir_idx int64 [B, R, 2K],
+// cw [B, R, K] content weights, c_idx [B, R, K] their rows (exact integers in T), cr [B, R, W]
+// content read vectors, er [B, R, 2K, W] the memory rows at dir_idx; ri_out int64 [B, R, 3K]
+// the rows of w^R (b_idx | c_idx | f_idx).
+template <typename T>
+void mix_forward(i64 B, i64 R, i64 K, i64 W, const T* modes, const T* dir, const i64* dir_idx,
+                 const T* cw, const T* c_idx, const T* cr, const T* er, T* rw_out, T* rv_out,
+                 i64* ri_out) {
+    for (i64 bh = 0; bh < B * R; ++bh) {
+        const T* pi = modes + bh * 3;
+        const T* d = dir + bh * 2 * K;
+        const i64* di = dir_idx + bh * 2 * K;
+        T* o = rw_out + bh * 3 * K;
+        i64* ol = ri_out + bh * 3 * K;
+        for (i64 k = 0; k < K; ++k) {
+            o[k] = pi[0] * d[k];
+            o[K + k] = pi[1] * cw[bh * K + k];
+            o[2 * K + k] = pi[2] * d[K + k];
+            ol[k] = di[k];
+            ol[K + k] = (i64)c_idx[bh * K + k];
+            ol[2 * K + k] = di[K + k];
+        }
+        T* v = rv_out + bh * W;
+        for (i64 x = 0; x < W; ++x) v[x] = pi[1] * cr[bh * W + x];
+        for (i64 k = 0; k < 2 * K; ++k) {
+            T a = k < K ? o[k] : o[K + k];  // pi_b b_t[k] or pi_f f_t[k - K]
+            const T* row = er + (bh * 2 * K + k) * W;
+            for (i64 x = 0; x < W; ++x) v[x] += a * row[x];
+        }
+    }
+}
+
+// g_rv [B, R, W], g_rw [B, R, 3K] may be null (no gradient reached them).
+template <typename T>
+void mix_backward(i64 B, i64 R, i64 K, i64 W, const T* modes, const T* dir, const T* cw,
+                  const T* cr, const T* er, const T* g_rv, const T* g_rw, T* g_modes, T* g_dir,
+                  T* g_cw, T* g_cr, T* g_er) {
+    for (i64 bh = 0; bh < B * R; ++bh) {
+        const T* pi = modes + bh * 3;
+        const T* d = dir + bh * 2 * K;
+        const T* gv = g_rv ? g_rv + bh * W : nullptr;
+        const T* gw = g_rw ? g_rw + bh * 3 * K : nullptr;
+        T gm[3] = {T(0), T(0), T(0)};
+        for (i64 k = 0; k < 2 * K; ++k) {
+            const i64 m = k < K ? 0 : 2;  // mode of this slot
+            const T* row = er + (bh * 2 * K + k) * W;
+            T* grow = g_er + (bh * 2 * K + k) * W;
+            T dot = T(0);
+            const T a = pi[m] * d[k];
+            for (i64 x = 0; x < W; ++x) {
+                T g = gv ? gv[x] : T(0);
+                dot += row[x] * g;
+                grow[x] = a * g;
+            }
+            T g_mixed = dot + (gw ? gw[k < K ? k : K + k] : T(0));  // dL/d(pi_m d[k])
+            gm[m] += g_mixed * d[k];
+            g_dir[bh * 2 * K + k] = g_mixed * pi[m];
+        }
+        T dot = T(0);
+        for (i64 x = 0; x < W; ++x) {
+            T g = gv ? gv[x] : T(0);
+            dot += cr[bh * W + x] * g;
+            g_cr[bh * W + x] = pi[1] * g;
+        }
+        gm[1] += dot;
+        for (i64 k = 0; k < K; ++k) {
+            T g = gw ? gw[K + k] : T(0);
+            gm[1] += g * cw[bh * K + k];
+            g_cw[bh * K + k] = pi[1] * g;
+        }
+        for (int m = 0; m < 3; ++m) g_modes[bh * 3 + m] = gm[m];
+    }
+}
+
 }  // namespace
 
 #define FORWARD_ARGS(T)                                                                          \
     i64 B, i64 N, i64 L, i64 J, i64 R, i64 S, i64 K, T *link, T *link_t, i64 *link_idx,          \
         i64 *link_t_idx, const T *w, const i64 *w_idx, const T *p, const i64 *p_idx,             \
         const T *rw, const i64 *rw_idx, const i64 *reset, i64 n_reset, T *p_out, i64 *p_out_idx, \
-        T *b_out, i64 *b_out_idx, T *f_out, i64 *f_out_idx, int save, i32 *n_rows, i32 *rows,    \
-        T *old, i32 *old_idx, i32 *sel, i32 *p_sel, T *read_vals, i32 *read_idx, i32 *read_sel
-#define FORWARD_CALL                                                                             \
-    B, N, L, J, R, S, K, link, link_t, link_idx, link_t_idx, w, w_idx, p, p_idx, rw, rw_idx,    \
-        reset, n_reset, p_out, p_out_idx, b_out, b_out_idx, f_out, f_out_idx, save, n_rows, rows, \
-        old, old_idx, sel, p_sel, read_vals, read_idx, read_sel
-#define BACKWARD_ARGS(T)                                                                         \
-    i64 B, i64 N, i64 L, i64 J, i64 R, i64 S, i64 K, T *g_link, T *g_link_t, const T *g_p_out,   \
-        const T *g_b, const T *g_f, const T *w, const i64 *w_idx, const T *p, const i64 *p_idx,  \
-        const T *rw, const i64 *rw_idx, const i64 *reset, i64 n_reset, const i32 *n_rows,        \
-        const i32 *rows, const T *old, const i32 *old_idx, const i32 *sel, const i32 *p_sel,     \
-        const T *read_vals, const i32 *read_idx, const i32 *read_sel, T *g_w, T *g_p, T *g_rw
-#define BACKWARD_CALL                                                                            \
-    B, N, L, J, R, S, K, g_link, g_link_t, g_p_out, g_b, g_f, w, w_idx, p, p_idx, rw, rw_idx,   \
-        reset, n_reset, n_rows, rows, old, old_idx, sel, p_sel, read_vals, read_idx, read_sel,    \
-        g_w, g_p, g_rw
+        T *dir_out, i64 *dir_out_idx, i32 *saved_i32, T *saved_t
+#define FORWARD_CALL                                                                            \
+    B, N, L, J, R, S, K, link, link_t, link_idx, link_t_idx, w, w_idx, p, p_idx, rw, rw_idx,   \
+        reset, n_reset, p_out, p_out_idx, dir_out, dir_out_idx, saved_i32, saved_t
+#define BACKWARD_ARGS(T)                                                                        \
+    i64 B, i64 N, i64 L, i64 J, i64 R, i64 S, i64 K, T *g_link, T *g_link_t, const T *g_p_out,  \
+        const T *g_dir, const T *w, const i64 *w_idx, const T *p, const i64 *p_idx,             \
+        const T *rw, const i64 *rw_idx, const i64 *reset, i64 n_reset, const i32 *saved_i32,   \
+        const T *saved_t, T *g_w, T *g_p, T *g_rw
+#define BACKWARD_CALL                                                                           \
+    B, N, L, J, R, S, K, g_link, g_link_t, g_p_out, g_dir, w, w_idx, p, p_idx, rw, rw_idx,     \
+        reset, n_reset, saved_i32, saved_t, g_w, g_p, g_rw
+#define MIX_ARGS(T)                                                                             \
+    i64 B, i64 R, i64 K, i64 W, const T *modes, const T *dir, const i64 *dir_idx, const T *cw,  \
+        const T *c_idx, const T *cr, const T *er, T *rw_out, T *rv_out, i64 *ri_out
+#define MIX_CALL B, R, K, W, modes, dir, dir_idx, cw, c_idx, cr, er, rw_out, rv_out, ri_out
+#define MIX_BACKWARD_ARGS(T)                                                                    \
+    i64 B, i64 R, i64 K, i64 W, const T *modes, const T *dir, const T *cw, const T *cr,         \
+        const T *er, const T *g_rv, const T *g_rw, T *g_modes, T *g_dir, T *g_cw, T *g_cr,      \
+        T *g_er
+#define MIX_BACKWARD_CALL B, R, K, W, modes, dir, cw, cr, er, g_rv, g_rw, g_modes, g_dir, g_cw, g_cr, g_er
 
 EXPORT void sdnc_links_forward_f32(FORWARD_ARGS(float)) { forward<float>(FORWARD_CALL); }
 EXPORT void sdnc_links_forward_f64(FORWARD_ARGS(double)) { forward<double>(FORWARD_CALL); }
 EXPORT void sdnc_links_backward_f32(BACKWARD_ARGS(float)) { backward<float>(BACKWARD_CALL); }
 EXPORT void sdnc_links_backward_f64(BACKWARD_ARGS(double)) { backward<double>(BACKWARD_CALL); }
+EXPORT void sdnc_mix_forward_f32(MIX_ARGS(float)) { mix_forward<float>(MIX_CALL); }
+EXPORT void sdnc_mix_forward_f64(MIX_ARGS(double)) { mix_forward<double>(MIX_CALL); }
+EXPORT void sdnc_mix_backward_f32(MIX_BACKWARD_ARGS(float)) {
+    mix_backward<float>(MIX_BACKWARD_CALL);
+}
+EXPORT void sdnc_mix_backward_f64(MIX_BACKWARD_ARGS(double)) {
+    mix_backward<double>(MIX_BACKWARD_CALL);
+}
