@@ -1237,40 +1237,51 @@ struct Ctrl {
   long xi() const { return 5 * Hd; }  // offset of ξ in the workspace
 };
 
+// The value of row k of the gates' right factor [r0; h0] for batch element b.
+template <class T>
+inline T ctrl_in(const Ctrl& cd, const void* const* ctrl, const long* ctrl_stride, long b,
+                 long k) {
+  return k < cd.RW ? static_cast<const T*>(ctrl[3])[b * ctrl_stride[3] + k]
+                   : static_cast<const T*>(ctrl[1])[b * ctrl_stride[1] + k - cd.RW];
+}
+
+// The small matrix products below run weight-row-outer, batch-inner: each row of W_rh / W_ξ is
+// read once per step and stays in cache while the batch uses it.
 template <class T>
 void controller_forward(const Ctrl& cd, const void* const* ctrl, const long* ctrl_stride,
                         T* h_out, T* c_out, T* cwork) {
   FlushDenormals flush;
-  const long Hd = cd.Hd, RW = cd.RW, X = cd.X, G = cd.G(), K = cd.K();
+  const long B = cd.B, Hd = cd.Hd, X = cd.X, G = cd.G(), K = cd.K(), Sc = cd.size();
   const T* w_rh = static_cast<const T*>(ctrl[4]);
   const T* w_xi = static_cast<const T*>(ctrl[5]);
   const T* bias = static_cast<const T*>(ctrl[6]);
-  std::vector<T> in(K);
-  for (long b = 0; b < cd.B; ++b) {
+  // gates = gates_x + [r0; h0] W_rh, in each element's workspace
+  for (long b = 0; b < B; ++b) {
     const T* gx = static_cast<const T*>(ctrl[0]) + b * ctrl_stride[0];
-    const T* h0 = static_cast<const T*>(ctrl[1]) + b * ctrl_stride[1];
+    std::copy(gx, gx + G, cwork + b * Sc);
+  }
+  for (long k = 0; k < K; ++k)
+    for (long b = 0; b < B; ++b)
+      axpy(cwork + b * Sc, ctrl_in<T>(cd, ctrl, ctrl_stride, b, k), w_rh + k * G, G);
+  auto vs = [](typename Simd<T>::vec v) { return vsigmoid<T>(v); };
+  auto vt = [](typename Simd<T>::vec v) { return vtanh<T>(v); };
+  for (long b = 0; b < B; ++b) {
     const T* c0 = static_cast<const T*>(ctrl[2]) + b * ctrl_stride[2];
-    const T* r0 = static_cast<const T*>(ctrl[3]) + b * ctrl_stride[3];
-    T* act = cwork + b * cd.size();  // gates, then their activations
+    T* act = cwork + b * Sc;  // the gates, then their activations
     T* tc = act + G;
-    T* xi = act + cd.xi();
     T* h = h_out + b * Hd;
     T* c = c_out + b * Hd;
-    std::copy(r0, r0 + RW, in.data());
-    std::copy(h0, h0 + Hd, in.data() + RW);
-    std::copy(gx, gx + G, act);
-    for (long k = 0; k < K; ++k) axpy(act, in[k], w_rh + k * G, G);
-    auto vs = [](typename Simd<T>::vec v) { return vsigmoid<T>(v); };
-    auto vt = [](typename Simd<T>::vec v) { return vtanh<T>(v); };
     vmap(act, act, 2 * Hd, vs);  // σ(i), σ(f)
     vmap(act + 2 * Hd, act + 2 * Hd, Hd, vt);  // tanh(g)
     vmap(act + 3 * Hd, act + 3 * Hd, Hd, vs);  // σ(o)
     for (long k = 0; k < Hd; ++k) c[k] = act[Hd + k] * c0[k] + act[k] * act[2 * Hd + k];
     vmap(tc, c, Hd, vt);
     for (long k = 0; k < Hd; ++k) h[k] = act[3 * Hd + k] * tc[k];
-    std::copy(bias, bias + X, xi);
-    for (long k = 0; k < Hd; ++k) axpy(xi, h[k], w_xi + k * X, X);
+    std::copy(bias, bias + X, act + cd.xi());
   }
+  // ξ = b + h W_ξ
+  for (long k = 0; k < Hd; ++k)
+    for (long b = 0; b < B; ++b) axpy(cwork + b * Sc + cd.xi(), h_out[b * Hd + k], w_xi + k * X, X);
 }
 
 // Given g_h, g_c (null: zero; batch strides) and g_ξ [B, X] (from the access step): res (7) =
@@ -1281,7 +1292,7 @@ void controller_backward(const Ctrl& cd, const void* const* ctrl, const long* ct
                          const T* g_h_all, long g_h_stride, const T* g_c_all, long g_c_stride,
                          const T* g_xi_all, const T* h_all, const T* cwork, void* const* res) {
   FlushDenormals flush;
-  const long Hd = cd.Hd, RW = cd.RW, X = cd.X, G = cd.G(), K = cd.K();
+  const long B = cd.B, Hd = cd.Hd, RW = cd.RW, X = cd.X, G = cd.G(), K = cd.K(), Sc = cd.size();
   const T* w_rh = static_cast<const T*>(ctrl[4]);
   const T* w_xi = static_cast<const T*>(ctrl[5]);
   T* g_gates_all = static_cast<T*>(res[0]);
@@ -1291,16 +1302,25 @@ void controller_backward(const Ctrl& cd, const void* const* ctrl, const long* ct
   T* g_w_rh = static_cast<T*>(res[4]);
   T* g_w_xi = static_cast<T*>(res[5]);
   T* g_bias = static_cast<T*>(res[6]);
-  std::vector<T> gh(Hd);
-  for (long b = 0; b < cd.B; ++b) {
-    const T* g_xi = g_xi_all + b * X;
-    const T* act = cwork + b * cd.size();
+  // ξ = b + h W_ξ: the gradient of h (into g_h0_all as scratch), of W_ξ and of b
+  for (long k = 0; k < Hd; ++k)
+    for (long b = 0; b < B; ++b)
+      g_h0_all[b * Hd + k] = (g_h_all ? g_h_all[b * g_h_stride + k] : T(0)) +
+                             dot(w_xi + k * X, g_xi_all + b * X, X);
+  for (long k = 0; k < Hd; ++k) {
+    T* row = g_w_xi + k * X;
+    std::fill(row, row + X, T(0));
+    for (long b = 0; b < B; ++b) axpy(row, h_all[b * Hd + k], g_xi_all + b * X, X);
+  }
+  std::fill(g_bias, g_bias + X, T(0));
+  for (long b = 0; b < B; ++b) axpy(g_bias, T(1), g_xi_all + b * X, X);
+  // h = σ(o) tanh(c), c = σ(f) c0 + σ(i) tanh(g)
+  for (long b = 0; b < B; ++b) {
+    const T* act = cwork + b * Sc;
     const T* tc = act + G;
     const T* c0 = static_cast<const T*>(ctrl[2]) + b * ctrl_stride[2];
+    const T* gh = g_h0_all + b * Hd;
     T* dg = g_gates_all + b * G;
-    // ξ = b + h W_ξ, then h = σ(o) tanh(c), c = σ(f) c0 + σ(i) tanh(g)
-    for (long k = 0; k < Hd; ++k)
-      gh[k] = (g_h_all ? g_h_all[b * g_h_stride + k] : T(0)) + dot(w_xi + k * X, g_xi, X);
     for (long k = 0; k < Hd; ++k) {
       const T i = act[k], f = act[Hd + k], g = act[2 * Hd + k], o = act[3 * Hd + k];
       const T gc = (g_c_all ? g_c_all[b * g_c_stride + k] : T(0)) +
@@ -1311,27 +1331,22 @@ void controller_backward(const Ctrl& cd, const void* const* ctrl, const long* ct
       dg[2 * Hd + k] = gc * i * (T(1) - g * g);
       dg[3 * Hd + k] = gh[k] * tc[k] * o * (T(1) - o);
     }
-    // gates = gates_x + [r0; h0] W_rh
-    for (long k = 0; k < RW; ++k) g_r0_all[b * RW + k] = dot(w_rh + k * G, dg, G);
-    for (long k = 0; k < Hd; ++k) g_h0_all[b * Hd + k] = dot(w_rh + (RW + k) * G, dg, G);
   }
-  // the parameters, one output row at a time over the batch (the row stays in cache)
+  // gates = gates_x + [r0; h0] W_rh
   for (long k = 0; k < K; ++k) {
+    const T* w = w_rh + k * G;
     T* row = g_w_rh + k * G;
     std::fill(row, row + G, T(0));
-    for (long b = 0; b < cd.B; ++b) {
-      const T in = k < RW ? static_cast<const T*>(ctrl[3])[b * ctrl_stride[3] + k]
-                          : static_cast<const T*>(ctrl[1])[b * ctrl_stride[1] + k - RW];
-      axpy(row, in, g_gates_all + b * G, G);
+    for (long b = 0; b < B; ++b) {
+      const T* dg = g_gates_all + b * G;
+      const T g_in = dot(w, dg, G);
+      if (k < RW)
+        g_r0_all[b * RW + k] = g_in;
+      else
+        g_h0_all[b * Hd + k - RW] = g_in;  // (its gradient of h is no longer needed)
+      axpy(row, ctrl_in<T>(cd, ctrl, ctrl_stride, b, k), dg, G);
     }
   }
-  for (long k = 0; k < Hd; ++k) {
-    T* row = g_w_xi + k * X;
-    std::fill(row, row + X, T(0));
-    for (long b = 0; b < cd.B; ++b) axpy(row, h_all[b * Hd + k], g_xi_all + b * X, X);
-  }
-  std::fill(g_bias, g_bias + X, T(0));
-  for (long b = 0; b < cd.B; ++b) axpy(g_bias, T(1), g_xi_all + b * X, X);
 }
 
 // One whole DNC step: the controller, then the access step on its ξ. out (10): the access
