@@ -1,4 +1,6 @@
-// One DNC memory-access step, forward and backward, per batch element over raw pointers.
+// One DNC memory-access step, forward and backward, per batch element over raw pointers; and a
+// whole DNC step (the LSTM controller's recurrent part and the interface vector, then the access
+// step; see "the controller's recurrent part" below), which DNCCore.forward runs on the CPU.
 //
 // Graves et al. 2016, "Hybrid computing using a neural network with dynamic external memory",
 // Nature 538, Methods ("Memory addressing"): usage and retention, allocation, write weighting,
@@ -97,7 +99,7 @@ struct Simd {
   }
 };
 
-// -- vectorised exp, expm1, sigmoid, tanh -----------------------------------------------------------
+// -- vectorised exp, expm1, sigmoid, tanh ---------------------------------------------------------
 // exp(x) = 2^k e^r with k = round(x / ln 2), r = x - k ln 2 (ln 2 in two parts, Cody & Waite 1980)
 // and e^r - 1 from its Taylor series on |r| <= ln(2)/2 (degree 7 in float, 13 in double: the
 // truncation error is below one ulp), 2^k assembled in the exponent bits. Inputs are clamped to
@@ -197,9 +199,10 @@ inline typename Simd<T>::vec vsigmoid(typename Simd<T>::vec x) {  // 1 / (1 + e^
   return T(1) / (T(1) + vexp<T>(-x));
 }
 
+// tanh(x) = sign(x) t / (2 - t) with t = -expm1(-2|x|): no cancellation near 0.
 template <class T>
-inline typename Simd<T>::vec vtanh(typename Simd<T>::vec x) {  // sign(x) t / (2 + t)... with
-  using V = typename Simd<T>::vec;                             // t = -expm1(-2|x|)
+inline typename Simd<T>::vec vtanh(typename Simd<T>::vec x) {
+  using V = typename Simd<T>::vec;
   const V a = x < T(0) ? -x : x;
   const V t = -vexpm1<T>(T(-2) * a);
   const V y = t / (T(2) - t);
@@ -480,7 +483,8 @@ inline T link_row_backward_fused(const T* dl, const T* l0, const T* w, const T* 
     for (int c = 0; c < C; ++c) g += k1[c] * S::load(rd[c] + j) + k2[c] * S::load(gb[c] + j);
     const V wv = S::load(w + j), l0v = S::load(l0 + j), pv = S::load(p0 + j);
     V l = (vk - wv) * l0v + vw * pv;
-    if (static_cast<unsigned long>(i - j) < static_cast<unsigned long>(L)) g[i - j] = 0, l[i - j] = 0;
+    if (static_cast<unsigned long>(i - j) < static_cast<unsigned long>(L))
+      g[i - j] = 0, l[i - j] = 0;
     S::store(gp0 + j, S::load(gp0 + j) + vw * g);
     acc0 += g * pv;
     acc1 += g * l0v;
@@ -527,6 +531,39 @@ inline T link_row_backward_c(const T* dl, const T* l0, const T* w, const T* p0, 
                                                       gcol, gl0, gr0, dots);
   return link_row_backward_fused<T, C, false, false>(dl, l0, w, p0, i, n, rd0, gb0, c1, c2, gp0,
                                                      gcol, gl0, gr0, dots);
+}
+
+// link_row_forward for C = 1..4 chosen at run time.
+template <class T>
+inline void link_row_forward_any(T* out, const T* l0, const T* w, const T* p0, long i, long n,
+                                 long C, const T* rd0, T* y0, const T* coef, T* dots) {
+  switch (C) {
+    case 4: return link_row_forward<T, 4>(out, l0, w, p0, i, n, rd0, y0, coef, dots);
+    case 3: return link_row_forward<T, 3>(out, l0, w, p0, i, n, rd0, y0, coef, dots);
+    case 2: return link_row_forward<T, 2>(out, l0, w, p0, i, n, rd0, y0, coef, dots);
+    default: return link_row_forward<T, 1>(out, l0, w, p0, i, n, rd0, y0, coef, dots);
+  }
+}
+
+// link_row_backward_c for C = 1..4 chosen at run time.
+template <class T>
+inline T link_row_backward_any(const T* dl, const T* l0, const T* w, const T* p0, long i, long n,
+                               long C, const T* rd0, const T* gb0, const T* c1, const T* c2,
+                               T* gp0, T* gcol, T* gl0, T* gr0, T* dots) {
+  switch (C) {
+    case 4:
+      return link_row_backward_c<T, 4>(dl, l0, w, p0, i, n, rd0, gb0, c1, c2, gp0, gcol, gl0,
+                                       gr0, dots);
+    case 3:
+      return link_row_backward_c<T, 3>(dl, l0, w, p0, i, n, rd0, gb0, c1, c2, gp0, gcol, gl0,
+                                       gr0, dots);
+    case 2:
+      return link_row_backward_c<T, 2>(dl, l0, w, p0, i, n, rd0, gb0, c1, c2, gp0, gcol, gl0,
+                                       gr0, dots);
+    default:
+      return link_row_backward_c<T, 1>(dl, l0, w, p0, i, n, rd0, gb0, c1, c2, gp0, gcol, gl0,
+                                       gr0, dots);
+  }
 }
 
 // out[k][n] = prod_{j != k} x[j][n] for K rows of length n (prefix times suffix, no division;
@@ -617,7 +654,7 @@ struct In {  // the 16 inputs of one batch element (the interface possibly in th
   }
 };
 
-// -- the interface activations (Methods, "Interface parameters") -----------------------------------
+// -- the interface activations (Methods, "Interface parameters") ----------------------------------
 // keys and write vectors as they are; strengths oneplus(x) = 1 + softplus(x) (softplus as torch:
 // x above 20 passes through); erase and gates sigmoid; read modes softmax over K per head.
 template <class T>
@@ -732,7 +769,7 @@ void content_backward(const T* grad, const T* mt, const T* keys, const T* beta, 
   }
 }
 
-// -- allocation a[φ_j] = (1 - u[φ_j]) prod_{i<j} u[φ_i] ---------------------------------------------
+// -- allocation a[φ_j] = (1 - u[φ_j]) prod_{i<j} u[φ_i] -------------------------------------------
 // on u <- EPSILON + (1 - EPSILON) u, φ the stable ascending sort (DNC Methods, "Dynamic memory
 // allocation"; addressing.allocation_weights): sorting (value, slot) pairs keeps ties in slot
 // order like torch.sort(stable=True); NaN sorts last, as in torch.
@@ -786,7 +823,7 @@ void allocation_backward(const T* grad, long N, const int32_t* order, const T* s
   }
 }
 
-// -- the forward ------------------------------------------------------------------------------------
+// -- the forward ----------------------------------------------------------------------------------
 template <class T>
 void forward(const Dims& d, const void* const* in_p, const long* in_stride, const T* raw_all,
              long raw_stride, void* const* out_p, void* work_p, int32_t* order_all) {
@@ -892,12 +929,8 @@ void forward(const Dims& d, const void* const* in_p, const long* in_stride, cons
         for (long r = 0; r < R; ++r) coef[r] = x.read0[r * N + i];
         // L[i, :], with f[r, i] = sum_j L[i, j] w^r[j] and b[r, j] += w^r[i] L[i, j] for the
         // first four read heads in the same pass, the others from the stored row
-        switch (std::min<long>(R, 4)) {
-          case 4: link_row_forward<T, 4>(row, l0 + i * N, w, p0, i, N, x.read0, bwd, coef, dots); break;
-          case 3: link_row_forward<T, 3>(row, l0 + i * N, w, p0, i, N, x.read0, bwd, coef, dots); break;
-          case 2: link_row_forward<T, 2>(row, l0 + i * N, w, p0, i, N, x.read0, bwd, coef, dots); break;
-          default: link_row_forward<T, 1>(row, l0 + i * N, w, p0, i, N, x.read0, bwd, coef, dots); break;
-        }
+        link_row_forward_any(row, l0 + i * N, w, p0, i, N, std::min<long>(R, 4), x.read0, bwd,
+                             coef, dots);
         if (R > 4)
           dots_axpys_rows(row, N, R - 4, x.read0 + 4 * N, bwd + 4 * N, coef + 4, dots + 4);
         for (long r = 0; r < R; ++r) fwd[r * N + i] = dots[r];
@@ -920,7 +953,7 @@ void forward(const Dims& d, const void* const* in_p, const long* in_stride, cons
   }
 }
 
-// -- the backward -----------------------------------------------------------------------------------
+// -- the backward ---------------------------------------------------------------------------------
 template <class T>
 void backward(const Dims& d, const void* const* grad_p, const long* grad_stride,
               const void* const* in_p, const long* in_stride, const T* raw_all, long raw_stride,
@@ -953,7 +986,7 @@ void backward(const Dims& d, const void* const* grad_p, const long* grad_stride,
   T* row = take(N);   // one row of the total gradient of L_t
   T* lrow = take(N);  // one row of L_t
   T* gcol = take(N);  // column sums of G ∘ L_{t-1}
-  T* gA = take(2 * H * N);  // gradient of the allocations, then of the usages
+  T* gA = take(2 * H * N);  // gradient of the allocations [H, N], then room for gCW below
   T* fac = take(RH * N);    // per-head factors (1 - w e, 1 - w0, 1 - f w^r)
   T* oth = take(RH * N);    // products of the other heads' factors
   T* c1 = take(R);          // g_f[:, i]
@@ -1080,13 +1113,8 @@ void backward(const Dims& d, const void* const* grad_p, const long* grad_stride,
           const T* dl = gl ? gl + i * N : nullptr;
           T* out = gl0 ? gl0 + i * N : nullptr;
           const T* l0i = l0 + i * N;
-          T s;
-          switch (R) {
-            case 4: s = link_row_backward_c<T, 4>(dl, l0i, w, p0, i, N, x.read0, gb, c1, c2, gp0, gcol, out, g_read0, dots); break;
-            case 3: s = link_row_backward_c<T, 3>(dl, l0i, w, p0, i, N, x.read0, gb, c1, c2, gp0, gcol, out, g_read0, dots); break;
-            case 2: s = link_row_backward_c<T, 2>(dl, l0i, w, p0, i, N, x.read0, gb, c1, c2, gp0, gcol, out, g_read0, dots); break;
-            default: s = link_row_backward_c<T, 1>(dl, l0i, w, p0, i, N, x.read0, gb, c1, c2, gp0, gcol, out, g_read0, dots); break;
-          }
+          const T s = link_row_backward_any(dl, l0i, w, p0, i, N, R, x.read0, gb, c1, c2, gp0,
+                                            gcol, out, g_read0, dots);
           gW[h * N + i] += s;
           for (long r = 0; r < R; ++r) g_read0[r * N + i] += dots[r];
           continue;
@@ -1228,7 +1256,8 @@ void backward(const Dims& d, const void* const* grad_p, const long* grad_stride,
 //   h = σ(o) tanh(c),  ξ = b + h W_ξ  (the interface vector, then the access step on ξ).
 // ctrl (7): gates_x [4Hd], h0 [Hd], c0 [Hd], r0 [R*W] (batch strides in ctrl_stride), then
 //           W_rh [R*W + Hd, 4Hd], W_ξ [Hd, X], b [X] (contiguous, shared by the batch).
-// Controller workspace per batch element (Sc = 5 Hd + X): σ(i), σ(f), tanh(g), σ(o), tanh(c), ξ.
+// Controller workspace per batch element (Sc = 5 Hd + X): σ(i), σ(f), tanh(g), σ(o), tanh(c),
+// ξ.
 struct Ctrl {
   long B, Hd, RW, X;
   long G() const { return 4 * Hd; }
