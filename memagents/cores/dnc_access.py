@@ -13,6 +13,9 @@ On CPU tensors (float32/float64) both directions run as one call each into a C++
 batch and computes the same equations in the same order; the forward leaves a workspace of
 intermediates (softmax weights, norms, sort order, directional weightings) for the backward.
 The torch code below is the reference and the path for other devices (or ``MEMAGENTS_NATIVE=0``).
+The function also accepts the interface vector ξ before its activations, which it then applies
+itself. :class:`DNCStep` goes one step further for ``DNCCore.forward`` on the CPU: the LSTM
+controller's recurrent part, ξ and the access step in one kernel call per step and direction.
 
 Shapes: ``B`` batch, ``N`` slots, ``W`` word size, ``R`` read heads, ``H`` write heads.
 """
