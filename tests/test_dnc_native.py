@@ -409,10 +409,11 @@ def test_dnc_sequence_with_resets_matches(R, H, monkeypatch):
 
 
 @needs_kernel
-@pytest.mark.parametrize(("R", "H"), [(4, 1), (2, 2)])
-def test_float32_agrees_with_float64(R, H):
-    """The float32 kernel against the float64 torch path, one step (values and gradients)."""
-    inputs = _inputs(4, 24, 16, R, H, seed=2)
+@pytest.mark.parametrize(("N", "W", "R", "H"), [(24, 16, 4, 1), (21, 11, 2, 2)])
+def test_float32_agrees_with_float64(N, W, R, H):
+    """The float32 kernel against the float64 torch path, one step (values and gradients); sizes
+    on and off the vector width."""
+    inputs = _inputs(4, N, W, R, H, seed=2)
     out64, grad64 = _run("torch", DNCAccessStep.apply, inputs)
     out32, grad32 = _run("native", DNCAccessStep.apply, [t.float() for t in inputs])
     tol = {"rtol": 1e-4, "atol": 2e-5}

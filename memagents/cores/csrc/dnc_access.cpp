@@ -47,6 +47,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -261,11 +262,50 @@ inline void axpy(T* __restrict y, T a, const T* __restrict x, long n) {
   for (long j = 0; j < n; ++j) y[j] += a * x[j];
 }
 
-// out [cols, rows] = in [rows, cols] transposed (eight source rows at a time: the writes stay
-// contiguous and the strided reads stay within a few cache lines).
+#if DNC_VEC_BYTES == 32
+// The 8 x 8 float block at in (row stride is) transposed to out (row stride os), in registers:
+// three rounds of two-source shuffles (pairs of rows, pairs of pairs, halves).
+inline void transpose8x8(const float* in, long is, float* out, long os) {
+  using V = Simd<float>::vec;
+  typedef int32_t I __attribute__((vector_size(32)));
+  V r[8], t[8], u[8];
+  for (int k = 0; k < 8; ++k) r[k] = Simd<float>::load(in + k * is);
+  const I lo1 = {0, 8, 1, 9, 4, 12, 5, 13}, hi1 = {2, 10, 3, 11, 6, 14, 7, 15};
+  const I lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
+  const I lo3 = {0, 1, 2, 3, 8, 9, 10, 11}, hi3 = {4, 5, 6, 7, 12, 13, 14, 15};
+  for (int k = 0; k < 8; k += 2) {
+    t[k] = __builtin_shuffle(r[k], r[k + 1], lo1);
+    t[k + 1] = __builtin_shuffle(r[k], r[k + 1], hi1);
+  }
+  for (int k = 0; k < 8; k += 4) {
+    u[k] = __builtin_shuffle(t[k], t[k + 2], lo2);
+    u[k + 1] = __builtin_shuffle(t[k], t[k + 2], hi2);
+    u[k + 2] = __builtin_shuffle(t[k + 1], t[k + 3], lo2);
+    u[k + 3] = __builtin_shuffle(t[k + 1], t[k + 3], hi2);
+  }
+  for (int k = 0; k < 4; ++k) {  // u[k] holds columns k and k + 4 of rows 0-3, u[k + 4] of 4-7
+    Simd<float>::store(out + k * os, __builtin_shuffle(u[k], u[k + 4], lo3));
+    Simd<float>::store(out + (k + 4) * os, __builtin_shuffle(u[k], u[k + 4], hi3));
+  }
+}
+#endif
+
+// out [cols, rows] = in [rows, cols] transposed (float with AVX: 8 x 8 blocks in registers;
+// otherwise eight source rows at a time, so the writes stay contiguous).
 template <class T>
 inline void transpose(const T* __restrict in, long rows, long cols, T* __restrict out) {
   long r0 = 0;
+#if DNC_VEC_BYTES == 32
+  if constexpr (std::is_same_v<T, float>) {
+    for (; r0 + 8 <= rows; r0 += 8) {
+      long c0 = 0;
+      for (; c0 + 8 <= cols; c0 += 8)
+        transpose8x8(in + r0 * cols + c0, cols, out + c0 * rows + r0, rows);
+      for (; c0 < cols; ++c0)
+        for (long k = 0; k < 8; ++k) out[c0 * rows + r0 + k] = in[(r0 + k) * cols + c0];
+    }
+  }
+#endif
   for (; r0 + 8 <= rows; r0 += 8)
     for (long c = 0; c < cols; ++c)
       for (long k = 0; k < 8; ++k) out[c * rows + r0 + k] = in[(r0 + k) * cols + c];
