@@ -344,8 +344,13 @@ class SDNCCore(MemoryCore):
             memory, last_access = a.memory, a.last_access
         link = a.link.clone(memory_format=torch.contiguous_format)
         link_t = a.link_t.clone(memory_format=torch.contiguous_format)
-        link_idx = a.link_indices.long().contiguous()
-        link_t_idx = a.link_t_indices.long().contiguous()
+        # indices in the dtype the link step works in (the values' on the native path: no copy
+        # back at the end), owned copies as well
+        idx_dtype = sparse_links.index_dtype(link)
+        link_idx, link_t_idx = (
+            t.to(idx_dtype, copy=True, memory_format=torch.contiguous_format)
+            for t in (a.link_indices, a.link_t_indices)
+        )
         index = sparse_access.make_index(self.index_kind, memory.detach())
         controller, read_vectors = state.controller, state.read_vectors
         small = {
@@ -447,9 +452,9 @@ class SDNCCore(MemoryCore):
                         "write_weights": write_weights,
                         "write_indices": write_indices.to(dtype),
                         "link": link.detach().clone(),
-                        "link_indices": link_idx.to(dtype),
+                        "link_indices": link_idx.to(dtype, copy=True),
                         "link_t": link_t.detach().clone(),
-                        "link_t_indices": link_t_idx.to(dtype),
+                        "link_t_indices": link_t_idx.to(dtype, copy=True),
                         "precedence": precedence,
                         "precedence_indices": precedence_idx.to(dtype),
                         "content_weights": content_w,

@@ -338,8 +338,9 @@ def temporal_step(
     :param write_weights: ``[B, J]`` ``w^W_t``; ``write_idx`` ``[B, J]`` long (duplicates add).
     :param precedence: ``[B, K_L]`` ``p_{t-1}``; ``precedence_idx`` ``[B, K_L]`` long, distinct.
     :param read_weights: ``[B, R, S]`` ``w^R_{t-1}``; ``read_idx`` ``[B, R, S]`` long.
-    :param link_idx: ``[B, N, K_L]`` long columns of ``L`` (``link_t_idx``: of ``Lᵀ``),
-        contiguous, modified in place.
+    :param link_idx: ``[B, N, K_L]`` columns of ``L`` (``link_t_idx``: of ``Lᵀ``), contiguous,
+        modified in place; in the dtype :func:`index_dtype` gives (others work, through a
+        converted copy).
     :param reset: ``[n]`` long batch elements whose links are emptied first.
     :param owns_grad: as in :class:`SparseLinkStep`.
     :param k: ``K``, entries kept per head by each link read (``K ≤ S·K_L``).
@@ -348,7 +349,18 @@ def temporal_step(
     """
     lib = native_kernel()
     tensors = (link, link_t, write_weights, precedence, read_weights)
-    if lib is not None and native.usable(*tensors):
+    use_native = lib is not None and native.usable(*tensors)
+    wanted = link.dtype if use_native else torch.long
+    if link_idx.dtype != wanted or link_t_idx.dtype != wanted:  # through converted copies
+        idx = [t.to(wanted, memory_format=torch.contiguous_format) for t in (link_idx, link_t_idx)]
+        out = temporal_step(
+            link, link_t, write_weights, precedence, read_weights, *idx, write_idx,
+            precedence_idx, read_idx, reset, owns_grad, k,
+        )  # fmt: skip
+        link_idx.copy_(idx[0])
+        link_t_idx.copy_(idx[1])
+        return out
+    if use_native:
         indices = (link_idx, link_t_idx, write_idx, precedence_idx, read_idx, reset)
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return NativeTemporalStep.apply(*tensors, *indices, owns_grad, k, lib)
@@ -368,6 +380,15 @@ def temporal_step(
     )
     dir_w = torch.cat([bwd_w, fwd_w], dim=-1)
     return link, link_t, prec, prec_idx, dir_w, torch.cat([bwd_idx, fwd_idx], dim=-1)
+
+
+def index_dtype(link: Tensor) -> torch.dtype:
+    """The dtype :func:`temporal_step` keeps the link indices in for link values ``link``: the
+    values' own dtype on the native path (exact integers: float32 holds every row below 2^24,
+    and the state stores them so), else long."""
+    if native_kernel() is not None and native.usable(link):
+        return link.dtype
+    return torch.long
 
 
 def native_kernel() -> ctypes.CDLL | None:

@@ -9,7 +9,8 @@
 //   B batch, N memory rows, L = K_L entries per link row, J write entries, R heads, S slots per
 //   head of w^R_{t-1}, K entries kept per link read.
 //   link, link_t        [B, N, L] values of L and L^T (updated in place)
-//   link_idx, link_t_idx [B, N, L] int64 columns (updated in place)
+//   link_idx, link_t_idx [B, N, L] columns as exact integers in T (updated in place; float32
+//                        holds every row number below 2^24, the cores' largest N)
 //   w, w_idx            [B, J] w^W_t (duplicate rows add up)
 //   p, p_idx            [B, L] p_{t-1} (distinct rows)
 //   rw, rw_idx          [B, R, S] w^R_{t-1}
@@ -138,10 +139,10 @@ struct Batch {
     }
 };
 
-template <typename T>
-bool in_row(const i64* idx, i64 L, i64 c) {
+template <typename I>
+bool in_row(const I* idx, i64 L, i64 c) {
     for (i64 k = 0; k < L; ++k)
-        if (idx[k] == c) return true;
+        if ((i64)idx[k] == c) return true;
     return false;
 }
 
@@ -149,13 +150,13 @@ bool in_row(const i64* idx, i64 L, i64 c) {
 // K_L selected entries over vals/idx and their source positions into sel (< L: old entry,
 // >= L: candidate L + m, m a precedence entry (L) or a write entry (L^T)).
 template <typename T>
-void update_row(const Batch<T>& bt, bool transpose, i64 r, T* vals, i64* idx, i32* sel,
+void update_row(const Batch<T>& bt, bool transpose, i64 r, T* vals, T* idx, i32* sel,
                 T* cv, T* cs, i64* ci, T* best) {
     const i64 L = bt.L;
     const T w_row = bt.wm(r);
     const T p_row = transpose ? bt.pm(r) : T(0);
     for (i64 k = 0; k < L; ++k) {
-        i64 c = idx[k];
+        i64 c = (i64)idx[k];
         T wc = bt.wm(c);
         T dec = (T(1) - w_row - wc) * vals[k];
         T ex = transpose ? dec + wc * p_row : dec + w_row * bt.pm(c);
@@ -171,7 +172,7 @@ void update_row(const Batch<T>& bt, bool transpose, i64 r, T* vals, i64* idx, i3
     i64 C = none ? 0 : transpose ? bt.J : L;
     for (i64 m = 0; m < C; ++m) {
         i64 c = transpose ? bt.w_idx[m] : bt.p_idx[m];
-        bool ok = (!transpose || bt.first[m]) && c != r && !in_row<T>(idx, L, c);
+        bool ok = (!transpose || bt.first[m]) && c != r && !in_row(idx, L, c);
         T cand = transpose ? bt.wsum[bt.sc->wslot[c]] * p_row : w_row * bt.p[m];
         cv[L + m] = ok ? cand : T(0);
         cs[L + m] = ok ? cand : T(-1);
@@ -180,7 +181,7 @@ void update_row(const Batch<T>& bt, bool transpose, i64 r, T* vals, i64* idx, i3
     select_top<T>(cs, (int)(L + C), (int)L, sel, best);
     for (i64 k = 0; k < L; ++k) {
         vals[k] = cv[sel[k]];
-        idx[k] = ci[sel[k]];
+        idx[k] = (T)ci[sel[k]];
     }
 }
 
@@ -205,8 +206,8 @@ struct Saved {
 };
 
 template <typename T>
-void forward(i64 B, i64 N, i64 L, i64 J, i64 R, i64 S, i64 K, T* link, T* link_t, i64* link_idx,
-             i64* link_t_idx, const T* w, const i64* w_idx, const T* p, const i64* p_idx,
+void forward(i64 B, i64 N, i64 L, i64 J, i64 R, i64 S, i64 K, T* link, T* link_t, T* link_idx,
+             T* link_t_idx, const T* w, const i64* w_idx, const T* p, const i64* p_idx,
              const T* rw, const i64* rw_idx, const i64* reset, i64 n_reset, T* p_out,
              i64* p_out_idx, T* dir_out, i64* dir_out_idx, i32* saved_i32, T* saved_t) {
     const bool save = saved_i32 != nullptr;
@@ -237,7 +238,7 @@ void forward(i64 B, i64 N, i64 L, i64 J, i64 R, i64 S, i64 K, T* link, T* link_t
             for (i64 k = 0; k < L; ++k) {
                 i64 o = (b * N + i) * L + k;
                 link[o] = link_t[o] = T(0);
-                link_idx[o] = link_t_idx[o] = (i + 1 + k) % N;
+                link_idx[o] = link_t_idx[o] = (T)((i + 1 + k) % N);
             }
     }
 
@@ -246,7 +247,13 @@ void forward(i64 B, i64 N, i64 L, i64 J, i64 R, i64 S, i64 K, T* link, T* link_t
                     wsum.data(), psum.data(), first.data(), &sc};
         bt.bind();
         T* vals[2] = {link + b * N * L, link_t + b * N * L};
-        i64* idxs[2] = {link_idx + b * N * L, link_t_idx + b * N * L};
+        T* idxs[2] = {link_idx + b * N * L, link_t_idx + b * N * L};
+        // the rows this element touches are scattered over the links: start their loads early
+        for (i64 j = 0; j < J; ++j)
+            for (int set = 0; set < 2; ++set) {
+                __builtin_prefetch(idxs[set] + bt.w_idx[j] * L);
+                __builtin_prefetch(vals[set] + bt.w_idx[j] * L);
+            }
 
         // touched rows from the links before the update, each once: rows of L are the written
         // rows and those linking to them (L^T's written rows); rows of L^T are the written rows,
@@ -264,10 +271,15 @@ void forward(i64 B, i64 N, i64 L, i64 J, i64 R, i64 S, i64 K, T* link, T* link_t
             for (i64 j = 0; j < J; ++j) add(bt.w_idx[j]);
             if (set == 1)
                 for (i64 m = 0; m < L; ++m) add(bt.p_idx[m]);
-            const i64* other = idxs[1 - set];
+            const T* other = idxs[1 - set];
             for (i64 j = 0; j < J; ++j)
-                for (i64 k = 0; k < L; ++k) add(other[bt.w_idx[j] * L + k]);
+                for (i64 k = 0; k < L; ++k) add((i64)other[bt.w_idx[j] * L + k]);
         }
+        for (int set = 0; set < 2; ++set)
+            for (i32 r : list[set]) {
+                __builtin_prefetch(idxs[set] + r * L);
+                __builtin_prefetch(vals[set] + r * L);
+            }
         for (int set = 0; set < 2; ++set) {
             const std::vector<i32>& lst = list[set];
             i64 base = (b * 2 + set) * U;
@@ -275,7 +287,7 @@ void forward(i64 B, i64 N, i64 L, i64 J, i64 R, i64 S, i64 K, T* link, T* link_t
             for (i64 u = 0; u < (i64)lst.size(); ++u) {
                 i64 r = lst[u];
                 T* v = vals[set] + r * L;
-                i64* ix = idxs[set] + r * L;
+                T* ix = idxs[set] + r * L;
                 i32* s = save ? sel + (base + u) * L : tmp_sel.data();
                 if (save) {
                     rows[base + u] = (i32)r;
@@ -300,7 +312,7 @@ void forward(i64 B, i64 N, i64 L, i64 J, i64 R, i64 S, i64 K, T* link, T* link_t
             }
             for (i64 j = 0; j < J; ++j) {
                 i64 c = bt.w_idx[j];
-                bool ok = bt.first[j] && !in_row<T>(bt.p_idx, L, c);
+                bool ok = bt.first[j] && !in_row(bt.p_idx, L, c);
                 T cand = bt.wsum[sc.wslot[c]];
                 cv[L + j] = ok ? cand : T(0);
                 cs[L + j] = ok ? cand : T(-1);
@@ -326,11 +338,11 @@ void forward(i64 B, i64 N, i64 L, i64 J, i64 R, i64 S, i64 K, T* link, T* link_t
                 i64 rbase = ((b * 2 + set) * R + h) * SL;
                 for (i64 s = 0; s < S; ++s) {
                     const T* v = vals[set] + wr_idx[s] * L;
-                    const i64* ix = idxs[set] + wr_idx[s] * L;
+                    const T* ix = idxs[set] + wr_idx[s] * L;
                     for (i64 k = 0; k < L; ++k) {
                         i64 c = s * L + k;
                         cv[c] = wr[s] * v[k];
-                        ci[c] = ix[k];
+                        ci[c] = (i64)ix[k];
                         if (save) {
                             read_vals[rbase + c] = v[k];
                             read_idx[rbase + c] = (i32)ix[k];
@@ -448,7 +460,7 @@ void backward(i64 B, i64 N, i64 L, i64 J, i64 R, i64 S, i64 K, T* g_link, T* g_l
                     add_w(bt.p_idx[q], g);
                 } else {
                     i64 j = q - L, c = bt.w_idx[j];
-                    if (bt.first[j] && !in_row<T>(bt.p_idx, L, c)) add_w(c, g);
+                    if (bt.first[j] && !in_row(bt.p_idx, L, c)) add_w(c, g);
                 }
             }
             for (i64 j = 0; j < J; ++j) g_w[b * J + j] = g_total;
@@ -490,7 +502,7 @@ void backward(i64 B, i64 N, i64 L, i64 J, i64 R, i64 S, i64 K, T* g_link, T* g_l
                         i64 m = q - L;
                         i64 c = transpose ? bt.w_idx[m] : bt.p_idx[m];
                         bool ok = (!transpose || bt.first[m]) && c != r &&
-                                  !in_row<T>(oi.data(), L, c);
+                                  !in_row(oi.data(), L, c);
                         if (!ok) continue;
                         if (!transpose) {
                             add_w(r, g * bt.p[m]);
@@ -594,8 +606,8 @@ void mix_backward(i64 B, i64 R, i64 K, i64 W, const T* modes, const T* dir, cons
 }  // namespace
 
 #define FORWARD_ARGS(T)                                                                          \
-    i64 B, i64 N, i64 L, i64 J, i64 R, i64 S, i64 K, T *link, T *link_t, i64 *link_idx,          \
-        i64 *link_t_idx, const T *w, const i64 *w_idx, const T *p, const i64 *p_idx,             \
+    i64 B, i64 N, i64 L, i64 J, i64 R, i64 S, i64 K, T *link, T *link_t, T *link_idx,            \
+        T *link_t_idx, const T *w, const i64 *w_idx, const T *p, const i64 *p_idx,             \
         const T *rw, const i64 *rw_idx, const i64 *reset, i64 n_reset, T *p_out, i64 *p_out_idx, \
         T *dir_out, i64 *dir_out_idx, i32 *saved_i32, T *saved_t
 #define FORWARD_CALL                                                                            \
