@@ -225,6 +225,18 @@ inline void vmap(T* y, const T* x, long n, F f) {
   }
 }
 
+// A vector that is zero in lane i - j (if 0 <= i - j < L) and v elsewhere: the diagonal of a
+// link row, without taking the vector through memory.
+template <class T>
+inline typename Simd<T>::vec zero_lane(typename Simd<T>::vec v, long i, long j) {
+  using S = Simd<T>;
+  typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> I;
+  typedef I IV __attribute__((vector_size(DNC_VEC_BYTES)));
+  IV lane;
+  for (long k = 0; k < S::L; ++k) lane[k] = I(k);
+  return lane == I(i - j) ? typename S::vec{} : v;
+}
+
 // sum_j a[j] b[j]
 template <class T>
 inline T dot(const T* a, const T* b, long n) {
@@ -473,8 +485,7 @@ inline void link_row_forward(T* out, const T* l0, const T* w, const T* p0, long 
   for (int c = 0; c < C; ++c) a[c] = rd0 + c * n, y[c] = y0 + c * n, k[c] = S::splat(coef[c]);
   long j = 0;
   for (; j + L <= n; j += L) {
-    V v = (vk - S::load(w + j)) * S::load(l0 + j) + vw * S::load(p0 + j);
-    if (static_cast<unsigned long>(i - j) < static_cast<unsigned long>(L)) v[i - j] = 0;
+    const V v = zero_lane<T>((vk - S::load(w + j)) * S::load(l0 + j) + vw * S::load(p0 + j), i, j);
     S::store(out + j, v);
     for (int c = 0; c < C; ++c) {
       acc[c] += v * S::load(a[c] + j);
@@ -521,10 +532,9 @@ inline T link_row_backward_fused(const T* dl, const T* l0, const T* w, const T* 
   for (; j + L <= n; j += L) {
     V g = HasDL ? S::load(dl + j) : V{};
     for (int c = 0; c < C; ++c) g += k1[c] * S::load(rd[c] + j) + k2[c] * S::load(gb[c] + j);
+    g = zero_lane<T>(g, i, j);
     const V wv = S::load(w + j), l0v = S::load(l0 + j), pv = S::load(p0 + j);
-    V l = (vk - wv) * l0v + vw * pv;
-    if (static_cast<unsigned long>(i - j) < static_cast<unsigned long>(L))
-      g[i - j] = 0, l[i - j] = 0;
+    const V l = zero_lane<T>((vk - wv) * l0v + vw * pv, i, j);
     S::store(gp0 + j, S::load(gp0 + j) + vw * g);
     acc0 += g * pv;
     acc1 += g * l0v;
