@@ -192,6 +192,81 @@ def test_gradcheck_of_the_native_step():
     assert torch.autograd.gradcheck(run, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
+# -- the interface and the links as one node ------------------------------------------------------
+
+
+def _head_case(B=3, N=12, R=2, W=3, K=2, L=2, seed=0):
+    """Inputs of :func:`sdnc.head_and_links` from a link state after a few steps."""
+    S = 3 * K
+    J = R * S + 1
+    state = _random_links(B, N, L, J, R, S, steps=4, seed=seed)
+    gen = torch.Generator().manual_seed(50 + seed)
+    xi = torch.randn(B, R * W + W + R + 2 + 3 * R, generator=gen, dtype=F64)
+    xi[0, R * W + W] = 25.0  # β̂ above softplus's threshold
+    prev_w = torch.rand(B, R, S, generator=gen, dtype=F64) / S
+    prev_idx = torch.randint(0, N, (B, R, S), generator=gen)
+    lru = torch.randint(0, N, (B,), generator=gen)
+    return state, xi, prev_w, prev_idx, lru, (R, W, K)
+
+
+def _head_outputs_and_grads(case, reset, owns_grad):
+    (link, link_t, link_idx, link_t_idx, prec, prec_idx), xi, prev_w, prev_idx, lru, sizes = case
+    dtype = sparse_links.index_dtype(link)
+    link_idx, link_t_idx = (t.to(dtype, copy=True) for t in (link_idx, link_t_idx))
+    leaves = [t.clone().requires_grad_(True) for t in (xi, prev_w, link, link_t, prec)]
+    out = sdnc.head_and_links(
+        leaves[0], leaves[1], prev_idx, lru, leaves[2].clone(), leaves[3].clone(), leaves[4],
+        link_idx, link_t_idx, prec_idx, reset, owns_grad, sizes,
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(7)
+    loss = sum(
+        (o * torch.randn(o.shape, generator=gen, dtype=F64)).sum()
+        for o in out
+        if o.is_floating_point()
+    )
+    values = [o.detach() if o.is_floating_point() else o.long() for o in out]
+    return [*values, link_idx.long(), link_t_idx.long()], torch.autograd.grad(loss, leaves)
+
+
+@needs_kernel
+@pytest.mark.parametrize("reset", [[], [1]])
+@pytest.mark.parametrize("owns_grad", [True, False])
+def test_native_head_and_links_equal_the_torch_reference(torch_path, reset, owns_grad):
+    for seed in range(2):
+        case = _head_case(seed=seed)
+        reset_t = torch.tensor(reset, dtype=torch.long)
+        ref = torch_path(lambda: _head_outputs_and_grads(case, reset_t, owns_grad))  # noqa: B023
+        nat = _head_outputs_and_grads(case, reset_t, owns_grad)
+        for a, b in zip(nat[0], ref[0], strict=True):
+            if a.is_floating_point():
+                torch.testing.assert_close(a, b, **TOL)
+            else:
+                assert torch.equal(a, b)
+        for a, b in zip(nat[1], ref[1], strict=True):
+            torch.testing.assert_close(a, b, **TOL)
+
+
+@needs_kernel
+def test_gradcheck_of_the_native_head_and_links():
+    state, xi, prev_w, prev_idx, lru, sizes = _head_case(B=2, N=7, R=1, W=2, K=2, L=2, seed=1)
+    link_idx, link_t_idx = (t.to(F64) for t in state[2:4])
+    gen = torch.Generator().manual_seed(3)
+    link = torch.rand(state[0].shape, generator=gen, dtype=F64) * 0.3 + 0.05
+    link_t = torch.rand(state[1].shape, generator=gen, dtype=F64) * 0.3 + 0.05
+    prec = torch.rand(state[4].shape, generator=gen, dtype=F64) * 0.3 + 0.05
+    prev_w = prev_w + 0.01  # no zero weight (a kink)
+
+    def run(xi, prev_w, link, link_t, prec):
+        out = sdnc.head_and_links(
+            xi, prev_w, prev_idx, lru, link.clone(), link_t.clone(), prec, link_idx.clone(),
+            link_t_idx.clone(), state[5], torch.tensor([0]), True, sizes,
+        )  # fmt: skip
+        return tuple(o for o in out if o.is_floating_point())
+
+    inputs = [t.clone().requires_grad_(True) for t in (xi, prev_w, link, link_t, prec)]
+    assert torch.autograd.gradcheck(run, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
 # -- the read weighting ---------------------------------------------------------------------------------
 
 

@@ -186,6 +186,144 @@ class NativeReadMix(torch.autograd.Function):
         return g_modes, g_link_w, g_content_w, None, g_content_r, g_link_rows, None, None
 
 
+def head_and_links(
+    xi: Tensor,
+    prev_w: Tensor,
+    prev_idx: Tensor,
+    lru: Tensor,
+    link: Tensor,
+    link_t: Tensor,
+    precedence: Tensor,
+    link_idx: Tensor,
+    link_t_idx: Tensor,
+    precedence_idx: Tensor,
+    reset: Tensor,
+    owns_grad: bool,
+    sizes: tuple[int, int, int],
+) -> tuple[Tensor, ...]:
+    """Steps 1-4 after the controller: the interface vector's parts, the write weighting (SAM),
+    the sparse links ``L_t``, ``p_t`` and the link reads ``b_t``, ``f_t``
+    (:func:`~memagents.cores.sparse_links.temporal_step`).
+
+    ``xi = [q (R·W) | a (W) | β̂ (R) | α̂, γ̂ | π̂ (3R)]``: ``β = oneplus(β̂)``, ``α = σ(α̂)``,
+    ``γ = σ(γ̂)``, ``π`` = softmax over each head's (backward, content, forward) modes;
+    ``w^W_t = α (γ w̄^R_{t-1} + (1 - γ) I^U_t)``
+    (:func:`~memagents.cores.sparse_access.sparse_write_weights`). On CPU float tensors with the
+    native kernel this is one autograd node (two kernel calls each way); the composed torch
+    functions otherwise (the reference).
+
+    :param xi: ``[B, R·W + W + R + 2 + 3R]`` interface vector.
+    :param prev_w: ``[B, R, S]`` ``w^R_{t-1}``; ``prev_idx`` ``[B, R, S]`` long, its rows.
+    :param lru: ``[B]`` long ``I^U_t``.
+    :param link: see :func:`~memagents.cores.sparse_links.temporal_step` for the link arguments.
+    :param sizes: ``(R, W, K)``.
+    :return: ``(keys [B, R, W], a [B, W], β [B, R], π [B, R, 3], w^W [B, J], its rows [B, J]
+        long, link, link_t, p_t, p_t's rows, [b_t | f_t] [B, R, 2K], their rows)``.
+    """
+    R, W, K = sizes
+    B = xi.shape[0]
+    lib = sparse_links.native_kernel()
+    tensors = (xi, prev_w, link, link_t, precedence)
+    if lib is not None and native.usable(*tensors) and link_idx.dtype == link.dtype:
+        args = (*tensors, prev_idx, lru, link_idx, link_t_idx, precedence_idx, reset)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return NativeHeadLinks.apply(*args, owns_grad, sizes, lib)
+        head = _head_forward(lib, xi, prev_w, prev_idx, lru, sizes)
+        keys, a, beta, _, modes, ww, widx = head
+        links = sparse_links.native_forward(
+            lib, link, link_t, ww, precedence, prev_w, link_idx, link_t_idx, widx,
+            precedence_idx, prev_idx, reset, K, save=False,
+        )  # fmt: skip
+        return keys, a, beta, modes, ww, widx, link, link_t, *links[:4]
+    keys, a, strengths, gates, modes = xi.split([R * W, W, R, 2, 3 * R], dim=-1)
+    beta = addressing.oneplus(strengths)
+    alpha, gamma = torch.sigmoid(gates).split([1, 1], dim=-1)
+    modes = torch.softmax(modes.view(B, R, 3), dim=-1)
+    ww, widx = sparse_access.sparse_write_weights(prev_w, prev_idx, lru, alpha, gamma)
+    links = sparse_links.temporal_step(
+        link, link_t, ww, precedence, prev_w, link_idx, link_t_idx, widx, precedence_idx,
+        prev_idx, reset, owns_grad, K,
+    )  # fmt: skip
+    return keys.view(B, R, W), a, beta, modes, ww, widx, *links
+
+
+def _head_forward(lib, xi, prev_w, prev_idx, lru, sizes):
+    """The native interface part: ``(keys, a, β, gates (α, γ) [B, 2], π, w^W, its rows)``."""
+    R, W, _ = sizes
+    B, S = xi.shape[0], prev_w.shape[-1]
+    xi, prev_w = xi.detach().contiguous(), prev_w.detach().contiguous()
+    like = {"dtype": xi.dtype}
+    out = [
+        torch.empty(B, R, W, **like),
+        torch.empty(B, W, **like),
+        torch.empty(B, R, **like),
+        torch.empty(B, 2, **like),
+        torch.empty(B, R, 3, **like),
+        torch.empty(B, R * S + 1, **like),
+        torch.empty(B, R * S + 1, dtype=torch.long),
+    ]
+    sparse_links.kernel_fn(lib, "sdnc_head_forward", xi)(
+        B, R, W, S, xi.data_ptr(), prev_w.data_ptr(), prev_idx.contiguous().data_ptr(),
+        lru.contiguous().data_ptr(), *(t.data_ptr() for t in out),
+    )  # fmt: skip
+    return out
+
+
+class NativeHeadLinks(torch.autograd.Function):
+    """:func:`head_and_links` as one autograd node: the interface kernel then the links kernel
+    (:class:`~memagents.cores.sparse_links.NativeTemporalStep`'s) forward, the links' backward
+    then the interface's, whose ``w^W`` and ``w^R_{t-1}`` gradients include the links'."""
+
+    @staticmethod
+    def forward(
+        ctx, xi, prev_w, link, link_t, precedence, prev_idx, lru, link_idx, link_t_idx,
+        precedence_idx, reset, owns_grad, sizes, lib,
+    ):  # fmt: skip
+        R, W, K = sizes
+        keys, a, beta, gates, modes, ww, widx = _head_forward(lib, xi, prev_w, prev_idx, lru, sizes)
+        p_out, p_out_idx, dir_w, dir_idx, saved_i32, saved_t = sparse_links.native_forward(
+            lib, link, link_t, ww, precedence, prev_w, link_idx, link_t_idx, widx,
+            precedence_idx, prev_idx, reset, K, save=True,
+        )  # fmt: skip
+        B, N, L = link.shape
+        ctx.shape = (B, N, L, widx.shape[1], R, prev_w.shape[-1], K, W)
+        ctx.owns_grad = owns_grad
+        ctx.lib = lib
+        ctx.save_for_backward(
+            xi, prev_w, gates, modes, ww, widx, precedence, precedence_idx, prev_idx, reset,
+            saved_i32, saved_t,
+        )  # fmt: skip
+        ctx.set_materialize_grads(False)
+        ctx.mark_dirty(link, link_t)
+        ctx.mark_non_differentiable(widx, p_out_idx, dir_idx)
+        return keys, a, beta, modes, ww, widx, link, link_t, p_out, p_out_idx, dir_w, dir_idx
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx, g_keys, g_a, g_beta, g_modes, g_ww, _gwi, g_link, g_link_t, g_p, _gpi, g_dir, _gdi
+    ):  # fmt: skip
+        B, N, L, J, R, S, K, W = ctx.shape
+        xi, prev_w, gates, modes, ww, widx, p, p_idx, prev_idx, reset, saved_i32, saved_t = (
+            ctx.saved_tensors
+        )
+        g_links, g_ww_links, g_p_prev, g_rw_links = sparse_links.native_backward(
+            ctx.lib, (B, N, L, J, R, S, K), ctx.owns_grad, g_link, g_link_t, g_p, g_dir,
+            ww, widx, p, p_idx, prev_w, prev_idx, reset, saved_i32, saved_t,
+        )  # fmt: skip
+        g_xi, g_prev_w = torch.empty_like(xi), torch.empty_like(prev_w)
+
+        def ptr(t):
+            return None if t is None else t.contiguous().data_ptr()
+
+        sparse_links.kernel_fn(ctx.lib, "sdnc_head_backward", xi)(
+            B, R, W, S, xi.data_ptr(), prev_w.data_ptr(), gates.data_ptr(), modes.data_ptr(),
+            *map(ptr, (g_keys, g_a, g_beta, g_modes, g_ww, g_ww_links, g_rw_links)),
+            g_xi.data_ptr(), g_prev_w.data_ptr(),
+        )  # fmt: skip
+        return (g_xi, g_prev_w, *g_links, g_p_prev) + (None,) * 9
+
+
 class SDNCCore(MemoryCore):
     """Sparse DNC core; output ``y_t = [h_t; r_t]``.
 
@@ -338,7 +476,7 @@ class SDNCCore(MemoryCore):
 
         # owned working copies, written in place from here on
         if self.fused:
-            memory = a.memory.clone(memory_format=torch.contiguous_format)
+            memory = sparse_access.owned_copy(a.memory)
             last_access = a.last_access.clone()
         else:
             memory, last_access = a.memory, a.last_access
@@ -351,8 +489,10 @@ class SDNCCore(MemoryCore):
             t.to(idx_dtype, copy=True, memory_format=torch.contiguous_format)
             for t in (a.link_indices, a.link_t_indices)
         )
-        index = sparse_access.make_index(self.index_kind, memory.detach())
-        controller, read_vectors = state.controller, state.read_vectors
+        index = sparse_access.make_index(self.index_kind, a.memory.detach())
+        # the controller's state and the read vectors flat ([B, ·]) during the loop
+        h, c = state.controller.h.squeeze(1), state.controller.c.squeeze(1)
+        read_flat = state.read_vectors.reshape(B, R * W)
         small = {
             f: getattr(a, f)
             for f in ("time", "read_weights", "read_indices", "write_weights", "write_indices")
@@ -362,6 +502,7 @@ class SDNCCore(MemoryCore):
         for f in ("precedence_indices", "read_indices", "write_indices"):
             small[f] = getattr(a, f).long()
         no_reset = torch.zeros(0, dtype=torch.long, device=x.device)
+        lru = None  # I^U_t, from the previous step's usage update when it gives it
 
         outputs, debug_steps = [], []
         for t in range(T):
@@ -369,44 +510,37 @@ class SDNCCore(MemoryCore):
             if reset_steps[t]:
                 st = starts[t]
                 reset = st.nonzero().flatten()
-                controller = state_lib.reset_where(controller, initial.controller, st)
-                read_vectors = state_lib.reset_where(read_vectors, initial.read_vectors, st)
+                h0, c0 = initial.controller.h.squeeze(1), initial.controller.c.squeeze(1)
+                h = torch.where(st[:, None], h0, h)
+                c = torch.where(st[:, None], c0, c)
+                read0 = initial.read_vectors.reshape(B, R * W)
+                read_flat = torch.where(st[:, None], read0, read_flat)
                 # memory and links are reset in place by their steps (``reset``)
                 for f in small:
                     init = getattr(initial.access, f)
                     small[f] = state_lib.reset_where(small[f], init.to(small[f].dtype), st)
+                lru = None
+            if lru is None:
+                lru = sparse_access.least_recently_used(small["last_access"])
 
             # 1. controller and interface
-            h_prev, c_prev = controller
-            ctrl_in = torch.cat([x[t], read_vectors.reshape(B, R * W)], dim=-1)
-            h, c = self.controller(ctrl_in, (h_prev.squeeze(1), c_prev.squeeze(1)))
-            keys, write_vector, strengths, gates, modes = self.interface(h).split(
-                self._sizes, dim=-1
-            )
-            strengths = addressing.oneplus(strengths)
-            write_gate, interp_gate = torch.sigmoid(gates).split([1, 1], dim=-1)
-            modes = torch.softmax(modes.view(B, R, 3), dim=-1)  # π_t: backward, content, forward
+            h, c = self.controller(torch.cat([x[t], read_flat], dim=-1), (h, c))
+            xi = self.interface(h)
 
-            # 2. write weighting (SAM)
+            # 2. write weighting (SAM); 3. sparse links L_t (with p_{t-1}), then p_t;
+            # 4. f_t = L_t w^R_{t-1} (rows of Lᵀ), b_t = L_tᵀ w^R_{t-1} (rows of L), top K each
             prev_w, prev_idx = small["read_weights"], small["read_indices"]
-            lru = sparse_access.least_recently_used(small["last_access"])
-            write_weights, write_indices = sparse_access.sparse_write_weights(
-                prev_w, prev_idx, lru, write_gate, interp_gate
-            )
-
-            # 3. sparse links L_t (with p_{t-1}), then p_t; 4. f_t = L_t w^R_{t-1} (rows of Lᵀ)
-            # and b_t = L_tᵀ w^R_{t-1} (rows of L), each kept to its K largest rows
-            link, link_t, precedence, precedence_idx, link_w, link_w_idx = (
-                sparse_links.temporal_step(
-                    link, link_t, write_weights, small["precedence"], prev_w, link_idx,
-                    link_t_idx, write_indices, small["precedence_indices"], prev_idx, reset,
-                    t < T - 1, K,
-                )
+            (
+                keys, write_vector, strengths, modes, write_weights, write_indices,
+                link, link_t, precedence, precedence_idx, link_w, link_w_idx,
+            ) = head_and_links(
+                xi, prev_w, prev_idx, lru, link, link_t, small["precedence"], link_idx,
+                link_t_idx, small["precedence_indices"], reset, t < T - 1, (R, W, K),
             )  # fmt: skip
 
             # 5. write and content read (SAM), with the rows of b_t and f_t
             extra = link_w_idx.view(B, R * 2 * K)  # per head [b_t | f_t]
-            args = (memory, write_vector, write_weights, keys.view(B, R, W), strengths)
+            args = (memory, write_vector, write_weights, keys, strengths)
             if self.fused:
                 memory, content_w, content_idx, content_r, extra_rows = (
                     sparse_access.SparseAccessStep.apply(
@@ -422,13 +556,22 @@ class SDNCCore(MemoryCore):
             read_vectors, read_weights, read_idx = read_mix(
                 modes, link_w, link_w_idx, content_w, content_idx, content_r, extra_rows
             )
+            read_flat = read_vectors.view(B, R * W)
 
-            last_access, time = sparse_access.usage_update(
-                small["last_access"],
-                small["time"],
-                [(write_indices, write_weights), (read_idx.flatten(1), read_weights.flatten(1))],
-                inplace=self.fused,
-            )
+            accesses = [
+                (write_indices, write_weights),
+                (read_idx.view(B, -1), read_weights.view(B, -1)),
+            ]
+            step_lru = lru
+            if self.fused:  # in place, and the next step's LRU row in the same pass
+                last_access, time, lru = sparse_access.usage_update_lru(
+                    small["last_access"], small["time"], accesses
+                )
+            else:
+                last_access, time = sparse_access.usage_update(
+                    small["last_access"], small["time"], accesses
+                )
+                lru = None
             small = {
                 "time": time,
                 "read_weights": read_weights,
@@ -439,8 +582,7 @@ class SDNCCore(MemoryCore):
                 "precedence": precedence,
                 "precedence_indices": precedence_idx,
             }
-            controller = LSTMState(h.unsqueeze(1), c.unsqueeze(1))
-            outputs.append(torch.cat([h, read_vectors.reshape(B, R * W)], dim=-1))
+            outputs.append(torch.cat([h, read_flat], dim=-1))
             if return_debug:
                 debug_steps.append(
                     {
@@ -464,7 +606,7 @@ class SDNCCore(MemoryCore):
                         "backward_weights": link_w[..., :K],
                         "backward_indices": link_w_idx[..., :K].to(dtype),
                         "read_modes": modes,
-                        "lru": lru.to(dtype),
+                        "lru": step_lru.to(dtype),
                         "read_vectors": read_vectors,
                     }
                 )
@@ -477,7 +619,10 @@ class SDNCCore(MemoryCore):
             link_t_indices=link_t_idx.to(dtype),
             **{f: (v.to(dtype) if f in _INDEX_FIELDS else v) for f, v in small.items()},
         )
-        new_state = SDNCState(controller=controller, access=access, read_vectors=read_vectors)
+        controller = LSTMState(h.unsqueeze(1), c.unsqueeze(1))
+        new_state = SDNCState(
+            controller=controller, access=access, read_vectors=read_flat.view(B, R, W)
+        )
         y = torch.stack(outputs)
         if return_debug:
             return y, new_state, stack_debug(debug_steps)

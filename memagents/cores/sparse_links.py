@@ -364,7 +364,7 @@ def temporal_step(
         indices = (link_idx, link_t_idx, write_idx, precedence_idx, read_idx, reset)
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return NativeTemporalStep.apply(*tensors, *indices, owns_grad, k, lib)
-        return (link, link_t, *_native_forward(lib, *tensors, *indices, k, save=False)[:4])
+        return (link, link_t, *native_forward(lib, *tensors, *indices, k, save=False)[:4])
     B, R, S = read_weights.shape
     KL = link.shape[-1]
     link, link_t, rows, rows_idx, rows_t, rows_t_idx = SparseLinkStep.apply(
@@ -402,6 +402,8 @@ def native_kernel() -> ctypes.CDLL | None:
             "sdnc_links_backward": [i64] * 7 + [ptr] * 11 + [i64] + [ptr] * 5,
             "sdnc_mix_forward": [i64] * 4 + [ptr] * 10,
             "sdnc_mix_backward": [i64] * 4 + [ptr] * 12,
+            "sdnc_head_forward": [i64] * 4 + [ptr] * 11,
+            "sdnc_head_backward": [i64] * 4 + [ptr] * 13,
         }
         for name, argtypes in signatures.items():
             for suffix in ("f32", "f64"):
@@ -431,7 +433,7 @@ def saved_sizes(B: int, L: int, J: int, R: int, S: int, K: int) -> tuple[int, in
     return n_i32, 2 * B * U * L + 2 * B * R * S * L
 
 
-def _native_forward(
+def native_forward(
     lib, link, link_t, write_weights, precedence, read_weights,
     link_idx, link_t_idx, write_idx, precedence_idx, read_idx, reset, k, save,
 ):  # fmt: skip
@@ -483,11 +485,11 @@ class NativeTemporalStep(torch.autograd.Function):
         ctx, link, link_t, write_weights, precedence, read_weights,
         link_idx, link_t_idx, write_idx, precedence_idx, read_idx, reset, owns_grad, k, lib,
     ):  # fmt: skip
-        p_out, p_out_idx, dir_w, dir_idx, saved_i32, saved_t = _native_forward(
+        p_out, p_out_idx, dir_w, dir_idx, saved_i32, saved_t = native_forward(
             lib, link, link_t, write_weights, precedence, read_weights,
             link_idx, link_t_idx, write_idx, precedence_idx, read_idx, reset, k, save=True,
         )  # fmt: skip
-        ctx.shape = (*link.shape, write_idx.shape[1], *read_idx.shape[1:], k)
+        ctx.shape = (*link.shape, write_idx.shape[1], *read_idx.shape[1:], k)  # B N L J R S K
         ctx.owns_grad = owns_grad
         ctx.lib = lib
         ctx.save_for_backward(
@@ -502,21 +504,39 @@ class NativeTemporalStep(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_link, g_link_t, g_p, _g_pi, g_dir, _g_di):
-        B, N, L, J, R, S, k = ctx.shape
         w, w_idx, p, p_idx, rw, rw_idx, reset, saved_i32, saved_t = ctx.saved_tensors
-        grads = []
-        for g in (g_link, g_link_t):
-            if g is None:
-                g = torch.zeros(B, N, L, dtype=w.dtype)
-            elif not (ctx.owns_grad and g.is_contiguous()):
-                g = g.clone(memory_format=torch.contiguous_format)
-            grads.append(g)
-        g_p, g_dir = (None if g is None else g.contiguous() for g in (g_p, g_dir))
-        g_w, g_prec, g_rw = torch.empty_like(w), torch.empty_like(p), torch.empty_like(rw)
-        kernel_fn(ctx.lib, "sdnc_links_backward", w)(
-            B, N, L, J, R, S, k,
-            *map(_p, (*grads, g_p, g_dir, w, w_idx, p, p_idx, rw, rw_idx, reset)),
-            reset.numel(),
-            *map(_p, (saved_i32, saved_t, g_w, g_prec, g_rw)),
+        g_links, g_w, g_prec, g_rw = native_backward(
+            ctx.lib, ctx.shape, ctx.owns_grad, g_link, g_link_t, g_p, g_dir,
+            w, w_idx, p, p_idx, rw, rw_idx, reset, saved_i32, saved_t,
         )  # fmt: skip
-        return (grads[0], grads[1], g_w, g_prec, g_rw) + (None,) * 9
+        return (*g_links, g_w, g_prec, g_rw) + (None,) * 9
+
+
+def native_backward(
+    lib, shape, owns_grad, g_link, g_link_t, g_p, g_dir,
+    w, w_idx, p, p_idx, rw, rw_idx, reset, saved_i32, saved_t,
+):  # fmt: skip
+    """The backward kernel call of :func:`native_forward` (``save=True``): from the gradients
+    of ``L_t``, ``L_tᵀ`` (dense ``[B, N, K_L]`` buffers, passed on in place when owned), ``p_t``
+    and ``[b_t | f_t]`` (any may be ``None``) to ``((dL/dL_{t-1}, dL/dL_{t-1}ᵀ), dL/dw^W,
+    dL/dp_{t-1}, dL/dw^R_{t-1})``.
+
+    :param shape: ``(B, N, K_L, J, R, S, K)``.
+    """
+    B, N, L, J, R, S, k = shape
+    grads = []
+    for g in (g_link, g_link_t):
+        if g is None:
+            g = torch.zeros(B, N, L, dtype=w.dtype)
+        elif not (owns_grad and g.is_contiguous()):
+            g = g.clone(memory_format=torch.contiguous_format)
+        grads.append(g)
+    g_p, g_dir = (None if g is None else g.contiguous() for g in (g_p, g_dir))
+    g_w, g_prec, g_rw = torch.empty_like(w), torch.empty_like(p), torch.empty_like(rw)
+    kernel_fn(lib, "sdnc_links_backward", w)(
+        B, N, L, J, R, S, k,
+        *map(_p, (*grads, g_p, g_dir, w, w_idx, p, p_idx, rw, rw_idx, reset)),
+        reset.numel(),
+        *map(_p, (saved_i32, saved_t, g_w, g_prec, g_rw)),
+    )  # fmt: skip
+    return tuple(grads), g_w, g_prec, g_rw

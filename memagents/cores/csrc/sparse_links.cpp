@@ -20,6 +20,8 @@
 //   p_sel [B, L], read_vals [B, 2, R, S, L], read_idx [B, 2, R, S, L], read_sel [B, 2, R, K]
 // (int32 except old). Set 0 of the reads is b_t (from rows of L), set 1 is f_t (rows of L^T).
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -526,6 +528,104 @@ void backward(i64 B, i64 N, i64 L, i64 J, i64 R, i64 S, i64 K, T* g_link, T* g_l
     }
 }
 
+// The SDNC's interface after the controller (Rae et al. 2016 SAM section 3 and the DNC's read
+// modes): xi = [q (R W) | a (W) | beta^ (R) | alpha^, gamma^ | pi^ (3 R)] per element.
+//   beta = oneplus(beta^) = 1 + softplus(beta^)   (torch's softplus: x > 20 -> x)
+//   alpha = sigma(alpha^), gamma = sigma(gamma^), pi = softmax over each head's 3 modes
+//   w^W = alpha [gamma w^R_{t-1} / R | 1 - gamma] at rows [rows of w^R_{t-1} | I^U_t]
+// (sparse_write_weights). Outputs keys [B, R, W], a [B, W], beta [B, R], gates [B, 2]
+// (alpha, gamma), modes [B, R, 3], ww [B, J], widx int64 [B, J], J = R S + 1.
+template <typename T>
+T softplus(T x) {
+    return x > T(20) ? x : std::log1p(std::exp(x));
+}
+template <typename T>
+T sigmoid(T x) {
+    return T(1) / (T(1) + std::exp(-x));
+}
+
+template <typename T>
+void head_forward(i64 B, i64 R, i64 W, i64 S, const T* xi, const T* prev_w, const i64* prev_idx,
+                  const i64* lru, T* keys, T* a, T* beta, T* gates, T* modes, T* ww, i64* widx) {
+    const i64 X = R * W + W + R + 2 + 3 * R, J = R * S + 1;
+    for (i64 b = 0; b < B; ++b) {
+        const T* x = xi + b * X;
+        for (i64 i = 0; i < R * W; ++i) keys[b * R * W + i] = x[i];
+        for (i64 i = 0; i < W; ++i) a[b * W + i] = x[R * W + i];
+        for (i64 h = 0; h < R; ++h) beta[b * R + h] = T(1) + softplus(x[R * W + W + h]);
+        const T alpha = sigmoid(x[R * W + W + R]), gamma = sigmoid(x[R * W + W + R + 1]);
+        gates[b * 2] = alpha;
+        gates[b * 2 + 1] = gamma;
+        const T* m = x + R * W + W + R + 2;
+        for (i64 h = 0; h < R; ++h) {
+            T mx = std::max(m[3 * h], std::max(m[3 * h + 1], m[3 * h + 2]));
+            T e[3], sum = T(0);
+            for (int i = 0; i < 3; ++i) sum += (e[i] = std::exp(m[3 * h + i] - mx));
+            for (int i = 0; i < 3; ++i) modes[(b * R + h) * 3 + i] = e[i] / sum;
+        }
+        for (i64 j = 0; j < R * S; ++j) {
+            ww[b * J + j] = alpha * (gamma * prev_w[b * R * S + j] / T(R));
+            widx[b * J + j] = prev_idx[b * R * S + j];
+        }
+        ww[b * J + J - 1] = alpha * (T(1) - gamma);
+        widx[b * J + J - 1] = lru[b];
+    }
+}
+
+// Gradients of head_forward: any of g_keys, g_a, g_beta, g_modes, g_ww may be null (no gradient
+// reached it). g_ww_links [B, J] and g_prev_w_links [B, R, S] (nullable) are the links' own
+// gradients w.r.t. the same w^W and w^R_{t-1}, added in. Writes g_xi [B, X], g_prev_w [B, R, S].
+template <typename T>
+void head_backward(i64 B, i64 R, i64 W, i64 S, const T* xi, const T* prev_w, const T* gates,
+                   const T* modes, const T* g_keys, const T* g_a, const T* g_beta,
+                   const T* g_modes, const T* g_ww, const T* g_ww_links,
+                   const T* g_prev_w_links, T* g_xi, T* g_prev_w) {
+    const i64 X = R * W + W + R + 2 + 3 * R, J = R * S + 1;
+    for (i64 b = 0; b < B; ++b) {
+        const T* x = xi + b * X;
+        T* gx = g_xi + b * X;
+        for (i64 i = 0; i < R * W; ++i) gx[i] = g_keys ? g_keys[b * R * W + i] : T(0);
+        for (i64 i = 0; i < W; ++i) gx[R * W + i] = g_a ? g_a[b * W + i] : T(0);
+        for (i64 h = 0; h < R; ++h) {
+            T v = x[R * W + W + h];
+            T g = g_beta ? g_beta[b * R + h] : T(0);
+            T z = std::exp(v);
+            gx[R * W + W + h] = v > T(20) ? g : g * z / (z + T(1));
+        }
+        const T alpha = gates[b * 2], gamma = gates[b * 2 + 1];
+        T g_alpha = T(0), g_gamma = T(0);
+        auto gw = [&](i64 j) {
+            return (g_ww ? g_ww[b * J + j] : T(0)) + (g_ww_links ? g_ww_links[b * J + j] : T(0));
+        };
+        for (i64 j = 0; j < R * S; ++j) {
+            T g = gw(j);
+            T w = prev_w[b * R * S + j];
+            T inner = gamma * w / T(R);
+            g_alpha += g * inner;
+            T g_inner = g * alpha;
+            g_gamma += g_inner * w / T(R);
+            g_prev_w[b * R * S + j] = g_inner * gamma / T(R) +
+                                      (g_prev_w_links ? g_prev_w_links[b * R * S + j] : T(0));
+        }
+        {
+            T g = gw(J - 1);
+            g_alpha += g * (T(1) - gamma);
+            g_gamma -= g * alpha;
+        }
+        gx[R * W + W + R] = g_alpha * alpha * (T(1) - alpha);
+        gx[R * W + W + R + 1] = g_gamma * gamma * (T(1) - gamma);
+        for (i64 h = 0; h < R; ++h) {
+            const T* m = modes + (b * R + h) * 3;
+            T g[3], dot = T(0);
+            for (int i = 0; i < 3; ++i) {
+                g[i] = g_modes ? g_modes[(b * R + h) * 3 + i] : T(0);
+                dot += g[i] * m[i];
+            }
+            for (int i = 0; i < 3; ++i) gx[R * W + W + R + 2 + 3 * h + i] = m[i] * (g[i] - dot);
+        }
+    }
+}
+
 // The SDNC's read weighting and read vectors (DNC read modes over SAM's sparse reads):
 //   w^R = [pi_b b_t | pi_c c_t | pi_f f_t]            [B, R, 3K]
 //   r   = pi_c r_c + sum_k (pi_b b_t[k]) M[b_idx[k]] + sum_k (pi_f f_t[k]) M[f_idx[k]]
@@ -635,6 +735,26 @@ EXPORT void sdnc_links_forward_f32(FORWARD_ARGS(float)) { forward<float>(FORWARD
 EXPORT void sdnc_links_forward_f64(FORWARD_ARGS(double)) { forward<double>(FORWARD_CALL); }
 EXPORT void sdnc_links_backward_f32(BACKWARD_ARGS(float)) { backward<float>(BACKWARD_CALL); }
 EXPORT void sdnc_links_backward_f64(BACKWARD_ARGS(double)) { backward<double>(BACKWARD_CALL); }
+#define HEAD_ARGS(T)                                                                            \
+    i64 B, i64 R, i64 W, i64 S, const T *xi, const T *prev_w, const i64 *prev_idx,               \
+        const i64 *lru, T *keys, T *a, T *beta, T *gates, T *modes, T *ww, i64 *widx
+#define HEAD_CALL B, R, W, S, xi, prev_w, prev_idx, lru, keys, a, beta, gates, modes, ww, widx
+#define HEAD_BACKWARD_ARGS(T)                                                                   \
+    i64 B, i64 R, i64 W, i64 S, const T *xi, const T *prev_w, const T *gates, const T *modes,   \
+        const T *g_keys, const T *g_a, const T *g_beta, const T *g_modes, const T *g_ww,        \
+        const T *g_ww_links, const T *g_prev_w_links, T *g_xi, T *g_prev_w
+#define HEAD_BACKWARD_CALL                                                                      \
+    B, R, W, S, xi, prev_w, gates, modes, g_keys, g_a, g_beta, g_modes, g_ww, g_ww_links,       \
+        g_prev_w_links, g_xi, g_prev_w
+
+EXPORT void sdnc_head_forward_f32(HEAD_ARGS(float)) { head_forward<float>(HEAD_CALL); }
+EXPORT void sdnc_head_forward_f64(HEAD_ARGS(double)) { head_forward<double>(HEAD_CALL); }
+EXPORT void sdnc_head_backward_f32(HEAD_BACKWARD_ARGS(float)) {
+    head_backward<float>(HEAD_BACKWARD_CALL);
+}
+EXPORT void sdnc_head_backward_f64(HEAD_BACKWARD_ARGS(double)) {
+    head_backward<double>(HEAD_BACKWARD_CALL);
+}
 EXPORT void sdnc_mix_forward_f32(MIX_ARGS(float)) { mix_forward<float>(MIX_CALL); }
 EXPORT void sdnc_mix_forward_f64(MIX_ARGS(double)) { mix_forward<double>(MIX_CALL); }
 EXPORT void sdnc_mix_backward_f32(MIX_BACKWARD_ARGS(float)) {
