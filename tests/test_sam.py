@@ -347,3 +347,16 @@ def test_a_state_with_rows_outside_the_memory_is_rejected(field, bad):
         ValueError, match=rf"state\.access\.{field} must hold row indices in \[0, 6\)"
     ):
         core(torch.randn(1, 4, 3), state)
+
+
+def test_rows_reset_at_the_first_step_may_hold_anything():
+    """An element whose episode starts at step 0 gets the initial state before anything reads
+    its stored one, so garbage there is allowed (and changes nothing)."""
+    core = SAMCore(input_size=3, hidden_size=8, memory_size=6, word_size=4, num_reads=2)
+    state = core.initial_state(2)
+    bad = state.access.read_indices.clone()
+    bad[1] = 99.0
+    x, starts = torch.randn(2, 2, 3), torch.tensor([[0.0, 1.0], [0.0, 0.0]])
+    y_bad, _ = core(x, state._replace(access=state.access._replace(read_indices=bad)), starts)
+    y_ok, _ = core(x, state, starts)
+    assert torch.equal(y_bad, y_ok)

@@ -239,9 +239,10 @@ class SAMCore(MemoryCore):
         )
 
     def _run(self, x: Tensor, state: SAMState, starts: Tensor | None, return_debug: bool):
+        first_starts = None if starts is None else starts[0]
         for field in ("read_indices", "write_indices"):
             sparse_access.check_row_indices(
-                f"access.{field}", getattr(state.access, field), self.memory_size
+                f"access.{field}", getattr(state.access, field), self.memory_size, first_starts
             )
         if self._native(x, state):
             return self._run_native(x, state, starts, return_debug)

@@ -152,7 +152,9 @@ def resolve_index(index: str, memory_size: int) -> str:
 
 
 # -- usage and the least-recently-used row (section 3.3) -------------------------------------------
-def check_row_indices(name: str, indices: Tensor, memory_size: int) -> None:
+def check_row_indices(
+    name: str, indices: Tensor, memory_size: int, exempt: Tensor | None = None
+) -> None:
     """Raise unless every entry of ``indices`` (a state field holding row numbers, stored as
     floats in the packed state) lies in ``[0, memory_size)``.
 
@@ -161,11 +163,17 @@ def check_row_indices(name: str, indices: Tensor, memory_size: int) -> None:
     Checked once per call on the incoming state; rows produced inside a call are valid by
     construction.
 
+    :param indices: ``[B, ...]``.
+    :param exempt: ``[B]`` bool, batch elements whose state is replaced by the initial state
+        before it is used (an episode start at step 0): anything may be stored there.
     :raises ValueError: naming the field, the first bad value and the allowed range.
     """
+    indices = indices.detach()
+    if exempt is not None and bool(exempt.any()):
+        indices = indices[~exempt]
     if indices.numel() == 0:
         return
-    low, high = torch.aminmax(indices.detach())
+    low, high = torch.aminmax(indices)
     low, high = low.item(), high.item()
     if not (0 <= low and high < memory_size):  # also False for NaN
         bad = low if not 0 <= low else high
