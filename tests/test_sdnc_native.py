@@ -331,7 +331,7 @@ def test_gradcheck_of_the_native_read_mix():
 
 
 @needs_kernel
-@pytest.mark.parametrize("temporal_reads", [1, 3])
+@pytest.mark.parametrize("temporal_reads", [1, 3, 4])
 def test_core_native_equals_torch_path_through_a_sequence_with_resets(torch_path, temporal_reads):
     """Outputs, final state and parameter gradients of a sequence in which elements restart
     mid-sequence (and the last step's gradient enters through the returned links)."""

@@ -74,7 +74,7 @@ Maps<T> maps(i64 n) {
 // Positions of the k largest scores among n, in descending order; ties go to the earlier
 // position (torch.sort(descending=True, stable=True)[:k]).
 template <typename T>
-void select_top(const T* score, int n, int k, i32* out, T* best) {
+inline void select_top(const T* score, int n, int k, i32* out, T* best) {
     int filled = 0;
     for (int i = 0; i < n; ++i) {
         T s = score[i];
@@ -150,28 +150,51 @@ bool in_row(const I* idx, i64 L, i64 c) {
 
 // New row `r` of L (transpose = 0) or of L^T (transpose = 1), from its old entries; writes the
 // K_L selected entries over vals/idx and their source positions into sel (< L: old entry,
-// >= L: candidate L + m, m a precedence entry (L) or a write entry (L^T)).
-template <typename T>
-void update_row(const Batch<T>& bt, bool transpose, i64 r, T* vals, T* idx, i32* sel,
-                T* cv, T* cs, i64* ci, T* best) {
-    const i64 L = bt.L;
+// >= L: candidate L + m, m a precedence entry (L) or a write entry (L^T)). LC: K_L when known
+// at compile time (0: read bt.L).
+template <typename T, int LC>
+inline __attribute__((always_inline)) void update_row(const Batch<T>& bt, bool transpose, i64 r,
+                                                      T* vals, T* idx, i32* sel, T* cv, T* cs,
+                                                      i64* ci, T* best) {
+    const i64 L = LC ? LC : bt.L;
     const T w_row = bt.wm(r);
     const T p_row = transpose ? bt.pm(r) : T(0);
+    // New entries are w[i] p[j]: all 0 when the row's own factor (w[i] for L, p[j] for L^T) is 0,
+    // as for most touched rows. A 0 candidate never beats an entry >= 0 that precedes it, so
+    // then only the old entries compete, and their top K_L is their stable descending order.
+    const bool own_zero = (transpose ? p_row : w_row) == T(0);
+    bool none = own_zero;
     for (i64 k = 0; k < L; ++k) {
         i64 c = (i64)idx[k];
         T wc = bt.wm(c);
         T dec = (T(1) - w_row - wc) * vals[k];
-        T ex = transpose ? dec + wc * p_row : dec + w_row * bt.pm(c);
+        // with the own factor 0 the added term is 0 (exactly: + 0 changes no value >= 0)
+        T ex = own_zero ? dec : transpose ? dec + wc * p_row : dec + w_row * bt.pm(c);
         cv[k] = ex;
-        cs[k] = ex;
         ci[k] = c;
+        none = none && ex >= T(0);
     }
-    // New entries are w[i] p[j]: all 0 when the row's own factor (w[i] for L, p[j] for L^T) is 0,
-    // as for most touched rows. A 0 candidate never beats an entry >= 0 that precedes it, so
-    // then only the old entries compete (same selection, a few compares instead of K_L + J).
-    bool none = (transpose ? p_row : w_row) == T(0);
-    for (i64 k = 0; none && k < L; ++k) none = cs[k] >= T(0);
-    i64 C = none ? 0 : transpose ? bt.J : L;
+    if (none) {  // stable insertion sort, descending
+        i32 order[LC ? LC : 64];
+        if (LC == 0 && L > 64) goto general;
+        for (i64 k = 0; k < L; ++k) {
+            i64 j = k;
+            while (j > 0 && cv[order[j - 1]] < cv[k]) {
+                order[j] = order[j - 1];
+                --j;
+            }
+            order[j] = (i32)k;
+        }
+        for (i64 k = 0; k < L; ++k) {
+            sel[k] = order[k];
+            vals[k] = cv[order[k]];
+            idx[k] = (T)ci[order[k]];
+        }
+        return;
+    }
+general:
+    for (i64 k = 0; k < L; ++k) cs[k] = cv[k];
+    const i64 C = none ? 0 : transpose ? bt.J : L;
     for (i64 m = 0; m < C; ++m) {
         i64 c = transpose ? bt.w_idx[m] : bt.p_idx[m];
         bool ok = (!transpose || bt.first[m]) && c != r && !in_row(idx, L, c);
@@ -207,11 +230,12 @@ struct Saved {
     }
 };
 
-template <typename T>
-void forward(i64 B, i64 N, i64 L, i64 J, i64 R, i64 S, i64 K, T* link, T* link_t, T* link_idx,
+template <typename T, int LC>
+void forward(i64 B, i64 N, i64 L_, i64 J, i64 R, i64 S, i64 K, T* link, T* link_t, T* link_idx,
              T* link_t_idx, const T* w, const i64* w_idx, const T* p, const i64* p_idx,
              const T* rw, const i64* rw_idx, const i64* reset, i64 n_reset, T* p_out,
              i64* p_out_idx, T* dir_out, i64* dir_out_idx, i32* saved_i32, T* saved_t) {
+    const i64 L = LC ? LC : L_;
     const bool save = saved_i32 != nullptr;
     const Saved off(B, L, J, R, S, K);
     i32* n_rows = save ? saved_i32 + off.n_rows : nullptr;
@@ -250,12 +274,15 @@ void forward(i64 B, i64 N, i64 L, i64 J, i64 R, i64 S, i64 K, T* link, T* link_t
         bt.bind();
         T* vals[2] = {link + b * N * L, link_t + b * N * L};
         T* idxs[2] = {link_idx + b * N * L, link_t_idx + b * N * L};
-        // the rows this element touches are scattered over the links: start their loads early
-        for (i64 j = 0; j < J; ++j)
-            for (int set = 0; set < 2; ++set) {
-                __builtin_prefetch(idxs[set] + bt.w_idx[j] * L);
-                __builtin_prefetch(vals[set] + bt.w_idx[j] * L);
-            }
+        // the rows an element touches are scattered over the links: start the loads of the
+        // next element's written rows now (this element's were started one element ago)
+        for (i64 bb = b == 0 ? 0 : b + 1; bb <= b + 1 && bb < B; ++bb)
+            for (i64 j = 0; j < J; ++j)
+                for (int set = 0; set < 2; ++set) {
+                    i64 o = (bb * N + w_idx[bb * J + j]) * L;
+                    __builtin_prefetch((set ? link_t_idx : link_idx) + o);
+                    __builtin_prefetch((set ? link_t : link) + o);
+                }
 
         // touched rows from the links before the update, each once: rows of L are the written
         // rows and those linking to them (L^T's written rows); rows of L^T are the written rows,
@@ -298,7 +325,7 @@ void forward(i64 B, i64 N, i64 L, i64 J, i64 R, i64 S, i64 K, T* link, T* link_t
                         old_idx[(base + u) * L + k] = (i32)ix[k];
                     }
                 }
-                update_row<T>(bt, set == 1, r, v, ix, s, cv.data(), cs.data(), ci.data(),
+                update_row<T, LC>(bt, set == 1, r, v, ix, s, cv.data(), cs.data(), ci.data(),
                               best.data());
             }
         }
@@ -731,8 +758,13 @@ void mix_backward(i64 B, i64 R, i64 K, i64 W, const T* modes, const T* dir, cons
         T *g_er
 #define MIX_BACKWARD_CALL B, R, K, W, modes, dir, cw, cr, er, g_rv, g_rw, g_modes, g_dir, g_cw, g_cr, g_er
 
-EXPORT void sdnc_links_forward_f32(FORWARD_ARGS(float)) { forward<float>(FORWARD_CALL); }
-EXPORT void sdnc_links_forward_f64(FORWARD_ARGS(double)) { forward<double>(FORWARD_CALL); }
+// K_L = 4 (the default) with its loops unrolled; any other K_L through the general code
+EXPORT void sdnc_links_forward_f32(FORWARD_ARGS(float)) {
+    L == 4 ? forward<float, 4>(FORWARD_CALL) : forward<float, 0>(FORWARD_CALL);
+}
+EXPORT void sdnc_links_forward_f64(FORWARD_ARGS(double)) {
+    L == 4 ? forward<double, 4>(FORWARD_CALL) : forward<double, 0>(FORWARD_CALL);
+}
 EXPORT void sdnc_links_backward_f32(BACKWARD_ARGS(float)) { backward<float>(BACKWARD_CALL); }
 EXPORT void sdnc_links_backward_f64(BACKWARD_ARGS(double)) { backward<double>(BACKWARD_CALL); }
 #define HEAD_ARGS(T)                                                                            \
