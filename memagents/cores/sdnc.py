@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from memagents.cores import addressing, native, sparse_access, sparse_links
+from memagents.cores import addressing, sparse_access, sparse_links
 from memagents.cores import state as state_lib
 from memagents.cores.base import MemoryCore, check_positive_int, set_forget_bias, stack_debug
 from memagents.cores.rnn import LSTMState
@@ -114,7 +114,7 @@ def read_mix(
     """
     lib = sparse_links.native_kernel()
     tensors = (modes, link_weights, content_weights, content_idx, content_reads, link_rows)
-    if lib is not None and native.usable(*tensors):
+    if lib is not None and sparse_links.usable(*tensors):
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return NativeReadMix.apply(*tensors, link_idx, lib)
         return _mix_forward(lib, *tensors, link_idx)
@@ -224,7 +224,7 @@ def head_and_links(
     B = xi.shape[0]
     lib = sparse_links.native_kernel()
     tensors = (xi, prev_w, link, link_t, precedence)
-    if lib is not None and native.usable(*tensors) and link_idx.dtype == link.dtype:
+    if lib is not None and sparse_links.usable(*tensors) and link_idx.dtype == link.dtype:
         args = (*tensors, prev_idx, lru, link_idx, link_t_idx, precedence_idx, reset)
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return NativeHeadLinks.apply(*args, owns_grad, sizes, lib)

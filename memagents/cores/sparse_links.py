@@ -349,7 +349,7 @@ def temporal_step(
     """
     lib = native_kernel()
     tensors = (link, link_t, write_weights, precedence, read_weights)
-    use_native = lib is not None and native.usable(*tensors)
+    use_native = lib is not None and usable(*tensors)
     wanted = link.dtype if use_native else torch.long
     if link_idx.dtype != wanted or link_t_idx.dtype != wanted:  # through converted copies
         idx = [t.to(wanted, memory_format=torch.contiguous_format) for t in (link_idx, link_t_idx)]
@@ -386,36 +386,56 @@ def index_dtype(link: Tensor) -> torch.dtype:
     """The dtype :func:`temporal_step` keeps the link indices in for link values ``link``: the
     values' own dtype on the native path (exact integers: float32 holds every row below 2^24,
     and the state stores them so), else long."""
-    if native_kernel() is not None and native.usable(link):
+    if native_kernel() is not None and usable(link):
         return link.dtype
     return torch.long
 
 
+_UNLOADED = object()
+_lib = _UNLOADED
+_fns: dict = {}
+
+
 def native_kernel() -> ctypes.CDLL | None:
     """The kernel library of ``csrc/sparse_links.cpp`` with its signatures set, or ``None``
-    (native kernels off or unbuildable: the torch paths run). Tests monkeypatch this."""
-    lib = native.load("sparse_links")
-    if lib is not None and not hasattr(lib, "_memagents_ready"):
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        signatures = {
-            "sdnc_links_forward": [i64] * 7 + [ptr] * 11 + [i64] + [ptr] * 6,
-            "sdnc_links_backward": [i64] * 7 + [ptr] * 11 + [i64] + [ptr] * 5,
-            "sdnc_mix_forward": [i64] * 4 + [ptr] * 10,
-            "sdnc_mix_backward": [i64] * 4 + [ptr] * 12,
-            "sdnc_head_forward": [i64] * 4 + [ptr] * 11,
-            "sdnc_head_backward": [i64] * 4 + [ptr] * 13,
-        }
-        for name, argtypes in signatures.items():
-            for suffix in ("f32", "f64"):
-                fn = getattr(lib, f"{name}_{suffix}")
-                fn.argtypes, fn.restype = argtypes, None
-        lib._memagents_ready = True
-    return lib
+    (native kernels off or unbuildable: the torch paths run); loaded once per process. Tests
+    monkeypatch this."""
+    global _lib
+    if _lib is _UNLOADED:
+        lib = native.load("sparse_links")
+        if lib is not None:
+            i64, ptr = ctypes.c_int64, ctypes.c_void_p
+            signatures = {
+                "sdnc_links_forward": [i64] * 7 + [ptr] * 11 + [i64] + [ptr] * 6,
+                "sdnc_links_backward": [i64] * 7 + [ptr] * 11 + [i64] + [ptr] * 5,
+                "sdnc_mix_forward": [i64] * 4 + [ptr] * 10,
+                "sdnc_mix_backward": [i64] * 4 + [ptr] * 12,
+                "sdnc_head_forward": [i64] * 4 + [ptr] * 11,
+                "sdnc_head_backward": [i64] * 4 + [ptr] * 13,
+            }
+            for name, argtypes in signatures.items():
+                for suffix in ("f32", "f64"):
+                    fn = getattr(lib, f"{name}_{suffix}")
+                    fn.argtypes, fn.restype = argtypes, None
+        _lib = lib
+    return _lib
+
+
+def usable(*tensors: Tensor) -> bool:
+    """:func:`memagents.cores.native.usable` with fewer Python calls (it runs every step)."""
+    dtype = tensors[0].dtype
+    if dtype is not torch.float32 and dtype is not torch.float64:
+        return False
+    return all(t.is_cpu and t.dtype is dtype for t in tensors)
 
 
 def kernel_fn(lib: ctypes.CDLL, name: str, like: Tensor):
     """The kernel ``<name>_f32`` or ``<name>_f64`` for the dtype of ``like``."""
-    return getattr(lib, f"{name}_{'f64' if like.dtype == torch.float64 else 'f32'}")
+    key = (id(lib), name, like.dtype)
+    fn = _fns.get(key)
+    if fn is None:
+        fn = _fns[key] = getattr(lib, f"{name}_{'f64' if like.dtype == torch.float64 else 'f32'}")
+    return fn
 
 
 def _p(t: Tensor | None) -> int | None:
@@ -446,10 +466,8 @@ def native_forward(
     for t in (link, link_t, link_idx, link_t_idx):
         if not t.is_contiguous():
             raise ValueError("the link tensors are updated in place and must be contiguous")
-    w, p, rw = (t.detach().contiguous() for t in (write_weights, precedence, read_weights))
-    w_idx, p_idx, r_idx, reset = (
-        t.contiguous() for t in (write_idx, precedence_idx, read_idx, reset)
-    )
+    ins = (write_weights, write_idx, precedence, precedence_idx, read_weights, read_idx, reset)
+    w, w_idx, p, p_idx, rw, r_idx, reset = (t.contiguous() for t in ins)
     dtype = link.dtype
     p_out = torch.empty(B, L, dtype=dtype)
     dir_w = torch.empty(B, R, 2 * k, dtype=dtype)
@@ -462,9 +480,11 @@ def native_forward(
         saved_t = torch.empty(n_t, dtype=dtype)
     kernel_fn(lib, "sdnc_links_forward", link)(
         B, N, L, J, R, S, k,
-        *map(_p, (link, link_t, link_idx, link_t_idx, w, w_idx, p, p_idx, rw, r_idx, reset)),
-        reset.numel(),
-        *map(_p, (p_out, p_out_idx, dir_w, dir_idx, saved_i32, saved_t)),
+        link.data_ptr(), link_t.data_ptr(), link_idx.data_ptr(), link_t_idx.data_ptr(),
+        w.data_ptr(), w_idx.data_ptr(), p.data_ptr(), p_idx.data_ptr(), rw.data_ptr(),
+        r_idx.data_ptr(), reset.data_ptr(), reset.numel(),
+        p_out.data_ptr(), p_out_idx.data_ptr(), dir_w.data_ptr(), dir_idx.data_ptr(),
+        _p(saved_i32), _p(saved_t),
     )  # fmt: skip
     return p_out, p_out_idx, dir_w, dir_idx, saved_i32, saved_t
 

@@ -25,6 +25,15 @@
 #include <cstdint>
 #include <vector>
 
+// No fused multiply-adds: every product and sum rounds on its own, as in the torch reference's
+// separate elementwise ops, so that values the reference computes equal stay equal here and the
+// top-k tie-breaking agrees (-march=native would otherwise contract a * b + c).
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
 #define EXPORT extern "C" __attribute__((visibility("default")))
 
 using i64 = int64_t;
@@ -40,6 +49,7 @@ struct Scratch {
     std::vector<i32> pslot;  // row -> precedence entry at that row, or -1
     std::vector<i64> stamp;  // row -> generation in which it was last marked
     std::vector<T> acc;      // row -> accumulated value (link reads)
+    std::vector<T> wd, pd;   // row -> merged w^W (p) at that row, or 0
     i64 gen = 0;
     void ensure(i64 n) {
         if ((i64)wslot.size() < n) {
@@ -47,6 +57,8 @@ struct Scratch {
             pslot.resize(n, -1);
             stamp.resize(n, 0);
             acc.resize(n, T(0));
+            wd.resize(n, T(0));
+            pd.resize(n, T(0));
         }
     }
 };
@@ -59,6 +71,8 @@ struct Maps {
     i32* pslot;
     i64* stamp;
     T* acc;
+    T* wd;
+    T* pd;
     i64 gen;
     Scratch<T>* home;
     void done() { home->gen = gen; }
@@ -68,7 +82,8 @@ template <typename T>
 Maps<T> maps(i64 n) {
     thread_local Scratch<T> s;
     s.ensure(n);
-    return Maps<T>{s.wslot.data(), s.pslot.data(), s.stamp.data(), s.acc.data(), s.gen, &s};
+    return Maps<T>{s.wslot.data(), s.pslot.data(), s.stamp.data(), s.acc.data(),
+                   s.wd.data(),    s.pd.data(),    s.gen,          &s};
 }
 
 // Positions of the k largest scores among n, in descending order; ties go to the earlier
@@ -104,14 +119,8 @@ struct Batch {
     char* first;  // [J] first occurrence of w_idx[j]
     Maps<T>* sc;
 
-    T wm(i64 row) const {
-        i32 s = sc->wslot[row];
-        return s >= 0 ? wsum[s] : T(0);
-    }
-    T pm(i64 row) const {
-        i32 s = sc->pslot[row];
-        return s >= 0 ? psum[s] : T(0);
-    }
+    T wm(i64 row) const { return sc->wd[row]; }
+    T pm(i64 row) const { return sc->pd[row]; }
     void bind() {  // fill the slot maps of this element
         for (i64 j = 0; j < J; ++j) {
             i64 r = w_idx[j];
@@ -134,10 +143,20 @@ struct Batch {
                 psum[sc->pslot[r]] += p[m];
             }
         }
+        for (i64 j = 0; j < J; ++j)
+            if (first[j]) sc->wd[w_idx[j]] = wsum[j];
+        for (i64 m = 0; m < L; ++m)
+            if (sc->pslot[p_idx[m]] == (i32)m) sc->pd[p_idx[m]] = psum[m];
     }
     void unbind() {
-        for (i64 j = 0; j < J; ++j) sc->wslot[w_idx[j]] = -1;
-        for (i64 m = 0; m < L; ++m) sc->pslot[p_idx[m]] = -1;
+        for (i64 j = 0; j < J; ++j) {
+            sc->wslot[w_idx[j]] = -1;
+            sc->wd[w_idx[j]] = T(0);
+        }
+        for (i64 m = 0; m < L; ++m) {
+            sc->pslot[p_idx[m]] = -1;
+            sc->pd[p_idx[m]] = T(0);
+        }
     }
 };
 
@@ -198,7 +217,7 @@ general:
     for (i64 m = 0; m < C; ++m) {
         i64 c = transpose ? bt.w_idx[m] : bt.p_idx[m];
         bool ok = (!transpose || bt.first[m]) && c != r && !in_row(idx, L, c);
-        T cand = transpose ? bt.wsum[bt.sc->wslot[c]] * p_row : w_row * bt.p[m];
+        T cand = transpose ? bt.sc->wd[c] * p_row : w_row * bt.p[m];
         cv[L + m] = ok ? cand : T(0);
         cs[L + m] = ok ? cand : T(-1);
         ci[L + m] = c;
@@ -297,12 +316,14 @@ void forward(i64 B, i64 N, i64 L_, i64 J, i64 R, i64 S, i64 K, T* link, T* link_
                     lst.push_back((i32)row);
                 }
             };
-            for (i64 j = 0; j < J; ++j) add(bt.w_idx[j]);
+            for (i64 j = 0; j < J; ++j)
+                if (bt.first[j]) add(bt.w_idx[j]);
             if (set == 1)
                 for (i64 m = 0; m < L; ++m) add(bt.p_idx[m]);
             const T* other = idxs[1 - set];
             for (i64 j = 0; j < J; ++j)
-                for (i64 k = 0; k < L; ++k) add((i64)other[bt.w_idx[j] * L + k]);
+                if (bt.first[j])
+                    for (i64 k = 0; k < L; ++k) add((i64)other[bt.w_idx[j] * L + k]);
         }
         for (int set = 0; set < 2; ++set)
             for (i32 r : list[set]) {
@@ -342,7 +363,7 @@ void forward(i64 B, i64 N, i64 L_, i64 J, i64 R, i64 S, i64 K, T* link, T* link_
             for (i64 j = 0; j < J; ++j) {
                 i64 c = bt.w_idx[j];
                 bool ok = bt.first[j] && !in_row(bt.p_idx, L, c);
-                T cand = bt.wsum[sc.wslot[c]];
+                T cand = sc.wd[c];
                 cv[L + j] = ok ? cand : T(0);
                 cs[L + j] = ok ? cand : T(-1);
                 ci[L + j] = c;
@@ -538,7 +559,7 @@ void backward(i64 B, i64 N, i64 L, i64 J, i64 R, i64 S, i64 K, T* g_link, T* g_l
                             gpd[m] += g * w_row;
                         } else {
                             add_w(c, g * p_row);
-                            add_p(r, g * bt.wsum[sc.wslot[c]]);
+                            add_p(r, g * sc.wd[c]);
                         }
                     }
                 }
