@@ -351,7 +351,7 @@ def test_core_native_equals_torch_path_through_a_sequence_with_resets(torch_path
         loss = loss + s.link_t.sum() + s.precedence.sum() + s.read_weights.sum()
         loss.backward()
         grads = [p.grad.clone() for p in core.parameters() if p.grad is not None]
-        return y.detach(), state_lib.leaves(s), grads
+        return y.detach(), list(state_lib.leaves(s)), grads
 
     ref = torch_path(run)
     nat = run()
@@ -380,3 +380,67 @@ def test_gradcheck_of_the_core_on_the_native_path():
         return y, s.link, s.link_t, s.read_weights, s.precedence
 
     assert torch.autograd.gradcheck(run, (x,), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@needs_kernel
+def test_one_node_step_equals_the_composed_native_path(monkeypatch):
+    """:class:`sdnc.SDNCStep` (the whole step after the controller as one node) against the
+    same kernels composed as three nodes: outputs, final state and gradients, with resets; and
+    the graph-free forward (rollouts) gives the same outputs."""
+    core = _core(F64, temporal_reads=4)
+    B, T = 3, 8
+    x = _x(T, B, seed=12, dtype=F64)
+    starts = torch.zeros(T, B)
+    starts[3, 0] = starts[5, 2] = 1.0
+    s0 = state_lib.map_state(lambda t: t.detach().clone(), _random_memory_state(core, B))
+
+    def run():
+        core.zero_grad()
+        y, s = core(x, s0, starts)
+        gen = torch.Generator().manual_seed(5)
+        loss = (y * torch.randn(y.shape, generator=gen, dtype=F64)).sum()
+        loss = loss + s.memory.sum() + s.link.sum() + s.write_weights.sum() + s.precedence.sum()
+        loss.backward()
+        grads = [p.grad.clone() for p in core.parameters() if p.grad is not None]
+        return y.detach(), list(state_lib.leaves(s)), grads
+
+    calls = []
+    monkeypatch.setattr(sdnc.SDNCStep, "apply", _counting(sdnc.SDNCStep.apply, calls))
+    one = run()
+    assert len(calls) == T  # the one-node path ran
+    monkeypatch.setattr(sdnc, "ONE_NODE_STEP", False)
+    composed = run()
+    torch.testing.assert_close(one[0], composed[0], **TOL)
+    for a, b in zip(one[1] + one[2], composed[1] + composed[2], strict=True):
+        torch.testing.assert_close(a.detach(), b.detach(), **TOL)
+    monkeypatch.setattr(sdnc, "ONE_NODE_STEP", True)
+    with torch.no_grad():
+        y, s = core(x, s0, starts)
+    torch.testing.assert_close(y, one[0], **TOL)
+    for a, b in zip(state_lib.leaves(s), one[1], strict=True):
+        torch.testing.assert_close(a, b.detach(), **TOL)
+
+
+def _counting(fn, calls):
+    def wrapped(*args):
+        calls.append(1)
+        return fn(*args)
+
+    return wrapped
+
+
+@needs_kernel
+def test_saved_rows_buffer_grows_when_a_step_touches_more_rows(torch_path, monkeypatch):
+    """The recorded forward sizes its saved rows by the previous steps; a step that needs more
+    is redone with a larger buffer (nothing but the resets was written): same results."""
+    B, N, L, J, R, S, k = 3, 10, 3, 7, 2, 6, 2
+    state = torch_path(lambda: _random_links(B, N, L, J, R, S, steps=5, seed=4))
+    inputs = _random_step_inputs(B, N, J, R, S, torch.Generator().manual_seed(9))
+    reset = torch.tensor([1])
+    ref = _step_outputs_and_grads(state, inputs, reset, k, True)
+    key = (B, N, L, J, R, S, k)
+    monkeypatch.setitem(sparse_links._row_capacity, key, 1)
+    again = _step_outputs_and_grads(state, inputs, reset, k, True)
+    assert sparse_links._row_capacity[key] > 1
+    for a, b in zip(again[0] + again[1], ref[0] + ref[1], strict=True):
+        assert torch.equal(a, b)

@@ -35,7 +35,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
+from torch.autograd.function import FunctionCtx, once_differentiable
 
 from memagents.cores import addressing, sparse_access, sparse_links
 from memagents.cores import state as state_lib
@@ -76,6 +76,11 @@ class SDNCState(NamedTuple):
             return getattr(self.access, name)
         raise AttributeError(name)
 
+
+#: Run each step after the controller as one :class:`SDNCStep` node when the native kernels
+#: can (``fused`` cores, CPU float tensors, no debug output); tests turn it off to compare with
+#: the composed path.
+ONE_NODE_STEP = True
 
 #: State fields carried as long working copies during a call (the rest are values).
 _INDEX_FIELDS = (
@@ -168,22 +173,28 @@ class NativeReadMix(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_read_vectors, g_read_weights, _g_idx):
-        modes, link_w, content_w, content_r, link_rows = (t.contiguous() for t in ctx.saved_tensors)
-        B, R, K = content_w.shape
-        W = content_r.shape[-1]
-        grads = [torch.empty_like(t) for t in (modes, link_w, content_w, content_r, link_rows)]
-        g_rv, g_rw = (
-            None if g is None else g.contiguous() for g in (g_read_vectors, g_read_weights)
-        )
-        sparse_links.kernel_fn(ctx.lib, "sdnc_mix_backward", modes)(
-            B, R, K, W,
-            *(t.data_ptr() for t in (modes, link_w, content_w, content_r, link_rows)),
-            None if g_rv is None else g_rv.data_ptr(),
-            None if g_rw is None else g_rw.data_ptr(),
-            *(g.data_ptr() for g in grads),
-        )  # fmt: skip
+        grads = _mix_backward(ctx.lib, ctx.saved_tensors, g_read_vectors, g_read_weights)
         g_modes, g_link_w, g_content_w, g_content_r, g_link_rows = grads
         return g_modes, g_link_w, g_content_w, None, g_content_r, g_link_rows, None, None
+
+
+def _mix_backward(lib, saved, g_read_vectors, g_read_weights):
+    """Gradients ``(π, [b_t | f_t], c_t, Σ c_t M, link rows)`` of :func:`_mix_forward` from
+    those of ``(read_vectors, read_weights)`` (either may be ``None``); ``saved`` = ``(modes,
+    link_w, content_w, content_r, link_rows)``."""
+    modes, link_w, content_w, content_r, link_rows = (t.contiguous() for t in saved)
+    B, R, K = content_w.shape
+    W = content_r.shape[-1]
+    grads = [torch.empty_like(t) for t in (modes, link_w, content_w, content_r, link_rows)]
+    g_rv, g_rw = (None if g is None else g.contiguous() for g in (g_read_vectors, g_read_weights))
+    sparse_links.kernel_fn(lib, "sdnc_mix_backward", modes)(
+        B, R, K, W,
+        *(t.data_ptr() for t in (modes, link_w, content_w, content_r, link_rows)),
+        None if g_rv is None else g_rv.data_ptr(),
+        None if g_rw is None else g_rw.data_ptr(),
+        *(g.data_ptr() for g in grads),
+    )  # fmt: skip
+    return grads
 
 
 def head_and_links(
@@ -303,7 +314,7 @@ class NativeHeadLinks(torch.autograd.Function):
     def backward(
         ctx, g_keys, g_a, g_beta, g_modes, g_ww, _gwi, g_link, g_link_t, g_p, _gpi, g_dir, _gdi
     ):  # fmt: skip
-        B, N, L, J, R, S, K, W = ctx.shape
+        B, N, L, J, R, S, K, _ = ctx.shape
         xi, prev_w, gates, modes, ww, widx, p, p_idx, prev_idx, reset, saved_i32, saved_t = (
             ctx.saved_tensors
         )
@@ -311,17 +322,160 @@ class NativeHeadLinks(torch.autograd.Function):
             ctx.lib, (B, N, L, J, R, S, K), ctx.owns_grad, g_link, g_link_t, g_p, g_dir,
             ww, widx, p, p_idx, prev_w, prev_idx, reset, saved_i32, saved_t,
         )  # fmt: skip
-        g_xi, g_prev_w = torch.empty_like(xi), torch.empty_like(prev_w)
-
-        def ptr(t):
-            return None if t is None else t.contiguous().data_ptr()
-
-        sparse_links.kernel_fn(ctx.lib, "sdnc_head_backward", xi)(
-            B, R, W, S, xi.data_ptr(), prev_w.data_ptr(), gates.data_ptr(), modes.data_ptr(),
-            *map(ptr, (g_keys, g_a, g_beta, g_modes, g_ww, g_ww_links, g_rw_links)),
-            g_xi.data_ptr(), g_prev_w.data_ptr(),
+        g_xi, g_prev_w = _head_backward(
+            ctx.lib, xi, prev_w, gates, modes, g_keys, g_a, g_beta, g_modes, g_ww, g_ww_links,
+            g_rw_links,
         )  # fmt: skip
         return (g_xi, g_prev_w, *g_links, g_p_prev) + (None,) * 9
+
+
+def _head_backward(lib, xi, prev_w, gates, modes, *grads):
+    """``(dL/dxi, dL/dw^R_{t-1})`` of :func:`_head_forward` from the gradients of ``(keys, a,
+    β, π, w^W)`` and the links' own ``(dL/dw^W, dL/dw^R_{t-1})`` (any may be ``None``)."""
+    B, S = xi.shape[0], prev_w.shape[-1]
+    R = modes.shape[1]
+    W = (xi.shape[1] - 4 * R - 2) // (R + 1)
+    g_xi, g_prev_w = torch.empty_like(xi), torch.empty_like(prev_w)
+    sparse_links.kernel_fn(lib, "sdnc_head_backward", xi)(
+        B, R, W, S, xi.data_ptr(), prev_w.data_ptr(), gates.data_ptr(), modes.data_ptr(),
+        *(None if g is None else g.contiguous().data_ptr() for g in grads),
+        g_xi.data_ptr(), g_prev_w.data_ptr(),
+    )  # fmt: skip
+    return g_xi, g_prev_w
+
+
+def sdnc_step(
+    xi, prev_w, memory, link, link_t, precedence, prev_idx, lru, link_idx, link_t_idx,
+    precedence_idx, last_access, time, reset, index, sizes, owns_grad, lib,
+):  # fmt: skip
+    """:class:`SDNCStep` (same arguments and outputs), or its forward alone when no gradient is
+    recorded (rollouts: nothing is saved)."""
+    args = (
+        xi, prev_w, memory, link, link_t, precedence, prev_idx, lru, link_idx, link_t_idx,
+        precedence_idx, last_access, time, reset, index, sizes, owns_grad, lib,
+    )  # fmt: skip
+    if torch.is_grad_enabled() and any(
+        t.requires_grad for t in (xi, prev_w, memory, link, link_t, precedence)
+    ):
+        return SDNCStep.apply(*args)
+    return _step_forward(*args, record=False)[0]
+
+
+def _step_forward(
+    xi, prev_w, memory, link, link_t, precedence, prev_idx, lru, link_idx, link_t_idx,
+    precedence_idx, last_access, time, reset, index, sizes, owns_grad, lib, record,
+):  # fmt: skip
+    """The forward of :class:`SDNCStep`: ``(outputs, what its backward needs)``."""
+    R, _, K = sizes
+    B = xi.shape[0]
+    keys, a, beta, gates, modes, ww, widx = _head_forward(lib, xi, prev_w, prev_idx, lru, sizes)
+    p_out, p_out_idx, dir_w, dir_idx, saved_i32, saved_t = sparse_links.native_forward(
+        lib, link, link_t, ww, precedence, prev_w, link_idx, link_t_idx, widx,
+        precedence_idx, prev_idx, reset, K, save=record,
+    )  # fmt: skip
+    access = FunctionCtx()
+    memory, content_w, content_idx, content_r, extra_rows = sparse_access.SparseAccessStep.forward(
+        access, memory, a, ww, keys, beta, widx, reset, index, K, owns_grad,
+        dir_idx.view(B, 2 * R * K),
+    )  # fmt: skip
+    access.saved_tensors = access.to_save
+    read_vectors, read_weights, read_idx = _mix_forward(
+        lib, modes, dir_w, content_w, content_idx, content_r, extra_rows, dir_idx
+    )
+    last_access, new_time, next_lru = sparse_access.usage_update_lru(
+        last_access, time, [(widx, ww), (read_idx.view(B, -1), read_weights.view(B, -1))]
+    )
+    outputs = (
+        memory, link, link_t, p_out, p_out_idx, read_vectors, read_weights, read_idx, ww, widx,
+        new_time, next_lru,
+    )  # fmt: skip
+    saved = (
+        gates, modes, ww, widx, saved_i32, saved_t, access, dir_w, content_w, content_r,
+        extra_rows,
+    )  # fmt: skip
+    return outputs, saved
+
+
+class SDNCStep(torch.autograd.Function):
+    """One whole SDNC memory step after the controller as one autograd node (native path):
+    :func:`head_and_links` (interface, ``w^W``, ``L_t``, ``p_t``, ``b_t``, ``f_t``), SAM's
+    :class:`~memagents.cores.sparse_access.SparseAccessStep` (write, content read, the rows of
+    ``b_t`` and ``f_t``; its own forward and backward, called with a plain
+    :class:`~torch.autograd.function.FunctionCtx`), :func:`read_mix` and
+    :func:`~memagents.cores.sparse_access.usage_update_lru`. Same equations and order as the
+    composed path of :meth:`SDNCCore._run` (tests compare both); one node instead of three keeps
+    the per-step autograd and Python work near SAM's.
+
+    Inputs: ``xi [B, X]``, ``prev_w [B, R, S]``, ``memory [B, N, W]``, ``link``, ``link_t``
+    ``[B, N, K_L]`` (these three modified in place), ``precedence [B, K_L]``; then
+    non-differentiable ``prev_idx [B, R, S]`` long, ``lru [B]`` long, ``link_idx``,
+    ``link_t_idx`` (in place, the value dtype), ``precedence_idx [B, K_L]`` long,
+    ``last_access [B, N]`` (in place), ``time [B, 1]``, ``reset [n]`` long, ``index``,
+    ``sizes`` ``(R, W, K)``, ``owns_grad``, ``lib``.
+
+    Outputs: ``memory``, ``link``, ``link_t``, ``p_t``, ``p_t``'s rows (long), ``r_t [B, R, W]``,
+    ``w^R_t [B, R, 3K]``, its rows (long), ``w^W_t [B, J]``, its rows (long), ``t [B, 1]``,
+    ``I^U_{t+1} [B]`` (long).
+    """
+
+    @staticmethod
+    def forward(
+        ctx, xi, prev_w, memory, link, link_t, precedence, prev_idx, lru, link_idx, link_t_idx,
+        precedence_idx, last_access, time, reset, index, sizes, owns_grad, lib,
+    ):  # fmt: skip
+        R, W, K = sizes
+        outputs, saved = _step_forward(
+            xi, prev_w, memory, link, link_t, precedence, prev_idx, lru, link_idx, link_t_idx,
+            precedence_idx, last_access, time, reset, index, sizes, owns_grad, lib, record=True,
+        )  # fmt: skip
+        gates, modes, ww, widx, saved_i32, saved_t, access, dir_w, cw, cr, extra_rows = saved
+        memory, link, link_t, p_out, p_out_idx, read_vectors, read_weights, read_idx = outputs[:8]
+        new_time, next_lru = outputs[10:]
+        B, N, L = link.shape
+        ctx.shape = (B, N, L, widx.shape[1], R, prev_w.shape[-1], K, W)
+        ctx.owns_grad = owns_grad
+        ctx.lib = lib
+        ctx.access = access
+        ctx.save_for_backward(
+            xi, prev_w, gates, modes, ww, widx, precedence, precedence_idx, prev_idx, reset,
+            saved_i32, saved_t, dir_w, cw, cr, extra_rows,
+        )  # fmt: skip
+        ctx.set_materialize_grads(False)
+        ctx.mark_dirty(memory, link, link_t)
+        ctx.mark_non_differentiable(p_out_idx, read_idx, widx, new_time, next_lru)
+        return (
+            memory, link, link_t, p_out, p_out_idx, read_vectors, read_weights, read_idx,
+            ww, widx, new_time, next_lru,
+        )  # fmt: skip
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx, g_memory, g_link, g_link_t, g_p, _gpi, g_rv, g_rw, _gri, g_ww, _gwi, _gt, _gl
+    ):  # fmt: skip
+        B, N, L, J, R, S, K, W = ctx.shape
+        (
+            xi, prev_w, gates, modes, ww, widx, p, p_idx, prev_idx, reset, saved_i32, saved_t,
+            dir_w, content_w, content_r, extra_rows,
+        ) = ctx.saved_tensors  # fmt: skip
+        g_modes, g_dir, g_cw, g_cr, g_extra = _mix_backward(
+            ctx.lib, (modes, dir_w, content_w, content_r, extra_rows), g_rv, g_rw
+        )
+        access = ctx.access
+        g_mem, g_a, g_ww_access, g_keys, g_beta, *_ = sparse_access.SparseAccessStep.backward(
+            access, g_memory, g_cw, None, g_cr, g_extra
+        )
+        if g_ww is not None:
+            g_ww_access = g_ww_access + g_ww
+        g_links, g_ww_links, g_p_prev, g_rw_links = sparse_links.native_backward(
+            ctx.lib, (B, N, L, J, R, S, K), ctx.owns_grad, g_link, g_link_t, g_p, g_dir,
+            ww, widx, p, p_idx, prev_w, prev_idx, reset, saved_i32, saved_t,
+        )  # fmt: skip
+        g_xi, g_prev_w = _head_backward(
+            ctx.lib, xi, prev_w, gates, modes, g_keys.view(B, R * W), g_a, g_beta, g_modes,
+            g_ww_access, g_ww_links, g_rw_links,
+        )  # fmt: skip
+        return (g_xi, g_prev_w, g_mem, *g_links, g_p_prev) + (None,) * 12
 
 
 class SDNCCore(MemoryCore):
@@ -503,6 +657,15 @@ class SDNCCore(MemoryCore):
             small[f] = getattr(a, f).long()
         no_reset = torch.zeros(0, dtype=torch.long, device=x.device)
         lru = None  # I^U_t, from the previous step's usage update when it gives it
+        lib = sparse_links.native_kernel()
+        one_node = (
+            ONE_NODE_STEP
+            and self.fused
+            and not return_debug
+            and lib is not None
+            and idx_dtype == link.dtype
+            and sparse_links.usable(x, memory, link, a.read_weights, a.precedence, last_access)
+        )
 
         outputs, debug_steps = [], []
         for t in range(T):
@@ -526,6 +689,29 @@ class SDNCCore(MemoryCore):
             # 1. controller and interface
             h, c = self.controller(torch.cat([x[t], read_flat], dim=-1), (h, c))
             xi = self.interface(h)
+            if one_node:  # steps 2-6 and the usage as one autograd node
+                (
+                    memory, link, link_t, precedence, precedence_idx, read_vectors,
+                    read_weights, read_idx, write_weights, write_indices, time, lru,
+                ) = sdnc_step(
+                    xi, small["read_weights"], memory, link, link_t, small["precedence"],
+                    small["read_indices"], lru, link_idx, link_t_idx,
+                    small["precedence_indices"], small["last_access"], small["time"], reset,
+                    index, (R, W, K), t < T - 1, lib,
+                )  # fmt: skip
+                read_flat = read_vectors.view(B, R * W)
+                small = {
+                    "time": time,
+                    "read_weights": read_weights,
+                    "read_indices": read_idx,
+                    "write_weights": write_weights,
+                    "write_indices": write_indices,
+                    "last_access": small["last_access"],
+                    "precedence": precedence,
+                    "precedence_indices": precedence_idx,
+                }
+                outputs.append(torch.cat([h, read_flat], dim=-1))
+                continue
 
             # 2. write weighting (SAM); 3. sparse links L_t (with p_{t-1}), then p_t;
             # 4. f_t = L_t w^R_{t-1} (rows of Lᵀ), b_t = L_tᵀ w^R_{t-1} (rows of L), top K each

@@ -406,7 +406,12 @@ def native_kernel() -> ctypes.CDLL | None:
         if lib is not None:
             i64, ptr = ctypes.c_int64, ctypes.c_void_p
             signatures = {
-                "sdnc_links_forward": [i64] * 7 + [ptr] * 11 + [i64] + [ptr] * 6,
+                "sdnc_links_forward": [i64] * 7
+                + [ptr] * 11
+                + [i64]
+                + [ptr] * 4
+                + [i64]
+                + [ptr] * 2,
                 "sdnc_links_backward": [i64] * 7 + [ptr] * 11 + [i64] + [ptr] * 5,
                 "sdnc_mix_forward": [i64] * 4 + [ptr] * 10,
                 "sdnc_mix_backward": [i64] * 4 + [ptr] * 12,
@@ -416,7 +421,8 @@ def native_kernel() -> ctypes.CDLL | None:
             for name, argtypes in signatures.items():
                 for suffix in ("f32", "f64"):
                     fn = getattr(lib, f"{name}_{suffix}")
-                    fn.argtypes, fn.restype = argtypes, None
+                    fn.argtypes = argtypes
+                    fn.restype = i64 if name == "sdnc_links_forward" else None
         _lib = lib
     return _lib
 
@@ -443,14 +449,19 @@ def _p(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def saved_sizes(B: int, L: int, J: int, R: int, S: int, K: int) -> tuple[int, int]:
+def saved_sizes(B: int, L: int, R: int, S: int, K: int, cap: int) -> tuple[int, int]:
     """Lengths of the int32 and the value buffer a recorded forward saves (``struct Saved`` of
-    the kernel): per element and link, ``U = J·(1 + K_L) + K_L`` touched rows (row number, old
-    values and columns, selected positions), the precedence's selected positions, and per head
-    the ``S`` link rows each read used (values, columns) and its selected positions."""
-    U = J * (1 + L) + L
-    n_i32 = 2 * B + 2 * B * U + 2 * (2 * B * U * L) + B * L + 2 * B * R * S * L + 2 * B * R * K
-    return n_i32, 2 * B * U * L + 2 * B * R * S * L
+    the kernel): ``cap``, then up to ``cap`` touched rows over all elements and both links (row number, old
+    values and columns, selected positions) with their counts, the precedence's selected
+    positions, and per head the ``S`` link rows each read used (values, columns) and its
+    selected positions."""
+    n_i32 = 1 + 2 * B + cap * (1 + 2 * L) + B * L + 2 * B * R * S * L + 2 * B * R * K
+    return n_i32, cap * L + 2 * B * R * S * L
+
+
+#: Rows the last recorded steps of each shape touched (their saved buffers are sized by it, and
+#: grown when a step needs more; the kernel reports the count before writing anything).
+_row_capacity: dict[tuple[int, ...], int] = {}
 
 
 def native_forward(
@@ -473,19 +484,27 @@ def native_forward(
     dir_w = torch.empty(B, R, 2 * k, dtype=dtype)
     p_out_idx = torch.empty(B, L, dtype=torch.long)
     dir_idx = torch.empty(B, R, 2 * k, dtype=torch.long)
-    saved_i32 = saved_t = None
-    if save:
-        n_i32, n_t = saved_sizes(B, L, J, R, S, k)
-        saved_i32 = torch.empty(n_i32, dtype=torch.int32)
-        saved_t = torch.empty(n_t, dtype=dtype)
-    kernel_fn(lib, "sdnc_links_forward", link)(
+    fn = kernel_fn(lib, "sdnc_links_forward", link)
+    args = (
         B, N, L, J, R, S, k,
         link.data_ptr(), link_t.data_ptr(), link_idx.data_ptr(), link_t_idx.data_ptr(),
         w.data_ptr(), w_idx.data_ptr(), p.data_ptr(), p_idx.data_ptr(), rw.data_ptr(),
         r_idx.data_ptr(), reset.data_ptr(), reset.numel(),
         p_out.data_ptr(), p_out_idx.data_ptr(), dir_w.data_ptr(), dir_idx.data_ptr(),
-        _p(saved_i32), _p(saved_t),
     )  # fmt: skip
+    if not save:
+        fn(*args, 0, None, None)
+        return p_out, p_out_idx, dir_w, dir_idx, None, None
+    key = (B, N, L, J, R, S, k)
+    cap = _row_capacity.get(key, 2 * B * min(N, 64))
+    while True:
+        n_i32, n_t = saved_sizes(B, L, R, S, k, cap)
+        saved_i32 = torch.empty(n_i32, dtype=torch.int32)
+        saved_t = torch.empty(n_t, dtype=dtype)
+        needed = fn(*args, cap, saved_i32.data_ptr(), saved_t.data_ptr())
+        if needed <= cap:
+            break
+        cap = _row_capacity[key] = needed + needed // 4  # nothing was written but resets
     return p_out, p_out_idx, dir_w, dir_idx, saved_i32, saved_t
 
 

@@ -230,33 +230,72 @@ general:
 }
 
 // Offsets of the saved buffers (one int32 and one T buffer; sizes as saved_sizes() in Python).
+// The touched rows of all elements and both links are stored one after the other (element by
+// element, L then L^T), at most `cap` of them; n_rows [B, 2] says how many each has. The int32
+// buffer starts with `cap` itself, so that the backward finds the layout.
 struct Saved {
     i64 n_rows, rows, old_idx, sel, p_sel, read_idx, read_sel, n_i32;  // int32 buffer
     i64 old, read_vals, n_t;                                          // T buffer
-    Saved(i64 B, i64 L, i64 J, i64 R, i64 S, i64 K) {
-        const i64 U = J * (1 + L) + L;
-        n_rows = 0;
+    Saved(i64 B, i64 L, i64 R, i64 S, i64 K, i64 cap) {
+        n_rows = 1;
         rows = n_rows + B * 2;
-        old_idx = rows + B * 2 * U;
-        sel = old_idx + B * 2 * U * L;
-        p_sel = sel + B * 2 * U * L;
+        old_idx = rows + cap;
+        sel = old_idx + cap * L;
+        p_sel = sel + cap * L;
         read_idx = p_sel + B * L;
         read_sel = read_idx + B * 2 * R * S * L;
         n_i32 = read_sel + B * 2 * R * K;
         old = 0;
-        read_vals = old + B * 2 * U * L;
+        read_vals = old + cap * L;
         n_t = read_vals + B * 2 * R * S * L;
     }
 };
 
+// The rows one step touches, from the links before the update, each once per link: rows of L are
+// the written rows and those linking to them (L^T's written rows); rows of L^T are the written
+// rows, the precedence rows and those linked from written rows (L's written rows). Appends
+// element b's rows of L, then of L^T, to `out`; counts into n[0], n[1].
+template <typename T>
+void touched_rows(const Maps<T>& sc_in, i64& gen, i64 L, i64 J, const i64* w_idx,
+                  const i64* p_idx, const T* idx_l, const T* idx_t, std::vector<i32>& out,
+                  std::vector<i32>& written, i64* n) {
+    i64* stamp = sc_in.stamp;
+    written.clear();
+    ++gen;
+    for (i64 j = 0; j < J; ++j)
+        if (stamp[w_idx[j]] != gen) {
+            stamp[w_idx[j]] = gen;
+            written.push_back((i32)w_idx[j]);
+        }
+    for (int set = 0; set < 2; ++set) {
+        const size_t start = out.size();
+        ++gen;
+        auto add = [&](i64 row) {
+            if (stamp[row] != gen) {
+                stamp[row] = gen;
+                out.push_back((i32)row);
+            }
+        };
+        for (i32 r : written) add(r);
+        if (set == 1)
+            for (i64 m = 0; m < L; ++m) add(p_idx[m]);
+        const T* other = set == 0 ? idx_t : idx_l;
+        for (i32 r : written)
+            for (i64 k = 0; k < L; ++k) add((i64)other[r * L + k]);
+        n[set] = (i64)(out.size() - start);
+    }
+}
+
+// Returns the number of touched rows; when saving and that exceeds `cap`, returns it having
+// changed nothing but the reset elements (the caller retries with a larger buffer).
 template <typename T, int LC>
-void forward(i64 B, i64 N, i64 L_, i64 J, i64 R, i64 S, i64 K, T* link, T* link_t, T* link_idx,
-             T* link_t_idx, const T* w, const i64* w_idx, const T* p, const i64* p_idx,
-             const T* rw, const i64* rw_idx, const i64* reset, i64 n_reset, T* p_out,
-             i64* p_out_idx, T* dir_out, i64* dir_out_idx, i32* saved_i32, T* saved_t) {
+i64 forward(i64 B, i64 N, i64 L_, i64 J, i64 R, i64 S, i64 K, T* link, T* link_t, T* link_idx,
+            T* link_t_idx, const T* w, const i64* w_idx, const T* p, const i64* p_idx,
+            const T* rw, const i64* rw_idx, const i64* reset, i64 n_reset, T* p_out,
+            i64* p_out_idx, T* dir_out, i64* dir_out_idx, i64 cap, i32* saved_i32, T* saved_t) {
     const i64 L = LC ? LC : L_;
     const bool save = saved_i32 != nullptr;
-    const Saved off(B, L, J, R, S, K);
+    const Saved off(B, L, R, S, K, cap);
     i32* n_rows = save ? saved_i32 + off.n_rows : nullptr;
     i32* rows = save ? saved_i32 + off.rows : nullptr;
     i32* old_idx = save ? saved_i32 + off.old_idx : nullptr;
@@ -273,9 +312,10 @@ void forward(i64 B, i64 N, i64 L_, i64 J, i64 R, i64 S, i64 K, T* link, T* link_
     std::vector<T> wsum(J), psum(L), cv(C > SL ? C : SL), cs(C > SL ? C : SL), best(L > K ? L : K);
     std::vector<i64> ci(C > SL ? C : SL);
     std::vector<char> first(J), pos_first(SL);
-    std::vector<i32> tmp_sel(L > K ? L : K), list[2];
-    list[0].reserve(U);
-    list[1].reserve(U);
+    std::vector<i32> tmp_sel(L > K ? L : K), written;
+    std::vector<i32> all_rows;  // every element's touched rows, L then L^T
+    std::vector<i64> counts(2 * B);
+    all_rows.reserve(B * 2 * (U < N ? U : N));
 
     for (i64 n = 0; n < n_reset; ++n) {
         i64 b = reset[n];
@@ -287,6 +327,20 @@ void forward(i64 B, i64 N, i64 L_, i64 J, i64 R, i64 S, i64 K, T* link, T* link_
             }
     }
 
+    for (i64 b = 0; b < B; ++b)
+        touched_rows<T>(sc, sc.gen, L, J, w_idx + b * J, p_idx + b * L, link_idx + b * N * L,
+                        link_t_idx + b * N * L, all_rows, written, &counts[2 * b]);
+    const i64 n_total = (i64)all_rows.size();
+    if (save && n_total > cap) {
+        sc.done();
+        return n_total;
+    }
+    if (save) {
+        saved_i32[0] = (i32)cap;
+        for (i64 i = 0; i < 2 * B; ++i) n_rows[i] = (i32)counts[i];
+    }
+
+    i64 base = 0;  // first row of this element's (and link's) rows in all_rows
     for (i64 b = 0; b < B; ++b) {
         Batch<T> bt{N, L, J, R, S, K, U, w + b * J, w_idx + b * J, p + b * L, p_idx + b * L,
                     wsum.data(), psum.data(), first.data(), &sc};
@@ -303,38 +357,15 @@ void forward(i64 B, i64 N, i64 L_, i64 J, i64 R, i64 S, i64 K, T* link, T* link_
                     __builtin_prefetch((set ? link_t : link) + o);
                 }
 
-        // touched rows from the links before the update, each once: rows of L are the written
-        // rows and those linking to them (L^T's written rows); rows of L^T are the written rows,
-        // the precedence rows and those linked from written rows (L's written rows)
-        for (int set = 0; set < 2; ++set) {
-            std::vector<i32>& lst = list[set];
-            lst.clear();
-            ++sc.gen;
-            auto add = [&](i64 row) {
-                if (sc.stamp[row] != sc.gen) {
-                    sc.stamp[row] = sc.gen;
-                    lst.push_back((i32)row);
-                }
-            };
-            for (i64 j = 0; j < J; ++j)
-                if (bt.first[j]) add(bt.w_idx[j]);
-            if (set == 1)
-                for (i64 m = 0; m < L; ++m) add(bt.p_idx[m]);
-            const T* other = idxs[1 - set];
-            for (i64 j = 0; j < J; ++j)
-                if (bt.first[j])
-                    for (i64 k = 0; k < L; ++k) add((i64)other[bt.w_idx[j] * L + k]);
-        }
-        for (int set = 0; set < 2; ++set)
-            for (i32 r : list[set]) {
-                __builtin_prefetch(idxs[set] + r * L);
-                __builtin_prefetch(vals[set] + r * L);
+        for (i64 set = 0, o = base; set < 2; ++set)
+            for (i64 u = 0; u < counts[2 * b + set]; ++u, ++o) {
+                __builtin_prefetch(idxs[set] + all_rows[o] * L);
+                __builtin_prefetch(vals[set] + all_rows[o] * L);
             }
         for (int set = 0; set < 2; ++set) {
-            const std::vector<i32>& lst = list[set];
-            i64 base = (b * 2 + set) * U;
-            if (save) n_rows[b * 2 + set] = (i32)lst.size();
-            for (i64 u = 0; u < (i64)lst.size(); ++u) {
+            const i32* lst = all_rows.data() + base;
+            const i64 count = counts[2 * b + set];
+            for (i64 u = 0; u < count; ++u) {
                 i64 r = lst[u];
                 T* v = vals[set] + r * L;
                 T* ix = idxs[set] + r * L;
@@ -347,8 +378,9 @@ void forward(i64 B, i64 N, i64 L_, i64 J, i64 R, i64 S, i64 K, T* link, T* link_
                     }
                 }
                 update_row<T, LC>(bt, set == 1, r, v, ix, s, cv.data(), cs.data(), ci.data(),
-                              best.data());
+                                  best.data());
             }
+            base += count;
         }
 
         // p_t = (1 - sum w) p_{t-1} + w, top K_L
@@ -422,6 +454,7 @@ void forward(i64 B, i64 N, i64 L_, i64 J, i64 R, i64 S, i64 K, T* link, T* link_
         }
     }
     sc.done();
+    return n_total;
 }
 
 // g_p_out, g_dir may be null (no gradient reached those outputs).
@@ -430,7 +463,7 @@ void backward(i64 B, i64 N, i64 L, i64 J, i64 R, i64 S, i64 K, T* g_link, T* g_l
               const T* g_p_out, const T* g_dir, const T* w, const i64* w_idx, const T* p,
               const i64* p_idx, const T* rw, const i64* rw_idx, const i64* reset, i64 n_reset,
               const i32* saved_i32, const T* saved_t, T* g_w, T* g_p, T* g_rw) {
-    const Saved off(B, L, J, R, S, K);
+    const Saved off(B, L, R, S, K, saved_i32[0]);
     const i32* n_rows = saved_i32 + off.n_rows;
     const i32* rows = saved_i32 + off.rows;
     const i32* old_idx = saved_i32 + off.old_idx;
@@ -446,6 +479,7 @@ void backward(i64 B, i64 N, i64 L, i64 J, i64 R, i64 S, i64 K, T* g_link, T* g_l
     std::vector<T> wsum(J), psum(L), gws(J), gps(L), gpd(L), g_new(L), g_old(L);
     std::vector<char> first(J);
     std::vector<i64> oi(L);
+    i64 row_base = 0;  // first saved row of this element (and link)
 
     for (i64 b = 0; b < B; ++b) {
         Batch<T> bt{N, L, J, R, S, K, U, w + b * J, w_idx + b * J, p + b * L, p_idx + b * L,
@@ -519,7 +553,8 @@ void backward(i64 B, i64 N, i64 L, i64 J, i64 R, i64 S, i64 K, T* g_link, T* g_l
         // link rows: from dL/d(new row) to dL/d(old row), w and p
         for (int set = 0; set < 2; ++set) {
             bool transpose = set == 1;
-            i64 base = (b * 2 + set) * U;
+            const i64 base = row_base;
+            row_base += n_rows[b * 2 + set];
             for (i64 u = 0; u < n_rows[b * 2 + set]; ++u) {
                 i64 r = rows[base + u];
                 T* grow = gbuf[set] + r * L;
@@ -757,10 +792,10 @@ void mix_backward(i64 B, i64 R, i64 K, i64 W, const T* modes, const T* dir, cons
     i64 B, i64 N, i64 L, i64 J, i64 R, i64 S, i64 K, T *link, T *link_t, T *link_idx,            \
         T *link_t_idx, const T *w, const i64 *w_idx, const T *p, const i64 *p_idx,             \
         const T *rw, const i64 *rw_idx, const i64 *reset, i64 n_reset, T *p_out, i64 *p_out_idx, \
-        T *dir_out, i64 *dir_out_idx, i32 *saved_i32, T *saved_t
+        T *dir_out, i64 *dir_out_idx, i64 cap, i32 *saved_i32, T *saved_t
 #define FORWARD_CALL                                                                            \
     B, N, L, J, R, S, K, link, link_t, link_idx, link_t_idx, w, w_idx, p, p_idx, rw, rw_idx,   \
-        reset, n_reset, p_out, p_out_idx, dir_out, dir_out_idx, saved_i32, saved_t
+        reset, n_reset, p_out, p_out_idx, dir_out, dir_out_idx, cap, saved_i32, saved_t
 #define BACKWARD_ARGS(T)                                                                        \
     i64 B, i64 N, i64 L, i64 J, i64 R, i64 S, i64 K, T *g_link, T *g_link_t, const T *g_p_out,  \
         const T *g_dir, const T *w, const i64 *w_idx, const T *p, const i64 *p_idx,             \
@@ -780,11 +815,11 @@ void mix_backward(i64 B, i64 R, i64 K, i64 W, const T* modes, const T* dir, cons
 #define MIX_BACKWARD_CALL B, R, K, W, modes, dir, cw, cr, er, g_rv, g_rw, g_modes, g_dir, g_cw, g_cr, g_er
 
 // K_L = 4 (the default) with its loops unrolled; any other K_L through the general code
-EXPORT void sdnc_links_forward_f32(FORWARD_ARGS(float)) {
-    L == 4 ? forward<float, 4>(FORWARD_CALL) : forward<float, 0>(FORWARD_CALL);
+EXPORT i64 sdnc_links_forward_f32(FORWARD_ARGS(float)) {
+    return L == 4 ? forward<float, 4>(FORWARD_CALL) : forward<float, 0>(FORWARD_CALL);
 }
-EXPORT void sdnc_links_forward_f64(FORWARD_ARGS(double)) {
-    L == 4 ? forward<double, 4>(FORWARD_CALL) : forward<double, 0>(FORWARD_CALL);
+EXPORT i64 sdnc_links_forward_f64(FORWARD_ARGS(double)) {
+    return L == 4 ? forward<double, 4>(FORWARD_CALL) : forward<double, 0>(FORWARD_CALL);
 }
 EXPORT void sdnc_links_backward_f32(BACKWARD_ARGS(float)) { backward<float>(BACKWARD_CALL); }
 EXPORT void sdnc_links_backward_f64(BACKWARD_ARGS(double)) { backward<double>(BACKWARD_CALL); }
