@@ -462,6 +462,9 @@ class SDNCStep(torch.autograd.Function):
             ctx.lib, (modes, dir_w, content_w, content_r, extra_rows), g_rv, g_rw
         )
         access = ctx.access
+        if g_memory is None:  # the step's own zero buffer (lazily zeroed pages), owned
+            g_memory = sparse_links.zero_buffer((B, N, W), xi.dtype)
+            access.owns_grad = True
         g_mem, g_a, g_ww_access, g_keys, g_beta, *_ = sparse_access.SparseAccessStep.backward(
             access, g_memory, g_cw, None, g_cr, g_extra
         )
@@ -575,13 +578,17 @@ class SDNCCore(MemoryCore):
         device = self._device(device)
         dtype = self._dtype()
         B, N, KL = batch_size, self.memory_size, self.temporal_reads
+        # the N-row fields as broadcasts (no allocation; forward copies them once anyway, and
+        # an owned copy of a broadcast zero is lazily zeroed memory: see sparse_links.owned)
+        zero = torch.zeros((), device=device, dtype=dtype)
         access = {
-            f: torch.zeros(B, *shape, device=device, dtype=dtype)
+            f: zero.expand(B, *shape)
+            if f in ("memory", "last_access", "link", "link_t")
+            else torch.zeros(B, *shape, device=device, dtype=dtype)
             for f, shape in self._access_shapes()._asdict().items()
         }
-        link_idx = sparse_links.initial_link_indices(B, N, KL, device).to(dtype)
-        access["link_indices"] = link_idx
-        access["link_t_indices"] = link_idx.clone()
+        link_idx = sparse_links.initial_link_indices(B, N, KL, device, dtype)
+        access["link_indices"] = access["link_t_indices"] = link_idx
         access["precedence_indices"] = sparse_links.initial_precedence_indices(B, KL, device).to(
             dtype
         )
@@ -630,12 +637,11 @@ class SDNCCore(MemoryCore):
 
         # owned working copies, written in place from here on
         if self.fused:
-            memory = sparse_access.owned_copy(a.memory)
-            last_access = a.last_access.clone()
+            memory = sparse_links.owned(a.memory)
+            last_access = sparse_links.owned(a.last_access)
         else:
             memory, last_access = a.memory, a.last_access
-        link = a.link.clone(memory_format=torch.contiguous_format)
-        link_t = a.link_t.clone(memory_format=torch.contiguous_format)
+        link, link_t = sparse_links.owned(a.link), sparse_links.owned(a.link_t)
         # indices in the dtype the link step works in (the values' on the native path: no copy
         # back at the end), owned copies as well
         idx_dtype = sparse_links.index_dtype(link)

@@ -50,6 +50,9 @@ update in backward); the kernel's work is ``O(U·K_L·(K_L + J))`` scalar operat
 from __future__ import annotations
 
 import ctypes
+import functools
+import math
+import mmap
 
 import torch
 from torch import Tensor
@@ -60,13 +63,19 @@ from memagents.cores.sparse_access import _flat_rows
 
 
 def initial_link_indices(
-    batch_size: int, memory_size: int, temporal_reads: int, device=None
+    batch_size: int, memory_size: int, temporal_reads: int, device=None, dtype=torch.long
 ) -> Tensor:
-    """``[B, N, K_L]`` long: the distinct, off-diagonal columns ``(i + 1 + k) mod N`` that the
-    zero-valued entries of an empty link row ``i`` point at."""
-    rows = torch.arange(memory_size, device=device).unsqueeze(1)
-    cols = (rows + 1 + torch.arange(temporal_reads, device=device)) % memory_size
-    return cols.expand(batch_size, memory_size, temporal_reads)
+    """``[B, N, K_L]`` (long, or exact integers in ``dtype``): the distinct, off-diagonal columns
+    ``(i + 1 + k) mod N`` that the zero-valued entries of an empty link row ``i`` point at (one
+    cached ``[N, K_L]`` pattern, broadcast over the batch: read-only)."""
+    pattern = _link_pattern(memory_size, temporal_reads, torch.device(device or "cpu"), dtype)
+    return pattern.expand(batch_size, memory_size, temporal_reads)
+
+
+@functools.lru_cache(maxsize=16)
+def _link_pattern(N: int, temporal_reads: int, device: torch.device, dtype) -> Tensor:
+    rows = torch.arange(N, device=device).unsqueeze(1)
+    return ((rows + 1 + torch.arange(temporal_reads, device=device)) % N).to(dtype)
 
 
 def initial_precedence_indices(batch_size: int, temporal_reads: int, device=None) -> Tensor:
@@ -449,6 +458,42 @@ def _p(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def zero_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """A CPU zero tensor whose pages the OS zeroes when first touched (an anonymous ``mmap``;
+    small ones are plain ``torch.zeros``): a dense buffer of which a sequence touches only some
+    rows costs only their pages. Not numpy's ``calloc``: numpy asks for transparent huge pages
+    for large arrays, and a first touch of a 2 MB page can stall on compaction (tens of ms)."""
+    numel = math.prod(shape)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if nbytes < ZERO_BUFFER_MMAP_BYTES:
+        return torch.zeros(shape, dtype=dtype)
+    buffer = mmap.mmap(-1, nbytes)  # the storage keeps the mapping alive
+    storage = torch.frombuffer(buffer, dtype=dtype, count=numel).untyped_storage()
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)  # a base tensor, not a view
+
+
+#: :func:`zero_buffer` maps memory from this size on.
+ZERO_BUFFER_MMAP_BYTES = 1 << 20
+
+
+def owned(t: Tensor) -> Tensor:
+    """A contiguous copy of ``t`` that the caller may write in place. A CPU float ``+0.0``
+    broadcast to its shape (every stride 0, as the cores' initial memories and links are)
+    becomes a :func:`zero_buffer`: no copy, and only the pages a sequence writes are touched
+    (the test reads the one element, not a materialised ``reshape``)."""
+    if (
+        t.device.type == "cpu"
+        and t.dtype in (torch.float32, torch.float64)
+        and not t.requires_grad
+        and t.numel()
+        and not any(t.stride())
+    ):
+        value = t.as_strided((1,), (1,)).item()
+        if value == 0 and math.copysign(1.0, value) > 0:
+            return zero_buffer(tuple(t.shape), t.dtype)
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def saved_sizes(B: int, L: int, R: int, S: int, K: int, cap: int) -> tuple[int, int]:
     """Lengths of the int32 and the value buffer a recorded forward saves (``struct Saved`` of
     the kernel): ``cap``, then up to ``cap`` touched rows over all elements and both links (row number, old
@@ -566,7 +611,7 @@ def native_backward(
     grads = []
     for g in (g_link, g_link_t):
         if g is None:
-            g = torch.zeros(B, N, L, dtype=w.dtype)
+            g = zero_buffer((B, N, L), w.dtype)
         elif not (owns_grad and g.is_contiguous()):
             g = g.clone(memory_format=torch.contiguous_format)
         grads.append(g)
