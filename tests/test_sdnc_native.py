@@ -444,3 +444,45 @@ def test_saved_rows_buffer_grows_when_a_step_touches_more_rows(torch_path, monke
     assert sparse_links._row_capacity[key] > 1
     for a, b in zip(again[0] + again[1], ref[0] + ref[1], strict=True):
         assert torch.equal(a, b)
+
+
+# -- owned copies and the broadcast initial state ---------------------------------------------------
+
+
+@pytest.mark.parametrize("mmap_from", [1, 1 << 30])  # bytes: mapped memory / torch.zeros
+def test_owned_copy_of_a_broadcast_zero_is_a_writable_zero_base_tensor(monkeypatch, mmap_from):
+    monkeypatch.setattr(sparse_links, "ZERO_BUFFER_MMAP_BYTES", mmap_from)
+    zero = torch.zeros((), dtype=F64).expand(3, 40, 5)
+    owned = sparse_links.owned(zero)
+    assert owned._base is None and owned.is_contiguous() and owned.shape == (3, 40, 5)
+    assert owned.dtype == F64 and not owned.any()
+    owned[1, 2, 3] = 7.0  # writable, and not aliasing the broadcast
+    assert owned.sum() == 7.0 and zero.sum() == 0.0
+    # anything else is a plain copy: a non-zero or -0.0 broadcast, a dense tensor
+    for t in (torch.ones((), dtype=F64).expand(2, 3), torch.tensor(-0.0).expand(2, 3)):
+        copy = sparse_links.owned(t)
+        assert torch.equal(copy, t) and copy.stride() == (3, 1)
+        assert torch.equal(copy.signbit(), t.signbit())
+    dense = torch.randn(2, 3)
+    assert torch.equal(sparse_links.owned(dense), dense)
+    assert sparse_links.owned(dense).data_ptr() != dense.data_ptr()
+
+
+def test_initial_state_is_broadcast_and_runs_like_a_dense_copy_of_it():
+    """The N-row fields of the initial state are broadcasts (nothing allocated per batch
+    element); a call from it equals a call from a dense copy, in outputs and gradients."""
+    core = _core(F64)
+    B, T = 3, 5
+    s0 = core.initial_state(B)
+    for f in ("memory", "last_access", "link", "link_t", "link_indices", "link_t_indices"):
+        assert getattr(s0, f).stride()[0] == 0, f
+    dense = state_lib.map_state(lambda t: t.clone(memory_format=torch.contiguous_format), s0)
+    x = _x(T, B, seed=21, dtype=F64)
+    results = []
+    for state in (s0, dense):
+        core.zero_grad()
+        y, s = core(x, state)
+        (y.square().sum() + s.link.sum()).backward()
+        results.append([y.detach(), *(p.grad.clone() for p in core.parameters())])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)

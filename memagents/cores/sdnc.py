@@ -27,6 +27,17 @@ links carry all the weight their rows have, e.g. ``π[1] = 1``). SAM's write the
 ``J = R·3K + 1`` rows.
 
 The output is ``y_t = [h_t; r_t]``.
+
+**How a step runs.** Steps 1-6 are composed from :func:`head_and_links` (interface, 2-4),
+SAM's :class:`~memagents.cores.sparse_access.SparseAccessStep` (5), :func:`read_mix` (6) and
+SAM's usage update: the torch reference, and each part has a native kernel
+(``csrc/sparse_links.cpp``) with a hand-written backward. On CPU float tensors with the kernels
+(``fused`` cores, no debug output) everything after the controller is one autograd node per step,
+:class:`SDNCStep`, which calls the same kernels and SAM's access step in the same order; a call
+without gradient (a rollout) saves nothing. Tests compare the three (torch, composed native, one
+node) in float64. The initial state's ``N``-row fields are broadcasts, and a call's owned copies
+of broadcast zeros are lazily zeroed memory (:func:`~memagents.cores.sparse_links.owned`), so a
+sequence from an empty memory pays only for the rows it touches.
 """
 
 from __future__ import annotations
@@ -499,9 +510,10 @@ class SDNCCore(MemoryCore):
         Memory, usage, links, precedence and the sparse weights always start at 0.
     :param fused: run the memory step as SAM's in-place
         :class:`~memagents.cores.sparse_access.SparseAccessStep`; ``False`` uses its dense
-        reference. The links always go through
-        :func:`~memagents.cores.sparse_links.temporal_step` (in place; one native kernel call per
-        step on CPU, the torch reference otherwise).
+        reference. The links are always updated in place
+        (:func:`~memagents.cores.sparse_links.temporal_step`). With ``fused`` and the native
+        kernels (CPU float tensors) each step after the controller is one :class:`SDNCStep`
+        node.
     """
 
     def __init__(

@@ -37,14 +37,18 @@ rows before the update, and in backward recomputes the row update from them, so 
 independent of ``N``. Stored row indices are unique within
 a row and never on the diagonal; empty entries are zero-valued entries at distinct columns.
 
-:func:`temporal_step` is what the core calls each step: the link update, ``p_t`` and both link
-reads. On CPU it runs them as one native kernel call forward and one backward
-(``csrc/sparse_links.cpp``, :class:`NativeTemporalStep`), which visits each touched row once and
-loops over its ``K_L + J`` candidates; otherwise it composes the torch functions of this module,
-which stay the reference (tests check both agree in float64, values, indices and gradients).
-At RL sizes the torch functions cost hundreds of small tensor ops per step (the ``[U·K_L, J]``
-equality tables of :func:`lookup`, the sorts of every top-``K_L``, the autograd re-run of the row
-update in backward); the kernel's work is ``O(U·K_L·(K_L + J))`` scalar operations.
+**Native path.** :func:`temporal_step` is one step's temporal work: the link update, ``p_t`` and
+both link reads. On CPU float tensors it is one call of the kernel ``csrc/sparse_links.cpp``
+forward and one backward (:func:`native_forward`, :func:`native_backward`,
+:class:`NativeTemporalStep`), which enumerates each element's touched rows once, updates each of
+them once (loops over its ``K_L`` old entries and, only when its own factor ``w[i]`` / ``p[j]``
+is non-zero, its ``K_L`` / ``J`` candidates) and saves exactly those rows; the link indices stay
+in the value dtype (exact integers below ``2^24``), as the state stores them. Otherwise it
+composes the torch functions of this module, which are the reference: same equations, same
+order of products and sums (the kernel is built without fused multiply-adds), same stable
+tie-breaking, so tests compare values, selected indices and gradients in float64 to ~1e-12. The
+torch path costs hundreds of small ops per step (the ``[U·K_L, J]`` equality tables of
+:func:`lookup`, a sort per top-``K_L``, the autograd re-run of the row update in backward).
 """
 
 from __future__ import annotations
