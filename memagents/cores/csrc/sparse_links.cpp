@@ -327,9 +327,24 @@ i64 forward(i64 B, i64 N, i64 L_, i64 J, i64 R, i64 S, i64 K, T* link, T* link_t
             }
     }
 
-    for (i64 b = 0; b < B; ++b)
+    // the rows an element touches are scattered over the links: the loads of the next element's
+    // written rows start while this element's rows are enumerated (the first element's now)
+    auto prefetch_written = [&](i64 bb) {
+        if (bb >= B) return;
+        for (i64 j = 0; j < J; ++j) {
+            const i64 o = (bb * N + w_idx[bb * J + j]) * L;
+            __builtin_prefetch(link_idx + o);
+            __builtin_prefetch(link_t_idx + o);
+            __builtin_prefetch(link + o);
+            __builtin_prefetch(link_t + o);
+        }
+    };
+    prefetch_written(0);
+    for (i64 b = 0; b < B; ++b) {
+        prefetch_written(b + 1);
         touched_rows<T>(sc, sc.gen, L, J, w_idx + b * J, p_idx + b * L, link_idx + b * N * L,
                         link_t_idx + b * N * L, all_rows, written, &counts[2 * b]);
+    }
     const i64 n_total = (i64)all_rows.size();
     if (save && n_total > cap) {
         sc.done();
@@ -347,16 +362,6 @@ i64 forward(i64 B, i64 N, i64 L_, i64 J, i64 R, i64 S, i64 K, T* link, T* link_t
         bt.bind();
         T* vals[2] = {link + b * N * L, link_t + b * N * L};
         T* idxs[2] = {link_idx + b * N * L, link_t_idx + b * N * L};
-        // the rows an element touches are scattered over the links: start the loads of the
-        // next element's written rows now (this element's were started one element ago)
-        for (i64 bb = b == 0 ? 0 : b + 1; bb <= b + 1 && bb < B; ++bb)
-            for (i64 j = 0; j < J; ++j)
-                for (int set = 0; set < 2; ++set) {
-                    i64 o = (bb * N + w_idx[bb * J + j]) * L;
-                    __builtin_prefetch((set ? link_t_idx : link_idx) + o);
-                    __builtin_prefetch((set ? link_t : link) + o);
-                }
-
         for (i64 set = 0, o = base; set < 2; ++set)
             for (i64 u = 0; u < counts[2 * b + set]; ++u, ++o) {
                 __builtin_prefetch(idxs[set] + all_rows[o] * L);
