@@ -418,13 +418,10 @@ def native_kernel() -> ctypes.CDLL | None:
         lib = native.load("sparse_links")
         if lib is not None:
             i64, ptr = ctypes.c_int64, ctypes.c_void_p
+            # sizes, tensors, n_reset, outputs, cap, saved buffers (see FORWARD_ARGS)
+            links_forward = [i64] * 7 + [ptr] * 11 + [i64] + [ptr] * 4 + [i64] + [ptr] * 2
             signatures = {
-                "sdnc_links_forward": [i64] * 7
-                + [ptr] * 11
-                + [i64]
-                + [ptr] * 4
-                + [i64]
-                + [ptr] * 2,
+                "sdnc_links_forward": links_forward,
                 "sdnc_links_backward": [i64] * 7 + [ptr] * 11 + [i64] + [ptr] * 5,
                 "sdnc_mix_forward": [i64] * 4 + [ptr] * 10,
                 "sdnc_mix_backward": [i64] * 4 + [ptr] * 12,

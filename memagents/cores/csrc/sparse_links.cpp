@@ -1,11 +1,15 @@
-// Sparse temporal links of the SDNC (Rae et al. 2016, supplementary "Sparse Differentiable Neural
-// Computer"): one step of the sparse link update (L_t and its transpose, each row keeping its K_L
-// strongest entries), the precedence update p_t, and the forward/backward link reads
-// f_t = L_t w^R_{t-1}, b_t = L_t^T w^R_{t-1}, forward and backward.
+// Native kernels of the SDNC (Rae et al. 2016, supplementary "Sparse Differentiable Neural
+// Computer"), each with a hand-written backward:
+// - sdnc_links_*: one step of the sparse link update (L_t and its transpose, each row keeping its
+//   K_L strongest entries), the precedence update p_t, and the link reads f_t = L_t w^R_{t-1},
+//   b_t = L_t^T w^R_{t-1};
+// - sdnc_head_*: the interface vector's activations and SAM's write weighting;
+// - sdnc_mix_*: the read weighting over the read modes and the read vectors.
 //
 // The equations, their order and the tie-breaking of every top-k are those of the torch reference
-// in memagents/cores/sparse_links.py (SparseLinkStep, sparse_precedence_update, directional_read);
-// tests compare both in float64. Shapes (row-major, contiguous):
+// in memagents/cores/sparse_links.py (SparseLinkStep, sparse_precedence_update, directional_read)
+// and sdnc.py (head_and_links, read_mix); tests compare both in float64. Link step shapes
+// (row-major, contiguous):
 //   B batch, N memory rows, L = K_L entries per link row, J write entries, R heads, S slots per
 //   head of w^R_{t-1}, K entries kept per link read.
 //   link, link_t        [B, N, L] values of L and L^T (updated in place)
@@ -15,10 +19,10 @@
 //   p, p_idx            [B, L] p_{t-1} (distinct rows)
 //   rw, rw_idx          [B, R, S] w^R_{t-1}
 //   reset               [n_reset] int64 batch elements whose links are emptied first
-// Saved for backward (U = J (1 + L) + L rows per set; set 0 = L, set 1 = L^T):
-//   n_rows [B, 2], rows [B, 2, U], old [B, 2, U, L], old_idx [B, 2, U, L], sel [B, 2, U, L],
-//   p_sel [B, L], read_vals [B, 2, R, S, L], read_idx [B, 2, R, S, L], read_sel [B, 2, R, K]
-// (int32 except old). Set 0 of the reads is b_t (from rows of L), set 1 is f_t (rows of L^T).
+// Saved for backward (struct Saved; set 0 = L, set 1 = L^T): cap, n_rows [B, 2], the touched
+// rows (all elements and sets one after the other, at most cap: rows, old values, old_idx, sel),
+// p_sel [B, L], read_vals [B, 2, R, S, L], read_idx [B, 2, R, S, L], read_sel [B, 2, R, K]
+// (int32 except the values). Set 0 of the reads is b_t (from rows of L), set 1 is f_t (L^T).
 
 #include <algorithm>
 #include <cmath>
