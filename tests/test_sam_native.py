@@ -344,6 +344,22 @@ def test_owned_copy_of_a_broadcast_zero_is_a_writable_zero_memory():
     assert torch.equal(sparse_access.owned_copy(other), other)
 
 
+def test_is_zero_broadcast_reads_one_element_without_materialising():
+    huge = torch.zeros(()).expand(1 << 20, 1 << 20, 4)  # 16 TB if a reshape copied it
+    assert sparse_access.is_zero_broadcast(huge)
+
+
+@pytest.mark.parametrize("mmap_from", [1, 1 << 30])  # bytes: mapped memory / torch.zeros
+def test_owned_copy_of_a_broadcast_zero_is_a_lazily_zeroed_base_tensor(monkeypatch, mmap_from):
+    monkeypatch.setattr(sparse_access, "ZERO_BUFFER_MMAP_BYTES", mmap_from)
+    zero = torch.zeros((), dtype=torch.float32).expand(3, 40, 5)
+    copy = sparse_access.owned_copy(zero)
+    assert copy._base is None and copy.is_contiguous() and copy.shape == (3, 40, 5)
+    assert copy.dtype == torch.float32 and not copy.any()
+    copy[1, 2, 3] = 7.0
+    assert copy.sum() == 7.0 and zero.sum() == 0.0
+
+
 @needs_native
 @pytest.mark.parametrize("kind", ["exact", "ivf"])
 def test_an_index_built_on_a_broadcast_zero_memory_equals_one_built_by_a_scan(kind):

@@ -17,7 +17,7 @@ import pytest
 import torch
 from test_sdnc import _core, _random_memory_state, _x
 
-from memagents.cores import native, sdnc, sparse_links
+from memagents.cores import native, sdnc, sparse_access, sparse_links
 from memagents.cores import state as state_lib
 
 F64 = torch.float64
@@ -451,7 +451,7 @@ def test_saved_rows_buffer_grows_when_a_step_touches_more_rows(torch_path, monke
 
 @pytest.mark.parametrize("mmap_from", [1, 1 << 30])  # bytes: mapped memory / torch.zeros
 def test_owned_copy_of_a_broadcast_zero_is_a_writable_zero_base_tensor(monkeypatch, mmap_from):
-    monkeypatch.setattr(sparse_links, "ZERO_BUFFER_MMAP_BYTES", mmap_from)
+    monkeypatch.setattr(sparse_access, "ZERO_BUFFER_MMAP_BYTES", mmap_from)
     zero = torch.zeros((), dtype=F64).expand(3, 40, 5)
     owned = sparse_links.owned(zero)
     assert owned._base is None and owned.is_contiguous() and owned.shape == (3, 40, 5)

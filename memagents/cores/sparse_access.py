@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import mmap
 from typing import Protocol
 
 import numpy as np
@@ -417,17 +418,34 @@ def is_zero_broadcast(t: Tensor) -> bool:
     memories are: nothing to copy or scan."""
     if t.numel() == 0 or any(s != 0 for s in t.stride()):
         return False
-    value = t.reshape(-1)[0].item()
+    value = t.as_strided((1,), (1,)).item()  # one element: a reshape would materialise t
     return value == 0 and math.copysign(1.0, value) > 0
+
+
+def zero_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """A CPU zero tensor whose pages the OS zeroes when first touched (an anonymous ``mmap``;
+    small ones are plain ``torch.zeros``): a dense buffer of which a sequence touches only some
+    rows costs only their pages. Not numpy's ``calloc``: numpy asks for transparent huge pages
+    for large arrays, and a first touch of a 2 MB page can stall on compaction (tens of ms)."""
+    numel = math.prod(shape)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if nbytes < ZERO_BUFFER_MMAP_BYTES:
+        return torch.zeros(shape, dtype=dtype)
+    buffer = mmap.mmap(-1, nbytes)  # the storage keeps the mapping alive
+    storage = torch.frombuffer(buffer, dtype=dtype, count=numel).untyped_storage()
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)  # a base tensor, not a view
+
+
+#: :func:`zero_buffer` maps memory from this size on.
+ZERO_BUFFER_MMAP_BYTES = 1 << 20
 
 
 def owned_copy(t: Tensor) -> Tensor:
     """A contiguous copy of ``t`` that the caller may write in place. A CPU :func:`is_zero_broadcast`
-    tensor becomes lazily zeroed memory (``calloc``: pages are zeroed by the OS when first
+    tensor becomes a lazily zeroed :func:`zero_buffer` (pages are zeroed by the OS when first
     touched), so a large memory that a sequence writes sparsely costs only the pages it touches."""
     if t.device.type == "cpu" and not t.requires_grad and is_zero_broadcast(t):
-        dtype = torch.empty(0, dtype=t.dtype).numpy().dtype
-        return torch.from_numpy(np.zeros(tuple(t.shape), dtype=dtype))
+        return zero_buffer(tuple(t.shape), t.dtype)
     return t.clone(memory_format=torch.contiguous_format)
 
 

@@ -56,14 +56,13 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
-import mmap
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from memagents.cores import native
-from memagents.cores.sparse_access import _flat_rows
+from memagents.cores.sparse_access import _flat_rows, zero_buffer
 
 
 def initial_link_indices(
@@ -457,24 +456,6 @@ def kernel_fn(lib: ctypes.CDLL, name: str, like: Tensor):
 def _p(t: Tensor | None) -> int | None:
     """Data pointer of a contiguous tensor (``None``: a null pointer)."""
     return None if t is None else t.data_ptr()
-
-
-def zero_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """A CPU zero tensor whose pages the OS zeroes when first touched (an anonymous ``mmap``;
-    small ones are plain ``torch.zeros``): a dense buffer of which a sequence touches only some
-    rows costs only their pages. Not numpy's ``calloc``: numpy asks for transparent huge pages
-    for large arrays, and a first touch of a 2 MB page can stall on compaction (tens of ms)."""
-    numel = math.prod(shape)
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    if nbytes < ZERO_BUFFER_MMAP_BYTES:
-        return torch.zeros(shape, dtype=dtype)
-    buffer = mmap.mmap(-1, nbytes)  # the storage keeps the mapping alive
-    storage = torch.frombuffer(buffer, dtype=dtype, count=numel).untyped_storage()
-    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)  # a base tensor, not a view
-
-
-#: :func:`zero_buffer` maps memory from this size on.
-ZERO_BUFFER_MMAP_BYTES = 1 << 20
 
 
 def owned(t: Tensor) -> Tensor:
