@@ -10,11 +10,13 @@ plain-autograd reference built from the :mod:`~memagents.cores.addressing` funct
   all-zero memory, unused outputs (null gradients), a link that needs no gradient, strided
   interface slices and batch-expanded state tensors;
 - ``gradcheck`` of the native backward in float64, one and two write heads, both interfaces;
-- the whole step (:class:`~memagents.cores.dnc_access.DNCStep`: controller, interface, access)
-  that ``DNCCore.forward`` runs on the CPU: ``gradcheck``, and a whole sequence with
-  mid-sequence episode starts whose outputs, final state and gradients of input, starting state
-  and every parameter agree with the torch step loop and the reference (float64), with the
-  kernel called once per step;
+- the whole step (:class:`~memagents.cores.dnc_access.DNCStep`: controller, interface, access):
+  ``gradcheck``; the whole sequence as one node (:class:`~memagents.cores.dnc_access.DNCSequence`)
+  that ``DNCCore.forward`` runs on the CPU: ``gradcheck`` with resets at step 0 and mid-sequence
+  (learned initial h, c, r), and a whole sequence with episode starts (step 0 and
+  mid-sequence) whose outputs, final state and gradients of input, starting state and every
+  parameter agree with the torch step loop and the reference (float64), with the sequence node
+  called once;
 - float32 agrees with float64 to ~1e-5 (one access step, and a DNCCore sequence);
 - the kernel builds and loads whenever a C++ compiler is present.
 """
@@ -29,7 +31,7 @@ from conftest import build_core, randomize_initial_state
 
 from memagents.cores import addressing as A
 from memagents.cores import dnc, dnc_access, native
-from memagents.cores.dnc_access import DNCAccessStep, DNCStep, interface_sizes
+from memagents.cores.dnc_access import DNCAccessStep, DNCSequence, DNCStep, interface_sizes
 
 F64 = torch.float64
 TOL = {"rtol": 1e-9, "atol": 1e-10}
@@ -381,24 +383,24 @@ def test_dnc_sequence_with_resets_matches(R, H, monkeypatch):
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(T, B, fused.input_size, generator=gen, dtype=F64)
     starts = torch.zeros(T, B)
-    starts[2, 1] = starts[4, 1] = starts[3, 3] = 1
+    starts[2, 1] = starts[4, 1] = starts[3, 3] = starts[0, 2] = 1
     with torch.no_grad():  # a state reached by running, far from the initial one
         _, s0 = fused(torch.randn(5, B, fused.input_size, generator=gen, dtype=F64))
     calls = []
 
-    class Counting:  # DNCCore.forward's native path: one DNCStep call per step
+    class Counting:  # DNCCore.forward's native path: one DNCSequence call per sequence
         @staticmethod
         def apply(*args):
             calls.append(1)
-            return DNCStep.apply(*args)
+            return DNCSequence.apply(*args)
 
-    monkeypatch.setattr(dnc, "DNCStep", Counting)
+    monkeypatch.setattr(dnc, "DNCSequence", Counting)
     runs = {
         "native": _sequence(fused, "native", x, s0, starts, 7),
         "torch": _sequence(fused, "torch", x, s0, starts, 7),
         "reference": _sequence(reference, "torch", x, s0, starts, 7),
     }
-    assert len(calls) == T  # the native run took the whole-step kernel, the others did not
+    assert len(calls) == 1  # the native run took the sequence node, the others did not
     y, state, grads = runs["native"]
     for other in ("torch", "reference"):
         y2, state2, grads2 = runs[other]
@@ -406,6 +408,33 @@ def test_dnc_sequence_with_resets_matches(R, H, monkeypatch):
         _assert_all_close(state, state2, f"state vs {other}")
         _assert_all_close(grads, grads2, f"gradient vs {other}")
     assert all(g is not None for g in grads[-3:])  # h0, c0, read0: reached through the resets
+
+
+@needs_kernel
+@pytest.mark.parametrize("H", [1, 2])
+def test_sequence_gradcheck(H):
+    """``gradcheck`` of :class:`DNCSequence` (float64, tiny sizes): every input of the sequence
+    node, including the learned initial h, c, r reached through resets at steps 0 and 2."""
+    B, N, W, R, Hd, T = 2, 4, 3, 2, 3, 3
+    step = _step_inputs(B, N, W, R, H, Hd, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    gates_x = torch.randn(T, B, 4 * Hd, generator=gen, dtype=F64)
+    first = (step[1], step[2], step[3], *step[7:])
+    init = [0.5 * torch.randn(B, n, generator=gen, dtype=F64) for n in (Hd, Hd, R * W)]
+    init += [torch.full((B, N, W), 1e-6, dtype=F64)]
+    init += [torch.zeros(B, *s, dtype=F64) for s in ((N,), (H, N, N), (H, N), (R, N), (H, N))]
+    starts = torch.zeros(T, B, dtype=torch.bool)
+    starts[0, 1] = starts[2, 0] = True
+    diff = [gates_x, *step[4:7], *first, *init[:3]]
+    diff = [t.clone().requires_grad_(True) for t in diff]
+    assert dnc_access._kernel() is not None
+
+    def run(gates_x, w_rh, w_xi, b_xi, *rest):
+        state, learned = rest[:9], rest[9:]
+        out = DNCSequence.apply(gates_x, w_rh, w_xi, b_xi, *state, *learned, *init[3:], starts)
+        return out
+
+    assert torch.autograd.gradcheck(run, diff)
 
 
 @needs_kernel

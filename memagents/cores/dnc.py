@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from memagents.cores import addressing, dnc_access
 from memagents.cores import state as state_lib
 from memagents.cores.base import MemoryCore, check_positive_int, set_forget_bias
-from memagents.cores.dnc_access import DNCAccessStep, DNCStep
+from memagents.cores.dnc_access import DNCAccessStep, DNCSequence
 from memagents.cores.rnn import LSTMState
 
 
@@ -186,11 +186,12 @@ class DNCCore(MemoryCore):
     # -- a whole sequence -----------------------------------------------------------------------
     def forward(self, x, state=None, episode_starts=None, return_debug=False):
         """As :meth:`MemoryCore.forward`. On the CPU (``fused``, native kernel available, no
-        debug tensors) each step is one :class:`~memagents.cores.dnc_access.DNCStep` call,
-        the same computation as :meth:`step`: the input's share of the controller's gates
-        ``W_x x_t + b_ih + b_hh`` is one matrix product for all ``T`` steps, the rest of the step
-        (gates from ``[r_{t-1}; h_{t-1}]``, LSTM cell, interface ξ, memory access) one kernel
-        call, and ``y_t = [h_t; r_t]`` is assembled once at the end."""
+        debug tensors) the whole sequence is one autograd node,
+        :class:`~memagents.cores.dnc_access.DNCSequence` (the same computation as :meth:`step`):
+        the input's share of the controller's gates ``W_x x_t + b_ih + b_hh`` is one matrix
+        product for all ``T`` steps, the rest of each step (gates from ``[r_{t-1}; h_{t-1}]``,
+        LSTM cell, interface ξ, memory access) one kernel call each way, episode starts are
+        applied inside the node, and ``y_t = [h_t; r_t]`` is assembled once at the end."""
         if not self.fused or return_debug:
             return super().forward(x, state, episode_starts, return_debug)
         state, starts = self._check_inputs(x, state, episode_starts)
@@ -201,32 +202,29 @@ class DNCCore(MemoryCore):
             return super().forward(x, state, episode_starts)
         T, B = x.shape[0], x.shape[1]
         R, W, I = self.num_reads, self.word_size, self.input_size
-        reset_steps = [False] * T if starts is None else starts.any(dim=1).tolist()
-        initial = self.initial_state(B, x.device) if any(reset_steps) else None
-        # [T, B, 4 hidden]: the input's share of the gates, then one view per step (one unbind,
-        # whose backward stacks the steps' gradients once)
+        # [T, B, 4 hidden]: the input's share of the gates for all steps in one product
         gates_x = torch.addmm(
             cell.bias_ih + cell.bias_hh, x.reshape(T * B, I), cell.weight_ih[:, :I].t()
         ).view(T, B, -1)
-        w_rh = torch.cat([cell.weight_ih[:, I:], cell.weight_hh], dim=1).t().contiguous()
-        w_xi = head.weight.t().contiguous()  # [hidden, X]
-        h, c = state.controller.h.squeeze(1), state.controller.c.squeeze(1)
-        access, read_vectors = state.access, state.read_vectors
-        hs, reads = [], []
-        for t, gates in enumerate(gates_x.unbind(0)):
-            if reset_steps[t]:
-                now = DNCState(LSTMState(h.unsqueeze(1), c.unsqueeze(1)), access, read_vectors)
-                now = state_lib.reset_where(now, initial, starts[t])
-                h, c = now.controller.h.squeeze(1), now.controller.c.squeeze(1)
-                access, read_vectors = now.access, now.read_vectors
-            h, c, *outs = DNCStep.apply(
-                gates, h, c, read_vectors.reshape(B, R * W), w_rh, w_xi, head.bias, *access
-            )
-            access, read_vectors = AccessState(*outs[:6]), outs[6]
-            hs.append(h)
-            reads.append(read_vectors)
-        y = torch.cat([torch.stack(hs), torch.stack(reads).view(T, B, R * W)], dim=-1)
-        return y, DNCState(LSTMState(h.unsqueeze(1), c.unsqueeze(1)), access, read_vectors)
+        w_rh = torch.cat([cell.weight_ih[:, I:], cell.weight_hh], dim=1).t()
+        first = (
+            state.controller.h.reshape(B, -1), state.controller.c.reshape(B, -1),
+            state.read_vectors.reshape(B, R * W), *state.access,
+        )  # fmt: skip
+        init = (None,) * 9
+        if starts is not None and bool(starts.any()):
+            s0 = self.initial_state(B, x.device)
+            init = (
+                s0.controller.h.reshape(B, -1), s0.controller.c.reshape(B, -1),
+                s0.read_vectors.reshape(B, R * W), *s0.access,
+            )  # fmt: skip
+        hs, reads, c, *access = DNCSequence.apply(
+            gates_x, w_rh, head.weight.t(), head.bias, *first, *init,
+            None if init[0] is None else starts,
+        )  # fmt: skip
+        y = torch.cat([hs, reads.view(T, B, R * W)], dim=-1)
+        h = hs[-1].unsqueeze(1)
+        return y, DNCState(LSTMState(h, c.unsqueeze(1)), AccessState(*access), reads[-1])
 
     # -- one step ------------------------------------------------------------------------------
     def step(self, x, state: DNCState, return_debug=False):

@@ -604,3 +604,168 @@ class DNCStep(torch.autograd.Function):
             _address(res_ptrs),
         )  # fmt: skip
         return (*g_ctrl, *g_state)
+
+
+# -- a whole sequence as one autograd node (DNCCore.forward on the CPU) ----------------------------
+class DNCSequence(torch.autograd.Function):
+    """``T`` whole DNC steps (the step of :class:`DNCStep`) as one autograd node, its backward
+    backpropagation through time by hand: a Python loop over the steps calling the forward step
+    kernel (``dnc_step_forward``) into ``[T, B, ...]`` buffers, then a reversed loop calling the
+    backward step kernel, the gradients of the state carried from step to step in place of an
+    autograd graph (one node instead of ``T``; no per-step outputs, saved tensors or gradient
+    accumulation by the engine). The gradients of the controller's weights are summed over the
+    steps. Native kernels only (CPU, float32/float64): callers check :func:`step_usable` first.
+
+    Step ``t`` (Graves et al. 2016, Methods: the controller sees ``x_t`` and ``r_{t-1}``):
+
+    - where ``starts[t, b]``, element ``b``'s state (controller, read vectors, access) is first
+      replaced by the initial state;
+    - then the step of :class:`DNCStep`: gates ``= gates_x[t] + [r_{t-1}; h_{t-1}] W_rh``, the
+      LSTM cell, ``ξ_t = h_t W_ξ + b``, the memory access on ``ξ_t``.
+
+    Inputs: ``gates_x [T, B, 4Hd]`` (``W_x x_t + b_ih + b_hh``, all steps); ``w_rh
+    [R*W + Hd, 4Hd]``; ``w_xi [Hd, X]``; ``b_xi [X]``; the state before step 0: ``h, c [B, Hd]``,
+    ``r [B, R*W]``, then the six access state tensors of :class:`DNCAccessStep`; the initial
+    state in the same nine shapes (``None`` when ``starts`` is ``None``); ``starts [T, B]`` bool
+    or ``None``. The initial access state (memory, usage, link, precedence, weightings) is
+    constant: it gets no gradient.
+
+    Outputs: ``h [T, B, Hd]``, read vectors ``[T, B, R, W]`` (every step's), then the final
+    ``c [B, Hd]`` and the final six access state tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, gates_x, w_rh, w_xi, b_xi, *rest):
+        state, init, starts = rest[:9], rest[9:18], rest[18]
+        T, B, G = gates_x.shape
+        Hd = G // 4
+        memory0, read0, write0 = state[3], state[7], state[8]
+        N, W = memory0.shape[1:]
+        R, H = read0.shape[1], write0.shape[1]
+        dims, work_size, ctrl_size = _step_shape_info(B, N, W, R, H, Hd)
+        new = gates_x.new_empty
+        gates_x = gates_x.contiguous()
+        hs, cs, rvs = new(T, B, Hd), new(T, B, Hd), new(T, B, R, W)
+        access = [
+            new(T, B, N, W), new(T, B, N), new(T, B, H, N, N), new(T, B, H, N),
+            new(T, B, R, N), new(T, B, H, N),
+        ]  # fmt: skip
+        allocs = new(T, B, H, N)
+        work, cwork = new(T, B, work_size), new(T, B, ctrl_size)
+        order = torch.empty(T, B, H, N, dtype=torch.int32)
+        weights = tuple(t.contiguous() for t in (w_rh, w_xi, b_xi))
+        start = tuple(t.reshape(B, -1).contiguous() for t in state[:3])
+        start += tuple(t.contiguous() for t in state[3:])
+        resets = [False] * T if starts is None else starts.any(1).tolist()
+        ctrl_strides = array("q", (G, Hd, Hd, R * W, 0, 0, 0))
+        in_strides = array("q", (N * W, N, H * N * N, H * N, R * N, H * N))
+        weight_ptrs = [t.data_ptr() for t in weights]
+        kernel = _entry("dnc_step_forward", gates_x.dtype)
+        reset_inputs = {}  # t -> (mask, the state after the reset), kept for the backward
+        before = start
+        for t in range(T):
+            if resets[t]:
+                mask = starts[t]
+                before = tuple(
+                    torch.where(mask.view(B, *([1] * (a.dim() - 1))), i.reshape(a.shape), a)
+                    for i, a in zip(init, before, strict=True)
+                )
+                reset_inputs[t] = (mask, before)
+            ctrl_ptrs = array("q", (gates_x[t].data_ptr(), *(a.data_ptr() for a in before[:3])))
+            ctrl_ptrs.extend(weight_ptrs)
+            in_ptrs = array("q", (a.data_ptr() for a in before[3:]))
+            outs = (*(a[t] for a in access), rvs[t], allocs[t], hs[t], cs[t])
+            out_ptrs = array("q", (o.data_ptr() for o in outs))
+            kernel(
+                _address(dims), _address(ctrl_ptrs), _address(ctrl_strides), _address(in_ptrs),
+                _address(in_strides), _address(out_ptrs), work[t].data_ptr(),
+                cwork[t].data_ptr(), order[t].data_ptr(),
+            )  # fmt: skip
+            before = (hs[t], cs[t], rvs[t].view(B, R * W), *(a[t] for a in access))
+        ctx.reset_inputs = reset_inputs
+        ctx.work = (work, cwork, order)
+        ctx.save_for_backward(gates_x, *weights, hs, cs, rvs, allocs, *access, *start)
+        final = tuple(a[-1].clone() for a in access)
+        return (hs, rvs, cs[-1].clone(), *final)
+
+    @staticmethod
+    def backward(ctx, g_hs, g_rvs, g_c, *g_final):
+        saved = ctx.saved_tensors
+        gates_x, weights, (hs, cs, rvs, allocs) = saved[0], saved[1:4], saved[4:8]
+        access, start = saved[8:14], saved[14:]
+        work, cwork, order = ctx.work
+        T, B, G = gates_x.shape
+        Hd = G // 4
+        N, W = access[0].shape[2:]
+        R, H = rvs.shape[2], access[5].shape[2]
+        RW = R * W
+        dims = _step_shape_info(B, N, W, R, H, Hd)[0]
+        kernel = _entry("dnc_step_backward", gates_x.dtype)
+        new = gates_x.new_empty
+
+        def zeros_like(t):
+            return torch.zeros_like(t, memory_format=torch.contiguous_format)
+
+        g_hs = zeros_like(hs) if g_hs is None else g_hs.contiguous()
+        g_rvs = zeros_like(rvs) if g_rvs is None else g_rvs.contiguous()
+        g_rvs = g_rvs.view(T, B, RW)
+        # the gradients of the state after step t: h, c, r, then the access state (ping-pong
+        # between two sets: the kernel reads one and writes the other)
+        shapes = [(B, Hd), (B, Hd), (B, RW), *(a.shape[1:] for a in access)]
+        carried = [new(*s) for s in shapes]
+        other = [new(*s) for s in shapes]
+        carried[0].zero_()
+        carried[1].copy_(g_c) if g_c is not None else carried[1].zero_()
+        carried[2].zero_()
+        for i, g in enumerate(g_final):
+            carried[3 + i].copy_(g) if g is not None else carried[3 + i].zero_()
+        g_gates = torch.empty_like(gates_x)
+        g_weights = [torch.zeros_like(w) for w in weights]
+        scratch = [torch.empty_like(w) for w in weights]
+        g_init = [None] * 9
+        grad_strides = array("q", (N * W, N, H * N * N, H * N, R * N, H * N, RW, Hd, Hd))
+        ctrl_strides = array("q", (G, Hd, Hd, RW, 0, 0, 0))
+        in_strides = array("q", (N * W, N, H * N * N, H * N, R * N, H * N))
+        weight_ptrs = [w.data_ptr() for w in weights]
+        scratch_ptrs = [s.data_ptr() for s in scratch]
+        g_h_t, g_rv_t = new(B, Hd), new(B, RW)
+        for t in reversed(range(T)):
+            if t in ctx.reset_inputs:
+                before = ctx.reset_inputs[t][1]
+            elif t == 0:
+                before = start
+            else:
+                before = (hs[t - 1], cs[t - 1], rvs[t - 1].view(B, RW))
+                before += tuple(a[t - 1] for a in access)
+            torch.add(g_hs[t], carried[0], out=g_h_t)
+            torch.add(g_rvs[t], carried[2], out=g_rv_t)
+            grads = (*carried[3:], g_rv_t, g_h_t, carried[1])
+            grad_ptrs = array("q", (g.data_ptr() for g in grads))
+            ctrl_ptrs = array("q", (gates_x[t].data_ptr(), *(a.data_ptr() for a in before[:3])))
+            ctrl_ptrs.extend(weight_ptrs)
+            in_ptrs = array("q", (a.data_ptr() for a in before[3:]))
+            out_ptrs = array("q", (access[0][t].data_ptr(), 0, 0, 0, access[4][t].data_ptr()))
+            out_ptrs.extend((access[5][t].data_ptr(), 0, allocs[t].data_ptr()))
+            out_ptrs.extend((hs[t].data_ptr(), 0))
+            res_ptrs = array("q", (g.data_ptr() for g in other[3:]))
+            res_ptrs.extend((g_gates[t].data_ptr(), other[0].data_ptr(), other[1].data_ptr()))
+            res_ptrs.append(other[2].data_ptr())
+            res_ptrs.extend(scratch_ptrs)
+            kernel(
+                _address(dims), _address(grad_ptrs), _address(grad_strides),
+                _address(ctrl_ptrs), _address(ctrl_strides), _address(in_ptrs),
+                _address(in_strides), _address(out_ptrs), work[t].data_ptr(),
+                cwork[t].data_ptr(), order[t].data_ptr(), _address(res_ptrs),
+            )  # fmt: skip
+            for acc, s in zip(g_weights, scratch, strict=True):
+                acc.add_(s)
+            carried, other = other, carried
+            if t in ctx.reset_inputs:  # reset elements' state came from the initial state
+                mask = ctx.reset_inputs[t][0]
+                for i in range(3):  # h, c, r (the initial access state is constant)
+                    m = mask.view(B, 1)
+                    part = torch.where(m, carried[i], 0.0)
+                    g_init[i] = part if g_init[i] is None else g_init[i] + part
+                for g in carried:
+                    g.masked_fill_(mask.view(B, *([1] * (g.dim() - 1))), 0.0)
+        return (g_gates, *g_weights, *carried, *g_init, None)
