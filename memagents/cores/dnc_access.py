@@ -105,6 +105,8 @@ def _load():
             fwd.argtypes, fwd.restype = [p] * 9, None
             bwd = getattr(lib, f"dnc_step_backward_{suffix}")
             bwd.argtypes, bwd.restype = [p] * 12, None
+            bwd = getattr(lib, f"dnc_seq_step_backward_{suffix}")
+            bwd.argtypes, bwd.restype = [p] * 13, None
         lib._dnc_ready = True
     return lib
 
@@ -613,8 +615,10 @@ class DNCSequence(torch.autograd.Function):
     kernel (``dnc_step_forward``) into ``[T, B, ...]`` buffers, then a reversed loop calling the
     backward step kernel, the gradients of the state carried from step to step in place of an
     autograd graph (one node instead of ``T``; no per-step outputs, saved tensors or gradient
-    accumulation by the engine). The gradients of the controller's weights are summed over the
-    steps. Native kernels only (CPU, float32/float64): callers check :func:`step_usable` first.
+    accumulation by the engine). The backward kernel (``dnc_seq_step_backward``) leaves out the
+    controller's weight gradients and hands back the gradient of ξ instead; those of ``w_rh``,
+    ``w_xi`` and ``b_xi`` are then formed once over all steps (``[T*B]``-row matrix products).
+    Native kernels only (CPU, float32/float64): callers check :func:`step_usable` first.
 
     Step ``t`` (Graves et al. 2016, Methods: the controller sees ``x_t`` and ``r_{t-1}``):
 
@@ -700,7 +704,7 @@ class DNCSequence(torch.autograd.Function):
         R, H = rvs.shape[2], access[5].shape[2]
         RW = R * W
         dims = _step_shape_info(B, N, W, R, H, Hd)[0]
-        kernel = _entry("dnc_step_backward", gates_x.dtype)
+        kernel = _entry("dnc_seq_step_backward", gates_x.dtype)
         new = gates_x.new_empty
 
         def zeros_like(t):
@@ -719,15 +723,12 @@ class DNCSequence(torch.autograd.Function):
         carried[2].zero_()
         for i, g in enumerate(g_final):
             carried[3 + i].copy_(g) if g is not None else carried[3 + i].zero_()
-        g_gates = torch.empty_like(gates_x)
-        g_weights = [torch.zeros_like(w) for w in weights]
-        scratch = [torch.empty_like(w) for w in weights]
+        g_gates, g_xi = torch.empty_like(gates_x), new(T, B, weights[2].shape[0])
         g_init = [None] * 9
         grad_strides = array("q", (N * W, N, H * N * N, H * N, R * N, H * N, RW, Hd, Hd))
         ctrl_strides = array("q", (G, Hd, Hd, RW, 0, 0, 0))
         in_strides = array("q", (N * W, N, H * N * N, H * N, R * N, H * N))
         weight_ptrs = [w.data_ptr() for w in weights]
-        scratch_ptrs = [s.data_ptr() for s in scratch]
         g_h_t, g_rv_t = new(B, Hd), new(B, RW)
         for t in reversed(range(T)):
             if t in ctx.reset_inputs:
@@ -750,15 +751,14 @@ class DNCSequence(torch.autograd.Function):
             res_ptrs = array("q", (g.data_ptr() for g in other[3:]))
             res_ptrs.extend((g_gates[t].data_ptr(), other[0].data_ptr(), other[1].data_ptr()))
             res_ptrs.append(other[2].data_ptr())
-            res_ptrs.extend(scratch_ptrs)
+            res_ptrs.extend((0, 0, 0))  # the parameters' gradients: below, over all steps
             kernel(
                 _address(dims), _address(grad_ptrs), _address(grad_strides),
                 _address(ctrl_ptrs), _address(ctrl_strides), _address(in_ptrs),
                 _address(in_strides), _address(out_ptrs), work[t].data_ptr(),
                 cwork[t].data_ptr(), order[t].data_ptr(), _address(res_ptrs),
+                g_xi[t].data_ptr(),
             )  # fmt: skip
-            for acc, s in zip(g_weights, scratch, strict=True):
-                acc.add_(s)
             carried, other = other, carried
             if t in ctx.reset_inputs:  # reset elements' state came from the initial state
                 mask = ctx.reset_inputs[t][0]
@@ -768,4 +768,13 @@ class DNCSequence(torch.autograd.Function):
                     g_init[i] = part if g_init[i] is None else g_init[i] + part
                 for g in carried:
                     g.masked_fill_(mask.view(B, *([1] * (g.dim() - 1))), 0.0)
-        return (g_gates, *g_weights, *carried, *g_init, None)
+        # the parameters' gradients over all steps at once ([T*B]-row products): gates =
+        # gates_x + [r_{t-1}; h_{t-1}] W_rh and ξ = h W_ξ + b, with each step's inputs
+        z_in = torch.cat([rvs.view(T, B, RW), hs], dim=2).roll(1, dims=0)  # [T, B, R*W + Hd]
+        z_in[0] = torch.cat([start[2], start[0]], dim=1)
+        for t, (_, after) in ctx.reset_inputs.items():
+            z_in[t] = torch.cat([after[2], after[0]], dim=1)
+        g_w_rh = z_in.view(T * B, -1).t().mm(g_gates.view(T * B, G))
+        g_w_xi = hs.view(T * B, Hd).t().mm(g_xi.view(T * B, -1))
+        g_b = g_xi.view(T * B, -1).sum(0)
+        return (g_gates, g_w_rh, g_w_xi, g_b, *carried, *g_init, None)

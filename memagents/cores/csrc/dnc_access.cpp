@@ -1365,7 +1365,8 @@ void controller_forward(const Ctrl& cd, const void* const* ctrl, const long* ctr
 
 // Given g_h, g_c (null: zero; batch strides) and g_ξ [B, X] (from the access step): res (7) =
 // g_gates_x [B, 4Hd], g_h0 [B, Hd], g_c0 [B, Hd], g_r0 [B, R*W] and the parameters' gradients
-// summed over the batch, g_W_rh [R*W + Hd, 4Hd], g_W_ξ [Hd, X], g_b [X] (all contiguous).
+// summed over the batch, g_W_rh [R*W + Hd, 4Hd], g_W_ξ [Hd, X], g_b [X] (all contiguous). A null
+// g_W_rh skips the three parameter gradients (DNCSequence forms them once over all steps).
 template <class T>
 void controller_backward(const Ctrl& cd, const void* const* ctrl, const long* ctrl_stride,
                          const T* g_h_all, long g_h_stride, const T* g_c_all, long g_c_stride,
@@ -1386,13 +1387,16 @@ void controller_backward(const Ctrl& cd, const void* const* ctrl, const long* ct
     for (long b = 0; b < B; ++b)
       g_h0_all[b * Hd + k] = (g_h_all ? g_h_all[b * g_h_stride + k] : T(0)) +
                              dot(w_xi + k * X, g_xi_all + b * X, X);
-  for (long k = 0; k < Hd; ++k) {
-    T* row = g_w_xi + k * X;
-    std::fill(row, row + X, T(0));
-    for (long b = 0; b < B; ++b) axpy(row, h_all[b * Hd + k], g_xi_all + b * X, X);
+  const bool weights = g_w_rh != nullptr;
+  if (weights) {
+    for (long k = 0; k < Hd; ++k) {
+      T* row = g_w_xi + k * X;
+      std::fill(row, row + X, T(0));
+      for (long b = 0; b < B; ++b) axpy(row, h_all[b * Hd + k], g_xi_all + b * X, X);
+    }
+    std::fill(g_bias, g_bias + X, T(0));
+    for (long b = 0; b < B; ++b) axpy(g_bias, T(1), g_xi_all + b * X, X);
   }
-  std::fill(g_bias, g_bias + X, T(0));
-  for (long b = 0; b < B; ++b) axpy(g_bias, T(1), g_xi_all + b * X, X);
   // h = σ(o) tanh(c), c = σ(f) c0 + σ(i) tanh(g)
   for (long b = 0; b < B; ++b) {
     const T* act = cwork + b * Sc;
@@ -1414,8 +1418,8 @@ void controller_backward(const Ctrl& cd, const void* const* ctrl, const long* ct
   // gates = gates_x + [r0; h0] W_rh
   for (long k = 0; k < K; ++k) {
     const T* w = w_rh + k * G;
-    T* row = g_w_rh + k * G;
-    std::fill(row, row + G, T(0));
+    T* row = weights ? g_w_rh + k * G : nullptr;
+    if (weights) std::fill(row, row + G, T(0));
     for (long b = 0; b < B; ++b) {
       const T* dg = g_gates_all + b * G;
       const T g_in = dot(w, dg, G);
@@ -1423,7 +1427,7 @@ void controller_backward(const Ctrl& cd, const void* const* ctrl, const long* ct
         g_r0_all[b * RW + k] = g_in;
       else
         g_h0_all[b * Hd + k - RW] = g_in;  // (its gradient of h is no longer needed)
-      axpy(row, ctrl_in<T>(cd, ctrl, ctrl_stride, b, k), dg, G);
+      if (weights) axpy(row, ctrl_in<T>(cd, ctrl, ctrl_stride, b, k), dg, G);
     }
   }
 }
@@ -1443,21 +1447,23 @@ void step_forward(const long* dims, const void* const* ctrl, const long* ctrl_st
 }
 
 // grads (9): the access step's 7, then g_h, g_c (null: zero); res (13): the 6 state gradients,
-// then the controller's 7 (see controller_backward).
+// then the controller's 7 (see controller_backward; a null g_W_rh skips the parameters'). g_xi:
+// null, or [B, X] receiving the gradient of ξ (from which DNCSequence forms g_W_ξ and g_b).
 template <class T>
 void step_backward(const long* dims, const void* const* grad, const long* grad_stride,
                    const void* const* ctrl, const long* ctrl_stride, const void* const* in,
                    const long* in_stride, const void* const* out, const void* work,
-                   const void* cwork, const int32_t* order, void* const* res) {
+                   const void* cwork, const int32_t* order, void* const* res, T* g_xi_out) {
   const Dims d{dims[0], dims[1], dims[2], dims[3], dims[4]};
   const Ctrl cd{dims[0], dims[5], dims[3] * dims[2], Layout(d).X};
   const T* cw = static_cast<const T*>(cwork);
-  std::vector<T> g_xi(cd.B * cd.X);
+  std::vector<T> g_xi_own(g_xi_out ? 0 : cd.B * cd.X);
+  T* g_xi = g_xi_out ? g_xi_out : g_xi_own.data();
   void* access_res[16] = {res[0], res[1], res[2], res[3], res[4], res[5]};
   backward<T>(d, grad, grad_stride, in, in_stride, cw + cd.xi(), cd.size(), out, work, order,
-              access_res, g_xi.data());
+              access_res, g_xi);
   controller_backward<T>(cd, ctrl, ctrl_stride, static_cast<const T*>(grad[7]), grad_stride[7],
-                         static_cast<const T*>(grad[8]), grad_stride[8], g_xi.data(),
+                         static_cast<const T*>(grad[8]), grad_stride[8], g_xi,
                          static_cast<const T*>(out[8]), cw, res + 6);
 }
 
@@ -1533,7 +1539,7 @@ DNC_EXPORT void dnc_step_backward_f32(const long* dims, const void* const* grad,
                                       const void* work, const void* cwork, const int32_t* order,
                                       void* const* res) {
   step_backward<float>(dims, grad, grad_stride, ctrl, ctrl_stride, in, in_stride, out, work,
-                       cwork, order, res);
+                       cwork, order, res, nullptr);
 }
 
 DNC_EXPORT void dnc_step_backward_f64(const long* dims, const void* const* grad,
@@ -1543,5 +1549,27 @@ DNC_EXPORT void dnc_step_backward_f64(const long* dims, const void* const* grad,
                                       const void* work, const void* cwork, const int32_t* order,
                                       void* const* res) {
   step_backward<double>(dims, grad, grad_stride, ctrl, ctrl_stride, in, in_stride, out, work,
-                        cwork, order, res);
+                        cwork, order, res, nullptr);
+}
+
+// As dnc_step_backward, with the gradient of ξ written to g_xi [B, X] (DNCSequence passes a null
+// g_W_rh in res and forms the parameters' gradients once over all steps).
+DNC_EXPORT void dnc_seq_step_backward_f32(const long* dims, const void* const* grad,
+                                          const long* grad_stride, const void* const* ctrl,
+                                          const long* ctrl_stride, const void* const* in,
+                                          const long* in_stride, const void* const* out,
+                                          const void* work, const void* cwork,
+                                          const int32_t* order, void* const* res, void* g_xi) {
+  step_backward<float>(dims, grad, grad_stride, ctrl, ctrl_stride, in, in_stride, out, work,
+                       cwork, order, res, static_cast<float*>(g_xi));
+}
+
+DNC_EXPORT void dnc_seq_step_backward_f64(const long* dims, const void* const* grad,
+                                          const long* grad_stride, const void* const* ctrl,
+                                          const long* ctrl_stride, const void* const* in,
+                                          const long* in_stride, const void* const* out,
+                                          const void* work, const void* cwork,
+                                          const int32_t* order, void* const* res, void* g_xi) {
+  step_backward<double>(dims, grad, grad_stride, ctrl, ctrl_stride, in, in_stride, out, work,
+                        cwork, order, res, static_cast<double*>(g_xi));
 }
