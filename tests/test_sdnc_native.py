@@ -405,6 +405,7 @@ def test_one_node_step_equals_the_composed_native_path(monkeypatch):
         return y.detach(), list(state_lib.leaves(s)), grads
 
     calls = []
+    monkeypatch.setattr(sdnc, "SEQUENCE_NODE", False)
     monkeypatch.setattr(sdnc.SDNCStep, "apply", _counting(sdnc.SDNCStep.apply, calls))
     one = run()
     assert len(calls) == T  # the one-node path ran
@@ -486,3 +487,124 @@ def test_initial_state_is_broadcast_and_runs_like_a_dense_copy_of_it():
         results.append([y.detach(), *(p.grad.clone() for p in core.parameters())])
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
+
+
+# -- the whole call as one node (SDNCSequence) ------------------------------------------------------
+
+#: Differentiable state fields the sequence node takes gradients for.
+_GRAD_FIELDS = ("memory", "link", "link_t", "precedence", "read_weights")
+
+
+def _warm_state(core, B, seed):
+    """A state after a few steps (non-empty links, precedence and read weights), detached, with
+    its differentiable fields as leaves that require gradients."""
+    with torch.no_grad():
+        _, s = core(_x(5, B, seed=seed, dtype=F64), _random_memory_state(core, B, seed=seed))
+    s = state_lib.map_state(lambda t: t.detach().clone(), s)
+    access = s.access._replace(
+        **{f: getattr(s.access, f).requires_grad_(True) for f in _GRAD_FIELDS}
+    )
+    h, c = (t.requires_grad_(True) for t in s.controller)
+    return s._replace(
+        controller=type(s.controller)(h, c),
+        access=access,
+        read_vectors=s.read_vectors.requires_grad_(True),
+    )
+
+
+@needs_kernel
+@pytest.mark.parametrize("T", [1, 7])
+def test_sequence_node_equals_the_one_node_steps(monkeypatch, T):
+    """:class:`sdnc.SDNCSequence` (the whole call, controller included, as one node) against
+    :class:`sdnc.SDNCStep` per step under autograd: outputs, final state and the gradients of
+    every parameter and differentiable state input, with resets at step 0 and mid-sequence."""
+    core = _core(F64, temporal_reads=3)
+    B = 3
+    x = _x(T, B, seed=21, dtype=F64)
+    starts = torch.zeros(T, B)
+    starts[0, 1] = 1.0
+    if T > 1:
+        starts[4, 0] = starts[4, 2] = 1.0
+    s0 = _warm_state(core, B, seed=22)
+    leaves = [*s0.controller, s0.read_vectors, *(getattr(s0.access, f) for f in _GRAD_FIELDS)]
+
+    def run():
+        core.zero_grad()
+        for t in leaves:
+            t.grad = None
+        y, s = core(x, s0, starts)
+        gen = torch.Generator().manual_seed(5)
+        loss = (y * torch.randn(y.shape, generator=gen, dtype=F64)).sum()
+        for t in (s.memory, s.link, s.link_t, s.precedence, s.read_weights, s.write_weights):
+            loss = loss + (t * torch.randn(t.shape, generator=gen, dtype=F64)).sum()
+        loss = loss + s.controller.c.square().sum() + s.read_vectors.sum()
+        loss.backward()
+        grads = [p.grad.clone() for p in core.parameters()]
+        grads += [t.grad.clone() for t in leaves]
+        return y.detach(), [t.detach() for t in state_lib.leaves(s)], grads
+
+    calls = []
+    monkeypatch.setattr(sdnc.SDNCSequence, "apply", _counting(sdnc.SDNCSequence.apply, calls))
+    seq = run()
+    assert len(calls) == 1  # the sequence node ran
+    monkeypatch.setattr(sdnc, "SEQUENCE_NODE", False)
+    steps = run()
+    assert len(calls) == 1
+    torch.testing.assert_close(seq[0], steps[0], **TOL)
+    for a, b in zip(seq[1], steps[1], strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+    assert len(seq[2]) == len(steps[2])
+    for a, b in zip(seq[2], steps[2], strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+    assert all(g.abs().sum() > 0 for g in seq[2][:3])  # the LSTM weights and biases learn
+    monkeypatch.setattr(sdnc, "SEQUENCE_NODE", True)
+    with torch.no_grad():  # the graph-free forward gives the same values
+        y, s = core(x, s0, starts)
+    torch.testing.assert_close(y, seq[0], **TOL)
+    for a, b in zip(state_lib.leaves(s), seq[1], strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+@needs_kernel
+def test_gradcheck_of_the_sequence_node():
+    """Gradcheck of :class:`sdnc.SDNCSequence` in float64 with respect to the input, the
+    controller and interface weights (through the core's parameters) and the differentiable
+    state, with resets at step 0 and mid-sequence."""
+    core = _core(
+        F64, hidden_size=3, memory_size=6, word_size=2, num_reads=1, sparse_reads=2,
+        temporal_reads=2,
+    )  # fmt: skip
+    T, B = 4, 2
+    x = _x(T, B, dtype=F64, seed=7).requires_grad_(True)
+    s0 = _warm_state(core, B, seed=8)
+    starts = torch.zeros(T, B)
+    starts[0, 0] = starts[2, 1] = 1.0
+    params = dict(core.named_parameters())
+    names = [
+        "controller.weight_ih",
+        "controller.weight_hh",
+        "interface.weight",
+        "h0",
+        "c0",
+        "read0",
+    ]
+    state_in = [s0.controller.c, s0.read_vectors, s0.access.memory, s0.access.precedence]
+
+    def run(x_in, *rest):
+        p = dict(params, **dict(zip(names, rest[: len(names)], strict=True)))
+        c, r, memory, precedence = rest[len(names) :]
+        s = s0._replace(
+            controller=type(s0.controller)(s0.controller.h, c),
+            read_vectors=r,
+            access=s0.access._replace(memory=memory, precedence=precedence),
+        )
+        y, s = torch.func.functional_call(core, p, (x_in, s, starts))
+        return y, s.link, s.link_t, s.read_weights, s.precedence, s.memory
+
+    calls = []
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(sdnc.SDNCSequence, "apply", _counting(sdnc.SDNCSequence.apply, calls))
+        inputs = (x, *(params[n].detach().clone().requires_grad_(True) for n in names))
+        inputs += tuple(t.detach().clone().requires_grad_(True) for t in state_in)
+        assert torch.autograd.gradcheck(run, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
+    assert calls

@@ -35,7 +35,10 @@ SAM's usage update: the torch reference, and each part has a native kernel
 (``fused`` cores, no debug output) everything after the controller is one autograd node per step,
 :class:`SDNCStep`, which calls the same kernels and SAM's access step in the same order; a call
 without gradient (a rollout) saves nothing. Tests compare the three (torch, composed native, one
-node) in float64. The initial state's ``N``-row fields are broadcasts, and a call's owned copies
+node) in float64. A call that records gradients (or runs more than one step) goes one level up:
+the whole call, controller included, is one :class:`SDNCSequence` node (backpropagation through
+time by hand, weight gradients once over all steps), which removes the per-step autograd nodes of
+the LSTM cell and the interface. The initial state's ``N``-row fields are broadcasts, and a call's owned copies
 of broadcast zeros are lazily zeroed memory (:func:`~memagents.cores.sparse_links.owned`), so a
 sequence from an empty memory pays only for the rows it touches.
 """
@@ -464,32 +467,230 @@ class SDNCStep(torch.autograd.Function):
     def backward(
         ctx, g_memory, g_link, g_link_t, g_p, _gpi, g_rv, g_rw, _gri, g_ww, _gwi, _gt, _gl
     ):  # fmt: skip
-        B, N, L, J, R, S, K, W = ctx.shape
-        (
-            xi, prev_w, gates, modes, ww, widx, p, p_idx, prev_idx, reset, saved_i32, saved_t,
-            dir_w, content_w, content_r, extra_rows,
-        ) = ctx.saved_tensors  # fmt: skip
-        g_modes, g_dir, g_cw, g_cr, g_extra = _mix_backward(
-            ctx.lib, (modes, dir_w, content_w, content_r, extra_rows), g_rv, g_rw
-        )
-        access = ctx.access
-        if g_memory is None:  # the step's own zero buffer (lazily zeroed pages), owned
-            g_memory = sparse_links.zero_buffer((B, N, W), xi.dtype)
-            access.owns_grad = True
-        g_mem, g_a, g_ww_access, g_keys, g_beta, *_ = sparse_access.SparseAccessStep.backward(
-            access, g_memory, g_cw, None, g_cr, g_extra
-        )
-        if g_ww is not None:
-            g_ww_access = g_ww_access + g_ww
-        g_links, g_ww_links, g_p_prev, g_rw_links = sparse_links.native_backward(
-            ctx.lib, (B, N, L, J, R, S, K), ctx.owns_grad, g_link, g_link_t, g_p, g_dir,
-            ww, widx, p, p_idx, prev_w, prev_idx, reset, saved_i32, saved_t,
-        )  # fmt: skip
-        g_xi, g_prev_w = _head_backward(
-            ctx.lib, xi, prev_w, gates, modes, g_keys.view(B, R * W), g_a, g_beta, g_modes,
-            g_ww_access, g_ww_links, g_rw_links,
+        g_xi, g_prev_w, g_mem, g_links, g_p_prev = _step_backward(
+            ctx.shape, ctx.saved_tensors, ctx.access, ctx.owns_grad, ctx.lib,
+            g_memory, g_link, g_link_t, g_p, g_rv, g_rw, g_ww,
         )  # fmt: skip
         return (g_xi, g_prev_w, g_mem, *g_links, g_p_prev) + (None,) * 12
+
+
+def _step_backward(
+    shape, saved, access, owns_grad, lib, g_memory, g_link, g_link_t, g_p, g_rv, g_rw, g_ww
+):  # fmt: skip
+    """The backward of :class:`SDNCStep` from its saved tensors and access context (``shape`` =
+    ``(B, N, L, J, R, S, K, W)``; any gradient may be ``None``): ``(dL/dxi, dL/dw^R_{t-1},
+    dL/dM, (dL/dL, dL/dLᵀ), dL/dp_{t-1})``."""
+    B, N, L, J, R, S, K, W = shape
+    (
+        xi, prev_w, gates, modes, ww, widx, p, p_idx, prev_idx, reset, saved_i32, saved_t,
+        dir_w, content_w, content_r, extra_rows,
+    ) = saved  # fmt: skip
+    g_modes, g_dir, g_cw, g_cr, g_extra = _mix_backward(
+        lib, (modes, dir_w, content_w, content_r, extra_rows), g_rv, g_rw
+    )
+    if g_memory is None:  # the step's own zero buffer (lazily zeroed pages), owned
+        g_memory = sparse_links.zero_buffer((B, N, W), xi.dtype)
+        access.owns_grad = True
+    g_mem, g_a, g_ww_access, g_keys, g_beta, *_ = sparse_access.SparseAccessStep.backward(
+        access, g_memory, g_cw, None, g_cr, g_extra
+    )
+    if g_ww is not None:
+        g_ww_access = g_ww_access + g_ww
+    g_links, g_ww_links, g_p_prev, g_rw_links = sparse_links.native_backward(
+        lib, (B, N, L, J, R, S, K), owns_grad, g_link, g_link_t, g_p, g_dir,
+        ww, widx, p, p_idx, prev_w, prev_idx, reset, saved_i32, saved_t,
+    )  # fmt: skip
+    g_xi, g_prev_w = _head_backward(
+        lib, xi, prev_w, gates, modes, g_keys.view(B, R * W), g_a, g_beta, g_modes,
+        g_ww_access, g_ww_links, g_rw_links,
+    )  # fmt: skip
+    return g_xi, g_prev_w, g_mem, g_links, g_p_prev
+
+
+#: Run a whole call as one :class:`SDNCSequence` node where :class:`SDNCStep` would run each step.
+SEQUENCE_NODE = True
+
+
+def _sequence_forward(
+    x_proj, w_state, w_if, b_if, h, c, r, memory, link, link_t, precedence, prev_w, init_h,
+    init_c, init_r, aux, record,
+):  # fmt: skip
+    """The forward of :class:`SDNCSequence`: ``(outputs, per-step saved lists or None)``."""
+    T, B, G = x_proj.shape
+    Hd = G // 4
+    R, W, K = aux["sizes"]
+    lib, index = aux["lib"], aux["index"]
+    starts, reset_steps, initial = aux["starts"], aux["reset_steps"], aux["initial"]
+    small = aux["small"]  # time, read_indices, write_weights, write_indices, last_access, p_idx
+    link_idx, link_t_idx = aux["link_idx"], aux["link_t_idx"]
+    no_reset = torch.zeros(0, dtype=torch.long)
+    w_state_t, w_if_t = w_state.t(), w_if.t()
+    x_proj = x_proj.contiguous()
+    y = x_proj.new_empty(T, B, Hd + R * W)
+    z = torch.cat([h, r], 1)  # [h_{t-1}; r_{t-1}]: [B, D]
+    init_z = torch.cat([init_h, init_r], 1) if any(reset_steps) else None
+    steps, lru = [], None
+    write_weights = small["write_weights"]
+    for t in range(T):
+        reset = no_reset
+        if reset_steps[t]:
+            st = starts[t]
+            reset = st.nonzero().flatten()
+            z = torch.where(st[:, None], init_z, z)
+            c = torch.where(st[:, None], init_c, c)
+            prev_w = state_lib.reset_where(prev_w, initial["read_weights"], st)
+            precedence = state_lib.reset_where(precedence, initial["precedence"], st)
+            write_weights = state_lib.reset_where(write_weights, initial["write_weights"], st)
+            for f in ("time", "read_indices", "write_indices", "last_access", "precedence_indices"):
+                small[f] = state_lib.reset_where(small[f], initial[f], st)
+            lru = None
+        if lru is None:
+            lru = sparse_access.least_recently_used(small["last_access"])
+        # controller: torch's LSTM cell (gates i, f, g, o), then the interface
+        acts = torch.addmm(x_proj[t], z, w_state_t)
+        i, f, g, o = acts.chunk(4, 1)
+        i, f, o = i.sigmoid_(), f.sigmoid_(), o.sigmoid_()
+        g = g.tanh_()
+        c_prev = c
+        c = f * c_prev + i * g
+        tanh_c = torch.tanh(c)
+        h = o * tanh_c
+        xi = torch.addmm(b_if, h, w_if_t)
+        outputs, saved = _step_forward(
+            xi, prev_w, memory, link, link_t, precedence, small["read_indices"], lru, link_idx,
+            link_t_idx, small["precedence_indices"], small["last_access"], small["time"], reset,
+            index, (R, W, K), t < T - 1, lib, record,
+        )  # fmt: skip
+        (
+            memory, link, link_t, p_out, p_out_idx, read_vectors, read_weights, read_idx,
+            write_weights, write_indices, time, lru,
+        ) = outputs  # fmt: skip
+        if record:
+            gates, modes, ww, widx, saved_i32, saved_t, access, dir_w, cw, cr, extra = saved
+            tensors = (
+                xi, prev_w, gates, modes, ww, widx, precedence, small["precedence_indices"],
+                small["read_indices"], reset, saved_i32, saved_t, dir_w, cw, cr, extra,
+            )  # fmt: skip
+            steps.append((tensors, access, acts, c_prev, tanh_c, z, h))
+        torch.cat([h, read_vectors.view(B, R * W)], 1, out=y[t])
+        z = y[t]
+        prev_w, precedence = read_weights, p_out
+        small.update(
+            time=time, read_indices=read_idx, write_indices=write_indices,
+            precedence_indices=p_out_idx,
+        )  # fmt: skip
+    small["write_weights"] = write_weights
+    small["lru"] = lru
+    outputs = (y, c, memory, link, link_t, precedence, prev_w, write_weights)
+    return outputs, (steps if record else None)
+
+
+class SDNCSequence(torch.autograd.Function):
+    """A whole call of the SDNC (``T`` steps: controller LSTM cell, interface, and the memory step
+    of :class:`SDNCStep`) as one autograd node, its backward being backpropagation through time
+    by hand (the reverse loop calls :class:`SDNCStep`'s backward step by step). Native path only
+    (the same conditions as :class:`SDNCStep`). As :class:`~memagents.cores.ntm_access.NTMSequence`:
+    the input's share of the LSTM gates ``x_proj`` is one product over all steps (by the caller,
+    under autograd), each step costs one product for the gates and one for the interface, and the
+    weight gradients are formed once over all steps (``[T·B]``-row products). Same equations and
+    order as :meth:`SDNCCore._run`'s step loop (tests compare both in float64).
+
+    Step ``t`` (Rae et al. 2016, SDNC; the controller sees ``x_t`` and ``r_{t-1}``): where
+    ``starts[t, b]``, element ``b``'s state is first replaced by the initial state; gates ``=
+    x_proj[t] + [h_{t-1}; r_{t-1}] w_stateᵀ`` (torch's order ``i, f, g, o``), ``c_t = f c_{t-1}
+    + i g``, ``h_t = o tanh(c_t)``; ``xi = h_t w_ifᵀ + b_if``; then :class:`SDNCStep`.
+
+    Inputs: ``x_proj [T, B, 4Hd]``, ``w_state [4Hd, Hd + R·W]``, ``w_if [X, Hd]``, ``b_if [X]``,
+    ``h [B, Hd]``, ``c [B, Hd]``, ``r [B, R·W]``, ``memory [B, N, W]``, ``link``, ``link_t``
+    ``[B, N, K_L]`` (these three modified in place), ``precedence [B, K_L]``, ``w^R [B, R, 3K]``,
+    the initial ``h``, ``c``, ``r`` (``[B, ·]``; used where ``starts``), and ``aux``: a dict of
+    the rest (non-differentiable fields, updated in place to the final ones, see
+    :meth:`SDNCCore._run`).
+
+    Outputs: ``y [T, B, Hd + R·W]``, the final ``c``, ``memory``, ``link``, ``link_t``, ``p``,
+    ``w^R`` and ``w^W``.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, x_proj, w_state, w_if, b_if, h, c, r, memory, link, link_t, precedence, prev_w,
+        init_h, init_c, init_r, aux,
+    ):  # fmt: skip
+        outputs, steps = _sequence_forward(
+            x_proj, w_state, w_if, b_if, h, c, r, memory, link, link_t, precedence, prev_w,
+            init_h, init_c, init_r, aux, record=True,
+        )  # fmt: skip
+        R, W, K = aux["sizes"]
+        B, N, L = link.shape
+        ctx.shape = (B, N, L, 3 * R * K + 1, R, 3 * K, K, W)
+        ctx.steps = steps
+        ctx.lib = aux["lib"]
+        ctx.starts = aux["starts"]
+        ctx.reset_steps = aux["reset_steps"]
+        ctx.save_for_backward(w_state, w_if)
+        ctx.set_materialize_grads(False)
+        ctx.mark_dirty(memory, link, link_t)
+        return outputs
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_y, g_c, g_memory, g_link, g_link_t, g_p, g_rw, g_ww):
+        w_state, w_if = ctx.saved_tensors
+        steps = ctx.steps
+        T = len(steps)
+        B, _, _, _, R, _, _, W = ctx.shape
+        G, D = w_state.shape
+        Hd = G // 4
+        X = w_if.shape[0]
+        new = w_state.new_empty
+        g_gates_all, g_xi_all = new(T, B, G), new(T, B, X)
+        zs, hs = new(T, B, D), new(T, B, Hd)
+        g_z = None  # gradient of [h_t; r_t] through step t + 1
+        g_mem, g_links = g_memory, (g_link, g_link_t)
+        g_init_z = g_init_c = None
+        for t in reversed(range(T)):
+            tensors, access, acts, c_prev, tanh_c, z, h = steps[t]
+            zs[t], hs[t] = z, h
+            g_out = g_z if g_y is None else (g_y[t] if g_z is None else g_y[t] + g_z)
+            g_h = None if g_out is None else g_out[:, :Hd]
+            g_rv = None if g_out is None else g_out[:, Hd:].view(B, R, W)
+            g_xi, g_rw, g_mem, g_links, g_p = _step_backward(
+                ctx.shape, tensors, access, t < T - 1, ctx.lib, g_mem, *g_links, g_p, g_rv,
+                g_rw, g_ww if t == T - 1 else None,
+            )  # fmt: skip
+            g_xi_all[t] = g_xi
+            g_h = g_xi.mm(w_if) if g_h is None else torch.addmm(g_h, g_xi, w_if)
+            # the LSTM cell, backwards
+            i, f, g, o = acts.chunk(4, 1)
+            g_cell = g_h * o * (1 - tanh_c * tanh_c)
+            if g_c is not None:
+                g_cell = g_cell + g_c
+            gg = g_gates_all[t]
+            gi, gf, gc, go = gg.chunk(4, 1)
+            torch.mul(g_cell * g, i * (1 - i), out=gi)
+            torch.mul(g_cell * c_prev, f * (1 - f), out=gf)
+            torch.mul(g_cell * i, 1 - g * g, out=gc)
+            torch.mul(g_h * tanh_c, o * (1 - o), out=go)
+            g_c = g_cell * f
+            g_z = gg.mm(w_state)
+            if ctx.reset_steps[t]:  # reset elements' inputs came from the initial state
+                m = ctx.starts[t][:, None]
+                g_init_z = torch.where(m, g_z, 0.0) + (0.0 if g_init_z is None else g_init_z)
+                g_init_c = torch.where(m, g_c, 0.0) + (0.0 if g_init_c is None else g_init_c)
+                g_z, g_c = g_z.masked_fill(m, 0.0), g_c.masked_fill(m, 0.0)
+                g_rw = g_rw.masked_fill(m[:, :, None], 0.0)
+                if g_p is not None:
+                    g_p = g_p.masked_fill(m, 0.0)
+        g_w_state = g_gates_all.view(T * B, G).t().mm(zs.view(T * B, D))
+        g_w_if = g_xi_all.view(T * B, X).t().mm(hs.view(T * B, Hd))
+        g_b_if = g_xi_all.view(T * B, X).sum(0)
+        g_init = (None,) * 3
+        if g_init_z is not None:
+            g_init = (g_init_z[:, :Hd], g_init_c, g_init_z[:, Hd:])
+        return (
+            g_gates_all, g_w_state, g_w_if, g_b_if, g_z[:, :Hd], g_c, g_z[:, Hd:], g_mem,
+            *g_links, g_p, g_rw, *g_init, None,
+        )  # fmt: skip
 
 
 class SDNCCore(MemoryCore):
@@ -639,6 +840,76 @@ class SDNCCore(MemoryCore):
             return y, new_state, {k: v.squeeze(0) for k, v in out[2].items()}
         return y, new_state
 
+    def _run_sequence(
+        self, x, state, starts, reset_steps, initial, memory, link, link_t, link_idx,
+        link_t_idx, index, small, lib,
+    ):  # fmt: skip
+        """:meth:`_run` as one :class:`SDNCSequence` node (the native path): ``(y, new state)``."""
+        B = x.shape[1]
+        R, W, K, Hd, I = (
+            self.num_reads, self.word_size, self.sparse_reads, self.hidden_size, self.input_size
+        )  # fmt: skip
+        dtype = memory.dtype
+        cell = self.controller
+        # the input's share of the gates for all steps at once; the recurrent share acts on
+        # [h_{t-1}; r_{t-1}] through [W_hh, W_ir]
+        x_proj = nn.functional.linear(x, cell.weight_ih[:, :I], cell.bias_ih + cell.bias_hh)
+        w_state = torch.cat([cell.weight_hh, cell.weight_ih[:, I:]], dim=1)
+        h, c = state.controller.h.reshape(B, Hd), state.controller.c.reshape(B, Hd)
+        r = state.read_vectors.reshape(B, R * W)
+        init = {}
+        init_h = init_c = init_r = None
+        if initial is not None:
+            init_h = initial.controller.h.reshape(B, Hd)
+            init_c = initial.controller.c.reshape(B, Hd)
+            init_r = initial.read_vectors.reshape(B, R * W)
+            init = {
+                f: getattr(initial.access, f).to(small[f].dtype if f in small else dtype)
+                for f in (*small, "read_weights", "precedence")
+            }
+        aux = {
+            "sizes": (R, W, K),
+            "lib": lib,
+            "index": index,
+            "starts": starts,
+            "reset_steps": reset_steps,
+            "initial": init,
+            "small": {f: small[f] for f in small if f not in ("read_weights", "precedence")},
+            "link_idx": link_idx,
+            "link_t_idx": link_t_idx,
+        }
+        args = (
+            x_proj, w_state, self.interface.weight, self.interface.bias, h, c, r, memory, link,
+            link_t, small["precedence"], small["read_weights"], init_h, init_c, init_r,
+        )  # fmt: skip
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
+            out = SDNCSequence.apply(*args, aux)
+        else:
+            out = _sequence_forward(*args, aux, record=False)[0]
+        y, c, memory, link, link_t, precedence, read_weights, write_weights = out
+        fields = aux["small"]
+        access = SDNCAccessState(
+            memory=memory,
+            last_access=fields["last_access"],
+            time=fields["time"],
+            read_weights=read_weights,
+            read_indices=fields["read_indices"].to(dtype),
+            write_weights=write_weights,
+            write_indices=fields["write_indices"].to(dtype),
+            link=link,
+            link_indices=link_idx.to(dtype),
+            link_t=link_t,
+            link_t_indices=link_t_idx.to(dtype),
+            precedence=precedence,
+            precedence_indices=fields["precedence_indices"].to(dtype),
+        )
+        last = y[-1]
+        controller = LSTMState(last[:, :Hd].unsqueeze(1), c.unsqueeze(1))
+        new_state = SDNCState(
+            controller=controller, access=access, read_vectors=last[:, Hd:].reshape(B, R, W)
+        )
+        return y, new_state
+
     def _run(self, x: Tensor, state: SDNCState, starts: Tensor | None, return_debug: bool):
         T, B = x.shape[0], x.shape[1]
         R, W, K = self.num_reads, self.word_size, self.sparse_reads
@@ -684,6 +955,13 @@ class SDNCCore(MemoryCore):
             and idx_dtype == link.dtype
             and sparse_links.usable(x, memory, link, a.read_weights, a.precedence, last_access)
         )
+
+        if one_node and SEQUENCE_NODE and (T > 1 or torch.is_grad_enabled()):
+            # (a rollout's single steps without gradient: the per-step path has less to set up)
+            return self._run_sequence(
+                x, state, starts, reset_steps, initial, memory, link, link_t, link_idx,
+                link_t_idx, index, small, lib,
+            )  # fmt: skip
 
         outputs, debug_steps = [], []
         for t in range(T):
