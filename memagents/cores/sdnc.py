@@ -38,9 +38,10 @@ without gradient (a rollout) saves nothing. Tests compare the three (torch, comp
 node) in float64. A call that records gradients (or runs more than one step) goes one level up:
 the whole call, controller included, is one :class:`SDNCSequence` node (backpropagation through
 time by hand, weight gradients once over all steps), which removes the per-step autograd nodes of
-the LSTM cell and the interface. The initial state's ``N``-row fields are broadcasts, and a call's owned copies
-of broadcast zeros are lazily zeroed memory (:func:`~memagents.cores.sparse_links.owned`), so a
-sequence from an empty memory pays only for the rows it touches.
+the LSTM cell and the interface. The initial state's ``N``-row fields are broadcasts, and a
+call's owned copies of broadcast zeros are lazily zeroed memory
+(:func:`~memagents.cores.sparse_links.owned`), so a sequence from an empty memory pays only for
+the rows it touches.
 """
 
 from __future__ import annotations
