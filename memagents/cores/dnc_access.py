@@ -646,9 +646,9 @@ class DNCSequence(torch.autograd.Function):
         memory0, read0, write0 = state[3], state[7], state[8]
         N, W = memory0.shape[1:]
         R, H = read0.shape[1], write0.shape[1]
+        RW = R * W
         dims, work_size, ctrl_size = _step_shape_info(B, N, W, R, H, Hd)
         new = gates_x.new_empty
-        gates_x = gates_x.contiguous()
         hs, cs, rvs = new(T, B, Hd), new(T, B, Hd), new(T, B, R, W)
         access = [
             new(T, B, N, W), new(T, B, N), new(T, B, H, N, N), new(T, B, H, N),
@@ -657,13 +657,16 @@ class DNCSequence(torch.autograd.Function):
         allocs = new(T, B, H, N)
         work, cwork = new(T, B, work_size), new(T, B, ctrl_size)
         order = torch.empty(T, B, H, N, dtype=torch.int32)
-        weights = tuple(t.contiguous() for t in (w_rh, w_xi, b_xi))
+        # each step's controller input [r_{t-1}; h_{t-1}] (kept for the weight gradients) and
+        # whole gates gates_x + [r_{t-1}; h_{t-1}] W_rh: one GEMM per step outside the kernel
+        z_in, gates = new(T, B, RW + Hd), new(T, B, G)
+        w_xi, b_xi = w_xi.contiguous(), b_xi.contiguous()
         start = tuple(t.reshape(B, -1).contiguous() for t in state[:3])
         start += tuple(t.contiguous() for t in state[3:])
         resets = [False] * T if starts is None else starts.any(1).tolist()
-        ctrl_strides = array("q", (G, Hd, Hd, R * W, 0, 0, 0))
+        ctrl_strides = array("q", (G, Hd, Hd, RW, 0, 0, 0))
         in_strides = array("q", (N * W, N, H * N * N, H * N, R * N, H * N))
-        weight_ptrs = [t.data_ptr() for t in weights]
+        weight_ptrs = [0, w_xi.data_ptr(), b_xi.data_ptr()]  # null W_rh: gates given whole
         kernel = _entry("dnc_step_forward", gates_x.dtype)
         reset_inputs = {}  # t -> (mask, the state after the reset), kept for the backward
         before = start
@@ -675,7 +678,9 @@ class DNCSequence(torch.autograd.Function):
                     for i, a in zip(init, before, strict=True)
                 )
                 reset_inputs[t] = (mask, before)
-            ctrl_ptrs = array("q", (gates_x[t].data_ptr(), *(a.data_ptr() for a in before[:3])))
+            torch.cat([before[2], before[0]], dim=1, out=z_in[t])
+            torch.addmm(gates_x[t], z_in[t], w_rh, out=gates[t])
+            ctrl_ptrs = array("q", (gates[t].data_ptr(), *(a.data_ptr() for a in before[:3])))
             ctrl_ptrs.extend(weight_ptrs)
             in_ptrs = array("q", (a.data_ptr() for a in before[3:]))
             outs = (*(a[t] for a in access), rvs[t], allocs[t], hs[t], cs[t])
@@ -685,27 +690,28 @@ class DNCSequence(torch.autograd.Function):
                 _address(in_strides), _address(out_ptrs), work[t].data_ptr(),
                 cwork[t].data_ptr(), order[t].data_ptr(),
             )  # fmt: skip
-            before = (hs[t], cs[t], rvs[t].view(B, R * W), *(a[t] for a in access))
+            before = (hs[t], cs[t], rvs[t].view(B, RW), *(a[t] for a in access))
         ctx.reset_inputs = reset_inputs
         ctx.work = (work, cwork, order)
-        ctx.save_for_backward(gates_x, *weights, hs, cs, rvs, allocs, *access, *start)
+        ctx.save_for_backward(gates, w_rh, w_xi, b_xi, hs, cs, rvs, allocs, *access, *start, z_in)
         final = tuple(a[-1].clone() for a in access)
         return (hs, rvs, cs[-1].clone(), *final)
 
     @staticmethod
     def backward(ctx, g_hs, g_rvs, g_c, *g_final):
         saved = ctx.saved_tensors
-        gates_x, weights, (hs, cs, rvs, allocs) = saved[0], saved[1:4], saved[4:8]
-        access, start = saved[8:14], saved[14:]
+        gates, weights, (hs, cs, rvs, allocs) = saved[0], saved[1:4], saved[4:8]
+        access, start, z_in = saved[8:14], saved[14:23], saved[23]
+        w_rh = weights[0]
         work, cwork, order = ctx.work
-        T, B, G = gates_x.shape
+        T, B, G = gates.shape
         Hd = G // 4
         N, W = access[0].shape[2:]
         R, H = rvs.shape[2], access[5].shape[2]
         RW = R * W
         dims = _step_shape_info(B, N, W, R, H, Hd)[0]
-        kernel = _entry("dnc_seq_step_backward", gates_x.dtype)
-        new = gates_x.new_empty
+        kernel = _entry("dnc_seq_step_backward", gates.dtype)
+        new = gates.new_empty
 
         def zeros_like(t):
             return torch.zeros_like(t, memory_format=torch.contiguous_format)
@@ -713,22 +719,23 @@ class DNCSequence(torch.autograd.Function):
         g_hs = zeros_like(hs) if g_hs is None else g_hs.contiguous()
         g_rvs = zeros_like(rvs) if g_rvs is None else g_rvs.contiguous()
         g_rvs = g_rvs.view(T, B, RW)
-        # the gradients of the state after step t: h, c, r, then the access state (ping-pong
-        # between two sets: the kernel reads one and writes the other)
-        shapes = [(B, Hd), (B, Hd), (B, RW), *(a.shape[1:] for a in access)]
+        # the gradients of the state after step t: c, then the access state (ping-pong between
+        # two sets: the kernel reads one and writes the other); [r; h] in g_z, formed outside
+        shapes = [(B, Hd), *(a.shape[1:] for a in access)]
         carried = [new(*s) for s in shapes]
         other = [new(*s) for s in shapes]
-        carried[0].zero_()
-        carried[1].copy_(g_c) if g_c is not None else carried[1].zero_()
-        carried[2].zero_()
+        carried[0].copy_(g_c) if g_c is not None else carried[0].zero_()
         for i, g in enumerate(g_final):
-            carried[3 + i].copy_(g) if g is not None else carried[3 + i].zero_()
-        g_gates, g_xi = torch.empty_like(gates_x), new(T, B, weights[2].shape[0])
+            carried[1 + i].copy_(g) if g is not None else carried[1 + i].zero_()
+        g_z = gates.new_zeros(B, RW + Hd)  # gradient of [r; h] before step t (after: before t+1)
+        g_r, g_h = g_z[:, :RW], g_z[:, RW:]
+        scratch_h, scratch_r = new(B, Hd), new(B, RW)  # the kernel's g_h0 scratch, unused g_r0
+        g_gates, g_xi = torch.empty_like(gates), new(T, B, weights[2].shape[0])
         g_init = [None] * 9
         grad_strides = array("q", (N * W, N, H * N * N, H * N, R * N, H * N, RW, Hd, Hd))
         ctrl_strides = array("q", (G, Hd, Hd, RW, 0, 0, 0))
         in_strides = array("q", (N * W, N, H * N * N, H * N, R * N, H * N))
-        weight_ptrs = [w.data_ptr() for w in weights]
+        weight_ptrs = [0, weights[1].data_ptr(), weights[2].data_ptr()]
         g_h_t, g_rv_t = new(B, Hd), new(B, RW)
         for t in reversed(range(T)):
             if t in ctx.reset_inputs:
@@ -738,19 +745,19 @@ class DNCSequence(torch.autograd.Function):
             else:
                 before = (hs[t - 1], cs[t - 1], rvs[t - 1].view(B, RW))
                 before += tuple(a[t - 1] for a in access)
-            torch.add(g_hs[t], carried[0], out=g_h_t)
-            torch.add(g_rvs[t], carried[2], out=g_rv_t)
-            grads = (*carried[3:], g_rv_t, g_h_t, carried[1])
+            torch.add(g_hs[t], g_h, out=g_h_t)
+            torch.add(g_rvs[t], g_r, out=g_rv_t)
+            grads = (*carried[1:], g_rv_t, g_h_t, carried[0])
             grad_ptrs = array("q", (g.data_ptr() for g in grads))
-            ctrl_ptrs = array("q", (gates_x[t].data_ptr(), *(a.data_ptr() for a in before[:3])))
+            ctrl_ptrs = array("q", (gates[t].data_ptr(), *(a.data_ptr() for a in before[:3])))
             ctrl_ptrs.extend(weight_ptrs)
             in_ptrs = array("q", (a.data_ptr() for a in before[3:]))
             out_ptrs = array("q", (access[0][t].data_ptr(), 0, 0, 0, access[4][t].data_ptr()))
             out_ptrs.extend((access[5][t].data_ptr(), 0, allocs[t].data_ptr()))
             out_ptrs.extend((hs[t].data_ptr(), 0))
-            res_ptrs = array("q", (g.data_ptr() for g in other[3:]))
-            res_ptrs.extend((g_gates[t].data_ptr(), other[0].data_ptr(), other[1].data_ptr()))
-            res_ptrs.append(other[2].data_ptr())
+            res_ptrs = array("q", (g.data_ptr() for g in other[1:]))
+            res_ptrs.extend((g_gates[t].data_ptr(), scratch_h.data_ptr(), other[0].data_ptr()))
+            res_ptrs.append(scratch_r.data_ptr())
             res_ptrs.extend((0, 0, 0))  # the parameters' gradients: below, over all steps
             kernel(
                 _address(dims), _address(grad_ptrs), _address(grad_strides),
@@ -759,22 +766,21 @@ class DNCSequence(torch.autograd.Function):
                 cwork[t].data_ptr(), order[t].data_ptr(), _address(res_ptrs),
                 g_xi[t].data_ptr(),
             )  # fmt: skip
+            torch.mm(g_gates[t], w_rh.t(), out=g_z)  # gradient of [r; h] before step t
             carried, other = other, carried
             if t in ctx.reset_inputs:  # reset elements' state came from the initial state
                 mask = ctx.reset_inputs[t][0]
-                for i in range(3):  # h, c, r (the initial access state is constant)
-                    m = mask.view(B, 1)
-                    part = torch.where(m, carried[i], 0.0)
+                m = mask.view(B, 1)
+                for i, g in ((0, g_h), (1, carried[0]), (2, g_r)):  # h, c, r
+                    part = torch.where(m, g, 0.0)  # (the initial access state is constant)
                     g_init[i] = part if g_init[i] is None else g_init[i] + part
+                g_z.masked_fill_(m, 0.0)
                 for g in carried:
                     g.masked_fill_(mask.view(B, *([1] * (g.dim() - 1))), 0.0)
         # the parameters' gradients over all steps at once ([T*B]-row products): gates =
-        # gates_x + [r_{t-1}; h_{t-1}] W_rh and ξ = h W_ξ + b, with each step's inputs
-        z_in = torch.cat([rvs.view(T, B, RW), hs], dim=2).roll(1, dims=0)  # [T, B, R*W + Hd]
-        z_in[0] = torch.cat([start[2], start[0]], dim=1)
-        for t, (_, after) in ctx.reset_inputs.items():
-            z_in[t] = torch.cat([after[2], after[0]], dim=1)
+        # gates_x + [r_{t-1}; h_{t-1}] W_rh and ξ = h W_ξ + b
         g_w_rh = z_in.view(T * B, -1).t().mm(g_gates.view(T * B, G))
         g_w_xi = hs.view(T * B, Hd).t().mm(g_xi.view(T * B, -1))
         g_b = g_xi.view(T * B, -1).sum(0)
-        return (g_gates, g_w_rh, g_w_xi, g_b, *carried, *g_init, None)
+        g_start = (g_h.clone(), carried[0], g_r.clone(), *carried[1:])
+        return (g_gates, g_w_rh, g_w_xi, g_b, *g_start, *g_init, None)

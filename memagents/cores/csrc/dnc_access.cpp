@@ -1301,7 +1301,8 @@ void backward(const Dims& d, const void* const* grad_p, const long* grad_stride,
 
 // -- the controller's recurrent part (DNCCore's fused sequence path) ------------------------------
 // The LSTM controller (Hochreiter & Schmidhuber 1997; nn.LSTMCell's gate order i, f, g, o) with
-// the input's share of its gates computed outside for all steps at once:
+// the input's share of its gates computed outside for all steps at once (or, with a null W_rh,
+// the whole gates computed outside):
 //   gates = gates_x + [r_{t-1}; h_{t-1}] W_rh,  c = σ(f) c_{t-1} + σ(i) tanh(g),
 //   h = σ(o) tanh(c),  ξ = b + h W_ξ  (the interface vector, then the access step on ξ).
 // ctrl (7): gates_x [4Hd], h0 [Hd], c0 [Hd], r0 [R*W] (batch strides in ctrl_stride), then
@@ -1339,9 +1340,10 @@ void controller_forward(const Ctrl& cd, const void* const* ctrl, const long* ctr
     const T* gx = static_cast<const T*>(ctrl[0]) + b * ctrl_stride[0];
     std::copy(gx, gx + G, cwork + b * Sc);
   }
-  for (long k = 0; k < K; ++k)
-    for (long b = 0; b < B; ++b)
-      axpy(cwork + b * Sc, ctrl_in<T>(cd, ctrl, ctrl_stride, b, k), w_rh + k * G, G);
+  if (w_rh)  // (null: gates_x holds the whole gates; DNCSequence forms them with one GEMM)
+    for (long k = 0; k < K; ++k)
+      for (long b = 0; b < B; ++b)
+        axpy(cwork + b * Sc, ctrl_in<T>(cd, ctrl, ctrl_stride, b, k), w_rh + k * G, G);
   auto vs = [](typename Simd<T>::vec v) { return vsigmoid<T>(v); };
   auto vt = [](typename Simd<T>::vec v) { return vtanh<T>(v); };
   for (long b = 0; b < B; ++b) {
@@ -1415,8 +1417,9 @@ void controller_backward(const Ctrl& cd, const void* const* ctrl, const long* ct
       dg[3 * Hd + k] = gh[k] * tc[k] * o * (T(1) - o);
     }
   }
-  // gates = gates_x + [r0; h0] W_rh
-  for (long k = 0; k < K; ++k) {
+  // gates = gates_x + [r0; h0] W_rh (a null W_rh: the caller forms g_r0, g_h0 from g_gates_x;
+  // g_h0 then holds scratch and g_r0 is untouched)
+  for (long k = 0; w_rh && k < K; ++k) {
     const T* w = w_rh + k * G;
     T* row = weights ? g_w_rh + k * G : nullptr;
     if (weights) std::fill(row, row + G, T(0));
