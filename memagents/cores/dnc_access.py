@@ -691,11 +691,13 @@ class DNCSequence(torch.autograd.Function):
                 cwork[t].data_ptr(), order[t].data_ptr(),
             )  # fmt: skip
             before = (hs[t], cs[t], rvs[t].view(B, RW), *(a[t] for a in access))
+        final = (cs[-1], *(a[-1] for a in access))
+        if not any(ctx.needs_input_grad):  # e.g. a rollout under no_grad: keep nothing
+            return (hs, rvs, *final)
         ctx.reset_inputs = reset_inputs
         ctx.work = (work, cwork, order)
         ctx.save_for_backward(gates, w_rh, w_xi, b_xi, hs, cs, rvs, allocs, *access, *start, z_in)
-        final = tuple(a[-1].clone() for a in access)
-        return (hs, rvs, cs[-1].clone(), *final)
+        return (hs, rvs, *(a.clone() for a in final))  # (not views of the saved buffers)
 
     @staticmethod
     def backward(ctx, g_hs, g_rvs, g_c, *g_final):
