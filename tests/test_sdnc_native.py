@@ -608,3 +608,27 @@ def test_gradcheck_of_the_sequence_node():
         inputs += tuple(t.detach().clone().requires_grad_(True) for t in state_in)
         assert torch.autograd.gradcheck(run, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
     assert calls
+
+
+@needs_kernel
+def test_sequence_node_in_float32_matches_the_one_node_steps(monkeypatch):
+    """The float32 kernels of the sequence node (the LSTM cell's included) against the per-step
+    path: same outputs and parameter gradients up to float32 rounding."""
+    core = _core(torch.float32, temporal_reads=3)
+    T, B = 6, 3
+    x = _x(T, B, seed=31, dtype=torch.float32)
+    starts = torch.zeros(T, B)
+    starts[0, 0] = starts[3, 1] = 1.0
+
+    def run():
+        core.zero_grad()
+        y, s = core(x, core.initial_state(B), starts)
+        (y.square().sum() + s.memory.sum()).backward()
+        return y.detach(), [p.grad.clone() for p in core.parameters()]
+
+    seq = run()
+    monkeypatch.setattr(sdnc, "SEQUENCE_NODE", False)
+    steps = run()
+    torch.testing.assert_close(seq[0], steps[0], atol=1e-5, rtol=1e-4)
+    for a, b in zip(seq[1], steps[1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)

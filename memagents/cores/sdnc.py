@@ -532,6 +532,7 @@ def _sequence_forward(
     init_z = torch.cat([init_h, init_r], 1) if any(reset_steps) else None
     steps, lru = [], None
     write_weights = small["write_weights"]
+    lstm_fwd = sparse_links.kernel_fn(lib, "sdnc_lstm_forward", x_proj)
     for t in range(T):
         reset = no_reset
         if reset_steps[t]:
@@ -548,14 +549,11 @@ def _sequence_forward(
         if lru is None:
             lru = sparse_access.least_recently_used(small["last_access"])
         # controller: torch's LSTM cell (gates i, f, g, o), then the interface
-        acts = torch.addmm(x_proj[t], z, w_state_t)
-        i, f, g, o = acts.chunk(4, 1)
-        i, f, o = i.sigmoid_(), f.sigmoid_(), o.sigmoid_()
-        g = g.tanh_()
-        c_prev = c
-        c = f * c_prev + i * g
-        tanh_c = torch.tanh(c)
-        h = o * tanh_c
+        acts = torch.addmm(x_proj[t], z, w_state_t)  # pre-activations, then activations
+        c_prev, c, tanh_c = c.contiguous(), x_proj.new_empty(B, Hd), x_proj.new_empty(B, Hd)
+        lstm_fwd(B, Hd, acts.data_ptr(), c_prev.data_ptr(), c.data_ptr(), tanh_c.data_ptr(),
+                 y[t].data_ptr(), Hd + R * W)  # fmt: skip
+        h = y[t, :, :Hd]
         xi = torch.addmm(b_if, h, w_if_t)
         outputs, saved = _step_forward(
             xi, prev_w, memory, link, link_t, precedence, small["read_indices"], lru, link_idx,
@@ -573,7 +571,7 @@ def _sequence_forward(
                 small["read_indices"], reset, saved_i32, saved_t, dir_w, cw, cr, extra,
             )  # fmt: skip
             steps.append((tensors, access, acts, c_prev, tanh_c, z, h))
-        torch.cat([h, read_vectors.view(B, R * W)], 1, out=y[t])
+        y[t, :, Hd:] = read_vectors.view(B, R * W)
         z = y[t]
         prev_w, precedence = read_weights, p_out
         small.update(
@@ -649,6 +647,7 @@ class SDNCSequence(torch.autograd.Function):
         g_z = None  # gradient of [h_t; r_t] through step t + 1
         g_mem, g_links = g_memory, (g_link, g_link_t)
         g_init_z = g_init_c = None
+        lstm_bwd = sparse_links.kernel_fn(ctx.lib, "sdnc_lstm_backward", w_state)
         for t in reversed(range(T)):
             tensors, access, acts, c_prev, tanh_c, z, h = steps[t]
             zs[t], hs[t] = z, h
@@ -662,17 +661,13 @@ class SDNCSequence(torch.autograd.Function):
             g_xi_all[t] = g_xi
             g_h = g_xi.mm(w_if) if g_h is None else torch.addmm(g_h, g_xi, w_if)
             # the LSTM cell, backwards
-            i, f, g, o = acts.chunk(4, 1)
-            g_cell = g_h * o * (1 - tanh_c * tanh_c)
-            if g_c is not None:
-                g_cell = g_cell + g_c
-            gg = g_gates_all[t]
-            gi, gf, gc, go = gg.chunk(4, 1)
-            torch.mul(g_cell * g, i * (1 - i), out=gi)
-            torch.mul(g_cell * c_prev, f * (1 - f), out=gf)
-            torch.mul(g_cell * i, 1 - g * g, out=gc)
-            torch.mul(g_h * tanh_c, o * (1 - o), out=go)
-            g_c = g_cell * f
+            gg, g_c_prev = g_gates_all[t], torch.empty_like(c_prev)
+            g_c = None if g_c is None else g_c.contiguous()
+            lstm_bwd(
+                B, Hd, acts.data_ptr(), c_prev.data_ptr(), tanh_c.data_ptr(), g_h.data_ptr(),
+                None if g_c is None else g_c.data_ptr(), gg.data_ptr(), g_c_prev.data_ptr(),
+            )  # fmt: skip
+            g_c = g_c_prev
             g_z = gg.mm(w_state)
             if ctx.reset_steps[t]:  # reset elements' inputs came from the initial state
                 m = ctx.starts[t][:, None]

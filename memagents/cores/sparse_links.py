@@ -426,6 +426,8 @@ def native_kernel() -> ctypes.CDLL | None:
                 "sdnc_mix_backward": [i64] * 4 + [ptr] * 12,
                 "sdnc_head_forward": [i64] * 4 + [ptr] * 11,
                 "sdnc_head_backward": [i64] * 4 + [ptr] * 13,
+                "sdnc_lstm_forward": [i64] * 2 + [ptr] * 5 + [i64],
+                "sdnc_lstm_backward": [i64] * 2 + [ptr] * 7,
             }
             for name, argtypes in signatures.items():
                 for suffix in ("f32", "f64"):

@@ -860,3 +860,73 @@ EXPORT void sdnc_mix_backward_f32(MIX_BACKWARD_ARGS(float)) {
 EXPORT void sdnc_mix_backward_f64(MIX_BACKWARD_ARGS(double)) {
     mix_backward<double>(MIX_BACKWARD_CALL);
 }
+
+// The controller's LSTM cell (torch's LSTMCell, gates i, f, g, o; Hochreiter & Schmidhuber 1997)
+// from the gates' pre-activations, for SDNCSequence. Forward: acts [B, 4 Hd] (pre-activations,
+// overwritten by the activations), c_prev [B, Hd] -> c, tanh_c [B, Hd] and h (row stride
+// h_stride, e.g. written straight into y_t = [h_t; r_t]).
+//   c = f c_prev + i g,  h = o tanh(c)
+// Backward: from g_h [B, Hd] and g_c [B, Hd] (the next step's, nullable) -> g_acts [B, 4 Hd]
+// (gradients of the pre-activations) and g_c_prev [B, Hd].
+namespace {
+
+template <typename T>
+void lstm_forward(i64 B, i64 Hd, T* acts, const T* c_prev, T* c, T* tanh_c, T* h, i64 h_stride) {
+    for (i64 b = 0; b < B; ++b) {
+        T* a = acts + b * 4 * Hd;
+        for (i64 j = 0; j < Hd; ++j) {
+            T i = sigmoid(a[j]), f = sigmoid(a[Hd + j]);
+            T g = std::tanh(a[2 * Hd + j]), o = sigmoid(a[3 * Hd + j]);
+            a[j] = i;
+            a[Hd + j] = f;
+            a[2 * Hd + j] = g;
+            a[3 * Hd + j] = o;
+            T cn = f * c_prev[b * Hd + j] + i * g;
+            T tc = std::tanh(cn);
+            c[b * Hd + j] = cn;
+            tanh_c[b * Hd + j] = tc;
+            h[b * h_stride + j] = o * tc;
+        }
+    }
+}
+
+template <typename T>
+void lstm_backward(i64 B, i64 Hd, const T* acts, const T* c_prev, const T* tanh_c, const T* g_h,
+                   const T* g_c, T* g_acts, T* g_c_prev) {
+    for (i64 b = 0; b < B; ++b) {
+        const T* a = acts + b * 4 * Hd;
+        T* ga = g_acts + b * 4 * Hd;
+        for (i64 j = 0; j < Hd; ++j) {
+            T i = a[j], f = a[Hd + j], g = a[2 * Hd + j], o = a[3 * Hd + j];
+            T tc = tanh_c[b * Hd + j], gh = g_h[b * Hd + j];
+            T gc = gh * o * (T(1) - tc * tc);
+            if (g_c) gc = gc + g_c[b * Hd + j];
+            ga[j] = gc * g * (i * (T(1) - i));
+            ga[Hd + j] = gc * c_prev[b * Hd + j] * (f * (T(1) - f));
+            ga[2 * Hd + j] = gc * i * (T(1) - g * g);
+            ga[3 * Hd + j] = gh * tc * (o * (T(1) - o));
+            g_c_prev[b * Hd + j] = gc * f;
+        }
+    }
+}
+
+}  // namespace
+
+EXPORT void sdnc_lstm_forward_f32(i64 B, i64 Hd, float* acts, const float* c_prev, float* c,
+                                  float* tanh_c, float* h, i64 h_stride) {
+    lstm_forward<float>(B, Hd, acts, c_prev, c, tanh_c, h, h_stride);
+}
+EXPORT void sdnc_lstm_forward_f64(i64 B, i64 Hd, double* acts, const double* c_prev, double* c,
+                                  double* tanh_c, double* h, i64 h_stride) {
+    lstm_forward<double>(B, Hd, acts, c_prev, c, tanh_c, h, h_stride);
+}
+EXPORT void sdnc_lstm_backward_f32(i64 B, i64 Hd, const float* acts, const float* c_prev,
+                                   const float* tanh_c, const float* g_h, const float* g_c,
+                                   float* g_acts, float* g_c_prev) {
+    lstm_backward<float>(B, Hd, acts, c_prev, tanh_c, g_h, g_c, g_acts, g_c_prev);
+}
+EXPORT void sdnc_lstm_backward_f64(i64 B, i64 Hd, const double* acts, const double* c_prev,
+                                   const double* tanh_c, const double* g_h, const double* g_c,
+                                   double* g_acts, double* g_c_prev) {
+    lstm_backward<double>(B, Hd, acts, c_prev, tanh_c, g_h, g_c, g_acts, g_c_prev);
+}
