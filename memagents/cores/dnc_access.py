@@ -609,6 +609,11 @@ class DNCStep(torch.autograd.Function):
 
 
 # -- a whole sequence as one autograd node (DNCCore.forward on the CPU) ----------------------------
+def _steps(t: Tensor) -> tuple[int, int]:
+    """Data pointer of a contiguous ``[T, ...]`` buffer and the bytes of one step."""
+    return t.data_ptr(), t.stride(0) * t.element_size()
+
+
 class DNCSequence(torch.autograd.Function):
     """``T`` whole DNC steps (the step of :class:`DNCStep`) as one autograd node, its backward
     backpropagation through time by hand: a Python loop over the steps calling the forward step
@@ -666,31 +671,47 @@ class DNCSequence(torch.autograd.Function):
         resets = [False] * T if starts is None else starts.any(1).tolist()
         ctrl_strides = array("q", (G, Hd, Hd, RW, 0, 0, 0))
         in_strides = array("q", (N * W, N, H * N * N, H * N, R * N, H * N))
-        weight_ptrs = [0, w_xi.data_ptr(), b_xi.data_ptr()]  # null W_rh: gates given whole
         kernel = _entry("dnc_step_forward", gates_x.dtype)
+        # step t's pointers by arithmetic on the [T, ...] buffers (no per-step tensor views)
+        outs = (*access, rvs, allocs, hs, cs)
+        out_at, gates_at = [_steps(o) for o in outs], _steps(gates)
+        work_at, cwork_at, order_at = _steps(work), _steps(cwork), _steps(order)
+        ctrl_ptrs = array("q", (0, 0, 0, 0, 0, w_xi.data_ptr(), b_xi.data_ptr()))  # null W_rh:
+        in_ptrs, out_ptrs = array("q", [0] * 6), array("q", [0] * 10)  # the gates given whole
+        z_steps, gate_steps, gx_steps = z_in.unbind(0), gates.unbind(0), gates_x.unbind(0)
+        h_steps, rv_steps = hs.unbind(0), rvs.view(T, B, RW).unbind(0)
         reset_inputs = {}  # t -> (mask, the state after the reset), kept for the backward
-        before = start
+        before = [a.data_ptr() for a in start]  # h, c, r, then the access state
+        h_prev, r_prev = start[0], start[2]
         for t in range(T):
             if resets[t]:
                 mask = starts[t]
-                before = tuple(
+                now = start
+                if t > 0:
+                    now = (hs[t - 1], cs[t - 1], rvs[t - 1].view(B, RW))
+                    now += tuple(a[t - 1] for a in access)
+                now = tuple(
                     torch.where(mask.view(B, *([1] * (a.dim() - 1))), i.reshape(a.shape), a)
-                    for i, a in zip(init, before, strict=True)
+                    for i, a in zip(init, now, strict=True)
                 )
-                reset_inputs[t] = (mask, before)
-            torch.cat([before[2], before[0]], dim=1, out=z_in[t])
-            torch.addmm(gates_x[t], z_in[t], w_rh, out=gates[t])
-            ctrl_ptrs = array("q", (gates[t].data_ptr(), *(a.data_ptr() for a in before[:3])))
-            ctrl_ptrs.extend(weight_ptrs)
-            in_ptrs = array("q", (a.data_ptr() for a in before[3:]))
-            outs = (*(a[t] for a in access), rvs[t], allocs[t], hs[t], cs[t])
-            out_ptrs = array("q", (o.data_ptr() for o in outs))
+                reset_inputs[t] = (mask, now)
+                before = [a.data_ptr() for a in now]
+                h_prev, r_prev = now[0], now[2]
+            torch.cat([r_prev, h_prev], dim=1, out=z_steps[t])
+            torch.addmm(gx_steps[t], z_steps[t], w_rh, out=gate_steps[t])
+            ctrl_ptrs[0] = gates_at[0] + t * gates_at[1]
+            ctrl_ptrs[1], ctrl_ptrs[2], ctrl_ptrs[3] = before[0], before[1], before[2]
+            for i in range(6):
+                in_ptrs[i] = before[3 + i]
+            for i, (base, step) in enumerate(out_at):
+                out_ptrs[i] = base + t * step
             kernel(
                 _address(dims), _address(ctrl_ptrs), _address(ctrl_strides), _address(in_ptrs),
-                _address(in_strides), _address(out_ptrs), work[t].data_ptr(),
-                cwork[t].data_ptr(), order[t].data_ptr(),
+                _address(in_strides), _address(out_ptrs), work_at[0] + t * work_at[1],
+                cwork_at[0] + t * cwork_at[1], order_at[0] + t * order_at[1],
             )  # fmt: skip
-            before = (hs[t], cs[t], rvs[t].view(B, RW), *(a[t] for a in access))
+            before = [out_ptrs[8], out_ptrs[9], out_ptrs[6], *out_ptrs[:6]]
+            h_prev, r_prev = h_steps[t], rv_steps[t]
         final = (cs[-1], *(a[-1] for a in access))
         if not any(ctx.needs_input_grad):  # e.g. a rollout under no_grad: keep nothing
             return (hs, rvs, *final)
@@ -739,36 +760,54 @@ class DNCSequence(torch.autograd.Function):
         in_strides = array("q", (N * W, N, H * N * N, H * N, R * N, H * N))
         weight_ptrs = [0, weights[1].data_ptr(), weights[2].data_ptr()]
         g_h_t, g_rv_t = new(B, Hd), new(B, RW)
+        # step t's pointers by arithmetic on the [T, ...] buffers (no per-step tensor views)
+        state_at = [_steps(a) for a in (hs, cs, rvs, *access)]  # the state after each step
+        out_at = [_steps(a) for a in (access[0], access[4], access[5], allocs, hs)]
+        gates_at, g_gates_at, g_xi_at = _steps(gates), _steps(g_gates), _steps(g_xi)
+        work_at, cwork_at, order_at = _steps(work), _steps(cwork), _steps(order)
+        start_ptrs = [a.data_ptr() for a in start]
+        g_h_steps, g_rv_steps, g_gate_steps = g_hs.unbind(0), g_rvs.unbind(0), g_gates.unbind(0)
+        w_rh_t = w_rh.t()
+        ctrl_ptrs = array("q", [0] * 4 + weight_ptrs)
+        in_ptrs, out_ptrs = array("q", [0] * 6), array("q", [0] * 10)
+        ptr_sets = {}  # id of a carried set -> (gradient pointers, result pointers)
         for t in reversed(range(T)):
             if t in ctx.reset_inputs:
-                before = ctx.reset_inputs[t][1]
+                before = [a.data_ptr() for a in ctx.reset_inputs[t][1]]
             elif t == 0:
-                before = start
+                before = start_ptrs
             else:
-                before = (hs[t - 1], cs[t - 1], rvs[t - 1].view(B, RW))
-                before += tuple(a[t - 1] for a in access)
-            torch.add(g_hs[t], g_h, out=g_h_t)
-            torch.add(g_rvs[t], g_r, out=g_rv_t)
-            grads = (*carried[1:], g_rv_t, g_h_t, carried[0])
-            grad_ptrs = array("q", (g.data_ptr() for g in grads))
-            ctrl_ptrs = array("q", (gates[t].data_ptr(), *(a.data_ptr() for a in before[:3])))
-            ctrl_ptrs.extend(weight_ptrs)
-            in_ptrs = array("q", (a.data_ptr() for a in before[3:]))
-            out_ptrs = array("q", (access[0][t].data_ptr(), 0, 0, 0, access[4][t].data_ptr()))
-            out_ptrs.extend((access[5][t].data_ptr(), 0, allocs[t].data_ptr()))
-            out_ptrs.extend((hs[t].data_ptr(), 0))
-            res_ptrs = array("q", (g.data_ptr() for g in other[1:]))
-            res_ptrs.extend((g_gates[t].data_ptr(), scratch_h.data_ptr(), other[0].data_ptr()))
-            res_ptrs.append(scratch_r.data_ptr())
-            res_ptrs.extend((0, 0, 0))  # the parameters' gradients: below, over all steps
+                before = [base + (t - 1) * step for base, step in state_at]
+            torch.add(g_h_steps[t], g_h, out=g_h_t)
+            torch.add(g_rv_steps[t], g_r, out=g_rv_t)
+            if id(carried) not in ptr_sets:
+                grads = (*carried[1:], g_rv_t, g_h_t, carried[0])
+                res = array("q", (g.data_ptr() for g in other[1:]))
+                res.extend((0, scratch_h.data_ptr(), other[0].data_ptr(), scratch_r.data_ptr()))
+                res.extend((0, 0, 0))  # the parameters' gradients: below, over all steps
+                ptr_sets[id(carried)] = (array("q", (g.data_ptr() for g in grads)), res)
+            grad_ptrs, res_ptrs = ptr_sets[id(carried)]
+            res_ptrs[6] = g_gates_at[0] + t * g_gates_at[1]
+            ctrl_ptrs[0] = gates_at[0] + t * gates_at[1]
+            ctrl_ptrs[1], ctrl_ptrs[2], ctrl_ptrs[3] = before[0], before[1], before[2]
+            for i in range(6):
+                in_ptrs[i] = before[3 + i]
+            (m_at, r_at, w_at, a_at, h_at) = ((base + t * step) for base, step in out_at)
+            out_ptrs[0], out_ptrs[4], out_ptrs[5], out_ptrs[7], out_ptrs[8] = (
+                m_at,
+                r_at,
+                w_at,
+                a_at,
+                h_at,
+            )
             kernel(
                 _address(dims), _address(grad_ptrs), _address(grad_strides),
                 _address(ctrl_ptrs), _address(ctrl_strides), _address(in_ptrs),
-                _address(in_strides), _address(out_ptrs), work[t].data_ptr(),
-                cwork[t].data_ptr(), order[t].data_ptr(), _address(res_ptrs),
-                g_xi[t].data_ptr(),
+                _address(in_strides), _address(out_ptrs), work_at[0] + t * work_at[1],
+                cwork_at[0] + t * cwork_at[1], order_at[0] + t * order_at[1],
+                _address(res_ptrs), g_xi_at[0] + t * g_xi_at[1],
             )  # fmt: skip
-            torch.mm(g_gates[t], w_rh.t(), out=g_z)  # gradient of [r; h] before step t
+            torch.mm(g_gate_steps[t], w_rh_t, out=g_z)  # gradient of [r; h] before step t
             carried, other = other, carried
             if t in ctx.reset_inputs:  # reset elements' state came from the initial state
                 mask = ctx.reset_inputs[t][0]
