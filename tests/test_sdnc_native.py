@@ -11,7 +11,9 @@ the core.
 
 from __future__ import annotations
 
+import gc
 import shutil
+import weakref
 
 import pytest
 import torch
@@ -632,3 +634,20 @@ def test_sequence_node_in_float32_matches_the_one_node_steps(monkeypatch):
     torch.testing.assert_close(seq[0], steps[0], atol=1e-5, rtol=1e-4)
     for a, b in zip(seq[1], steps[1], strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+@needs_kernel
+def test_sequence_node_output_is_freed_after_backward():
+    """The node's context keeps no view of its output ``y`` (a reference cycle through the
+    autograd graph that no garbage collection frees): ``y`` dies with its last reference."""
+    core = _core(F64)
+    calls = []
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(sdnc.SDNCSequence, "apply", _counting(sdnc.SDNCSequence.apply, calls))
+        y, s = core(_x(5, 3, seed=41, dtype=F64), core.initial_state(3))
+    assert calls
+    alive = weakref.ref(y)
+    y.sum().backward()
+    del y, s
+    gc.collect()
+    assert alive() is None

@@ -570,7 +570,10 @@ def _sequence_forward(
                 xi, prev_w, gates, modes, ww, widx, precedence, small["precedence_indices"],
                 small["read_indices"], reset, saved_i32, saved_t, dir_w, cw, cr, extra,
             )  # fmt: skip
-            steps.append((tensors, access, acts, c_prev, tanh_c, z, h))
+            # z only when it is not y[t - 1] (step 0, resets): no views of the output y in
+            # the context (y -> its node -> the context -> y would never be freed)
+            z_saved = z if t == 0 or reset_steps[t] else None
+            steps.append((tensors, access, acts, c_prev, tanh_c, z_saved))
         y[t, :, Hd:] = read_vectors.view(B, R * W)
         z = y[t]
         prev_w, precedence = read_weights, p_out
@@ -626,7 +629,7 @@ class SDNCSequence(torch.autograd.Function):
         ctx.lib = aux["lib"]
         ctx.starts = aux["starts"]
         ctx.reset_steps = aux["reset_steps"]
-        ctx.save_for_backward(w_state, w_if)
+        ctx.save_for_backward(w_state, w_if, outputs[0])
         ctx.set_materialize_grads(False)
         ctx.mark_dirty(memory, link, link_t)
         return outputs
@@ -634,7 +637,7 @@ class SDNCSequence(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_y, g_c, g_memory, g_link, g_link_t, g_p, g_rw, g_ww):
-        w_state, w_if = ctx.saved_tensors
+        w_state, w_if, y = ctx.saved_tensors
         steps = ctx.steps
         T = len(steps)
         B, _, _, _, R, _, _, W = ctx.shape
@@ -643,14 +646,14 @@ class SDNCSequence(torch.autograd.Function):
         X = w_if.shape[0]
         new = w_state.new_empty
         g_gates_all, g_xi_all = new(T, B, G), new(T, B, X)
-        zs, hs = new(T, B, D), new(T, B, Hd)
+        zs = new(T, B, D)
         g_z = None  # gradient of [h_t; r_t] through step t + 1
         g_mem, g_links = g_memory, (g_link, g_link_t)
         g_init_z = g_init_c = None
         lstm_bwd = sparse_links.kernel_fn(ctx.lib, "sdnc_lstm_backward", w_state)
         for t in reversed(range(T)):
-            tensors, access, acts, c_prev, tanh_c, z, h = steps[t]
-            zs[t], hs[t] = z, h
+            tensors, access, acts, c_prev, tanh_c, z = steps[t]
+            zs[t] = y[t - 1] if z is None else z
             g_out = g_z if g_y is None else (g_y[t] if g_z is None else g_y[t] + g_z)
             g_h = None if g_out is None else g_out[:, :Hd]
             g_rv = None if g_out is None else g_out[:, Hd:].view(B, R, W)
@@ -678,7 +681,7 @@ class SDNCSequence(torch.autograd.Function):
                 if g_p is not None:
                     g_p = g_p.masked_fill(m, 0.0)
         g_w_state = g_gates_all.view(T * B, G).t().mm(zs.view(T * B, D))
-        g_w_if = g_xi_all.view(T * B, X).t().mm(hs.view(T * B, Hd))
+        g_w_if = g_xi_all.view(T * B, X).t().mm(y.view(T * B, D)[:, :Hd])
         g_b_if = g_xi_all.view(T * B, X).sum(0)
         g_init = (None,) * 3
         if g_init_z is not None:
