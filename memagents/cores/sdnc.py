@@ -593,8 +593,11 @@ class SDNCSequence(torch.autograd.Function):
     by hand (the reverse loop calls :class:`SDNCStep`'s backward step by step). Native path only
     (the same conditions as :class:`SDNCStep`). As :class:`~memagents.cores.ntm_access.NTMSequence`:
     the input's share of the LSTM gates ``x_proj`` is one product over all steps (by the caller,
-    under autograd), each step costs one product for the gates and one for the interface, and the
-    weight gradients are formed once over all steps (``[T·B]``-row products). Same equations and
+    under autograd), each step costs one product for the gates, one native call for the LSTM
+    cell (``sdnc_lstm_forward``/``_backward``) and one product for the interface, and the weight
+    gradients are formed once over all steps (``[T·B]``-row products). The context keeps no view
+    of the output ``y`` (``y`` is saved for backward): a view would close a reference cycle
+    through the graph that nothing frees. Same equations and
     order as :meth:`SDNCCore._run`'s step loop (tests compare both in float64).
 
     Step ``t`` (Rae et al. 2016, SDNC; the controller sees ``x_t`` and ``r_{t-1}``): where

@@ -4,7 +4,8 @@
 //   K_L strongest entries), the precedence update p_t, and the link reads f_t = L_t w^R_{t-1},
 //   b_t = L_t^T w^R_{t-1};
 // - sdnc_head_*: the interface vector's activations and SAM's write weighting;
-// - sdnc_mix_*: the read weighting over the read modes and the read vectors.
+// - sdnc_mix_*: the read weighting over the read modes and the read vectors;
+// - sdnc_lstm_*: the controller's LSTM cell from its gates' pre-activations (SDNCSequence).
 //
 // The equations, their order and the tie-breaking of every top-k are those of the torch reference
 // in memagents/cores/sparse_links.py (SparseLinkStep, sparse_precedence_update, directional_read)
