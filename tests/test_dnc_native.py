@@ -421,18 +421,15 @@ def test_sequence_gradcheck(H):
     gates_x = torch.randn(T, B, 4 * Hd, generator=gen, dtype=F64)
     first = (step[1], step[2], step[3], *step[7:])
     init = [0.5 * torch.randn(B, n, generator=gen, dtype=F64) for n in (Hd, Hd, R * W)]
-    init += [torch.full((B, N, W), 1e-6, dtype=F64)]
-    init += [torch.zeros(B, *s, dtype=F64) for s in ((N,), (H, N, N), (H, N), (R, N), (H, N))]
     starts = torch.zeros(T, B, dtype=torch.bool)
     starts[0, 1] = starts[2, 0] = True
-    diff = [gates_x, *step[4:7], *first, *init[:3]]
+    diff = [gates_x, *step[4:7], *first, *init]
     diff = [t.clone().requires_grad_(True) for t in diff]
     assert dnc_access._kernel() is not None
 
     def run(gates_x, w_rh, w_xi, b_xi, *rest):
         state, learned = rest[:9], rest[9:]
-        out = DNCSequence.apply(gates_x, w_rh, w_xi, b_xi, *state, *learned, *init[3:], starts)
-        return out
+        return DNCSequence.apply(gates_x, w_rh, w_xi, b_xi, *state, *learned, starts, True)
 
     assert torch.autograd.gradcheck(run, diff)
 

@@ -155,7 +155,7 @@ class DNCCore(MemoryCore):
             return p.to(device).expand(B, *p.shape[1:])
 
         access = AccessState(
-            memory=torch.full((B, N, W), 1e-6, device=device, dtype=dtype),
+            memory=torch.full((B, N, W), dnc_access.INITIAL_ACCESS[0], device=device, dtype=dtype),
             usage=zeros(N),
             link=zeros(H, N, N),
             precedence=zeros(H, N),
@@ -211,16 +211,12 @@ class DNCCore(MemoryCore):
             state.controller.h.reshape(B, -1), state.controller.c.reshape(B, -1),
             state.read_vectors.reshape(B, R * W), *state.access,
         )  # fmt: skip
-        init = (None,) * 9
-        if starts is not None and bool(starts.any()):
-            s0 = self.initial_state(B, x.device)
-            init = (
-                s0.controller.h.reshape(B, -1), s0.controller.c.reshape(B, -1),
-                s0.read_vectors.reshape(B, R * W), *s0.access,
-            )  # fmt: skip
+        init = (None,) * 3
+        if starts is not None and bool(starts.any()):  # the learned initial h, c, r
+            init = (self.h0.view(1, -1), self.c0.view(1, -1), self.read0.view(1, R * W))
         hs, reads, c, *access = DNCSequence.apply(
             gates_x, w_rh, head.weight.t(), head.bias, *first, *init,
-            None if init[0] is None else starts,
+            None if init[0] is None else starts, torch.is_grad_enabled(),
         )  # fmt: skip
         y = torch.cat([hs, reads.view(T, B, R * W)], dim=-1)
         h = hs[-1].unsqueeze(1)

@@ -609,6 +609,11 @@ class DNCStep(torch.autograd.Function):
 
 
 # -- a whole sequence as one autograd node (DNCCore.forward on the CPU) ----------------------------
+#: The DNC's initial access state, each field one constant (Graves et al. 2016, Methods):
+#: memory, usage, link, precedence, read weightings, write weightings.
+INITIAL_ACCESS = (1e-6, 0.0, 0.0, 0.0, 0.0, 0.0)
+
+
 def _steps(t: Tensor) -> tuple[int, int]:
     """Data pointer of a contiguous ``[T, ...]`` buffer and the bytes of one step."""
     return t.data_ptr(), t.stride(0) * t.element_size()
@@ -635,9 +640,10 @@ class DNCSequence(torch.autograd.Function):
     Inputs: ``gates_x [T, B, 4Hd]`` (``W_x x_t + b_ih + b_hh``, all steps); ``w_rh
     [R*W + Hd, 4Hd]``; ``w_xi [Hd, X]``; ``b_xi [X]``; the state before step 0: ``h, c [B, Hd]``,
     ``r [B, R*W]``, then the six access state tensors of :class:`DNCAccessStep`; the initial
-    state in the same nine shapes (``None`` when ``starts`` is ``None``); ``starts [T, B]`` bool
-    or ``None``. The initial access state (memory, usage, link, precedence, weightings) is
-    constant: it gets no gradient.
+    ``h, c, r`` (learned) in the same shapes or broadcastable to them (``None`` when ``starts`` is
+    ``None``); ``starts [T, B]`` bool or ``None``; ``record`` (``False``, e.g. under
+    ``no_grad``: no backward, keep nothing). The initial access state is the constant
+    :data:`INITIAL_ACCESS` (no gradient).
 
     Outputs: ``h [T, B, Hd]``, read vectors ``[T, B, R, W]`` (every step's), then the final
     ``c [B, Hd]`` and the final six access state tensors.
@@ -645,7 +651,7 @@ class DNCSequence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gates_x, w_rh, w_xi, b_xi, *rest):
-        state, init, starts = rest[:9], rest[9:18], rest[18]
+        state, init, starts, record = rest[:9], rest[9:12], rest[12], rest[13]
         T, B, G = gates_x.shape
         Hd = G // 4
         memory0, read0, write0 = state[3], state[7], state[8]
@@ -690,9 +696,13 @@ class DNCSequence(torch.autograd.Function):
                 if t > 0:
                     now = (hs[t - 1], cs[t - 1], rvs[t - 1].view(B, RW))
                     now += tuple(a[t - 1] for a in access)
-                now = tuple(
-                    torch.where(mask.view(B, *([1] * (a.dim() - 1))), i.reshape(a.shape), a)
-                    for i, a in zip(init, now, strict=True)
+                m = mask.view(B, 1)
+                now = (
+                    *(torch.where(m, i, a) for i, a in zip(init, now[:3], strict=True)),
+                    *(
+                        a.masked_fill(mask.view(B, *([1] * (a.dim() - 1))), v)
+                        for a, v in zip(now[3:], INITIAL_ACCESS, strict=True)
+                    ),
                 )
                 reset_inputs[t] = (mask, now)
                 before = [a.data_ptr() for a in now]
@@ -713,9 +723,10 @@ class DNCSequence(torch.autograd.Function):
             before = [out_ptrs[8], out_ptrs[9], out_ptrs[6], *out_ptrs[:6]]
             h_prev, r_prev = h_steps[t], rv_steps[t]
         final = (cs[-1], *(a[-1] for a in access))
-        if not any(ctx.needs_input_grad):  # e.g. a rollout under no_grad: keep nothing
+        if not (record and any(ctx.needs_input_grad)):  # e.g. a rollout: keep nothing
             return (hs, rvs, *final)
         ctx.reset_inputs = reset_inputs
+        ctx.init_rows = [None if i is None else i.shape[0] for i in init]
         ctx.work = (work, cwork, order)
         ctx.save_for_backward(gates, w_rh, w_xi, b_xi, hs, cs, rvs, allocs, *access, *start, z_in)
         return (hs, rvs, *(a.clone() for a in final))  # (not views of the saved buffers)
@@ -754,7 +765,7 @@ class DNCSequence(torch.autograd.Function):
         g_r, g_h = g_z[:, :RW], g_z[:, RW:]
         scratch_h, scratch_r = new(B, Hd), new(B, RW)  # the kernel's g_h0 scratch, unused g_r0
         g_gates, g_xi = torch.empty_like(gates), new(T, B, weights[2].shape[0])
-        g_init = [None] * 9
+        g_init = [None] * 3
         grad_strides = array("q", (N * W, N, H * N * N, H * N, R * N, H * N, RW, Hd, Hd))
         ctrl_strides = array("q", (G, Hd, Hd, RW, 0, 0, 0))
         in_strides = array("q", (N * W, N, H * N * N, H * N, R * N, H * N))
@@ -814,6 +825,8 @@ class DNCSequence(torch.autograd.Function):
                 m = mask.view(B, 1)
                 for i, g in ((0, g_h), (1, carried[0]), (2, g_r)):  # h, c, r
                     part = torch.where(m, g, 0.0)  # (the initial access state is constant)
+                    if ctx.init_rows[i] == 1:  # an initial state broadcast over the batch
+                        part = part.sum(0, keepdim=True)
                     g_init[i] = part if g_init[i] is None else g_init[i] + part
                 g_z.masked_fill_(m, 0.0)
                 for g in carried:
@@ -824,4 +837,4 @@ class DNCSequence(torch.autograd.Function):
         g_w_xi = hs.view(T * B, Hd).t().mm(g_xi.view(T * B, -1))
         g_b = g_xi.view(T * B, -1).sum(0)
         g_start = (g_h.clone(), carried[0], g_r.clone(), *carried[1:])
-        return (g_gates, g_w_rh, g_w_xi, g_b, *g_start, *g_init, None)
+        return (g_gates, g_w_rh, g_w_xi, g_b, *g_start, *g_init, None, None)
