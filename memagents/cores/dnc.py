@@ -92,10 +92,10 @@ class DNCCore(MemoryCore):
         weightings always start at their fixed paper values.
     :param fused: run the memory access as one autograd function with a hand-written backward
         (:class:`~memagents.cores.dnc_access.DNCAccessStep`; same equations, several times
-        faster), on the CPU a C++ kernel, and a whole sequence with one kernel call per step
-        and direction (:class:`~memagents.cores.dnc_access.DNCStep`). ``False`` runs the
-        reference path built from :mod:`addressing` functions under plain autograd; tests
-        check that all of them agree.
+        faster), on the CPU a C++ kernel, and a whole sequence as one autograd node with one
+        kernel call per step and direction (:class:`~memagents.cores.dnc_access.DNCSequence`).
+        ``False`` runs the reference path built from :mod:`addressing` functions under plain
+        autograd; tests check that all of them agree.
     """
 
     def __init__(

@@ -14,8 +14,9 @@ batch and computes the same equations in the same order; the forward leaves a wo
 intermediates (softmax weights, norms, sort order, directional weightings) for the backward.
 The torch code below is the reference and the path for other devices (or ``MEMAGENTS_NATIVE=0``).
 The function also accepts the interface vector ξ before its activations, which it then applies
-itself. :class:`DNCStep` goes one step further for ``DNCCore.forward`` on the CPU: the LSTM
-controller's recurrent part, ξ and the access step in one kernel call per step and direction.
+itself. :class:`DNCStep` goes one step further: the LSTM controller's recurrent part, ξ and
+the access step in one kernel call per step and direction; :class:`DNCSequence`, which
+``DNCCore.forward`` runs on the CPU, makes a whole sequence of such steps one autograd node.
 
 Shapes: ``B`` batch, ``N`` slots, ``W`` word size, ``R`` read heads, ``H`` write heads.
 """
@@ -511,16 +512,16 @@ def _step_shape_info(B: int, N: int, W: int, R: int, H: int, Hd: int) -> tuple[a
 
 
 def step_usable(*tensors: Tensor) -> bool:
-    """True when :class:`DNCStep` can run: the kernel is loaded and the tensors are CPU tensors of
-    one float dtype."""
+    """True when :class:`DNCStep` and :class:`DNCSequence` can run: the kernel is loaded and the
+    tensors are CPU tensors of one float dtype."""
     return _kernel() is not None and native.usable(*tensors)
 
 
 class DNCStep(torch.autograd.Function):
     """One whole DNC step, one C++ kernel call each way (CPU only; see :func:`step_usable`): the
     LSTM controller's recurrent part, the interface vector ξ, then the access step on ξ (as
-    :class:`DNCAccessStep` with ξ whole). ``DNCCore.forward`` uses it; ``DNCCore.step`` is the
-    same computation in torch (tests compare both).
+    :class:`DNCAccessStep` with ξ whole; :class:`DNCSequence` runs its kernels step by step).
+    ``DNCCore.step`` is the same computation in torch (tests compare both).
 
     Inputs: ``gates_x [B, 4Hd]`` (the input's share of the LSTM gates with both biases,
     ``W_x x_t + b_ih + b_hh``), ``h0, c0 [B, Hd]``, ``r0 [B, R*W]`` (previous read vectors),
