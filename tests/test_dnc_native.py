@@ -474,3 +474,49 @@ def test_float32_sequence_agrees_with_float64():
     (y64, g64), (y32, g32) = results
     torch.testing.assert_close(y32, y64, rtol=1e-4, atol=1e-5)
     _assert_all_close(g32, g64, "float32 parameter gradient", rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_rollout_weight_cache_follows_parameter_updates():
+    """``DNCCore.forward`` without grad reuses ``b_ih + b_hh`` and ``W_rh`` while the controller's
+    parameters are unchanged; an optimizer step, ``load_state_dict`` and ``.to(dtype)`` must
+    each invalidate them: the no-grad output always equals the with-grad output (which builds
+    the weights afresh), float64 to ~1e-12."""
+    torch.manual_seed(0)
+    core = dnc.DNCCore(3, hidden_size=6, memory_size=5, word_size=4, num_reads=2).double()
+    x, starts = torch.randn(2, 3, 3, dtype=F64), torch.zeros(2, 3)
+    s0 = core.initial_state(3)
+
+    def both():
+        with torch.no_grad():
+            y_cached = core(x, s0, starts)[0]
+        return y_cached, core(x, s0, starts)[0].detach()
+
+    y0, fresh = both()
+    torch.testing.assert_close(y0, fresh, rtol=0, atol=1e-12)
+    weights = core._weights_cache["weights"]
+    with torch.no_grad():
+        core(x, s0, starts)
+    assert core._weights_cache["weights"] is weights  # reused while nothing changed
+
+    opt = torch.optim.SGD(core.parameters(), lr=0.5)
+    core(x, s0, starts)[0].square().sum().backward()
+    opt.step()
+    y1, fresh = both()
+    torch.testing.assert_close(y1, fresh, rtol=0, atol=1e-12)
+    assert (y1 - y0).abs().max() > 1e-3  # the step changed the output: the cache was rebuilt
+
+    state = {k: v.clone() for k, v in core.state_dict().items()}
+    with torch.no_grad():
+        core.controller.weight_hh.add_(0.3)
+    y2, fresh = both()
+    torch.testing.assert_close(y2, fresh, rtol=0, atol=1e-12)
+    core.load_state_dict(state)
+    torch.testing.assert_close(both()[0], y1, rtol=0, atol=1e-12)
+
+    core.float()
+    x32, s32 = x.float(), core.initial_state(3)
+    with torch.no_grad():
+        y32 = core(x32, s32, starts)[0]
+    assert y32.dtype == torch.float32
+    torch.testing.assert_close(y32, y1.float(), rtol=1e-5, atol=1e-5)

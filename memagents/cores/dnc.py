@@ -135,6 +135,8 @@ class DNCCore(MemoryCore):
         self.h0 = nn.Parameter(torch.zeros(1, 1, hidden_size), requires_grad=self.learn_init)
         self.c0 = nn.Parameter(torch.zeros(1, 1, hidden_size), requires_grad=self.learn_init)
         self.read0 = nn.Parameter(torch.zeros(1, R, W), requires_grad=self.learn_init)
+        # no-grad weights of :meth:`forward` (see :meth:`_rollout_weights`): a cache, not state
+        self._weights_cache: dict[str, object] = {}
 
     # -- state ---------------------------------------------------------------------------------
     def initial_state(self, batch_size, device=None) -> DNCState:
@@ -203,10 +205,11 @@ class DNCCore(MemoryCore):
         T, B = x.shape[0], x.shape[1]
         R, W, I = self.num_reads, self.word_size, self.input_size
         # [T, B, 4 hidden]: the input's share of the gates for all steps in one product
-        gates_x = torch.addmm(
-            cell.bias_ih + cell.bias_hh, x.reshape(T * B, I), cell.weight_ih[:, :I].t()
-        ).view(T, B, -1)
-        w_rh = torch.cat([cell.weight_ih[:, I:], cell.weight_hh], dim=1).t()
+        if torch.is_grad_enabled():
+            bias, w_rh = cell.bias_ih + cell.bias_hh, self._recurrent_weights()
+        else:
+            bias, w_rh = self._rollout_weights()
+        gates_x = torch.addmm(bias, x.reshape(T * B, I), cell.weight_ih[:, :I].t()).view(T, B, -1)
         first = (
             state.controller.h.reshape(B, -1), state.controller.c.reshape(B, -1),
             state.read_vectors.reshape(B, R * W), *state.access,
@@ -221,6 +224,30 @@ class DNCCore(MemoryCore):
         y = torch.cat([hs, reads.view(T, B, R * W)], dim=-1)
         h = hs[-1].unsqueeze(1)
         return y, DNCState(LSTMState(h, c.unsqueeze(1)), AccessState(*access), reads[-1])
+
+    def _recurrent_weights(self) -> Tensor:
+        """``W_rh [R*W + Hd, 4Hd]``: the gate weights of ``[r_{t-1}; h_{t-1}]``,
+        ``[W_ih[:, I:], W_hh]`` transposed (Graves et al. 2016, Methods, controller equations)."""
+        cell = self.controller
+        return torch.cat([cell.weight_ih[:, self.input_size :], cell.weight_hh], dim=1).t()
+
+    def _rollout_weights(self) -> tuple[Tensor, Tensor]:
+        """``(b_ih + b_hh [4Hd], W_rh [R*W + Hd, 4Hd])`` without grad, rebuilt only when a
+        controller parameter changed (a rollout calls :meth:`forward` once per env step).
+
+        The key holds each parameter's identity, storage and version counter: an optimizer step
+        or ``load_state_dict`` (in-place), ``.to()`` or replacing a parameter all change it (an
+        in-place change through ``param.data`` would not, which nothing in SB3 does)."""
+        cell = self.controller
+        params = (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
+        key = tuple((id(p), p.data_ptr(), p._version) for p in params)
+        cache = self._weights_cache
+        if cache.get("key") != key:
+            with torch.no_grad():
+                weights = (cell.bias_ih + cell.bias_hh, self._recurrent_weights())
+            cache.clear()
+            cache.update(key=key, weights=weights)
+        return cache["weights"]
 
     # -- one step ------------------------------------------------------------------------------
     def step(self, x, state: DNCState, return_debug=False):
