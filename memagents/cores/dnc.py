@@ -28,7 +28,6 @@ import torch
 from torch import Tensor, nn
 
 from memagents.cores import addressing, dnc_access
-from memagents.cores import state as state_lib
 from memagents.cores.base import MemoryCore, check_positive_int, set_forget_bias
 from memagents.cores.dnc_access import DNCAccessStep, DNCSequence
 from memagents.cores.rnn import LSTMState
@@ -199,7 +198,7 @@ class DNCCore(MemoryCore):
         state, starts = self._check_inputs(x, state, episode_starts)
         cell, head = self.controller, self.interface
         params = (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh, head.weight)
-        leaves = state_lib.leaves(state)
+        leaves = (*state.controller, *state.access, state.read_vectors)  # DNCState, flat
         if not dnc_access.step_usable(x, *leaves, *params, head.bias):
             return super().forward(x, state, episode_starts)
         T, B = x.shape[0], x.shape[1]
