@@ -651,3 +651,41 @@ def test_sequence_node_output_is_freed_after_backward():
     del y, s
     gc.collect()
     assert alive() is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lstm_cell_kernel_matches_torch_activations(dtype):
+    """``sdnc_lstm_forward`` against torch's LSTM cell from the same pre-activations, over
+    ordinary, tiny and saturating values (beyond exp's float range too): float64 (libm) to
+    1e-12; float32 (its own vectorised exp) to a few float ulps of 1."""
+    lib = sparse_links.native_kernel()
+    B, Hd = 5, 19  # Hd not a multiple of the vector width: the loops' tails run too
+    gen = torch.Generator().manual_seed(7)
+    acts = torch.randn(B, 4 * Hd, generator=gen, dtype=torch.float64) * 4
+    acts[0] = torch.linspace(-120, 120, 4 * Hd, dtype=torch.float64)
+    acts[1] = torch.linspace(-1e-3, 1e-3, 4 * Hd, dtype=torch.float64)
+    acts = acts.to(dtype)
+    c_prev = torch.randn(B, Hd, generator=gen, dtype=torch.float64).to(dtype) * 3
+    i, f, g, o = acts.chunk(4, dim=1)
+    want_acts = torch.cat([i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()], dim=1)
+    want_c = f.sigmoid() * c_prev + i.sigmoid() * g.tanh()
+    want_tanh_c = want_c.tanh()
+    want_h = o.sigmoid() * want_tanh_c
+    got_acts, c, tanh_c = (
+        acts.clone(),
+        torch.empty(B, Hd, dtype=dtype),
+        torch.empty(B, Hd, dtype=dtype),
+    )
+    h = torch.full((B, Hd + 3), 7.0, dtype=dtype)  # row stride Hd + 3: the rest stays untouched
+    sparse_links.kernel_fn(lib, "sdnc_lstm_forward", acts)(
+        B, Hd, got_acts.data_ptr(), c_prev.data_ptr(), c.data_ptr(), tanh_c.data_ptr(),
+        h.data_ptr(), Hd + 3,
+    )  # fmt: skip
+    tol = {"atol": 1e-12, "rtol": 0} if dtype == torch.float64 else {"atol": 5e-7, "rtol": 0}
+    torch.testing.assert_close(got_acts, want_acts, **tol)
+    torch.testing.assert_close(tanh_c, want_tanh_c, **tol)
+    torch.testing.assert_close(h[:, :Hd], want_h, **tol)
+    torch.testing.assert_close(c, want_c, atol=tol["atol"] * 4, rtol=0)  # |c| up to ~4
+    assert (h[:, Hd:] == 7.0).all()
+    assert ((got_acts >= -1) & (got_acts <= 1)).all() and torch.isfinite(h).all()
