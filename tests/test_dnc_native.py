@@ -31,6 +31,7 @@ from conftest import build_core, randomize_initial_state
 
 from memagents.cores import addressing as A
 from memagents.cores import dnc, dnc_access, native
+from memagents.cores import state as state_lib
 from memagents.cores.dnc_access import DNCAccessStep, DNCSequence, DNCStep, interface_sizes
 
 F64 = torch.float64
@@ -520,3 +521,25 @@ def test_rollout_weight_cache_follows_parameter_updates():
         y32 = core(x32, s32, starts)[0]
     assert y32.dtype == torch.float32
     torch.testing.assert_close(y32, y1.float(), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_no_grad_sequence_matches_recorded_one():
+    """Without grad ``DNCCore.forward`` calls the sequence node's forward as a plain function
+    (no autograd bookkeeping): output and final state equal the recorded run's, float64, with
+    resets at step 0 and mid-sequence."""
+    torch.manual_seed(3)
+    core = dnc.DNCCore(3, hidden_size=6, memory_size=5, word_size=4, num_reads=2, num_writes=2)
+    core = core.double()
+    randomize_initial_state(core)
+    x = torch.randn(4, 3, 3, dtype=F64)
+    starts = torch.zeros(4, 3)
+    starts[0, 0], starts[2, 1:] = 1, 1
+    s0 = core.initial_state(3)
+    with torch.no_grad():
+        y, s = core(x, s0, starts)
+    y_ref, s_ref = core(x, s0, starts)
+    assert y.grad_fn is None and y_ref.grad_fn is not None
+    torch.testing.assert_close(y, y_ref.detach(), rtol=0, atol=1e-12)
+    for a, b in zip(state_lib.leaves(s), state_lib.leaves(s_ref), strict=True):
+        torch.testing.assert_close(a, b.detach(), rtol=0, atol=1e-12)

@@ -216,10 +216,15 @@ class DNCCore(MemoryCore):
         init = (None,) * 3
         if starts is not None and bool(starts.any()):  # the learned initial h, c, r
             init = (self.h0.view(1, -1), self.c0.view(1, -1), self.read0.view(1, R * W))
-        hs, reads, c, *access = DNCSequence.apply(
+        # without grad (a rollout) the node's forward runs as a plain function: it keeps nothing
+        # for a backward then, and Function.apply's bookkeeping is ~10% of a T = 1 call
+        record = torch.is_grad_enabled()
+        args = (
             gates_x, w_rh, head.weight.t(), head.bias, *first, *init,
-            None if init[0] is None else starts, torch.is_grad_enabled(),
+            None if init[0] is None else starts, record,
         )  # fmt: skip
+        outs = DNCSequence.apply(*args) if record else DNCSequence.forward(None, *args)
+        hs, reads, c, *access = outs
         y = torch.cat([hs, reads.view(T, B, R * W)], dim=-1)
         h = hs[-1].unsqueeze(1)
         return y, DNCState(LSTMState(h, c.unsqueeze(1)), AccessState(*access), reads[-1])
