@@ -393,7 +393,12 @@ def _step_forward(
         access, memory, a, ww, keys, beta, widx, reset, index, K, owns_grad,
         dir_idx.view(B, 2 * R * K),
     )  # fmt: skip
-    access.saved_tensors = access.to_save
+    # SAM's context keeps its saved tensors; drop its references to the memory (marked dirty)
+    # and to_save: the memory (and, at the last step, w^W) are this node's outputs, and an output
+    # referenced from its own node's context is a C++ reference cycle that nothing frees (every
+    # training call's graph leaked, ~7.6 MB at T=21, B=24, N=64)
+    access.saved_tensors, access.to_save = access.to_save, None
+    access.dirty_tensors = None
     read_vectors, read_weights, read_idx = _mix_forward(
         lib, modes, dir_w, content_w, content_idx, content_r, extra_rows, dir_idx
     )
@@ -458,9 +463,10 @@ class SDNCStep(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.mark_dirty(memory, link, link_t)
         ctx.mark_non_differentiable(p_out_idx, read_idx, widx, new_time, next_lru)
+        # ww is saved in SAM's context as well: the output is a copy (no cycle through it)
         return (
             memory, link, link_t, p_out, p_out_idx, read_vectors, read_weights, read_idx,
-            ww, widx, new_time, next_lru,
+            ww.clone(), widx, new_time, next_lru,
         )  # fmt: skip
 
     @staticmethod
@@ -635,7 +641,8 @@ class SDNCSequence(torch.autograd.Function):
         ctx.save_for_backward(w_state, w_if, outputs[0])
         ctx.set_materialize_grads(False)
         ctx.mark_dirty(memory, link, link_t)
-        return outputs
+        # the last w^W is in the steps' contexts: the output is a copy (no cycle through it)
+        return (*outputs[:-1], outputs[-1].clone())
 
     @staticmethod
     @once_differentiable
