@@ -373,3 +373,28 @@ def test_forward_does_not_modify_the_state_it_is_given():
     core(_x(4, seed=2), s)
     for a, b in zip(snapshot, state_lib.leaves(s), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bad", [6.0, -1.0, float("nan")])
+@pytest.mark.parametrize(
+    "field",
+    ["read_indices", "write_indices", "link_indices", "link_t_indices", "precedence_indices"],
+)
+def test_a_state_with_rows_outside_the_memory_is_rejected(field, bad):
+    """The native kernels index memory and links with the state's rows unchecked: a corrupted
+    state must raise a clear error instead of reading or writing out of bounds (it crashed the
+    process before); an element reset at step 0 may hold anything."""
+    core = SDNCCore(input_size=3, hidden_size=8, memory_size=6, word_size=4, num_reads=2)
+    state = core.initial_state(2)
+    value = getattr(state.access, field).clone()
+    value[1].view(-1)[0] = bad
+    corrupt = state._replace(access=state.access._replace(**{field: value}))
+    x = torch.randn(2, 2, 3)
+    with pytest.raises(
+        ValueError, match=rf"state\.access\.{field} must hold row indices in \[0, 6\)"
+    ):
+        core(x, corrupt)
+    starts = torch.tensor([[0.0, 1.0], [0.0, 0.0]])
+    y_bad, _ = core(x, corrupt, starts)
+    y_ok, _ = core(x, state, starts)
+    assert torch.equal(y_bad, y_ok)

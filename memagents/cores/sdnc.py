@@ -58,6 +58,15 @@ from memagents.cores.base import MemoryCore, check_positive_int, set_forget_bias
 from memagents.cores.rnn import LSTMState
 from memagents.cores.sam import MAX_MEMORY_SIZE
 
+#: State fields holding row numbers in ``[0, N)`` (stored as floats in the packed state).
+INDEX_FIELDS = (
+    "read_indices",
+    "write_indices",
+    "link_indices",
+    "link_t_indices",
+    "precedence_indices",
+)
+
 
 class SDNCAccessState(NamedTuple):
     """State of the SDNC's memory access (``R`` read heads, ``S = 3K`` slots per read weighting,
@@ -839,6 +848,12 @@ class SDNCCore(MemoryCore):
         """See :meth:`MemoryCore.forward`. The memory and links of ``state`` are copied once per
         call (never modified); the copies are then written in place step by step."""
         state, starts = self._check_inputs(x, state, episode_starts)
+        # the kernels index memory and links with these rows unchecked (see SAM's forward)
+        first_starts = None if starts is None else starts[0]
+        for field in INDEX_FIELDS:
+            sparse_access.check_row_indices(
+                f"access.{field}", getattr(state.access, field), self.memory_size, first_starts
+            )
         return self._run(x, state, starts, return_debug)
 
     def step(self, x, state: SDNCState, return_debug=False):
