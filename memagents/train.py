@@ -268,26 +268,40 @@ def policy_kwargs(config: Config) -> dict[str, Any]:
     return kwargs
 
 
-def make_model(config: Config, env, device: str, tensorboard_log: str | None = None):
+def ppo_kwargs(config: Config) -> dict[str, Any]:
+    """RecurrentPPO's hyperparameters from ``config.ppo`` (shared with the training benchmark's
+    stock row, so every system trains with the same ones)."""
+    ppo = config.ppo
+    return {
+        "learning_rate": ppo.learning_rate,
+        "n_steps": ppo.n_steps,
+        "batch_size": ppo.batch_size,
+        "n_epochs": ppo.n_epochs,
+        "gamma": ppo.gamma,
+        "gae_lambda": ppo.gae_lambda,
+        "clip_range": ppo.clip_range,
+        "ent_coef": ppo.ent_coef,
+        "vf_coef": ppo.vf_coef,
+        "max_grad_norm": ppo.max_grad_norm,
+    }
+
+
+def algorithm_class(config: Config):
+    """``MemoryPPO`` for ``ppo.buffer: sequence-start``, else sb3-contrib's ``RecurrentPPO``."""
     from sb3_contrib import RecurrentPPO
 
-    from memagents.sb3 import MemoryPolicy, MemoryPPO
+    from memagents.sb3 import MemoryPPO
 
-    ppo = config.ppo
-    algorithm = MemoryPPO if ppo.buffer == "sequence-start" else RecurrentPPO
-    return algorithm(
+    return MemoryPPO if config.ppo.buffer == "sequence-start" else RecurrentPPO
+
+
+def make_model(config: Config, env, device: str, tensorboard_log: str | None = None):
+    from memagents.sb3 import MemoryPolicy
+
+    return algorithm_class(config)(
         MemoryPolicy,
         env,
-        learning_rate=ppo.learning_rate,
-        n_steps=ppo.n_steps,
-        batch_size=ppo.batch_size,
-        n_epochs=ppo.n_epochs,
-        gamma=ppo.gamma,
-        gae_lambda=ppo.gae_lambda,
-        clip_range=ppo.clip_range,
-        ent_coef=ppo.ent_coef,
-        vf_coef=ppo.vf_coef,
-        max_grad_norm=ppo.max_grad_norm,
+        **ppo_kwargs(config),
         policy_kwargs=policy_kwargs(config),
         seed=config.train.seed,
         device=device,
@@ -460,7 +474,6 @@ def make_callbacks(config: Config, run_dir: Path, eval_env):
 def run(config: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     """Train (or continue) one run; returns the final evaluation."""
     import torch
-    from sb3_contrib import RecurrentPPO
     from stable_baselines3.common.logger import CSVOutputFormat, Logger, TensorBoardOutputFormat
 
     torch.set_num_threads(config.train.torch_threads)
@@ -473,10 +486,7 @@ def run(config: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     latest = latest_checkpoint(run_dir) if resume else None
     if latest is not None:
         ckpt = run_dir / "checkpoints"
-        from memagents.sb3 import MemoryPPO
-
-        algorithm = MemoryPPO if config.ppo.buffer == "sequence-start" else RecurrentPPO
-        model = algorithm.load(ckpt / latest["model"], env=env, device=device)
+        model = algorithm_class(config).load(ckpt / latest["model"], env=env, device=device)
         # load(env=...) re-seeds the env with the training seed, which would replay the episodes
         # the run began with; a resumed segment draws new ones, reproducibly
         env.seed(seed + int(latest["num_timesteps"]))

@@ -155,20 +155,10 @@ def _make_model(spec: Spec, hyper: dict[str, Any], env):
     for key in ("features_extractor_class", "features_extractor_kwargs"):
         if key in ours:
             policy_kwargs[key] = ours[key]
-    ppo = config.ppo
     return RecurrentPPO(
         StockLstmPolicy,
         env,
-        learning_rate=ppo.learning_rate,
-        n_steps=ppo.n_steps,
-        batch_size=ppo.batch_size,
-        n_epochs=ppo.n_epochs,
-        gamma=ppo.gamma,
-        gae_lambda=ppo.gae_lambda,
-        clip_range=ppo.clip_range,
-        ent_coef=ppo.ent_coef,
-        vf_coef=ppo.vf_coef,
-        max_grad_norm=ppo.max_grad_norm,
+        **train.ppo_kwargs(config),  # the hyperparameters of every other row
         policy_kwargs=policy_kwargs,
         seed=config.train.seed,
         device="cpu",
