@@ -41,6 +41,58 @@ from memagents.cores.rnn import LSTMState
 #: Largest ``N`` whose row indices are exact in float32 (the packed state's dtype).
 MAX_MEMORY_SIZE = 2**24
 
+
+def init_sparse_core(
+    core: MemoryCore,
+    *,
+    input_size: int,
+    hidden_size: int,
+    memory_size: int,
+    word_size: int,
+    num_reads: int,
+    below_memory_size: dict[str, int],
+    index: str,
+    learn_init: bool,
+    fused: bool,
+    interface_sizes: list[int],
+) -> None:
+    """The construction SAM and SDNC share: validate and set the hyperparameters, then build the
+    LSTM controller (input ``x_t`` and the ``R`` previous read vectors), the interface layer
+    (``interface_sizes``, kept as ``core._sizes``) and the learned initial ``h_0, c_0, r_0``.
+
+    :param below_memory_size: read counts (``sparse_reads``, ``temporal_reads``) that must be
+        positive and smaller than ``memory_size``; each is set as an attribute.
+    :raises ValueError: naming the bad value and the allowed range.
+    """
+    core.input_size = check_positive_int("input_size", input_size)
+    core.hidden_size = check_positive_int("hidden_size", hidden_size)
+    core.memory_size = check_positive_int("memory_size", memory_size, minimum=2)
+    if memory_size > MAX_MEMORY_SIZE:
+        raise ValueError(f"memory_size must be <= 2**24; got {memory_size!r}")
+    core.word_size = check_positive_int("word_size", word_size)
+    core.num_reads = check_positive_int("num_reads", num_reads)
+    for name, value in below_memory_size.items():
+        setattr(core, name, check_positive_int(name, value))
+    for name, value in below_memory_size.items():
+        if value >= memory_size:
+            raise ValueError(f"{name} must be < memory_size ({memory_size}); got {value!r}")
+    core.index = index
+    core.index_kind = sparse_access.resolve_index(index, memory_size)
+    core.learn_init = bool(learn_init)
+    core.fused = bool(fused)
+    R, W = num_reads, word_size
+    core.output_size = hidden_size + R * W
+
+    core.controller = nn.LSTMCell(input_size + R * W, hidden_size)
+    set_forget_bias(core.controller, 1.0)
+    core._sizes = list(interface_sizes)
+    core.interface = nn.Linear(hidden_size, sum(core._sizes))
+
+    core.h0 = nn.Parameter(torch.zeros(1, 1, hidden_size), requires_grad=core.learn_init)
+    core.c0 = nn.Parameter(torch.zeros(1, 1, hidden_size), requires_grad=core.learn_init)
+    core.read0 = nn.Parameter(torch.zeros(1, R, W), requires_grad=core.learn_init)
+
+
 #: From this many rows on, the native path finds the LRU row through block minima of the
 #: last-access steps (``O(sqrt N)`` per step) rather than a scan of all ``N``.
 BLOCK_LRU_MIN_ROWS = 4096
@@ -126,34 +178,21 @@ class SAMCore(MemoryCore):
         fused: bool = True,
     ):
         super().__init__()
-        self.input_size = check_positive_int("input_size", input_size)
-        self.hidden_size = check_positive_int("hidden_size", hidden_size)
-        self.memory_size = check_positive_int("memory_size", memory_size, minimum=2)
-        if memory_size > MAX_MEMORY_SIZE:
-            raise ValueError(f"memory_size must be <= 2**24; got {memory_size!r}")
-        self.word_size = check_positive_int("word_size", word_size)
-        self.num_reads = check_positive_int("num_reads", num_reads)
-        self.sparse_reads = check_positive_int("sparse_reads", sparse_reads)
-        if sparse_reads >= memory_size:
-            raise ValueError(
-                f"sparse_reads must be < memory_size ({memory_size}); got {sparse_reads!r}"
-            )
-        self.index = index
-        self.index_kind = sparse_access.resolve_index(index, memory_size)
-        self.learn_init = bool(learn_init)
-        self.fused = bool(fused)
-        R, W = num_reads, word_size
-        self.output_size = hidden_size + R * W
-
-        self.controller = nn.LSTMCell(input_size + R * W, hidden_size)
-        set_forget_bias(self.controller, 1.0)
-        # Interface: read keys R*W | write vector W | read strengths R (oneplus) | α, γ (sigmoid)
-        self._sizes = [R * W, W, R, 2]
-        self.interface = nn.Linear(hidden_size, sum(self._sizes))
-
-        self.h0 = nn.Parameter(torch.zeros(1, 1, hidden_size), requires_grad=self.learn_init)
-        self.c0 = nn.Parameter(torch.zeros(1, 1, hidden_size), requires_grad=self.learn_init)
-        self.read0 = nn.Parameter(torch.zeros(1, R, W), requires_grad=self.learn_init)
+        init_sparse_core(
+            self,
+            input_size=input_size,
+            hidden_size=hidden_size,
+            memory_size=memory_size,
+            word_size=word_size,
+            num_reads=num_reads,
+            below_memory_size={"sparse_reads": sparse_reads},
+            index=index,
+            learn_init=learn_init,
+            fused=fused,
+            # Interface: read keys R*W | write vector W | read strengths R (oneplus) | α, γ
+            # (sigmoid)
+            interface_sizes=[num_reads * word_size, word_size, num_reads, 2],
+        )
 
     # -- state ---------------------------------------------------------------------------------
     def _initial_access(self, batch_size, device, dtype, memory: bool = True):

@@ -54,9 +54,9 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 
 from memagents.cores import addressing, sparse_access, sparse_links
 from memagents.cores import state as state_lib
-from memagents.cores.base import MemoryCore, check_positive_int, set_forget_bias, stack_debug
+from memagents.cores.base import MemoryCore, stack_debug
 from memagents.cores.rnn import LSTMState
-from memagents.cores.sam import MAX_MEMORY_SIZE
+from memagents.cores.sam import init_sparse_core
 
 #: State fields holding row numbers in ``[0, N)`` (stored as floats in the packed state).
 INDEX_FIELDS = (
@@ -749,35 +749,21 @@ class SDNCCore(MemoryCore):
         fused: bool = True,
     ):
         super().__init__()
-        self.input_size = check_positive_int("input_size", input_size)
-        self.hidden_size = check_positive_int("hidden_size", hidden_size)
-        self.memory_size = check_positive_int("memory_size", memory_size, minimum=2)
-        if memory_size > MAX_MEMORY_SIZE:
-            raise ValueError(f"memory_size must be <= 2**24; got {memory_size!r}")
-        self.word_size = check_positive_int("word_size", word_size)
-        self.num_reads = check_positive_int("num_reads", num_reads)
-        self.sparse_reads = check_positive_int("sparse_reads", sparse_reads)
-        self.temporal_reads = check_positive_int("temporal_reads", temporal_reads)
-        for name, value in (("sparse_reads", sparse_reads), ("temporal_reads", temporal_reads)):
-            if value >= memory_size:
-                raise ValueError(f"{name} must be < memory_size ({memory_size}); got {value!r}")
-        self.index = index
-        self.index_kind = sparse_access.resolve_index(index, memory_size)
-        self.learn_init = bool(learn_init)
-        self.fused = bool(fused)
-        R, W = num_reads, word_size
-        self.output_size = hidden_size + R * W
-
-        self.controller = nn.LSTMCell(input_size + R * W, hidden_size)
-        set_forget_bias(self.controller, 1.0)
-        # Interface: read keys R*W | write vector W | strengths R (oneplus) | α, γ (sigmoid)
-        #            | read modes R*3 (softmax: backward, content, forward)
-        self._sizes = [R * W, W, R, 2, 3 * R]
-        self.interface = nn.Linear(hidden_size, sum(self._sizes))
-
-        self.h0 = nn.Parameter(torch.zeros(1, 1, hidden_size), requires_grad=self.learn_init)
-        self.c0 = nn.Parameter(torch.zeros(1, 1, hidden_size), requires_grad=self.learn_init)
-        self.read0 = nn.Parameter(torch.zeros(1, R, W), requires_grad=self.learn_init)
+        init_sparse_core(
+            self,
+            input_size=input_size,
+            hidden_size=hidden_size,
+            memory_size=memory_size,
+            word_size=word_size,
+            num_reads=num_reads,
+            below_memory_size={"sparse_reads": sparse_reads, "temporal_reads": temporal_reads},
+            index=index,
+            learn_init=learn_init,
+            fused=fused,
+            # Interface: read keys R*W | write vector W | strengths R (oneplus) | α, γ (sigmoid)
+            #            | read modes R*3 (softmax: backward, content, forward)
+            interface_sizes=[num_reads * word_size, word_size, num_reads, 2, 3 * num_reads],
+        )
 
     # -- state ---------------------------------------------------------------------------------
     def _access_shapes(self) -> SDNCAccessState:
