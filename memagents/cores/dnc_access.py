@@ -126,6 +126,23 @@ def _kernel():
     return lib
 
 
+def _access_outputs(B: int, N: int, W: int, R: int, H: int, like: dict) -> tuple[Tensor, ...]:
+    """Uninitialised outputs of a native access step (the kernel writes every element):
+    ``memory [B,N,W]``, ``usage [B,N]``, ``link [B,H,N,N]``, ``precedence [B,H,N]``,
+    ``read_weights [B,R,N]``, ``write_weights [B,H,N]``, ``read_vectors [B,R,W]``,
+    ``allocation [B,H,N]``."""
+    return (
+        torch.empty(B, N, W, **like),
+        torch.empty(B, N, **like),
+        torch.empty(B, H, N, N, **like),
+        torch.empty(B, H, N, **like),
+        torch.empty(B, R, N, **like),
+        torch.empty(B, H, N, **like),
+        torch.empty(B, R, W, **like),
+        torch.empty(B, H, N, **like),
+    )
+
+
 def _rows(t: Tensor) -> tuple[Tensor, int]:
     """``t [B, ...]`` with each batch element's entries contiguous, and its batch stride.
 
@@ -191,16 +208,7 @@ def _native_forward(ctx, inputs: tuple[Tensor, ...]):
         if raw.shape[1] != X:
             raise ValueError(f"interface vector of width {raw.shape[1]} for R={R}, H={H}, W={W}")
     like = {"dtype": memory0.dtype, "device": memory0.device}
-    outputs = (
-        torch.empty(B, N, W, **like),  # memory
-        torch.empty(B, N, **like),  # usage
-        torch.empty(B, H, N, N, **like),  # link: every element is written by the kernel
-        torch.empty(B, H, N, **like),  # precedence
-        torch.empty(B, R, N, **like),  # read weights
-        torch.empty(B, H, N, **like),  # write weights
-        torch.empty(B, R, W, **like),  # read vectors
-        torch.empty(B, H, N, **like),  # allocation
-    )
+    outputs = _access_outputs(B, N, W, R, H, like)
     work = torch.empty(B, work_size, **like)
     order = torch.empty(B, H, N, dtype=torch.int32)
     in_ptrs, in_strides, _kept = _pointers(inputs if raw is None else inputs[:6])
@@ -540,14 +548,7 @@ class DNCStep(torch.autograd.Function):
         dims, work_size, ctrl_size = _step_shape_info(B, N, W, R, H, Hd)
         like = {"dtype": memory0.dtype, "device": memory0.device}
         outputs = (
-            torch.empty(B, N, W, **like),  # memory
-            torch.empty(B, N, **like),  # usage
-            torch.empty(B, H, N, N, **like),  # link: every element is written by the kernel
-            torch.empty(B, H, N, **like),  # precedence
-            torch.empty(B, R, N, **like),  # read weights
-            torch.empty(B, H, N, **like),  # write weights
-            torch.empty(B, R, W, **like),  # read vectors
-            torch.empty(B, H, N, **like),  # allocation
+            *_access_outputs(B, N, W, R, H, like),
             torch.empty(B, Hd, **like),  # h
             torch.empty(B, Hd, **like),  # c
         )
