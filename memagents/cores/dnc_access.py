@@ -662,14 +662,18 @@ class DNCSequence(torch.autograd.Function):
         RW = R * W
         dims, work_size, ctrl_size = _step_shape_info(B, N, W, R, H, Hd)
         new = gates_x.new_empty
+        # the backward needs every step's access state and workspace; without it (a rollout,
+        # no_grad evaluation) two slots used in turn suffice: step t reads slot (t - 1) % 2
+        keep = bool(record and any(ctx.needs_input_grad))
+        S = T if keep else min(T, 2)
         hs, cs, rvs = new(T, B, Hd), new(T, B, Hd), new(T, B, R, W)
         access = [
-            new(T, B, N, W), new(T, B, N), new(T, B, H, N, N), new(T, B, H, N),
-            new(T, B, R, N), new(T, B, H, N),
+            new(S, B, N, W), new(S, B, N), new(S, B, H, N, N), new(S, B, H, N),
+            new(S, B, R, N), new(S, B, H, N),
         ]  # fmt: skip
-        allocs = new(T, B, H, N)
-        work, cwork = new(T, B, work_size), new(T, B, ctrl_size)
-        order = torch.empty(T, B, H, N, dtype=torch.int32)
+        allocs = new(S, B, H, N)
+        work, cwork = new(S, B, work_size), new(S, B, ctrl_size)
+        order = torch.empty(S, B, H, N, dtype=torch.int32)
         # each step's controller input [r_{t-1}; h_{t-1}] (kept for the weight gradients) and
         # whole gates gates_x + [r_{t-1}; h_{t-1}] W_rh: one GEMM per step outside the kernel
         z_in, gates = new(T, B, RW + Hd), new(T, B, G)
@@ -697,7 +701,7 @@ class DNCSequence(torch.autograd.Function):
                 now = start
                 if t > 0:
                     now = (hs[t - 1], cs[t - 1], rvs[t - 1].view(B, RW))
-                    now += tuple(a[t - 1] for a in access)
+                    now += tuple(a[(t - 1) % S] for a in access)
                 m = mask.view(B, 1)
                 now = (
                     *(torch.where(m, i, a) for i, a in zip(init, now[:3], strict=True)),
@@ -715,17 +719,20 @@ class DNCSequence(torch.autograd.Function):
             ctrl_ptrs[1], ctrl_ptrs[2], ctrl_ptrs[3] = before[0], before[1], before[2]
             for i in range(6):
                 in_ptrs[i] = before[3 + i]
-            for i, (base, step) in enumerate(out_at):
+            slot = t % S
+            for i, (base, step) in enumerate(out_at[:8]):  # access, read vectors, allocation
+                out_ptrs[i] = base + (t if i == 6 else slot) * step
+            for i, (base, step) in enumerate(out_at[8:], 8):  # h, c: every step
                 out_ptrs[i] = base + t * step
             kernel(
                 _address(dims), _address(ctrl_ptrs), _address(ctrl_strides), _address(in_ptrs),
-                _address(in_strides), _address(out_ptrs), work_at[0] + t * work_at[1],
-                cwork_at[0] + t * cwork_at[1], order_at[0] + t * order_at[1],
+                _address(in_strides), _address(out_ptrs), work_at[0] + slot * work_at[1],
+                cwork_at[0] + slot * cwork_at[1], order_at[0] + slot * order_at[1],
             )  # fmt: skip
             before = [out_ptrs[8], out_ptrs[9], out_ptrs[6], *out_ptrs[:6]]
             h_prev, r_prev = h_steps[t], rv_steps[t]
-        final = (cs[-1], *(a[-1] for a in access))
-        if not (record and any(ctx.needs_input_grad)):  # e.g. a rollout: keep nothing
+        final = (cs[-1], *(a[(T - 1) % S] for a in access))
+        if not keep:  # e.g. a rollout: keep nothing
             return (hs, rvs, *final)
         ctx.reset_inputs = reset_inputs
         ctx.init_rows = [None if i is None else i.shape[0] for i in init]
