@@ -28,6 +28,7 @@ def test_quick_train_benchmark_writes_only_its_section(tmp_path, capsys):
             "stock RecurrentPPO LSTM",
             "lstm",
             "dnc N=64",
+            "lstm, sequence-start buffer",
             "dnc N=64, sequence-start buffer",
         )
     ]
@@ -52,6 +53,11 @@ def test_rows_cover_stock_lstm_and_every_memory_core():
     for spec in specs:
         if spec.system in ("ntm", "dnc", "sam", "sdnc"):
             assert spec.core_kwargs["memory_size"] == 64
+    # every system of ours runs with both rollout buffers; stock only with its own
+    buffers = {(s.system, s.buffer) for s in specs}
+    for system in systems - {"stock"}:
+        assert {(system, "stock"), (system, "sequence-start")} <= buffers
+    assert ("stock", "sequence-start") not in buffers
 
 
 def test_target_is_registered_and_bad_arguments_exit_with_usage_errors():

@@ -13,6 +13,7 @@ What is checked, for every registered core:
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -486,31 +487,95 @@ def test_short_dnc_learn_stays_finite(algo: str) -> None:
 # -- sequence-start buffer ----------------------------------------------------------------------
 
 
-def test_sequence_start_minibatches_are_whole_episode_segments() -> None:
-    model = make_model("gru", algo="seqstart", n_envs=3)
+@pytest.mark.parametrize("pack", [False, True])
+def test_sequence_start_minibatches_are_whole_episode_segments(pack: bool) -> None:
+    # minibatches of >= 24 steps: several segments of Recall's 4-7 step episodes each
+    model = make_model("gru", algo="seqstart", n_envs=3, pack_segments=pack, batch_size=24)
     collect(model, rollouts=2)
     buffer = model.rollout_buffer
     assert isinstance(buffer, SequenceStartRolloutBuffer)
+    assert buffer.pack_segments is pack
     seen = []
     batches = list(buffer.get(model.batch_size))
+    n_columns = n_segments = 0
     for i, data in enumerate(batches):
         n_seq = data.lstm_states.pi[0].shape[1]
         mask = data.mask.reshape(n_seq, -1) > 0.5
         starts = data.episode_starts.reshape(n_seq, -1)
-        # an episode starts only at a segment's first step
-        assert torch.all(starts[:, 1:] == 0)
         # valid steps are a prefix of each padded row
         lengths = mask.sum(1)
         assert torch.equal(mask, torch.arange(mask.shape[1])[None] < lengths[:, None])
+        # the segments: a column's first step, then every later episode start in it
+        cuts = [
+            [0, *(t for t in range(1, int(n)) if starts[c, t] > 0.5), int(n)]
+            for c, n in enumerate(lengths)
+        ]
+        segment_lengths = [b - a for cut in cuts for a, b in itertools.pairwise(cut)]
+        n_columns, n_segments = n_columns + n_seq, n_segments + len(segment_lengths)
+        if not pack:  # an episode starts only at a segment's first step
+            assert torch.all(starts[:, 1:] == 0)
+        # columns are as long as the longest segment, and no longer
+        assert mask.shape[1] == max(segment_lengths)
         if i < len(batches) - 1:
             assert int(lengths.sum()) >= model.batch_size
         seen.append(data.old_log_prob[data.mask > 0.5])
+    # packing put several segments in some column; unpacked, one per column
+    assert (n_columns < n_segments) if pack else (n_columns == n_segments)
     # every step of the rollout appears exactly once
     assert sum(len(s) for s in seen) == model.n_steps * model.n_envs
     torch.testing.assert_close(
         torch.sort(torch.cat(seen)).values,
         torch.sort(torch.as_tensor(buffer.log_probs.flatten())).values,
     )
+
+
+def test_packing_is_first_fit_decreasing_with_continuations_heading_columns() -> None:
+    """Hand-built rollout of 2 envs x 8 steps: env 0 continues an episode for 5 steps, then
+    one of 3; env 1 runs episodes of 2, 4 and 2 steps. Longest segment T = 5. The continuation
+    (5) heads its own column; the rest go longest first into the first column with room:
+    4 -> new column [4]; 3 -> new [3]; 2 -> [3, 2]; 2 -> no room (4 + 2 > 5, 5) -> new [2]."""
+    obs_space = spaces.Box(0.0, 1.0, (1,), np.float32)
+    buffer = SequenceStartRolloutBuffer(
+        8, obs_space, spaces.Discrete(2), (8, 1, 2, 3), "cpu", n_envs=2, pack_segments=True
+    )
+    starts = np.zeros((8, 2), dtype=np.float32)  # (n_steps, n_envs)
+    starts[5, 0] = 1.0
+    starts[[0, 2, 6], 1] = 1.0
+    buffer.episode_starts = starts
+    buffer._prepare()
+    # flat env-major segment starts: env 0 at 0 and 5, env 1 at 8, 10 and 14
+    assert buffer.segment_starts.tolist() == [0, 5, 8, 10, 14]
+    assert buffer.segment_lengths.tolist() == [5, 3, 2, 4, 2]
+    columns = buffer._columns(np.array([3, 1, 0, 4, 2]))
+    assert columns == [[0], [3], [1, 4], [2]]
+    indices, valid = buffer._padded_indices(columns)
+    assert valid.sum(1).tolist() == [5, 4, 5, 2]
+    assert indices[2].tolist() == [5, 6, 7, 14, 15]
+    assert indices[3].tolist() == [8, 9, 8, 8, 8]  # padding repeats the column's first step
+    buffer.pack_segments = False
+    assert buffer._columns(np.array([3, 1, 0])) == [[3], [1], [0]]
+
+
+@pytest.mark.parametrize("critic", ["separate", "shared"])
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_packed_segments_match_the_rollout_in_whole_sequence_cores(name: str, critic: str) -> None:
+    """``lstm`` and ``gru`` are not packed by default (a reset mid-sequence splits their
+    ``nn.LSTM``/``nn.GRU`` call), but packing them must still be exact."""
+    assert not make_model(name, critic, "seqstart").rollout_buffer.pack_segments
+    model = make_model(name, critic, "seqstart", pack_segments=True)
+    assert model.rollout_buffer.pack_segments
+    assert_training_matches_rollout(model)
+
+
+@pytest.mark.parametrize("name", [n for n in CORES if n not in ("lstm", "gru")])
+def test_memory_cores_pack_segments_by_default(name: str) -> None:
+    assert cores.make(name, input_size=3, **tiny_kwargs(name)).cheap_mid_sequence_resets
+    assert make_model(name, "separate", "seqstart").rollout_buffer.pack_segments
+
+
+def test_pack_segments_rejects_non_booleans() -> None:
+    with pytest.raises(ValueError, match="pack_segments='yes'"):
+        make_model("gru", algo="seqstart", pack_segments="yes")
 
 
 def test_sequence_start_buffer_stores_states_once_per_rollout() -> None:

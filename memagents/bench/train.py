@@ -9,7 +9,10 @@ row (one table per preset of :data:`PRESETS`), it trains for a fixed number of P
   ``MultiBinary`` actions);
 - ``lstm``: our bridge (``MemoryPolicy``) with the ``lstm`` core;
 - every registered memory core at N=64 (``ntm``, ``dnc``, ``sam``, ``sdnc``; ``fwp`` has no
-  N), plus ``dnc`` with the sequence-start rollout buffer (``MemoryPPO``).
+  N);
+- ``lstm`` and every memory core again with our sequence-start rollout buffer (``MemoryPPO``,
+  ``ppo.buffer: sequence-start``), which trains on whole episode segments and, for the memory
+  cores, packs several into one training sequence (same loss, fewer padded steps).
 
 All rows share the observation pipeline of ``python -m memagents.train`` (MiniGrid: grid-code
 wrapper + ``minigrid`` extractor), the hidden size, heads and critic mode (a separate critic
@@ -51,9 +54,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "n_epochs": 10,
         "hidden_size": 64,
         "net_arch": [64],
-        "iterations": 2,  # one timed iteration: memory cores take ~30 s each here
-        # sam and sdnc would take minutes per iteration at these settings: light only
-        "systems": ("stock", "lstm", "ntm", "dnc", "fwp"),
+        "iterations": 2,  # one timed iteration: memory cores take a few seconds each here
     },
 }
 HYPER = PRESETS["light"]
@@ -91,22 +92,16 @@ def build_specs(env_ids: list[str], systems: list[str] | None = None) -> list[Sp
     import memagents.cores as cores
 
     specs = []
+    ours = {"lstm": {}, **{k: v for k, v in MEMORY.items() if k in cores.available()}}
     for env_id in env_ids:
-        rows = [Spec("stock RecurrentPPO LSTM", "stock", env_id), Spec("lstm", "lstm", env_id)]
-        for core, kwargs in MEMORY.items():
-            if core in cores.available():
+        rows = [Spec("stock RecurrentPPO LSTM", "stock", env_id)]
+        for buffer in ("stock", "sequence-start"):
+            for core, kwargs in ours.items():
                 n = kwargs.get("memory_size")
-                rows.append(Spec(f"{core} N={n}" if n else core, core, env_id, dict(kwargs)))
-        if "dnc" in cores.available():
-            rows.append(
-                Spec(
-                    "dnc N=64, sequence-start buffer",
-                    "dnc",
-                    env_id,
-                    MEMORY["dnc"],
-                    "sequence-start",
-                )
-            )
+                label = f"{core} N={n}" if n else core
+                if buffer != "stock":
+                    label += ", sequence-start buffer"
+                rows.append(Spec(label, core, env_id, dict(kwargs), buffer))
         specs += [s for s in rows if systems is None or s.system in systems]
     return specs
 

@@ -30,6 +30,13 @@ class MemoryCore(nn.Module):
     input_size: int
     output_size: int
 
+    #: whether an episode start in the middle of a training sequence costs no more than one at
+    #: its first step. True for cores that run step by step (resets are per-element selects);
+    #: False where a reset mid-sequence splits a whole-sequence kernel (``nn.LSTM``, ``nn.GRU``).
+    #: :class:`memagents.sb3.MemoryPPO` packs several episode segments into one training sequence
+    #: only when this holds for every core of the policy.
+    cheap_mid_sequence_resets: bool = True
+
     # -- state ---------------------------------------------------------------------------------
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> Any:
         """The state at the start of an episode (may depend on learned parameters).

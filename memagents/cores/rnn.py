@@ -80,6 +80,8 @@ class _TorchRNNCore(MemoryCore):
     """Shared sequence logic of the LSTM and GRU cores (``nn.LSTM`` / ``nn.GRU``, time first)."""
 
     rnn: nn.RNNBase
+    #: a reset mid-sequence cuts the ``nn.LSTM``/``nn.GRU`` call in two (see ``forward``)
+    cheap_mid_sequence_resets = False
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int, learn_init: bool):
         super().__init__()
