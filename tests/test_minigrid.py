@@ -128,6 +128,45 @@ def test_extractor_embeds_codes() -> None:
     assert all((grad[i].abs().sum() > 0) == (i in used) for i in range(11))
 
 
+def test_extractor_one_hot_path_equals_the_embedding_lookups() -> None:
+    """Under grad the grid codes are embedded as ``multi_hot @ block_diag(tables)``: the same
+    features and the same gradient for every parameter as three ``nn.Embedding`` lookups (float64,
+    exact up to summation order); without grad, the lookups themselves."""
+    env = wrapped()
+    torch.manual_seed(0)
+    extractor = MiniGridExtractor(env.observation_space, features_dim=16, embed_dim=3).double()
+    obs, _ = env.reset(seed=2)
+    batch = [obs]
+    for _ in range(5):
+        obs, *_ = env.step(env.action_space.sample())
+        batch.append(obs)
+    x = torch.as_tensor(np.stack(batch), dtype=torch.float64)
+    weights = torch.randn(len(batch), 16, dtype=torch.float64)
+    grads = []
+    for forward in (extractor.forward, extractor._reference_forward):
+        extractor.zero_grad()
+        out = forward(x)
+        (out * weights).sum().backward()
+        grads.append((out.detach(), {n: p.grad.clone() for n, p in extractor.named_parameters()}))
+    (out, g), (ref_out, ref_g) = grads
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-12)
+    assert g.keys() == ref_g.keys()
+    for name in g:
+        torch.testing.assert_close(g[name], ref_g[name], rtol=0, atol=1e-12, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(extractor(x), ref_out, rtol=0, atol=1e-12)
+
+
+def test_extractor_rejects_out_of_range_codes() -> None:
+    env = wrapped()
+    extractor = MiniGridExtractor(env.observation_space)
+    obs, _ = env.reset(seed=1)
+    bad = torch.as_tensor(obs[None], dtype=torch.float32).clone()
+    bad[0, 1] = 6.0  # colour code 6: MiniGrid has colours 0-5 (6 would be a state row)
+    with pytest.raises(ValueError, match=r"codes \[\d+, 6, \d+\] out of range.*\[11, 6, 3\]"):
+        extractor(bad)
+
+
 def test_extractor_rejects_a_space_that_is_not_grid_codes() -> None:
     from gymnasium import spaces
 
