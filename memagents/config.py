@@ -86,9 +86,11 @@ class PPOConfig:
     """Value loss coefficient."""
     max_grad_norm: float = 0.5
     """Gradient-norm clipping (on by default; memory cores need it)."""
-    buffer: str = "stock"
-    """Rollout buffer: ``stock`` (sb3-contrib's RecurrentPPO, the state stored at every step) or
-    ``sequence-start`` (MemoryPPO: the state stored only where a training sequence starts)."""
+    buffer: str = "sequence-start"
+    """Rollout buffer: ``sequence-start`` (MemoryPPO: the state stored only where a training
+    sequence starts; minibatches of whole episode segments, packed for the memory cores) or
+    ``stock`` (sb3-contrib's RecurrentPPO: the state stored at every step, copied to host memory
+    each step; gigabytes for large memories, and slower to train: see ``docs/BENCHMARKS.md``)."""
 
 
 @dataclass
