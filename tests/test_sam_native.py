@@ -8,13 +8,16 @@ both paths pick the same rows.
 
 from __future__ import annotations
 
+import gc
 import shutil
+import weakref
 
 import pytest
 import torch
 from conftest import build_core, randomize_initial_state
 
 from memagents.cores import native, sparse_access
+from memagents.cores import state as state_lib
 
 HAS_CXX = shutil.which("c++") is not None and native.mode() != "0"
 needs_native = pytest.mark.skipif(not HAS_CXX, reason="no C++ compiler or MEMAGENTS_NATIVE=0")
@@ -378,3 +381,164 @@ def test_an_index_built_on_a_broadcast_zero_memory_equals_one_built_by_a_scan(ki
     for index in (lazy, scanned):
         index.update(memory, rows)
     assert torch.equal(lazy.search(memory, keys, 4), scanned.search(memory, keys, 4))
+
+
+# -- the sequence node ----------------------------------------------------------------------------
+
+
+def _counting(fn, calls):
+    def wrapped(*args):
+        calls.append(1)
+        return fn(*args)
+
+    return wrapped
+
+
+def _warm_sam_state(core, B, seed):
+    """A state after a few steps (memory written, read weights non-zero), detached, with its
+    differentiable fields as leaves that require gradients."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        x = torch.randn(5, B, core.input_size, generator=gen, dtype=torch.float64)
+        _, s = core(x, core.initial_state(B))
+    s = state_lib.map_state(lambda t: t.detach().clone(), s)
+    access = s.access._replace(
+        **{f: getattr(s.access, f).requires_grad_(True) for f in ("memory", "read_weights")}
+    )
+    h, c = (t.requires_grad_(True) for t in s.controller)
+    return s._replace(
+        controller=type(s.controller)(h, c),
+        access=access,
+        read_vectors=s.read_vectors.requires_grad_(True),
+    )
+
+
+@needs_native
+@pytest.mark.parametrize("T", [1, 7])
+def test_sam_sequence_node_equals_the_per_step_nodes(monkeypatch, T):
+    """:class:`sam.SAMSequence` (the whole call, controller included, as one node) against
+    :class:`sparse_access.SAMAccessStep` per step under autograd: outputs, the final state and
+    the gradients of every parameter and differentiable state input (memory, read weights,
+    controller, read vectors), with resets at step 0 and mid-sequence."""
+    from memagents.cores import sam
+
+    core = _sam(memory_size=11)
+    B = 3
+    gen = torch.Generator().manual_seed(21)
+    x = torch.randn(T, B, core.input_size, generator=gen, dtype=torch.float64)
+    starts = torch.zeros(T, B)
+    starts[0, 1] = 1.0
+    if T > 1:
+        starts[4, 0] = starts[4, 2] = 1.0
+    s0 = _warm_sam_state(core, B, seed=22)
+    leaves = [*s0.controller, s0.read_vectors, s0.access.memory, s0.access.read_weights]
+
+    def run():
+        core.zero_grad()
+        for t in leaves:
+            t.grad = None
+        y, s = core(x, s0, starts)
+        g = torch.Generator().manual_seed(5)
+        loss = (y * torch.randn(y.shape, generator=g, dtype=y.dtype)).sum()
+        for t in (s.memory, s.read_weights, s.write_weights):
+            loss = loss + (t * torch.randn(t.shape, generator=g, dtype=y.dtype)).sum()
+        loss = loss + s.controller.c.square().sum() + s.read_vectors.sum()
+        loss.backward()
+        grads = [p.grad.clone() for p in core.parameters()]
+        grads += [t.grad.clone() for t in leaves]
+        return y.detach(), [t.detach() for t in state_lib.leaves(s)], grads
+
+    calls = []
+    monkeypatch.setattr(sam.SAMSequence, "apply", _counting(sam.SAMSequence.apply, calls))
+    seq = run()
+    assert len(calls) == 1  # the sequence node ran
+    monkeypatch.setattr(sam, "SEQUENCE_NODE", False)
+    steps = run()
+    assert len(calls) == 1
+    torch.testing.assert_close(seq[0], steps[0], **TOL)
+    for a, b in zip(seq[1], steps[1], strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+    assert len(seq[2]) == len(steps[2])
+    for a, b in zip(seq[2], steps[2], strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+    assert all(g.abs().sum() > 0 for g in seq[2])  # every parameter and state input learns
+
+
+@needs_native
+def test_sam_sequence_node_gradcheck():
+    """``gradcheck`` (float64) through the sequence node: the input, the starting memory and the
+    controller state, across a reset."""
+    from memagents.cores import sam
+
+    core = _sam(memory_size=8, hidden_size=3, word_size=2, sparse_reads=2)
+    B, T = 2, 4
+    gen = torch.Generator().manual_seed(3)
+    s0 = _warm_sam_state(core, B, seed=4)
+    starts = torch.zeros(T, B)
+    starts[2, 0] = 1.0
+    x = torch.randn(T, B, core.input_size, generator=gen, dtype=torch.float64)
+    calls = []
+
+    def f(x, memory, h):
+        state = s0._replace(
+            controller=s0.controller._replace(h=h), access=s0.access._replace(memory=memory)
+        )
+        y, s = core(x, state, starts)
+        return y, s.memory
+
+    inputs = (
+        x.requires_grad_(True),
+        s0.access.memory.detach().clone().requires_grad_(True),
+        s0.controller.h.detach().clone().requires_grad_(True),
+    )
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(sam.SAMSequence, "apply", _counting(sam.SAMSequence.apply, calls))
+        assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5)
+    assert calls
+
+
+@needs_native
+@pytest.mark.parametrize("backward", [True, False])
+def test_sam_sequence_node_outputs_are_freed(backward):
+    """No output of the sequence node is referenced from its own context (a cycle through the
+    graph that nothing frees): every tensor of ``y`` and the new state dies with its last
+    reference, whether or not backward ran."""
+    core = _sam()
+    gen = torch.Generator().manual_seed(43)
+    x = torch.randn(5, 3, core.input_size, generator=gen, dtype=torch.float64)
+    y, s = core(x, core.initial_state(3))
+    assert type(y.grad_fn).__name__ == "SAMSequenceBackward"
+    outputs = [y, *s.controller, s.read_vectors, *s.access]
+    alive = [weakref.ref(t) for t in outputs]
+    if backward:
+        (y.sum() + s.memory.sum() + s.write_weights.sum() + s.read_weights.sum()).backward()
+    del y, s, outputs
+    gc.collect()
+    assert [i for i, r in enumerate(alive) if r() is not None] == []
+
+
+@needs_native
+def test_sam_sequence_node_in_float32_matches_the_per_step_nodes(monkeypatch):
+    """The float32 kernels of the sequence node (the LSTM cell's included) against the per-step
+    path (torch's LSTM cell): same outputs and parameter gradients up to float32 rounding."""
+    from memagents.cores import sam
+
+    core = _sam(dtype=torch.float32, memory_size=11)
+    T, B = 6, 3
+    gen = torch.Generator().manual_seed(31)
+    x = torch.randn(T, B, core.input_size, generator=gen)
+    starts = torch.zeros(T, B)
+    starts[0, 0] = starts[3, 1] = 1.0
+
+    def run():
+        core.zero_grad()
+        y, s = core(x, core.initial_state(B), starts)
+        (y.square().sum() + s.memory.sum()).backward()
+        return y.detach(), [p.grad.clone() for p in core.parameters()]
+
+    seq = run()
+    monkeypatch.setattr(sam, "SEQUENCE_NODE", False)
+    steps = run()
+    torch.testing.assert_close(seq[0], steps[0], atol=1e-5, rtol=1e-4)
+    for a, b in zip(seq[1], steps[1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)

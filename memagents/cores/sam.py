@@ -32,14 +32,20 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx, once_differentiable
 
-from memagents.cores import addressing, native, sparse_access
+from memagents.cores import addressing, native, sparse_access, sparse_links
 from memagents.cores import state as state_lib
 from memagents.cores.base import MemoryCore, check_positive_int, set_forget_bias, stack_debug
 from memagents.cores.rnn import LSTMState
 
 #: Largest ``N`` whose row indices are exact in float32 (the packed state's dtype).
 MAX_MEMORY_SIZE = 2**24
+
+#: Run a training call on the native path as one :class:`SAMSequence` node where
+#: :class:`~memagents.cores.sparse_access.SAMAccessStep` would run as a node per step (tests
+#: switch it off to compare both).
+SEQUENCE_NODE = True
 
 
 def init_sparse_core(
@@ -142,6 +148,170 @@ class SAMState(NamedTuple):
     @property
     def write_indices(self) -> Tensor:
         return self.access.write_indices
+
+
+def _sequence_forward(
+    x_proj, w_state, w_if, b_if, h, c, r, memory, read_w, init_h, init_c, init_r, aux
+):  # fmt: skip
+    """The forward of :class:`SAMSequence`: ``((y, c, memory, w^R, w^W), per-step records)``."""
+    T, B, G = x_proj.shape
+    Hd = G // 4
+    R, W, K = aux["sizes"]
+    index, scratch = aux["index"], aux["scratch"]
+    starts, reset_steps, initial, small = (
+        aux["starts"],
+        aux["reset_steps"],
+        aux["initial"],
+        aux["small"],
+    )
+    last_access, time = small["last_access"], small["time"]
+    read_idx, write_idx, write_w = small["read_idx"], small["write_idx"], small["write_w"]
+    no_reset = torch.zeros(0, dtype=torch.long)
+    w_state_t, w_if_t = w_state.t(), w_if.t()
+    x_proj = x_proj.contiguous()
+    y = x_proj.new_empty(T, B, Hd + R * W)
+    z = torch.cat([h, r], 1)  # [h_{t-1}; r_{t-1}]: [B, D]
+    init_z = torch.cat([init_h, init_r], 1) if any(reset_steps) else None
+    lstm_fwd = sparse_links.kernel_fn(aux["lib"], "sdnc_lstm_forward", x_proj)
+    steps, lru = [], None
+    for t in range(T):
+        reset = no_reset
+        if reset_steps[t]:
+            st = starts[t]
+            reset = st.nonzero().flatten()
+            z = torch.where(st[:, None], init_z, z)
+            c = torch.where(st[:, None], init_c, c)
+            time = state_lib.reset_where(time, initial["time"], st)
+            read_w = state_lib.reset_where(read_w, initial["read_weights"], st)
+            write_w = state_lib.reset_where(write_w, initial["write_weights"], st)
+            read_idx = read_idx.masked_fill(st[:, None, None], 0)
+            write_idx = write_idx.masked_fill(st[:, None], 0)
+            last_access.index_fill_(0, reset, 0.0)  # the memory is zeroed by the step
+            scratch.rebuild(last_access, st.to(torch.uint8))
+            lru = None
+        if lru is None:
+            lru = sparse_access.least_recently_used(last_access)
+        # controller: torch's LSTM cell (gates i, f, g, o), then the interface
+        acts = torch.addmm(x_proj[t], z, w_state_t)  # pre-activations, then activations
+        c_prev, c, tanh_c = c.contiguous(), x_proj.new_empty(B, Hd), x_proj.new_empty(B, Hd)
+        lstm_fwd(B, Hd, acts.data_ptr(), c_prev.data_ptr(), c.data_ptr(), tanh_c.data_ptr(),
+                 y[t].data_ptr(), Hd + R * W)  # fmt: skip
+        xi = torch.addmm(b_if, y[t, :, :Hd], w_if_t)
+        access = FunctionCtx()
+        memory, read_w, read_idx, read_flat, write_w, write_idx, time, lru = (
+            sparse_access.SAMAccessStep.forward(
+                access, xi, read_w, memory, read_idx, lru, last_access, time, reset, index,
+                R, W, K, t < T - 1, scratch,
+            )
+        )  # fmt: skip
+        # the context keeps what its backward reads; the memory (dirty, this node's output)
+        # must not stay referenced from it (a cycle through the graph that nothing frees)
+        access.saved_tensors, access.to_save, access.dirty_tensors = access.to_save, None, None
+        # z only when it is not y[t - 1] (step 0, resets): no views of the output y in the
+        # context (y -> its node -> the context -> y would never be freed)
+        steps.append((access, acts, c_prev, tanh_c, z if t == 0 or reset_steps[t] else None))
+        y[t, :, Hd:] = read_flat
+        z = y[t]
+    small.update(time=time, read_idx=read_idx, write_idx=write_idx, write_w=write_w, lru=lru)
+    return (y, c, memory, read_w, write_w), steps
+
+
+class SAMSequence(torch.autograd.Function):
+    """A whole training call of SAM (``T`` steps: controller LSTM cell, interface, and the
+    memory step of :class:`~memagents.cores.sparse_access.SAMAccessStep`) as one autograd node;
+    its backward is backpropagation through time by hand, calling ``SAMAccessStep``'s backward
+    step by step in reverse. Native path only. As the SDNC's ``SDNCSequence``: the input's share
+    of the LSTM gates ``x_proj`` is one product over all steps (by the caller, under autograd);
+    each step costs one product for the gates, one native call for the LSTM cell
+    (``sdnc_lstm_forward``/``_backward``), one product for the interface and the access step;
+    the weight gradients are formed once over all steps (``[T·B]``-row products). Same
+    equations and order as :meth:`SAMCore._run_native`'s loop (tests compare both in float64).
+
+    Step ``t`` (Rae et al. 2016, section 3; the controller sees ``x_t`` and ``r_{t-1}``): where
+    ``starts[t, b]``, element ``b``'s state is first replaced by the initial state; gates ``=
+    x_proj[t] + [h_{t-1}; r_{t-1}] w_stateᵀ`` (torch's order ``i, f, g, o``), ``c_t = f c_{t-1}
+    + i g``, ``h_t = o tanh(c_t)``; ``xi = h_t w_ifᵀ + b_if``; then the access step.
+
+    Inputs: ``x_proj [T, B, 4Hd]``, ``w_state [4Hd, Hd + R·W]``, ``w_if [X, Hd]``, ``b_if [X]``,
+    ``h [B, Hd]``, ``c [B, Hd]``, ``r [B, R·W]``, ``memory [B, N, W]`` (modified in place),
+    ``w^R [B, R, K]``, the initial ``h``, ``c``, ``r`` (``[B, ·]``; used where ``starts``) and
+    ``aux``: a dict of the rest (``sizes``, ``lib``, ``index``, ``scratch``, ``starts``,
+    ``reset_steps``, ``initial``, and ``small``: the non-differentiable fields, updated in place
+    to the final ones).
+
+    Outputs: ``y [T, B, Hd + R·W]``, the final ``c``, ``memory``, ``w^R`` and ``w^W``.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, x_proj, w_state, w_if, b_if, h, c, r, memory, read_w, init_h, init_c, init_r, aux
+    ):  # fmt: skip
+        outputs, steps = _sequence_forward(
+            x_proj, w_state, w_if, b_if, h, c, r, memory, read_w, init_h, init_c, init_r, aux
+        )
+        ctx.steps = steps
+        ctx.lib = aux["lib"]
+        ctx.starts = aux["starts"]
+        ctx.reset_steps = aux["reset_steps"]
+        ctx.save_for_backward(w_state, w_if, outputs[0])
+        ctx.set_materialize_grads(False)
+        ctx.mark_dirty(memory)
+        # the last w^R and w^W are in the last step's context: the outputs are copies
+        y, c, memory, read_w, write_w = outputs
+        return y, c, memory, read_w.clone(), write_w.clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_y, g_c, g_memory, g_rw, g_ww):
+        w_state, w_if, y = ctx.saved_tensors
+        steps = ctx.steps
+        T, B = y.shape[0], y.shape[1]
+        G, D = w_state.shape
+        Hd = G // 4
+        X = w_if.shape[0]
+        new = w_state.new_empty
+        g_gates_all, g_xi_all, zs = new(T, B, G), new(T, B, X), new(T, B, D)
+        g_z = None  # gradient of [h_t; r_t] through step t + 1
+        g_mem = g_memory
+        g_init_z = g_init_c = None
+        lstm_bwd = sparse_links.kernel_fn(ctx.lib, "sdnc_lstm_backward", w_state)
+        for t in reversed(range(T)):
+            access, acts, c_prev, tanh_c, z = steps[t]
+            zs[t] = y[t - 1] if z is None else z
+            g_out = g_z if g_y is None else (g_y[t] if g_z is None else g_y[t] + g_z)
+            g_h = None if g_out is None else g_out[:, :Hd]
+            g_read = None if g_out is None else g_out[:, Hd:]
+            g_xi, g_rw, g_mem = sparse_access.SAMAccessStep.backward(
+                access, g_mem, g_rw, None, g_read, g_ww if t == T - 1 else None, None, None, None
+            )[:3]
+            g_xi_all[t] = g_xi
+            g_h = g_xi.mm(w_if) if g_h is None else torch.addmm(g_h, g_xi, w_if)
+            # the LSTM cell, backwards
+            gg, g_c_prev = g_gates_all[t], torch.empty_like(c_prev)
+            g_h = g_h.contiguous()
+            g_c = None if g_c is None else g_c.contiguous()
+            lstm_bwd(
+                B, Hd, acts.data_ptr(), c_prev.data_ptr(), tanh_c.data_ptr(), g_h.data_ptr(),
+                None if g_c is None else g_c.data_ptr(), gg.data_ptr(), g_c_prev.data_ptr(),
+            )  # fmt: skip
+            g_c = g_c_prev
+            g_z = gg.mm(w_state)
+            if ctx.reset_steps[t]:  # reset elements' inputs came from the initial state
+                m = ctx.starts[t][:, None]
+                g_init_z = torch.where(m, g_z, 0.0) + (0.0 if g_init_z is None else g_init_z)
+                g_init_c = torch.where(m, g_c, 0.0) + (0.0 if g_init_c is None else g_init_c)
+                g_z, g_c = g_z.masked_fill(m, 0.0), g_c.masked_fill(m, 0.0)
+                g_rw = g_rw.masked_fill(m[:, :, None], 0.0)
+        g_w_state = g_gates_all.view(T * B, G).t().mm(zs.view(T * B, D))
+        g_w_if = g_xi_all.view(T * B, X).t().mm(y.view(T * B, D)[:, :Hd])
+        g_b_if = g_xi_all.view(T * B, X).sum(0)
+        g_init = (None,) * 3
+        if g_init_z is not None:
+            g_init = (g_init_z[:, :Hd], g_init_c, g_init_z[:, Hd:])
+        return (
+            g_gates_all, g_w_state, g_w_if, g_b_if, g_z[:, :Hd], g_c, g_z[:, Hd:], g_mem, g_rw,
+            *g_init, None,
+        )  # fmt: skip
 
 
 class SAMCore(MemoryCore):
@@ -387,6 +557,71 @@ class SAMCore(MemoryCore):
             return y, new_state, stack_debug(debug_steps)
         return y, new_state
 
+    def _wants_grad(self, x: Tensor, state: SAMState) -> bool:
+        """Whether this call builds a graph (a parameter, the input or the state needs one)."""
+        return torch.is_grad_enabled() and (
+            x.requires_grad
+            or any(p.requires_grad for p in self.parameters())
+            or any(t.requires_grad for t in state_lib.leaves(state))
+        )
+
+    def _run_sequence(
+        self, x, starts, reset_steps, initial, h, c, read_flat, memory, read_w, small, index,
+        scratch, lib,
+    ):  # fmt: skip
+        """:meth:`_run_native` as one :class:`SAMSequence` node: ``(y, new state)``."""
+        B = x.shape[1]
+        R, W, K, Hd, I = (
+            self.num_reads, self.word_size, self.sparse_reads, self.hidden_size, self.input_size
+        )  # fmt: skip
+        dtype = memory.dtype
+        cell = self.controller
+        # the input's share of the gates for all steps at once; the recurrent share acts on
+        # [h_{t-1}; r_{t-1}] through [W_hh, W_ir]
+        x_proj = nn.functional.linear(x, cell.weight_ih[:, :I], cell.bias_ih + cell.bias_hh)
+        w_state = torch.cat([cell.weight_hh, cell.weight_ih[:, I:]], dim=1)
+        init_h = init_c = init_r = None
+        init = {}
+        if initial is not None:
+            init_h = initial.controller.h.reshape(B, Hd)
+            init_c = initial.controller.c.reshape(B, Hd)
+            init_r = initial.read_vectors.reshape(B, R * W)
+            a = initial.access
+            init = {
+                "time": a.time,
+                "read_weights": a.read_weights,
+                "write_weights": a.write_weights,
+            }
+        aux = {
+            "sizes": (R, W, K),
+            "lib": lib,
+            "index": index,
+            "scratch": scratch,
+            "starts": starts,
+            "reset_steps": reset_steps,
+            "initial": init,
+            "small": small,
+        }
+        y, c, memory, read_w, write_w = SAMSequence.apply(
+            x_proj, w_state, self.interface.weight, self.interface.bias, h, c, read_flat, memory,
+            read_w, init_h, init_c, init_r, aux,
+        )  # fmt: skip
+        last = y[-1]
+        new_state = SAMState(
+            controller=LSTMState(last[:, :Hd].unsqueeze(1), c.unsqueeze(1)),
+            access=SparseAccessState(
+                memory=memory,
+                last_access=small["last_access"],
+                time=small["time"],
+                read_weights=read_w,
+                read_indices=small["read_idx"].to(dtype),
+                write_weights=write_w,
+                write_indices=small["write_idx"].to(dtype),
+            ),
+            read_vectors=last[:, Hd:].reshape(B, R, W),
+        )
+        return y, new_state
+
     def _run_native(self, x: Tensor, state: SAMState, starts: Tensor | None, return_debug: bool):
         """:meth:`_run` with the memory step as one autograd node per step
         (:class:`~memagents.cores.sparse_access.SAMAccessStep`, native kernels): the same
@@ -412,6 +647,17 @@ class SAMCore(MemoryCore):
         read_flat = state.read_vectors.reshape(B, R * W)
         time, read_w, write_w = access.time, access.read_weights, access.write_weights
         read_idx, write_idx = access.read_indices.long(), access.write_indices.long()
+        if SEQUENCE_NODE and not return_debug and self._wants_grad(x, state):
+            lib = sparse_links.native_kernel()  # the LSTM cell's kernel
+            if lib is not None:
+                small = {
+                    "last_access": last_access, "time": time, "read_idx": read_idx,
+                    "write_idx": write_idx, "write_w": write_w,
+                }  # fmt: skip
+                return self._run_sequence(
+                    x, starts, reset_steps, initial, h, c, read_flat, memory, read_w, small,
+                    index, scratch, lib,
+                )  # fmt: skip
         no_reset = torch.zeros(0, dtype=torch.long, device=x.device)
         lru = None
 
