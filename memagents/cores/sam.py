@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from memagents.cores import addressing, native, sparse_access, sparse_links
+from memagents.cores import addressing, lstm_cell, native, sparse_access, sparse_links
 from memagents.cores import state as state_lib
 from memagents.cores.base import MemoryCore, check_positive_int, set_forget_bias, stack_debug
 from memagents.cores.rnn import LSTMState
@@ -150,6 +150,24 @@ class SAMState(NamedTuple):
         return self.access.write_indices
 
 
+def _reset_access(
+    st, reset, initial, time, read_w, write_w, read_idx, write_idx, last_access, scratch
+):  # fmt: skip
+    """The native loops' reset of the access state where ``st [B]`` (bool; ``reset``: its
+    elements as long indices) starts an episode: ``time``, ``w^R``, ``w^W`` from ``initial`` (a
+    mapping with those fields), their rows to 0, ``last_access`` zeroed in place and the block
+    minima rebuilt (the memory itself is zeroed by the step). Returns ``(time, w^R, w^W, w^R
+    rows, w^W rows)``."""
+    time = state_lib.reset_where(time, initial["time"], st)
+    read_w = state_lib.reset_where(read_w, initial["read_weights"], st)
+    write_w = state_lib.reset_where(write_w, initial["write_weights"], st)
+    read_idx = read_idx.masked_fill(st[:, None, None], 0)
+    write_idx = write_idx.masked_fill(st[:, None], 0)
+    last_access.index_fill_(0, reset, 0.0)
+    scratch.rebuild(last_access, st.to(torch.uint8))
+    return time, read_w, write_w, read_idx, write_idx
+
+
 def _sequence_forward(
     x_proj, w_state, w_if, b_if, h, c, r, memory, read_w, init_h, init_c, init_r, aux
 ):  # fmt: skip
@@ -172,7 +190,7 @@ def _sequence_forward(
     y = x_proj.new_empty(T, B, Hd + R * W)
     z = torch.cat([h, r], 1)  # [h_{t-1}; r_{t-1}]: [B, D]
     init_z = torch.cat([init_h, init_r], 1) if any(reset_steps) else None
-    lstm_fwd = sparse_links.kernel_fn(aux["lib"], "sdnc_lstm_forward", x_proj)
+    lstm_fwd, _ = lstm_cell.kernels(aux["lib"], x_proj)
     steps, lru = [], None
     for t in range(T):
         reset = no_reset
@@ -181,21 +199,14 @@ def _sequence_forward(
             reset = st.nonzero().flatten()
             z = torch.where(st[:, None], init_z, z)
             c = torch.where(st[:, None], init_c, c)
-            time = state_lib.reset_where(time, initial["time"], st)
-            read_w = state_lib.reset_where(read_w, initial["read_weights"], st)
-            write_w = state_lib.reset_where(write_w, initial["write_weights"], st)
-            read_idx = read_idx.masked_fill(st[:, None, None], 0)
-            write_idx = write_idx.masked_fill(st[:, None], 0)
-            last_access.index_fill_(0, reset, 0.0)  # the memory is zeroed by the step
-            scratch.rebuild(last_access, st.to(torch.uint8))
+            time, read_w, write_w, read_idx, write_idx = _reset_access(
+                st, reset, initial, time, read_w, write_w, read_idx, write_idx, last_access, scratch
+            )
             lru = None
         if lru is None:
             lru = sparse_access.least_recently_used(last_access)
-        # controller: torch's LSTM cell (gates i, f, g, o), then the interface
-        acts = torch.addmm(x_proj[t], z, w_state_t)  # pre-activations, then activations
-        c_prev, c, tanh_c = c.contiguous(), x_proj.new_empty(B, Hd), x_proj.new_empty(B, Hd)
-        lstm_fwd(B, Hd, acts.data_ptr(), c_prev.data_ptr(), c.data_ptr(), tanh_c.data_ptr(),
-                 y[t].data_ptr(), Hd + R * W)  # fmt: skip
+        # controller (h_t into y[t]), then the interface
+        acts, c_prev, c, tanh_c = lstm_cell.forward_step(lstm_fwd, x_proj[t], z, w_state_t, c, y[t])
         xi = torch.addmm(b_if, y[t, :, :Hd], w_if_t)
         access = FunctionCtx()
         memory, read_w, read_idx, read_flat, write_w, write_idx, time, lru = (
@@ -274,7 +285,7 @@ class SAMSequence(torch.autograd.Function):
         g_z = None  # gradient of [h_t; r_t] through step t + 1
         g_mem = g_memory
         g_init_z = g_init_c = None
-        lstm_bwd = sparse_links.kernel_fn(ctx.lib, "sdnc_lstm_backward", w_state)
+        _, lstm_bwd = lstm_cell.kernels(ctx.lib, w_state)
         for t in reversed(range(T)):
             access, acts, c_prev, tanh_c, z = steps[t]
             zs[t] = y[t - 1] if z is None else z
@@ -286,25 +297,17 @@ class SAMSequence(torch.autograd.Function):
             )[:3]
             g_xi_all[t] = g_xi
             g_h = g_xi.mm(w_if) if g_h is None else torch.addmm(g_h, g_xi, w_if)
-            # the LSTM cell, backwards
-            gg, g_c_prev = g_gates_all[t], torch.empty_like(c_prev)
-            g_h = g_h.contiguous()
-            g_c = None if g_c is None else g_c.contiguous()
-            lstm_bwd(
-                B, Hd, acts.data_ptr(), c_prev.data_ptr(), tanh_c.data_ptr(), g_h.data_ptr(),
-                None if g_c is None else g_c.data_ptr(), gg.data_ptr(), g_c_prev.data_ptr(),
-            )  # fmt: skip
-            g_c = g_c_prev
-            g_z = gg.mm(w_state)
+            g_c = lstm_cell.backward_step(
+                lstm_bwd, (acts, c_prev, tanh_c), g_h, g_c, g_gates_all[t]
+            )
+            g_z = g_gates_all[t].mm(w_state)
             if ctx.reset_steps[t]:  # reset elements' inputs came from the initial state
                 m = ctx.starts[t][:, None]
-                g_init_z = torch.where(m, g_z, 0.0) + (0.0 if g_init_z is None else g_init_z)
-                g_init_c = torch.where(m, g_c, 0.0) + (0.0 if g_init_c is None else g_init_c)
-                g_z, g_c = g_z.masked_fill(m, 0.0), g_c.masked_fill(m, 0.0)
+                g_z, g_c, g_init_z, g_init_c = lstm_cell.route_reset(
+                    m, g_z, g_c, g_init_z, g_init_c
+                )
                 g_rw = g_rw.masked_fill(m[:, :, None], 0.0)
-        g_w_state = g_gates_all.view(T * B, G).t().mm(zs.view(T * B, D))
-        g_w_if = g_xi_all.view(T * B, X).t().mm(y.view(T * B, D)[:, :Hd])
-        g_b_if = g_xi_all.view(T * B, X).sum(0)
+        g_w_state, g_w_if, g_b_if = lstm_cell.weight_gradients(g_gates_all, zs, g_xi_all, y, Hd)
         g_init = (None,) * 3
         if g_init_z is not None:
             g_init = (g_init_z[:, :Hd], g_init_c, g_init_z[:, Hd:])
@@ -575,11 +578,7 @@ class SAMCore(MemoryCore):
             self.num_reads, self.word_size, self.sparse_reads, self.hidden_size, self.input_size
         )  # fmt: skip
         dtype = memory.dtype
-        cell = self.controller
-        # the input's share of the gates for all steps at once; the recurrent share acts on
-        # [h_{t-1}; r_{t-1}] through [W_hh, W_ir]
-        x_proj = nn.functional.linear(x, cell.weight_ih[:, :I], cell.bias_ih + cell.bias_hh)
-        w_state = torch.cat([cell.weight_hh, cell.weight_ih[:, I:]], dim=1)
+        x_proj, w_state = lstm_cell.input_gates(x, self.controller, I)
         init_h = init_c = init_r = None
         init = {}
         if initial is not None:
@@ -671,13 +670,10 @@ class SAMCore(MemoryCore):
                 h = torch.where(st[:, None], init.controller.h.squeeze(1), h)
                 c = torch.where(st[:, None], init.controller.c.squeeze(1), c)
                 read_flat = torch.where(st[:, None], init.read_vectors.reshape(B, R * W), read_flat)
-                time = state_lib.reset_where(time, init_a.time, st)
-                read_w = state_lib.reset_where(read_w, init_a.read_weights, st)
-                write_w = state_lib.reset_where(write_w, init_a.write_weights, st)
-                read_idx = read_idx.masked_fill(st[:, None, None], 0)
-                write_idx = write_idx.masked_fill(st[:, None], 0)
-                last_access.index_fill_(0, reset, 0.0)  # the memory is zeroed by the step
-                scratch.rebuild(last_access, st.to(torch.uint8))
+                time, read_w, write_w, read_idx, write_idx = _reset_access(
+                    st, reset, init_a._asdict(), time, read_w, write_w, read_idx, write_idx,
+                    last_access, scratch,
+                )  # fmt: skip
                 lru = None
             if lru is None:
                 lru = sparse_access.least_recently_used(last_access)

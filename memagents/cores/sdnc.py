@@ -49,10 +49,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from memagents.cores import addressing, sparse_access, sparse_links
+from memagents.cores import addressing, lstm_cell, sparse_access, sparse_links
 from memagents.cores import state as state_lib
 from memagents.cores.base import MemoryCore, stack_debug
 from memagents.cores.rnn import LSTMState
@@ -547,7 +547,7 @@ def _sequence_forward(
     init_z = torch.cat([init_h, init_r], 1) if any(reset_steps) else None
     steps, lru = [], None
     write_weights = small["write_weights"]
-    lstm_fwd = sparse_links.kernel_fn(lib, "sdnc_lstm_forward", x_proj)
+    lstm_fwd, _ = lstm_cell.kernels(lib, x_proj)
     for t in range(T):
         reset = no_reset
         if reset_steps[t]:
@@ -563,13 +563,9 @@ def _sequence_forward(
             lru = None
         if lru is None:
             lru = sparse_access.least_recently_used(small["last_access"])
-        # controller: torch's LSTM cell (gates i, f, g, o), then the interface
-        acts = torch.addmm(x_proj[t], z, w_state_t)  # pre-activations, then activations
-        c_prev, c, tanh_c = c.contiguous(), x_proj.new_empty(B, Hd), x_proj.new_empty(B, Hd)
-        lstm_fwd(B, Hd, acts.data_ptr(), c_prev.data_ptr(), c.data_ptr(), tanh_c.data_ptr(),
-                 y[t].data_ptr(), Hd + R * W)  # fmt: skip
-        h = y[t, :, :Hd]
-        xi = torch.addmm(b_if, h, w_if_t)
+        # controller (h_t into y[t]), then the interface
+        acts, c_prev, c, tanh_c = lstm_cell.forward_step(lstm_fwd, x_proj[t], z, w_state_t, c, y[t])
+        xi = torch.addmm(b_if, y[t, :, :Hd], w_if_t)
         outputs, saved = _step_forward(
             xi, prev_w, memory, link, link_t, precedence, small["read_indices"], lru, link_idx,
             link_t_idx, small["precedence_indices"], small["last_access"], small["time"], reset,
@@ -669,7 +665,7 @@ class SDNCSequence(torch.autograd.Function):
         g_z = None  # gradient of [h_t; r_t] through step t + 1
         g_mem, g_links = g_memory, (g_link, g_link_t)
         g_init_z = g_init_c = None
-        lstm_bwd = sparse_links.kernel_fn(ctx.lib, "sdnc_lstm_backward", w_state)
+        _, lstm_bwd = lstm_cell.kernels(ctx.lib, w_state)
         for t in reversed(range(T)):
             tensors, access, acts, c_prev, tanh_c, z = steps[t]
             zs[t] = y[t - 1] if z is None else z
@@ -682,26 +678,19 @@ class SDNCSequence(torch.autograd.Function):
             )  # fmt: skip
             g_xi_all[t] = g_xi
             g_h = g_xi.mm(w_if) if g_h is None else torch.addmm(g_h, g_xi, w_if)
-            # the LSTM cell, backwards
-            gg, g_c_prev = g_gates_all[t], torch.empty_like(c_prev)
-            g_c = None if g_c is None else g_c.contiguous()
-            lstm_bwd(
-                B, Hd, acts.data_ptr(), c_prev.data_ptr(), tanh_c.data_ptr(), g_h.data_ptr(),
-                None if g_c is None else g_c.data_ptr(), gg.data_ptr(), g_c_prev.data_ptr(),
-            )  # fmt: skip
-            g_c = g_c_prev
-            g_z = gg.mm(w_state)
+            g_c = lstm_cell.backward_step(
+                lstm_bwd, (acts, c_prev, tanh_c), g_h, g_c, g_gates_all[t]
+            )
+            g_z = g_gates_all[t].mm(w_state)
             if ctx.reset_steps[t]:  # reset elements' inputs came from the initial state
                 m = ctx.starts[t][:, None]
-                g_init_z = torch.where(m, g_z, 0.0) + (0.0 if g_init_z is None else g_init_z)
-                g_init_c = torch.where(m, g_c, 0.0) + (0.0 if g_init_c is None else g_init_c)
-                g_z, g_c = g_z.masked_fill(m, 0.0), g_c.masked_fill(m, 0.0)
+                g_z, g_c, g_init_z, g_init_c = lstm_cell.route_reset(
+                    m, g_z, g_c, g_init_z, g_init_c
+                )
                 g_rw = g_rw.masked_fill(m[:, :, None], 0.0)
                 if g_p is not None:
                     g_p = g_p.masked_fill(m, 0.0)
-        g_w_state = g_gates_all.view(T * B, G).t().mm(zs.view(T * B, D))
-        g_w_if = g_xi_all.view(T * B, X).t().mm(y.view(T * B, D)[:, :Hd])
-        g_b_if = g_xi_all.view(T * B, X).sum(0)
+        g_w_state, g_w_if, g_b_if = lstm_cell.weight_gradients(g_gates_all, zs, g_xi_all, y, Hd)
         g_init = (None,) * 3
         if g_init_z is not None:
             g_init = (g_init_z[:, :Hd], g_init_c, g_init_z[:, Hd:])
@@ -860,11 +849,7 @@ class SDNCCore(MemoryCore):
             self.num_reads, self.word_size, self.sparse_reads, self.hidden_size, self.input_size
         )  # fmt: skip
         dtype = memory.dtype
-        cell = self.controller
-        # the input's share of the gates for all steps at once; the recurrent share acts on
-        # [h_{t-1}; r_{t-1}] through [W_hh, W_ir]
-        x_proj = nn.functional.linear(x, cell.weight_ih[:, :I], cell.bias_ih + cell.bias_hh)
-        w_state = torch.cat([cell.weight_hh, cell.weight_ih[:, I:]], dim=1)
+        x_proj, w_state = lstm_cell.input_gates(x, self.controller, I)
         h, c = state.controller.h.reshape(B, Hd), state.controller.c.reshape(B, Hd)
         r = state.read_vectors.reshape(B, R * W)
         init = {}
