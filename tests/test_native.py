@@ -89,3 +89,22 @@ def test_usable_and_ptr():
     assert not native.usable(torch.zeros(3, dtype=torch.int64))
     with pytest.raises(ValueError, match="contiguous"):
         native.ptr(torch.zeros(4, 4).t())
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+def test_signatures_are_set_once_whoever_loads_first(probe_source, monkeypatch):
+    """A library first loaded without signatures gets them from the first caller that passes
+    them; ``_*`` names bind both dtype variants."""
+    import ctypes
+
+    monkeypatch.setenv("MEMAGENTS_NATIVE", "1")
+    lib = native.load("probe")
+    signatures = {"add_one": ([ctypes.c_int, ctypes.c_void_p], None)}
+    assert native.load("probe", signatures) is lib
+    assert lib.add_one.argtypes == [ctypes.c_int, ctypes.c_void_p]
+    assert lib.add_one.restype is None
+    x = torch.zeros(3, dtype=torch.float64)
+    lib.add_one(3, native.ptr(x))
+    assert torch.equal(x, torch.ones(3, dtype=torch.float64))
+    with pytest.raises(AttributeError, match="add_one_f32"):
+        native.bind(lib, {"add_one_*": ([ctypes.c_int64], None)})

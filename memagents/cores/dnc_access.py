@@ -88,28 +88,23 @@ def _activate_backward(raw: Tensor, act: tuple[Tensor, ...], grads) -> Tensor:
 
 
 # -- the native kernel -----------------------------------------------------------------------------
+_p, _L = ctypes.c_void_p, ctypes.c_long
+#: the entry points of ``csrc/dnc_access.cpp`` (``_*``: the float32 and float64 variants).
+SIGNATURES: dict[str, native.Signature] = {
+    "dnc_workspace_size": ([_p], _L),
+    "dnc_interface_size": ([_p], _L),
+    "dnc_step_workspace_size": ([_p], _L),
+    "dnc_forward_*": ([_p, _p, _p, _p, _L, _p, _p, _p], None),
+    "dnc_backward_*": ([_p, _p, _p, _p, _p, _p, _L, _p, _p, _p, _p, _p], None),
+    "dnc_step_forward_*": ([_p] * 9, None),
+    "dnc_step_backward_*": ([_p] * 12, None),
+    "dnc_seq_step_backward_*": ([_p] * 13, None),
+}
+
+
 def _load():
     """The compiled ``dnc_access`` library with its signatures set, or ``None``."""
-    lib = native.load("dnc_access")
-    if lib is not None and not getattr(lib, "_dnc_ready", False):
-        p, L = ctypes.c_void_p, ctypes.c_long
-        for name in ("dnc_workspace_size", "dnc_interface_size"):
-            getattr(lib, name).argtypes, getattr(lib, name).restype = [p], L
-        lib.dnc_step_workspace_size.argtypes = [p]
-        lib.dnc_step_workspace_size.restype = L
-        for suffix in ("f32", "f64"):
-            fwd = getattr(lib, f"dnc_forward_{suffix}")
-            fwd.argtypes, fwd.restype = [p, p, p, p, L, p, p, p], None
-            bwd = getattr(lib, f"dnc_backward_{suffix}")
-            bwd.argtypes, bwd.restype = [p, p, p, p, p, p, L, p, p, p, p, p], None
-            fwd = getattr(lib, f"dnc_step_forward_{suffix}")
-            fwd.argtypes, fwd.restype = [p] * 9, None
-            bwd = getattr(lib, f"dnc_step_backward_{suffix}")
-            bwd.argtypes, bwd.restype = [p] * 12, None
-            bwd = getattr(lib, f"dnc_seq_step_backward_{suffix}")
-            bwd.argtypes, bwd.restype = [p] * 13, None
-        lib._dnc_ready = True
-    return lib
+    return native.load("dnc_access", SIGNATURES)
 
 
 _UNLOADED = object()

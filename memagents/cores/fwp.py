@@ -203,27 +203,35 @@ def _features_backward(
     return torch.where(x > 0, dr[..., :d], 0.0) - torch.where(x < 0, dr[..., d:], 0.0)
 
 
+#: the entry points of ``csrc/fwp_heads.cpp`` (``_*``: the float32 and float64 variants).
+HEADS_SIGNATURES: dict[str, native.Signature] = {
+    "fwp_heads_forward_*": (
+        [ctypes.c_void_p] * 2 + [ctypes.c_double] + [ctypes.c_void_p] * 5,
+        None,
+    ),
+    "fwp_heads_backward_*": (
+        [ctypes.c_void_p] * 2 + [ctypes.c_double] + [ctypes.c_void_p] * 7,
+        None,
+    ),
+}
+
+
 def _heads_kernel() -> ctypes.CDLL | None:
     """The compiled ``csrc/fwp_heads.cpp`` or ``None`` (see :func:`native.load`)."""
-    return native.load("fwp_heads")
+    return native.load("fwp_heads", HEADS_SIGNATURES)
 
 
 _HEADS_BOUND: dict[tuple[int, torch.dtype], tuple] = {}
 
 
 def _heads_functions(lib: ctypes.CDLL, dtype: torch.dtype) -> tuple:
-    """``(forward, backward)`` entry points of ``lib`` for ``dtype``, bound once."""
+    """``(forward, backward)`` entry points of ``lib`` for ``dtype``."""
     key = (id(lib), dtype)
     if key not in _HEADS_BOUND:
-        P, D = ctypes.c_void_p, ctypes.c_double
         suffix = "f32" if dtype == torch.float32 else "f64"
-        forward = getattr(lib, f"fwp_heads_forward_{suffix}")
-        forward.argtypes = [P, P, D, P, P, P, P, P]
-        forward.restype = None
-        backward = getattr(lib, f"fwp_heads_backward_{suffix}")
-        backward.argtypes = [P, P, D, P, P, P, P, P, P, P]
-        backward.restype = None
-        _HEADS_BOUND[key] = (forward, backward)
+        _HEADS_BOUND[key] = tuple(
+            getattr(lib, f"fwp_heads_{d}_{suffix}") for d in ("forward", "backward")
+        )
     return _HEADS_BOUND[key]
 
 

@@ -31,6 +31,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -43,6 +44,9 @@ ARCHFLAGS = ["-march=native"]
 _lock = threading.Lock()
 _libs: dict[str, ctypes.CDLL | None] = {}
 _errors: dict[str, str] = {}
+
+#: a function's ``(argtypes, restype)``; see :func:`load`.
+Signature = tuple[list[Any], Any]
 
 
 def mode() -> str:
@@ -111,10 +115,22 @@ def _build(name: str) -> Path:
     return target
 
 
-def load(name: str) -> ctypes.CDLL | None:
+def bind(lib: ctypes.CDLL, signatures: dict[str, Signature]) -> None:
+    """Set the argument and result types of ``lib``'s functions. A name ending in ``_*`` stands
+    for its two dtype variants, ``_f32`` and ``_f64`` (every kernel is compiled for both)."""
+    for name, (argtypes, restype) in signatures.items():
+        names = [name[:-1] + s for s in ("f32", "f64")] if name.endswith("_*") else [name]
+        for n in names:
+            fn = getattr(lib, n)
+            fn.argtypes, fn.restype = list(argtypes), restype
+
+
+def load(name: str, signatures: dict[str, Signature] | None = None) -> ctypes.CDLL | None:
     """The compiled kernel library ``csrc/<name>.cpp``, or ``None`` when native kernels are off
     or cannot be built (``MEMAGENTS_NATIVE=1`` raises instead).
 
+    :param signatures: ``{function: (argtypes, restype)}`` (see :func:`bind`), set when the
+        library is first loaded. Every caller of one library passes the same table.
     :raises RuntimeError: the build failed and ``MEMAGENTS_NATIVE=1``.
     """
     setting = mode()
@@ -135,6 +151,9 @@ def load(name: str) -> ctypes.CDLL | None:
                         stacklevel=2,
                     )
         lib = _libs[name]
+        if lib is not None and signatures and not getattr(lib, "_memagents_bound", False):
+            bind(lib, signatures)  # once per library object, whoever loaded it first
+            lib._memagents_bound = True
     if lib is None and setting == "1":
         raise RuntimeError(f"MEMAGENTS_NATIVE=1 but kernel {name!r} failed: {_errors[name]}")
     return lib
@@ -155,7 +174,7 @@ def ptr(t: torch.Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
-__all__ = ["CSRC", "cache_dir", "load", "mode", "ptr", "usable"]
+__all__ = ["CSRC", "Signature", "bind", "cache_dir", "load", "mode", "ptr", "usable"]
 
 if __name__ == "__main__":  # python -m memagents.cores.native NAME...: build and report
     for kernel in sys.argv[1:] or sorted(p.stem for p in CSRC.glob("*.cpp")):

@@ -75,25 +75,28 @@ class _Kernels(NamedTuple):
 _BOUND: dict[tuple[int, torch.dtype], _Kernels] = {}
 
 
+_p, _i, _L = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+#: the entry points of ``csrc/ntm_access.cpp`` (``_*``: the float32 and float64 variants).
+SIGNATURES: dict[str, native.Signature] = {
+    "ntm_workspace_size_*": ([_i, _i, _i, _i], _L),
+    "ntm_forward_*": ([_L, _i, _i, _i, _i, _L] + [_p] * 9, None),
+    "ntm_backward_*": ([_L, _i, _i, _i, _i, _L] + [_p] * 16, None),
+    "ntm_step_forward_*": ([_L, _i, _i, _i, _i, _i] + [_p] * 14, None),
+    "ntm_step_backward_*": ([_L, _i, _i, _i, _i, _i] + [_p] * 20, None),
+}
+
+
 def _kernel():
     """The compiled ``ntm_access`` library or ``None`` (see :func:`native.load`)."""
-    return native.load("ntm_access")
+    return native.load("ntm_access", SIGNATURES)
 
 
 def _functions(lib, dtype: torch.dtype) -> _Kernels:
-    """The typed entry points of ``lib`` for ``dtype`` (float32 or float64), bound once."""
+    """The typed entry points of ``lib`` for ``dtype`` (float32 or float64)."""
     key = (id(lib), dtype)
     if key not in _BOUND:
-        p, i, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
         sfx = "f64" if dtype == torch.float64 else "f32"
-        fns = _Kernels(*(getattr(lib, f"ntm_{n}_{sfx}") for n in _Kernels._fields))
-        fns.workspace_size.argtypes, fns.workspace_size.restype = [i, i, i, i], L
-        fns.forward.argtypes, fns.forward.restype = [L, i, i, i, i, L] + [p] * 9, None
-        fns.backward.argtypes, fns.backward.restype = [L, i, i, i, i, L] + [p] * 16, None
-        fns.step_forward.argtypes, fns.step_forward.restype = [L, i, i, i, i, i] + [p] * 14, None
-        fns.step_backward.argtypes = [L, i, i, i, i, i] + [p] * 20
-        fns.step_backward.restype = None
-        _BOUND[key] = fns
+        _BOUND[key] = _Kernels(*(getattr(lib, f"ntm_{n}_{sfx}") for n in _Kernels._fields))
     return _BOUND[key]
 
 

@@ -68,35 +68,36 @@ INDEX_KINDS = ("auto", "exact", "faiss", "ivf")
 
 
 # -- the native kernels ----------------------------------------------------------------------------
+_p, _n, _f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+#: the entry points of ``csrc/sparse_access.cpp`` (``_*``: the float32 and float64 variants).
+SIGNATURES: dict[str, native.Signature] = {
+    **{
+        f"sa_{name}_*": (argtypes, None)
+        for name, argtypes in {
+            "write": [_p, _p, _n, _n, _n, _n, _p, _p, _p, _p],
+            "sqnorm": [_p, _p, _n, _n],
+            "search": [_p, _p, _n, _n, _n, _p, _n, _n, _p],
+            "read": [_p, _n, _n, _n, _n, _n, _p, _p, _p, _p, _p, _p, _p, _n, _p, _p],
+            "backward": [_p, _n, _n, _n, _n, _n, _n, _n] + [_p] * 18,
+            "usage": [_p, _p, _p, _n, _n, _n, _p, _p, _n, _p, _p, _f, _p, _n, _p, _p],
+            "lru_blocks": [_p, _n, _n, _n, _p, _p, _p],
+            "lru": [_p, _n, _n, _p],
+            "head": [_p, _n, _n, _n, _n, _n, _p, _p, _p, _p, _p, _p, _p, _p, _p],
+            "head_backward": [_p, _n, _n, _n, _n, _n] + [_p] * 8,
+            "ivf_reset": [_p, _p, _p],
+            "ivf_update": [_p, _p, _p, _n],
+            "ivf_search": [_p, _p, _p, _n, _n, _p],
+        }.items()
+    },
+    "sa_ivf_new": ([_n, _n, _n, _n, _n, _p], _p),
+    "sa_ivf_free": ([_p], None),
+    "sa_ivf_clear": ([_p], None),
+}
+
+
 def _load():
     """The compiled ``sparse_access`` library with its signatures set, or ``None``."""
-    lib = native.load("sparse_access")
-    if lib is not None and not getattr(lib, "_sa_ready", False):
-        p, n, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
-        signatures = {
-            "write": [p, p, n, n, n, n, p, p, p, p],
-            "sqnorm": [p, p, n, n],
-            "search": [p, p, n, n, n, p, n, n, p],
-            "read": [p, n, n, n, n, n, p, p, p, p, p, p, p, n, p, p],
-            "backward": [p, n, n, n, n, n, n, n] + [p] * 18,
-            "usage": [p, p, p, n, n, n, p, p, n, p, p, f, p, n, p, p],
-            "lru_blocks": [p, n, n, n, p, p, p],
-            "lru": [p, n, n, p],
-            "head": [p, n, n, n, n, n, p, p, p, p, p, p, p, p, p],
-            "head_backward": [p, n, n, n, n, n] + [p] * 8,
-            "ivf_reset": [p, p, p],
-            "ivf_update": [p, p, p, n],
-            "ivf_search": [p, p, p, n, n, p],
-        }
-        for name, argtypes in signatures.items():
-            for suffix in ("f32", "f64"):
-                fn = getattr(lib, f"sa_{name}_{suffix}")
-                fn.argtypes, fn.restype = argtypes, None
-        lib.sa_ivf_new.argtypes, lib.sa_ivf_new.restype = [n, n, n, n, n, p], p
-        lib.sa_ivf_free.argtypes, lib.sa_ivf_free.restype = [p], None
-        lib.sa_ivf_clear.argtypes, lib.sa_ivf_clear.restype = [p], None
-        lib._sa_ready = True
-    return lib
+    return native.load("sparse_access", SIGNATURES)
 
 
 _UNLOADED = object()

@@ -408,33 +408,31 @@ _lib = _UNLOADED
 _fns: dict = {}
 
 
+_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+#: the entry points of ``csrc/sparse_links.cpp`` (``_*``: the float32 and float64 variants).
+SIGNATURES: dict[str, native.Signature] = {
+    # sizes, tensors, n_reset, outputs, cap, saved buffers; returns the touched rows
+    "sdnc_links_forward_*": (
+        [_i64] * 7 + [_ptr] * 11 + [_i64] + [_ptr] * 4 + [_i64] + [_ptr] * 2,
+        _i64,
+    ),
+    "sdnc_links_backward_*": ([_i64] * 7 + [_ptr] * 11 + [_i64] + [_ptr] * 5, None),
+    "sdnc_mix_forward_*": ([_i64] * 4 + [_ptr] * 10, None),
+    "sdnc_mix_backward_*": ([_i64] * 4 + [_ptr] * 12, None),
+    "sdnc_head_forward_*": ([_i64] * 4 + [_ptr] * 11, None),
+    "sdnc_head_backward_*": ([_i64] * 4 + [_ptr] * 13, None),
+    "sdnc_lstm_forward_*": ([_i64] * 2 + [_ptr] * 5 + [_i64], None),
+    "sdnc_lstm_backward_*": ([_i64] * 2 + [_ptr] * 7, None),
+}
+
+
 def native_kernel() -> ctypes.CDLL | None:
     """The kernel library of ``csrc/sparse_links.cpp`` with its signatures set, or ``None``
     (native kernels off or unbuildable: the torch paths run); loaded once per process. Tests
     monkeypatch this."""
     global _lib
     if _lib is _UNLOADED:
-        lib = native.load("sparse_links")
-        if lib is not None:
-            i64, ptr = ctypes.c_int64, ctypes.c_void_p
-            # sizes, tensors, n_reset, outputs, cap, saved buffers (see FORWARD_ARGS)
-            links_forward = [i64] * 7 + [ptr] * 11 + [i64] + [ptr] * 4 + [i64] + [ptr] * 2
-            signatures = {
-                "sdnc_links_forward": links_forward,
-                "sdnc_links_backward": [i64] * 7 + [ptr] * 11 + [i64] + [ptr] * 5,
-                "sdnc_mix_forward": [i64] * 4 + [ptr] * 10,
-                "sdnc_mix_backward": [i64] * 4 + [ptr] * 12,
-                "sdnc_head_forward": [i64] * 4 + [ptr] * 11,
-                "sdnc_head_backward": [i64] * 4 + [ptr] * 13,
-                "sdnc_lstm_forward": [i64] * 2 + [ptr] * 5 + [i64],
-                "sdnc_lstm_backward": [i64] * 2 + [ptr] * 7,
-            }
-            for name, argtypes in signatures.items():
-                for suffix in ("f32", "f64"):
-                    fn = getattr(lib, f"{name}_{suffix}")
-                    fn.argtypes = argtypes
-                    fn.restype = i64 if name == "sdnc_links_forward" else None
-        _lib = lib
+        _lib = native.load("sparse_links", SIGNATURES)
     return _lib
 
 
