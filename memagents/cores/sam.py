@@ -19,10 +19,11 @@ that writes the memory in place and saves only the ``K·W``-sized rows it touche
 sequence's forward and backward cost ``O(T·K·W)`` memory beside the one ``N×W`` memory and its one
 gradient buffer; ``fused=False`` is the dense reference (a new memory per step under autograd).
 On CPU float tensors with the native kernels available (:mod:`~memagents.cores.native`), the
-whole access step after the controller is one autograd node per step
-(:class:`~memagents.cores.sparse_access.SAMAccessStep`), the LRU row is found through block
-minima (``O(sqrt N)`` per step) and nothing ``N``-sized is touched per step; the composed torch
-functions stay the reference (tests compare both).
+whole access step after the controller is one kernel call each way
+(:class:`~memagents.cores.sparse_access.SAMAccessStep`), a training call (under autograd) is one
+autograd node (:class:`SAMSequence`), the LRU row is found through block minima (``O(sqrt N)``
+per step) and nothing ``N``-sized is touched per step; the composed torch functions stay the
+reference (tests compare both).
 """
 
 from __future__ import annotations
