@@ -529,10 +529,10 @@ def test_sequence_start_minibatches_are_whole_episode_segments(pack: bool) -> No
     )
 
 
-def test_packing_is_first_fit_decreasing_with_continuations_heading_columns() -> None:
+def test_packing_is_best_fit_decreasing_with_continuations_heading_columns() -> None:
     """Hand-built rollout of 2 envs x 8 steps: env 0 continues an episode for 5 steps, then
     one of 3; env 1 runs episodes of 2, 4 and 2 steps. Longest segment T = 5. The continuation
-    (5) heads its own column; the rest go longest first into the first column with room:
+    (5) heads its own column; the rest go longest first into the fullest column with room:
     4 -> new column [4]; 3 -> new [3]; 2 -> [3, 2]; 2 -> no room (4 + 2 > 5, 5) -> new [2]."""
     obs_space = spaces.Box(0.0, 1.0, (1,), np.float32)
     buffer = SequenceStartRolloutBuffer(
@@ -552,6 +552,17 @@ def test_packing_is_first_fit_decreasing_with_continuations_heading_columns() ->
     assert valid.sum(1).tolist() == [5, 4, 5, 2]
     assert indices[2].tolist() == [5, 6, 7, 14, 15]
     assert indices[3].tolist() == [8, 9, 8, 8, 8]  # padding repeats the column's first step
+    # best fit, not first fit: env 0 continues for 2 steps (its column has 3 steps of room),
+    # then runs episodes of 5 and 1; env 1 continues for 4 (room 1), then runs one of 4. The
+    # 5 and the 4 fit no column and open two; the 1 goes to the fullest column it fits, env
+    # 1's continuation (room 1), not to the first with room (env 0's, room 3)
+    starts[:] = 0.0
+    starts[[2, 7], 0] = 1.0
+    starts[4, 1] = 1.0
+    buffer.episode_starts = starts
+    buffer._prepare()
+    assert buffer.segment_lengths.tolist() == [2, 5, 1, 4, 4]
+    assert buffer._columns(np.arange(5)) == [[0], [3, 2], [1], [4]]
     buffer.pack_segments = False
     assert buffer._columns(np.array([3, 1, 0])) == [[3], [1], [0]]
 
