@@ -201,7 +201,9 @@ def _measure(spec: Spec, hyper: dict[str, Any]) -> dict[str, Any]:
     timed = range(1, len(clock.starts))
     rollout = [clock.ends[i] - clock.starts[i] for i in timed]
     update = [nexts[i] - clock.ends[i] for i in timed]
-    seconds = sum(rollout) + sum(update)
+    # the median iteration: a GC pause or a burst of other work on this machine stretches single
+    # iterations by up to ~60% (seen in 10-iteration traces), which a mean would carry
+    iteration = statistics.median(r + u for r, u in zip(rollout, update, strict=True))
 
     # profile one rollout step: policy forward (T = 1, B = n_envs) and the env step
     policy = model.policy
@@ -231,9 +233,9 @@ def _measure(spec: Spec, hyper: dict[str, Any]) -> dict[str, Any]:
         env_ms.append(time.perf_counter() - t0)
     env.close()
     return {
-        "steps_per_s": per_iter * len(rollout) / seconds,
-        "rollout_s": statistics.mean(rollout),
-        "update_s": statistics.mean(update),
+        "steps_per_s": per_iter / iteration,
+        "rollout_s": statistics.median(rollout),
+        "update_s": statistics.median(update),
         "policy_fwd_ms": 1000 * statistics.median(fwd),
         "env_step_ms": 1000 * statistics.median(env_ms),
         "params": sum(p.numel() for p in policy.parameters()),
@@ -289,8 +291,10 @@ def report(tables: list[str], command: str) -> str:
         f"{platform.python_version()}.",
         "",
         "Targets (issue 5): our `lstm` >= 2x the stock LSTM's steps/s; every memory core at "
-        "N=64 >= 0.5x. *steps/s* counts env steps (all envs) over the wall time of the timed "
-        "iterations; *rollout* and *update* split one iteration; *policy fwd* is one rollout "
+        "N=64 >= 0.5x. *steps/s* is the env steps (all envs) of one iteration over the wall "
+        "time of the median timed iteration (a single iteration can be stretched by a GC pause "
+        "or other work on the machine); *rollout* and *update* split it (medians); *policy fwd* "
+        "is one rollout "
         "step of the policy for all envs (T = 1, no grad: what `collect_rollouts` calls per "
         "step, actor and critic); *env step* is one `VecEnv.step` with random actions.",
         "",
