@@ -91,6 +91,11 @@ class PPOConfig:
     sequence starts; minibatches of whole episode segments, packed for the memory cores) or
     ``stock`` (sb3-contrib's RecurrentPPO: the state stored at every step, copied to host memory
     each step; gigabytes for large memories, and slower to train: see ``docs/BENCHMARKS.md``)."""
+    pack_segments: str = "auto"
+    """With ``buffer: sequence-start``: run several episode segments one after another in one
+    training sequence (the same loss and gradients from fewer padded steps). ``auto``: for the
+    cores whose mid-sequence resets cost nothing extra (all but ``lstm`` and ``gru``);
+    ``always``; ``never``. Ignored with ``buffer: stock``."""
 
 
 @dataclass
@@ -168,6 +173,10 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "ppo.vf_coef": (lambda v: v >= 0, "a number >= 0"),
     "ppo.max_grad_norm": (lambda v: v > 0, "a number > 0"),
     "ppo.buffer": (lambda v: v in ("stock", "sequence-start"), "'stock' or 'sequence-start'"),
+    "ppo.pack_segments": (
+        lambda v: v in ("auto", "always", "never"),
+        "'auto', 'always' or 'never'",
+    ),
     "train.total_timesteps": (lambda v: v >= 1, "an integer >= 1"),
     "train.seed": (lambda v: v >= 0, "an integer >= 0"),
     "train.device": (
@@ -221,7 +230,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     else:  # pragma: no cover - all fields are covered above
         ok = True
     if not ok:
-        raise ConfigError(f"{key}: {value!r} is not {_type_name(tp)}")
+        hint = ""
+        if tp is str and isinstance(value, bool):  # YAML 1.1: on/off/yes/no are booleans
+            hint = " (YAML reads on, off, yes and no as true or false: quote the word)"
+        raise ConfigError(f"{key}: {value!r} is not {_type_name(tp)}{hint}")
     return value
 
 

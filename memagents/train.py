@@ -295,13 +295,22 @@ def algorithm_class(config: Config):
     return MemoryPPO if config.ppo.buffer == "sequence-start" else RecurrentPPO
 
 
+#: ``ppo.pack_segments`` -> MemoryPPO's ``pack_segments``.
+PACK_SEGMENTS = {"auto": None, "always": True, "never": False}
+
+
 def make_model(config: Config, env, device: str, tensorboard_log: str | None = None):
     from memagents.sb3 import MemoryPolicy
 
-    return algorithm_class(config)(
+    algorithm = algorithm_class(config)
+    extra = {}
+    if config.ppo.buffer == "sequence-start":
+        extra["pack_segments"] = PACK_SEGMENTS[config.ppo.pack_segments]
+    return algorithm(
         MemoryPolicy,
         env,
         **ppo_kwargs(config),
+        **extra,
         policy_kwargs=policy_kwargs(config),
         seed=config.train.seed,
         device=device,

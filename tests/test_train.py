@@ -52,6 +52,8 @@ def run_cli(argv, capsys):
         (["--seed", "x"], ["--seed", "'x'"]),
         (["--set", "novalue"], ["key=value"]),
         (["--resume", "/nonexistent/run"], ["/nonexistent/run", "config.yaml"]),
+        (["--set", "ppo.pack_segments=on"], ["ppo.pack_segments", "True", "quote the word"]),
+        (["--set", "ppo.pack_segments=sometimes"], ["ppo.pack_segments", "'sometimes'", "never"]),
     ],
 )
 def test_bad_input_exits_2_with_one_line(argv, must_name, capsys):
@@ -62,6 +64,30 @@ def test_bad_input_exits_2_with_one_line(argv, must_name, capsys):
     assert len(lines) == 1, err
     for fragment in must_name:
         assert fragment in lines[0], (fragment, lines[0])
+
+
+@pytest.mark.parametrize(
+    ("setting", "core", "packs"),
+    [
+        ("auto", "ntm", True),
+        ("auto", "gru", False),
+        ("always", "gru", True),
+        ("never", "ntm", False),
+    ],
+)
+def test_pack_segments_setting_reaches_the_rollout_buffer(setting, core, packs):
+    config = from_dict(
+        {
+            "env": {"id": "memagents/Recall-v0", "n_envs": 2},
+            "core": {"name": core, "kwargs": {"hidden_size": 8}},
+            "ppo": {"n_steps": 8, "batch_size": 8, "pack_segments": setting},
+        }
+    )
+    assert config.ppo.buffer == "sequence-start"  # the default
+    env = train.make_env(config, seed=0)
+    model = train.make_model(config, env, "cpu")
+    assert model.rollout_buffer.pack_segments is packs
+    env.close()
 
 
 def test_overrides_are_typed_and_dotted():
