@@ -139,8 +139,8 @@ class _SequenceStartMixin:
         Unpacked: one segment per column. Packed: segments that continue an episode from the
         previous rollout (no episode start at their first step) each head a column; the others,
         longest first, go into the column with the least room that still fits them within
-        ``T = max length`` (the earliest such column on ties; a new column if none fits): best
-        fit decreasing, at most 11/9 of the fewest columns plus one (Johnson 1974), in
+        ``T = max length`` (on ties, the one that has had that room longest; a new column if
+        none fits). This is best fit decreasing, the classic bin-packing heuristic, in
         ``O(n·T)`` for ``n`` segments."""
         if not self.pack_segments:
             return [[int(seg)] for seg in segments]
