@@ -356,3 +356,13 @@ def directional_read_weights(link: Tensor, read_weights: Tensor) -> tuple[Tensor
     forward = torch.einsum("bhij,brj->brhi", link, read_weights)
     backward = torch.einsum("bhij,bri->brhj", link, read_weights)
     return forward, backward
+
+
+def others_product(x: Tensor, dim: int) -> Tensor:
+    """``out[k] = prod_{j != k} x[j]`` along ``dim`` (prefix times suffix products, no division)."""
+    n = x.shape[dim]
+    ones = torch.ones_like(x.narrow(dim, 0, 1))
+    prefix = torch.cumprod(torch.cat([ones, x.narrow(dim, 0, n - 1)], dim), dim)
+    flipped = x.flip(dim)
+    suffix = torch.cumprod(torch.cat([ones, flipped.narrow(dim, 0, n - 1)], dim), dim).flip(dim)
+    return prefix * suffix

@@ -32,7 +32,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from memagents.cores import native
-from memagents.cores.addressing import EPSILON, _link_step_backward, _link_step_forward
+from memagents.cores.addressing import (
+    EPSILON,
+    _link_step_backward,
+    _link_step_forward,
+    others_product,
+)
 
 
 # -- the interface vector ξ and its activations (Methods, "Interface parameters") ----------------
@@ -259,16 +264,6 @@ def _native_backward(ctx, grads):
     return tuple(results)
 
 
-def _others_product(x: Tensor, dim: int) -> Tensor:
-    """``out[k] = prod_{j != k} x[j]`` along ``dim`` (prefix times suffix products, no division)."""
-    n = x.shape[dim]
-    ones = torch.ones_like(x.narrow(dim, 0, 1))
-    prefix = torch.cumprod(torch.cat([ones, x.narrow(dim, 0, n - 1)], dim), dim)
-    flipped = x.flip(dim)
-    suffix = torch.cumprod(torch.cat([ones, flipped.narrow(dim, 0, n - 1)], dim), dim).flip(dim)
-    return prefix * suffix
-
-
 # -- content weights C(M, k, β) = softmax(β cos(k, M)) ---------------------------------------------
 def _content_forward(memory: Tensor, keys: Tensor, strengths: Tensor):
     """memory ``[B, N, W]``, keys ``[B, K, W]``, strengths ``[B, K]`` -> weights ``[B, K, N]``."""
@@ -455,7 +450,7 @@ class DNCAccessStep(torch.autograd.Function):
         if H == 1:
             g_we = -g_keep.unsqueeze(1)
         else:
-            g_we = -g_keep.unsqueeze(1) * _others_product(one_minus, 1)  # [B, H, N, W]
+            g_we = -g_keep.unsqueeze(1) * others_product(one_minus, 1)  # [B, H, N, W]
         g_w = g_w + torch.matmul(g_we, erase.unsqueeze(-1)).squeeze(-1)
         g_erase = torch.matmul(write.unsqueeze(-2), g_we).squeeze(-2)
 
@@ -491,8 +486,8 @@ class DNCAccessStep(torch.autograd.Function):
         if H == 1:
             g_write0 = g_written.unsqueeze(1)
         else:
-            g_write0 = g_written.unsqueeze(1) * _others_product(1.0 - write0, 1)
-        g_keep_r = g_psi.unsqueeze(1) * _others_product(keep, 1)  # [B, R, N]
+            g_write0 = g_written.unsqueeze(1) * others_product(1.0 - write0, 1)
+        g_keep_r = g_psi.unsqueeze(1) * others_product(keep, 1)  # [B, R, N]
         g_free = -(g_keep_r * read0).sum(-1)
         g_read0 = g_read0 - g_keep_r * free.unsqueeze(-1)
 

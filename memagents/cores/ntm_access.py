@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from memagents.cores import addressing, native
-from memagents.cores.addressing import EPSILON
+from memagents.cores.addressing import EPSILON, others_product
 
 #: torch's default softplus threshold: ``softplus(x) = x`` for ``x > 20``.
 SOFTPLUS_THRESHOLD = 20.0
@@ -162,16 +162,6 @@ def _address_backward(grad, memory, mem_norm, cache, index):
     return g_memory, g_previous, g_key, g_beta_raw, g_gate_raw, g_shift_raw, g_gamma_raw
 
 
-def _others_product(x: Tensor, dim: int) -> Tensor:
-    """``out[k] = prod_{j != k} x[j]`` along ``dim`` (prefix times suffix products, no division)."""
-    n = x.shape[dim]
-    ones = torch.ones_like(x.narrow(dim, 0, 1))
-    prefix = torch.cumprod(torch.cat([ones, x.narrow(dim, 0, n - 1)], dim), dim)
-    flipped = x.flip(dim)
-    suffix = torch.cumprod(torch.cat([ones, flipped.narrow(dim, 0, n - 1)], dim), dim).flip(dim)
-    return prefix * suffix
-
-
 def _split(params: Tensor, H: int, W: int, S: int):
     B, K = params.shape[0], 2 * S + 1
     read, write = head_sizes(H, W, S)
@@ -209,7 +199,7 @@ def _torch_backward(grads, cache, index):
     # erase and add: M_t = M_{t-1} * prod_h f_h + sum_h w_h a_h^T, f_h = 1 - w_h e_h^T
     factors = 1.0 - write_weights.unsqueeze(-1) * erase.unsqueeze(2)  # [B, H, N, W]
     keep = torch.prod(factors, dim=1)
-    g_factors = (g_m1 * memory).unsqueeze(1) * _others_product(factors, 1)  # [B, H, N, W]
+    g_factors = (g_m1 * memory).unsqueeze(1) * others_product(factors, 1)  # [B, H, N, W]
     g_memory = g_m1 * keep
     g_add = torch.bmm(write_weights, g_m1)  # [B, H, W]
     g_write = g_write + torch.bmm(add, g_m1.transpose(1, 2))

@@ -617,7 +617,7 @@ inline T link_row_backward_any(const T* dl, const T* l0, const T* w, const T* p0
 }
 
 // out[k][n] = prod_{j != k} x[j][n] for K rows of length n (prefix times suffix, no division;
-// as dnc_access._others_product). out must not alias x.
+// as addressing.others_product). out must not alias x.
 template <class T>
 inline void others_product_rows(const T* x, long K, long n, T* out, T* pre) {
   std::fill(pre, pre + n, T(1));
