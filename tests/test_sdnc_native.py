@@ -678,7 +678,7 @@ def test_lstm_cell_kernel_matches_torch_activations(dtype):
         torch.empty(B, Hd, dtype=dtype),
     )
     h = torch.full((B, Hd + 3), 7.0, dtype=dtype)  # row stride Hd + 3: the rest stays untouched
-    sparse_links.kernel_fn(lib, "sdnc_lstm_forward", acts)(
+    native.kernel(lib, "sdnc_lstm_forward", acts.dtype)(
         B, Hd, got_acts.data_ptr(), c_prev.data_ptr(), c.data_ptr(), tanh_c.data_ptr(),
         h.data_ptr(), Hd + 3,
     )  # fmt: skip

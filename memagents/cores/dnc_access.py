@@ -183,7 +183,7 @@ def _address(a: array) -> int:
 
 def _entry(name: str, dtype: torch.dtype):
     """The kernel entry point ``name`` for ``dtype`` (float32 or float64)."""
-    return getattr(lib, f"{name}_{'f64' if dtype == torch.float64 else 'f32'}")
+    return native.kernel(lib, name, dtype)
 
 
 @functools.lru_cache(maxsize=64)

@@ -221,18 +221,11 @@ def _heads_kernel() -> ctypes.CDLL | None:
     return native.load("fwp_heads", HEADS_SIGNATURES)
 
 
-_HEADS_BOUND: dict[tuple[int, torch.dtype], tuple] = {}
-
-
 def _heads_functions(lib: ctypes.CDLL, dtype: torch.dtype) -> tuple:
     """``(forward, backward)`` entry points of ``lib`` for ``dtype``."""
-    key = (id(lib), dtype)
-    if key not in _HEADS_BOUND:
-        suffix = "f32" if dtype == torch.float32 else "f64"
-        _HEADS_BOUND[key] = tuple(
-            getattr(lib, f"fwp_heads_{d}_{suffix}") for d in ("forward", "backward")
-        )
-    return _HEADS_BOUND[key]
+    return native.kernel(lib, "fwp_heads_forward", dtype), native.kernel(
+        lib, "fwp_heads_backward", dtype
+    )
 
 
 def _longs(*values: int) -> ctypes.Array:

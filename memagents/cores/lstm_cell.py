@@ -21,7 +21,7 @@ import ctypes
 import torch
 from torch import Tensor, nn
 
-from memagents.cores import sparse_links
+from memagents.cores import native
 
 
 def input_gates(x: Tensor, cell: nn.LSTMCell, input_size: int) -> tuple[Tensor, Tensor]:
@@ -73,8 +73,8 @@ def backward_step(
 def kernels(lib: ctypes.CDLL, like: Tensor) -> tuple[ctypes._CFuncPtr, ctypes._CFuncPtr]:
     """The forward and backward cell kernels for the dtype of ``like``."""
     return (
-        sparse_links.kernel_fn(lib, "sdnc_lstm_forward", like),
-        sparse_links.kernel_fn(lib, "sdnc_lstm_backward", like),
+        native.kernel(lib, "sdnc_lstm_forward", like.dtype),
+        native.kernel(lib, "sdnc_lstm_backward", like.dtype),
     )
 
 

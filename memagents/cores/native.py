@@ -125,6 +125,19 @@ def bind(lib: ctypes.CDLL, signatures: dict[str, Signature]) -> None:
             fn.argtypes, fn.restype = list(argtypes), restype
 
 
+_kernels: dict[tuple[int, str, torch.dtype], Any] = {}
+
+
+def kernel(lib: ctypes.CDLL, name: str, dtype: torch.dtype) -> Any:
+    """``lib``'s entry point ``<name>_f32`` or ``<name>_f64`` for ``dtype`` (every kernel is
+    compiled for both; cached, as kernels look them up every step)."""
+    key = (id(lib), name, dtype)
+    fn = _kernels.get(key)
+    if fn is None:
+        fn = _kernels[key] = getattr(lib, f"{name}_{'f64' if dtype == torch.float64 else 'f32'}")
+    return fn
+
+
 def load(name: str, signatures: dict[str, Signature] | None = None) -> ctypes.CDLL | None:
     """The compiled kernel library ``csrc/<name>.cpp``, or ``None`` when native kernels are off
     or cannot be built (``MEMAGENTS_NATIVE=1`` raises instead).
@@ -174,7 +187,7 @@ def ptr(t: torch.Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
-__all__ = ["CSRC", "Signature", "bind", "cache_dir", "load", "mode", "ptr", "usable"]
+__all__ = ["CSRC", "Signature", "bind", "cache_dir", "kernel", "load", "mode", "ptr", "usable"]
 
 if __name__ == "__main__":  # python -m memagents.cores.native NAME...: build and report
     for kernel in sys.argv[1:] or sorted(p.stem for p in CSRC.glob("*.cpp")):

@@ -72,9 +72,6 @@ class _Kernels(NamedTuple):
     step_backward: Callable
 
 
-_BOUND: dict[tuple[int, torch.dtype], _Kernels] = {}
-
-
 _p, _i, _L = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
 #: the entry points of ``csrc/ntm_access.cpp`` (``_*``: the float32 and float64 variants).
 SIGNATURES: dict[str, native.Signature] = {
@@ -93,11 +90,7 @@ def _kernel():
 
 def _functions(lib, dtype: torch.dtype) -> _Kernels:
     """The typed entry points of ``lib`` for ``dtype`` (float32 or float64)."""
-    key = (id(lib), dtype)
-    if key not in _BOUND:
-        sfx = "f64" if dtype == torch.float64 else "f32"
-        _BOUND[key] = _Kernels(*(getattr(lib, f"ntm_{n}_{sfx}") for n in _Kernels._fields))
-    return _BOUND[key]
+    return _Kernels(*(native.kernel(lib, f"ntm_{n}", dtype) for n in _Kernels._fields))
 
 
 # -- torch implementation --------------------------------------------------------------------------

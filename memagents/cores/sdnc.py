@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from memagents.cores import addressing, lstm_cell, sparse_access, sparse_links
+from memagents.cores import addressing, lstm_cell, native, sparse_access, sparse_links
 from memagents.cores import state as state_lib
 from memagents.cores.base import MemoryCore, stack_debug
 from memagents.cores.rnn import LSTMState
@@ -172,7 +172,7 @@ def _mix_forward(lib, modes, link_w, content_w, content_idx, content_r, link_row
     read_weights = torch.empty(B, R, 3 * K, dtype=modes.dtype)
     read_idx = torch.empty(B, R, 3 * K, dtype=torch.long)
     m, lw, cw, ci, cr, er = (t.data_ptr() for t in ins)
-    sparse_links.kernel_fn(lib, "sdnc_mix_forward", modes)(
+    native.kernel(lib, "sdnc_mix_forward", modes.dtype)(
         B, R, K, W, m, lw, link_idx.contiguous().data_ptr(), cw, ci, cr, er,
         read_weights.data_ptr(), read_vectors.data_ptr(), read_idx.data_ptr(),
     )  # fmt: skip
@@ -211,7 +211,7 @@ def _mix_backward(lib, saved, g_read_vectors, g_read_weights):
     W = content_r.shape[-1]
     grads = [torch.empty_like(t) for t in (modes, link_w, content_w, content_r, link_rows)]
     g_rv, g_rw = (None if g is None else g.contiguous() for g in (g_read_vectors, g_read_weights))
-    sparse_links.kernel_fn(lib, "sdnc_mix_backward", modes)(
+    native.kernel(lib, "sdnc_mix_backward", modes.dtype)(
         B, R, K, W,
         *(t.data_ptr() for t in (modes, link_w, content_w, content_r, link_rows)),
         None if g_rv is None else g_rv.data_ptr(),
@@ -297,7 +297,7 @@ def _head_forward(lib, xi, prev_w, prev_idx, lru, sizes):
         torch.empty(B, R * S + 1, **like),
         torch.empty(B, R * S + 1, dtype=torch.long),
     ]
-    sparse_links.kernel_fn(lib, "sdnc_head_forward", xi)(
+    native.kernel(lib, "sdnc_head_forward", xi.dtype)(
         B, R, W, S, xi.data_ptr(), prev_w.data_ptr(), prev_idx.contiguous().data_ptr(),
         lru.contiguous().data_ptr(), *(t.data_ptr() for t in out),
     )  # fmt: skip
@@ -360,7 +360,7 @@ def _head_backward(lib, xi, prev_w, gates, modes, *grads):
     R = modes.shape[1]
     W = (xi.shape[1] - 4 * R - 2) // (R + 1)
     g_xi, g_prev_w = torch.empty_like(xi), torch.empty_like(prev_w)
-    sparse_links.kernel_fn(lib, "sdnc_head_backward", xi)(
+    native.kernel(lib, "sdnc_head_backward", xi.dtype)(
         B, R, W, S, xi.data_ptr(), prev_w.data_ptr(), gates.data_ptr(), modes.data_ptr(),
         *(None if g is None else g.contiguous().data_ptr() for g in grads),
         g_xi.data_ptr(), g_prev_w.data_ptr(),

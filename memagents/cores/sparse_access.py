@@ -117,7 +117,7 @@ def _kernel():
 
 def _fn(name: str, like: Tensor):
     """The kernel ``sa_<name>`` for the dtype of ``like``."""
-    return getattr(lib, f"sa_{name}_{'f64' if like.dtype == torch.float64 else 'f32'}")
+    return native.kernel(lib, f"sa_{name}", like.dtype)
 
 
 def _p(t: Tensor | None) -> int | None:
@@ -573,8 +573,7 @@ class IVFIndex:
             self._lib.sa_ivf_free(handle)
 
     def _kernel(self, name: str, memory: Tensor):
-        suffix = "f64" if memory.dtype == torch.float64 else "f32"
-        return getattr(self._lib, f"sa_ivf_{name}_{suffix}")
+        return native.kernel(self._lib, f"sa_ivf_{name}", memory.dtype)
 
     def reset(self, memory: Tensor, elements: Tensor) -> None:
         memory = memory.detach().contiguous()

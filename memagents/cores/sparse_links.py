@@ -405,7 +405,6 @@ def index_dtype(link: Tensor) -> torch.dtype:
 
 _UNLOADED = object()
 _lib = _UNLOADED
-_fns: dict = {}
 
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
@@ -442,15 +441,6 @@ def usable(*tensors: Tensor) -> bool:
     if dtype is not torch.float32 and dtype is not torch.float64:
         return False
     return all(t.is_cpu and t.dtype is dtype for t in tensors)
-
-
-def kernel_fn(lib: ctypes.CDLL, name: str, like: Tensor):
-    """The kernel ``<name>_f32`` or ``<name>_f64`` for the dtype of ``like``."""
-    key = (id(lib), name, like.dtype)
-    fn = _fns.get(key)
-    if fn is None:
-        fn = _fns[key] = getattr(lib, f"{name}_{'f64' if like.dtype == torch.float64 else 'f32'}")
-    return fn
 
 
 def _p(t: Tensor | None) -> int | None:
@@ -511,7 +501,7 @@ def native_forward(
     dir_w = torch.empty(B, R, 2 * k, dtype=dtype)
     p_out_idx = torch.empty(B, L, dtype=torch.long)
     dir_idx = torch.empty(B, R, 2 * k, dtype=torch.long)
-    fn = kernel_fn(lib, "sdnc_links_forward", link)
+    fn = native.kernel(lib, "sdnc_links_forward", link.dtype)
     args = (
         B, N, L, J, R, S, k,
         link.data_ptr(), link_t.data_ptr(), link_idx.data_ptr(), link_t_idx.data_ptr(),
@@ -599,7 +589,7 @@ def native_backward(
         grads.append(g)
     g_p, g_dir = (None if g is None else g.contiguous() for g in (g_p, g_dir))
     g_w, g_prec, g_rw = torch.empty_like(w), torch.empty_like(p), torch.empty_like(rw)
-    kernel_fn(lib, "sdnc_links_backward", w)(
+    native.kernel(lib, "sdnc_links_backward", w.dtype)(
         B, N, L, J, R, S, k,
         *map(_p, (*grads, g_p, g_dir, w, w_idx, p, p_idx, rw, rw_idx, reset)),
         reset.numel(),
