@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -18,9 +19,27 @@ import torch
 from hypothesis import HealthCheck, settings
 
 import memagents.cores as cores
+from memagents.cores import native
 from memagents.cores import state as state_lib
 
 torch.set_num_threads(1)
+
+
+#: the native kernels can run here: a C++ compiler, and ``MEMAGENTS_NATIVE`` is not ``0``
+HAS_NATIVE = shutil.which("c++") is not None and native.mode() != "0"
+needs_native = pytest.mark.skipif(
+    not HAS_NATIVE, reason="no C++ compiler, or native kernels switched off (MEMAGENTS_NATIVE=0)"
+)
+
+
+def counting(fn: Callable[..., Any], calls: list[int]) -> Callable[..., Any]:
+    """``fn``, appending to ``calls`` at each call (to check that a code path ran)."""
+
+    def wrapped(*args: Any) -> Any:
+        calls.append(1)
+        return fn(*args)
+
+    return wrapped
 
 
 def hypothesis_settings(max_examples: int = 30) -> settings:

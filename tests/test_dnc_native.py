@@ -23,11 +23,9 @@ plain-autograd reference built from the :mod:`~memagents.cores.addressing` funct
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
-from conftest import build_core, randomize_initial_state
+from conftest import HAS_NATIVE, build_core, needs_native, randomize_initial_state
 
 from memagents.cores import addressing as A
 from memagents.cores import dnc, dnc_access, native
@@ -37,17 +35,12 @@ from memagents.cores.dnc_access import DNCAccessStep, DNCSequence, DNCStep, inte
 F64 = torch.float64
 TOL = {"rtol": 1e-9, "atol": 1e-10}
 
-needs_kernel = pytest.mark.skipif(
-    shutil.which("c++") is None or native.mode() == "0",
-    reason="no C++ compiler, or native kernels switched off (MEMAGENTS_NATIVE=0)",
-)
+needs_kernel = needs_native
 
 
 def test_kernel_loads_when_a_compiler_exists():
-    if shutil.which("c++") is None:
-        pytest.skip("no C++ compiler on PATH")
-    if native.mode() == "0":
-        pytest.skip("MEMAGENTS_NATIVE=0")
+    if not HAS_NATIVE:
+        pytest.skip("no C++ compiler, or MEMAGENTS_NATIVE=0")
     lib = dnc_access._kernel()
     assert lib is not None, native._errors.get("dnc_access")
     dims = (dnc_access.ctypes.c_long * 5)(2, 5, 3, 2, 1)

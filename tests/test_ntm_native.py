@@ -14,11 +14,10 @@ implementation against each other and against the plain-autograd reference (``fu
 from __future__ import annotations
 
 import copy
-import shutil
 
 import pytest
 import torch
-from conftest import INPUT_SIZE, build_core, randomize_initial_state
+from conftest import HAS_NATIVE, INPUT_SIZE, build_core, needs_native, randomize_initial_state
 
 from memagents.cores import native, ntm_access
 from memagents.cores.ntm import NTMState
@@ -28,10 +27,7 @@ from memagents.cores.rnn import LSTMState
 F64 = torch.float64
 TIGHT = {"rtol": 1e-10, "atol": 1e-12}
 
-needs_kernel = pytest.mark.skipif(
-    shutil.which("c++") is None or native.mode() == "0",
-    reason="no C++ compiler, or native kernels switched off (MEMAGENTS_NATIVE=0)",
-)
+needs_kernel = needs_native
 
 
 @pytest.fixture
@@ -41,10 +37,8 @@ def torch_path(monkeypatch):
 
 
 def test_kernel_loads_when_a_compiler_exists():
-    if shutil.which("c++") is None:
-        pytest.skip("no C++ compiler on PATH")
-    if native.mode() == "0":
-        pytest.skip("MEMAGENTS_NATIVE=0")
+    if not HAS_NATIVE:
+        pytest.skip("no C++ compiler, or MEMAGENTS_NATIVE=0")
     lib = ntm_access._kernel()
     assert lib is not None, native._errors.get("ntm_access")
     assert lib.ntm_workspace_size_f64(5, 3, 2, 1) > 0

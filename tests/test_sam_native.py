@@ -9,18 +9,14 @@ both paths pick the same rows.
 from __future__ import annotations
 
 import gc
-import shutil
 import weakref
 
 import pytest
 import torch
-from conftest import build_core, randomize_initial_state
+from conftest import HAS_NATIVE, build_core, counting, needs_native, randomize_initial_state
 
-from memagents.cores import native, sparse_access
+from memagents.cores import sparse_access
 from memagents.cores import state as state_lib
-
-HAS_CXX = shutil.which("c++") is not None and native.mode() != "0"
-needs_native = pytest.mark.skipif(not HAS_CXX, reason="no C++ compiler or MEMAGENTS_NATIVE=0")
 
 TOL = {"rtol": 0, "atol": 1e-10}
 
@@ -36,7 +32,7 @@ def torch_path(monkeypatch):
 
 
 def test_kernel_loads_when_a_compiler_exists():
-    if not HAS_CXX:
+    if not HAS_NATIVE:
         pytest.skip("no C++ compiler or MEMAGENTS_NATIVE=0")
     assert sparse_access._load() is not None
     assert sparse_access._kernel() is not None
@@ -386,14 +382,6 @@ def test_an_index_built_on_a_broadcast_zero_memory_equals_one_built_by_a_scan(ki
 # -- the sequence node ----------------------------------------------------------------------------
 
 
-def _counting(fn, calls):
-    def wrapped(*args):
-        calls.append(1)
-        return fn(*args)
-
-    return wrapped
-
-
 def _warm_sam_state(core, B, seed):
     """A state after a few steps (memory written, read weights non-zero), detached, with its
     differentiable fields as leaves that require gradients."""
@@ -449,7 +437,7 @@ def test_sam_sequence_node_equals_the_per_step_nodes(monkeypatch, T):
         return y.detach(), [t.detach() for t in state_lib.leaves(s)], grads
 
     calls = []
-    monkeypatch.setattr(sam.SAMSequence, "apply", _counting(sam.SAMSequence.apply, calls))
+    monkeypatch.setattr(sam.SAMSequence, "apply", counting(sam.SAMSequence.apply, calls))
     seq = run()
     assert len(calls) == 1  # the sequence node ran
     monkeypatch.setattr(sam, "SEQUENCE_NODE", False)
@@ -492,7 +480,7 @@ def test_sam_sequence_node_gradcheck():
         s0.controller.h.detach().clone().requires_grad_(True),
     )
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(sam.SAMSequence, "apply", _counting(sam.SAMSequence.apply, calls))
+        m.setattr(sam.SAMSequence, "apply", counting(sam.SAMSequence.apply, calls))
         assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5)
     assert calls
 

@@ -17,6 +17,7 @@ import weakref
 
 import pytest
 import torch
+from conftest import counting
 from test_sdnc import _core, _random_memory_state, _x
 
 from memagents.cores import native, sdnc, sparse_access, sparse_links
@@ -408,7 +409,7 @@ def test_one_node_step_equals_the_composed_native_path(monkeypatch):
 
     calls = []
     monkeypatch.setattr(sdnc, "SEQUENCE_NODE", False)
-    monkeypatch.setattr(sdnc.SDNCStep, "apply", _counting(sdnc.SDNCStep.apply, calls))
+    monkeypatch.setattr(sdnc.SDNCStep, "apply", counting(sdnc.SDNCStep.apply, calls))
     one = run()
     assert len(calls) == T  # the one-node path ran
     monkeypatch.setattr(sdnc, "ONE_NODE_STEP", False)
@@ -422,14 +423,6 @@ def test_one_node_step_equals_the_composed_native_path(monkeypatch):
     torch.testing.assert_close(y, one[0], **TOL)
     for a, b in zip(state_lib.leaves(s), one[1], strict=True):
         torch.testing.assert_close(a, b.detach(), **TOL)
-
-
-def _counting(fn, calls):
-    def wrapped(*args):
-        calls.append(1)
-        return fn(*args)
-
-    return wrapped
 
 
 @needs_kernel
@@ -546,7 +539,7 @@ def test_sequence_node_equals_the_one_node_steps(monkeypatch, T):
         return y.detach(), [t.detach() for t in state_lib.leaves(s)], grads
 
     calls = []
-    monkeypatch.setattr(sdnc.SDNCSequence, "apply", _counting(sdnc.SDNCSequence.apply, calls))
+    monkeypatch.setattr(sdnc.SDNCSequence, "apply", counting(sdnc.SDNCSequence.apply, calls))
     seq = run()
     assert len(calls) == 1  # the sequence node ran
     monkeypatch.setattr(sdnc, "SEQUENCE_NODE", False)
@@ -605,7 +598,7 @@ def test_gradcheck_of_the_sequence_node():
 
     calls = []
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(sdnc.SDNCSequence, "apply", _counting(sdnc.SDNCSequence.apply, calls))
+        m.setattr(sdnc.SDNCSequence, "apply", counting(sdnc.SDNCSequence.apply, calls))
         inputs = (x, *(params[n].detach().clone().requires_grad_(True) for n in names))
         inputs += tuple(t.detach().clone().requires_grad_(True) for t in state_in)
         assert torch.autograd.gradcheck(run, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
@@ -643,7 +636,7 @@ def test_sequence_node_output_is_freed_after_backward():
     core = _core(F64)
     calls = []
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(sdnc.SDNCSequence, "apply", _counting(sdnc.SDNCSequence.apply, calls))
+        m.setattr(sdnc.SDNCSequence, "apply", counting(sdnc.SDNCSequence.apply, calls))
         y, s = core(_x(5, 3, seed=41, dtype=F64), core.initial_state(3))
     assert calls
     alive = weakref.ref(y)

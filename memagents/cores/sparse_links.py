@@ -62,7 +62,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from memagents.cores import native
-from memagents.cores.sparse_access import _flat_rows, zero_buffer
+from memagents.cores.sparse_access import _flat_rows, _p, zero_buffer
 
 
 def initial_link_indices(
@@ -441,11 +441,6 @@ def usable(*tensors: Tensor) -> bool:
     if dtype is not torch.float32 and dtype is not torch.float64:
         return False
     return all(t.is_cpu and t.dtype is dtype for t in tensors)
-
-
-def _p(t: Tensor | None) -> int | None:
-    """Data pointer of a contiguous tensor (``None``: a null pointer)."""
-    return None if t is None else t.data_ptr()
 
 
 def owned(t: Tensor) -> Tensor:
