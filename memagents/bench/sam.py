@@ -36,6 +36,17 @@ SIZES = [1024, 16_384, 65_536, 262_144, 1_048_576]
 REFERENCE_MAX_N = 16_384
 
 
+def median_ms(run, repeats: int) -> float:
+    """Milliseconds of the median of ``repeats`` timed calls of ``run``, after one warm-up."""
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
 def _peak_rss_bytes() -> int:
     scale = 1 if sys.platform == "darwin" else 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
@@ -74,16 +85,10 @@ def measure_row(
         y, _ = core(x, core.initial_state(B))
         y.sum().backward()
 
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
     return {
         "N": memory_size,
         "index": core.index_kind,
-        "fwd_bwd_ms": 1e3 * statistics.median(times),
+        "fwd_bwd_ms": median_ms(run, repeats),
         "peak_mib": _peak_rss_bytes() / 2**20,
     }
 
@@ -116,13 +121,7 @@ def measure_reference_row(memory_size: int, repeats: int) -> dict:
             y, _ = model(x, (None, None, None), reset_experience=True)
             y.sum().backward()
 
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return {"N": memory_size, "fwd_bwd_ms": 1e3 * statistics.median(times)}
+    return {"N": memory_size, "fwd_bwd_ms": median_ms(run, repeats)}
 
 
 def reference_importable() -> bool:
