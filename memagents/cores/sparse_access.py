@@ -457,6 +457,16 @@ def _sqnorm(memory: Tensor) -> Tensor:
     return out
 
 
+def _ivf_layout(N: int, W: int, nprobe: int, seed: int) -> tuple[int, int, np.ndarray]:
+    """``(nlist, nprobe, centroids [nlist, W] float32)`` of the IVF indexes (FAISS's and the
+    native one share them, so that both find the same rows): ``round(sqrt N)`` lists with seeded
+    random unit centroids, and at most ``nlist`` probes."""
+    nlist = max(1, round(math.sqrt(N)))
+    gen = torch.Generator().manual_seed(seed)
+    centroids = torch.randn(nlist, W, generator=gen, dtype=torch.float64)
+    return nlist, min(nprobe, nlist), _unit_rows(centroids)
+
+
 def _unit_rows(rows: Tensor) -> np.ndarray:
     """``x / sqrt(|x|^2 + eps)`` as contiguous float32 numpy (the ranking of the cosine with eps)."""
     rows = rows.detach()
@@ -481,11 +491,7 @@ class FaissIndex:
             raise RuntimeError("FaissIndex needs faiss-cpu")
         B, N, W = memory.shape
         self.size, self.width = N, W
-        self.nlist = max(1, round(math.sqrt(N)))
-        self.nprobe = min(nprobe, self.nlist)
-        gen = torch.Generator().manual_seed(seed)
-        centroids = torch.randn(self.nlist, W, generator=gen, dtype=torch.float64)
-        self.centroids = _unit_rows(centroids)
+        self.nlist, self.nprobe, self.centroids = _ivf_layout(N, W, nprobe, seed)
         self.indexes: list = [None] * B
         self.quantizers: list = [None] * B  # the IVF index does not own its quantizer
         self.nonzero = np.zeros((B, N), dtype=bool)
@@ -553,11 +559,8 @@ class IVFIndex:
     def __init__(self, memory: Tensor, nprobe: int = FAISS_NPROBE, seed: int = 0):
         B, N, W = memory.shape
         self.size, self.width = N, W
-        self.nlist = max(1, round(math.sqrt(N)))
-        self.nprobe = min(nprobe, self.nlist)
-        gen = torch.Generator().manual_seed(seed)
-        centroids = torch.randn(self.nlist, W, generator=gen, dtype=torch.float64)
-        self.centroids = torch.from_numpy(_unit_rows(centroids))  # as FaissIndex
+        self.nlist, self.nprobe, centroids = _ivf_layout(N, W, nprobe, seed)
+        self.centroids = torch.from_numpy(centroids)
         self._lib = _kernel()
         self._handle = self._lib.sa_ivf_new(B, N, W, self.nlist, self.nprobe, _p(self.centroids))
         if not self._handle:
