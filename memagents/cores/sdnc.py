@@ -700,6 +700,23 @@ class SDNCSequence(torch.autograd.Function):
         )  # fmt: skip
 
 
+def _fields(
+    time, read_weights, read_indices, write_weights, write_indices, last_access, precedence,
+    precedence_indices,
+):  # fmt: skip
+    """The per-step fields of the access state that :meth:`SDNCCore._run`'s loop carries."""
+    return {
+        "time": time,
+        "read_weights": read_weights,
+        "read_indices": read_indices,
+        "write_weights": write_weights,
+        "write_indices": write_indices,
+        "last_access": last_access,
+        "precedence": precedence,
+        "precedence_indices": precedence_indices,
+    }
+
+
 class SDNCCore(MemoryCore):
     """Sparse DNC core; output ``y_t = [h_t; r_t]``.
 
@@ -991,16 +1008,10 @@ class SDNCCore(MemoryCore):
                     index, (R, W, K), t < T - 1, lib,
                 )  # fmt: skip
                 read_flat = read_vectors.view(B, R * W)
-                small = {
-                    "time": time,
-                    "read_weights": read_weights,
-                    "read_indices": read_idx,
-                    "write_weights": write_weights,
-                    "write_indices": write_indices,
-                    "last_access": small["last_access"],
-                    "precedence": precedence,
-                    "precedence_indices": precedence_idx,
-                }
+                small = _fields(
+                    time, read_weights, read_idx, write_weights, write_indices,
+                    small["last_access"], precedence, precedence_idx,
+                )  # fmt: skip
                 outputs.append(torch.cat([h, read_flat], dim=-1))
                 continue
 
@@ -1049,16 +1060,10 @@ class SDNCCore(MemoryCore):
                     small["last_access"], small["time"], accesses
                 )
                 lru = None
-            small = {
-                "time": time,
-                "read_weights": read_weights,
-                "read_indices": read_idx,
-                "write_weights": write_weights,
-                "write_indices": write_indices,
-                "last_access": last_access,
-                "precedence": precedence,
-                "precedence_indices": precedence_idx,
-            }
+            small = _fields(
+                time, read_weights, read_idx, write_weights, write_indices, last_access,
+                precedence, precedence_idx,
+            )  # fmt: skip
             outputs.append(torch.cat([h, read_flat], dim=-1))
             if return_debug:
                 debug_steps.append(
