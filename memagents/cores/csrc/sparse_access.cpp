@@ -77,13 +77,15 @@ void row_sqnorm(const T* mem, T* sqnorm, i64 rows, i64 W) {
     for (i64 i = 0; i < rows; ++i) sqnorm[i] = dot(mem + i * W, mem + i * W, W);
 }
 
-// Insert (s, n) into the descending list (score, row) of at most k entries; equal scores keep
-// the earlier row first (rows arrive in ascending order, so ties go to the lowest row).
+// Insert (s, n) into the descending list (score, row) of at most k entries; equal scores go to
+// the lowest row, whatever order the rows arrive in (the exact scan's ascending rows, or the
+// IVF lists').
 template <typename T>
 inline void top_insert(T* score, i64* row, i64& count, i64 k, T s, i64 n) {
-    if (count == k && !(s > score[k - 1])) return;
+    auto better = [](T s1, i64 n1, T s2, i64 n2) { return s1 > s2 || (s1 == s2 && n1 < n2); };
+    if (count == k && !better(s, n, score[k - 1], row[k - 1])) return;
     i64 pos = count < k ? count++ : k - 1;
-    while (pos > 0 && s > score[pos - 1]) {
+    while (pos > 0 && better(s, n, score[pos - 1], row[pos - 1])) {
         score[pos] = score[pos - 1];
         row[pos] = row[pos - 1];
         --pos;
@@ -524,20 +526,6 @@ void ivf_update(IVF& ix, const T* mem, const i64* rows, i64 J) {
         }
 }
 
-// Insert (s, n) into the descending list of at most k (score, row) pairs; ties: lowest row.
-inline void top_insert_any(float* score, i64* row, i64& count, i64 k, float s, i64 n) {
-    auto better = [&](float s1, i64 n1, float s2, i64 n2) { return s1 > s2 || (s1 == s2 && n1 < n2); };
-    if (count == k && !better(s, n, score[k - 1], row[k - 1])) return;
-    i64 pos = count < k ? count++ : k - 1;
-    while (pos > 0 && better(s, n, score[pos - 1], row[pos - 1])) {
-        score[pos] = score[pos - 1];
-        row[pos] = row[pos - 1];
-        --pos;
-    }
-    score[pos] = s;
-    row[pos] = n;
-}
-
 template <typename T>
 void ivf_search(IVF& ix, const T* mem, const T* keys, i64 R, i64 K, i64* out) {
     const i64 W = ix.W, N = ix.N;
@@ -555,7 +543,7 @@ void ivf_search(IVF& ix, const T* mem, const T* keys, i64 R, i64 K, i64* out) {
             i64 np = 0;
             for (i64 c = 0; c < ix.nlist; ++c)
                 if (np < ix.nprobe || cs[c] > pscore[ix.nprobe - 1])
-                    top_insert_any(pscore.data(), probe.data(), np, ix.nprobe, cs[c], c);
+                    top_insert(pscore.data(), probe.data(), np, ix.nprobe, cs[c], c);
             i64 count = 0;
             for (i64 p = 0; p < np; ++p) {
                 const auto& ids = ix.ids[b * ix.nlist + probe[p]];
@@ -563,7 +551,7 @@ void ivf_search(IVF& ix, const T* mem, const T* keys, i64 R, i64 K, i64* out) {
                 for (size_t i = 0; i < ids.size(); ++i) {
                     const float s = dot(unit, v + i * W, W);
                     if (count < K || s >= score[K - 1])
-                        top_insert_any(score.data(), found.data(), count, K, s, ids[i]);
+                        top_insert(score.data(), found.data(), count, K, s, ids[i]);
                 }
             }
             i64 zeros = 0;  // the k lowest zero rows, score 0
@@ -572,7 +560,7 @@ void ivf_search(IVF& ix, const T* mem, const T* keys, i64 R, i64 K, i64* out) {
                 while (bits != 0 && zeros < K) {
                     const i64 n = w * 64 + __builtin_ctzll(bits);
                     bits &= bits - 1;
-                    top_insert_any(score.data(), found.data(), count, K, 0.0f, n);
+                    top_insert(score.data(), found.data(), count, K, 0.0f, n);
                     ++zeros;
                 }
             }
