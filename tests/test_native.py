@@ -61,6 +61,11 @@ def test_builds_once_and_runs(probe_source, monkeypatch, tmp_path):
     monkeypatch.setattr(native, "_libs", {})
     assert native.load("probe") is not None
     assert len(list((tmp_path / "cache").glob("probe-*.so"))) == 2
+    # so does editing a header of the folder (the kernels include csrc/common.h)
+    (probe_source / "shared.h").write_text("// changed\n")
+    monkeypatch.setattr(native, "_libs", {})
+    assert native.load("probe") is not None
+    assert len(list((tmp_path / "cache").glob("probe-*.so"))) == 3
 
 
 def test_missing_compiler_falls_back_or_raises(probe_source, monkeypatch):

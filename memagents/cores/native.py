@@ -93,8 +93,13 @@ def _build(name: str) -> Path:
     if cxx is None:
         raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'c++')!r} not on PATH)")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    headers = b"".join(h.read_bytes() for h in sorted(CSRC.glob("*.h")))  # what sources include
     key = hashlib.sha256(
-        source.read_bytes() + " ".join(CXXFLAGS + ARCHFLAGS).encode() + version.encode() + _cpu_id()
+        source.read_bytes()
+        + headers
+        + " ".join(CXXFLAGS + ARCHFLAGS).encode()
+        + version.encode()
+        + _cpu_id()
     ).hexdigest()[:16]
     target = cache_dir() / f"{name}-{key}.so"
     if target.is_file():

@@ -219,7 +219,7 @@ void backward_entry(const T* z, const long* sizes, double eps, const T* beta, co
 
 }  // namespace
 
-#define EXPORT extern "C" __attribute__((visibility("default")))
+#include "common.h"
 
 // sizes[9]: T, B, C, H, d_key, d_v, dpfp, nu, delta. strides[12]: (n, b, h, c) of the keys and
 // queries, the values and beta.

@@ -25,25 +25,17 @@
 #include <cstring>
 #include <vector>
 
+#include "common.h"
+
 namespace {
 
 constexpr double kEps = 1e-6;  // addressing.EPSILON: under the norms' sqrt and before sharpening
-
-template <typename T>
-inline T softplus(T x) {
-  return x > T(20) ? x : std::log1p(std::exp(x));
-}
 
 template <typename T>
 inline T softplus_grad(T x) {
   if (x > T(20)) return T(1);
   const T z = std::exp(x);
   return z / (z + T(1));
-}
-
-template <typename T>
-inline T sigmoid(T x) {
-  return T(1) / (T(1) + std::exp(-x));
 }
 
 // tanh(x) = sign(x) (1 - e) / (1 + e), e = exp(-2|x|): a few times cheaper than libm's tanh, which
@@ -555,7 +547,7 @@ void step_backward(const Dims& d, int Hd, const T* act, const T* c_prev, const T
 
 }  // namespace
 
-#define NTM_EXPORT extern "C" __attribute__((visibility("default")))
+#define NTM_EXPORT EXPORT  // (common.h; the name keeps the macro's alignment)
 
 #define NTM_INSTANTIATE(T, SUFFIX)                                                              \
   NTM_EXPORT long ntm_workspace_size_##SUFFIX(int N, int W, int H, int S) {                     \

@@ -22,9 +22,8 @@
 #include <cstring>
 #include <vector>
 
-#define EXPORT extern "C" __attribute__((visibility("default")))
+#include "common.h"
 
-using i64 = int64_t;
 using u8 = uint8_t;
 
 namespace {
@@ -369,16 +368,6 @@ void usage_update(T* last, const T* time_in, T* time_out, i64 B, i64 N, i64 J1, 
 // softplus(beta^) (torch's threshold 20), alpha = sigmoid, gamma = sigmoid; then the write
 // weighting w^W = alpha (gamma mean_R(w^R_{t-1}), 1 - gamma) at rows (idx^R_{t-1}, I^U_t)
 // (sparse_write_weights). Outputs keys [B, R, W] and a [B, W] copied out contiguous.
-template <typename T>
-inline T softplus(T x) {
-    return x > T(20) ? x : std::log1p(std::exp(x));
-}
-
-template <typename T>
-inline T sigmoid(T x) {
-    return T(1) / (T(1) + std::exp(-x));
-}
-
 template <typename T>
 void sam_head(const T* xi, i64 B, i64 S, i64 R, i64 W, i64 K, const T* prev_w,
               const i64* prev_idx, const i64* lru, T* keys, T* a, T* beta, T* gates, T* ww,

@@ -39,9 +39,8 @@
 #pragma GCC optimize("fp-contract=off")
 #endif
 
-#define EXPORT extern "C" __attribute__((visibility("default")))
+#include "common.h"
 
-using i64 = int64_t;
 using i32 = int32_t;
 
 namespace {
@@ -628,15 +627,6 @@ void backward(i64 B, i64 N, i64 L, i64 J, i64 R, i64 S, i64 K, T* g_link, T* g_l
 //   w^W = alpha [gamma w^R_{t-1} / R | 1 - gamma] at rows [rows of w^R_{t-1} | I^U_t]
 // (sparse_write_weights). Outputs keys [B, R, W], a [B, W], beta [B, R], gates [B, 2]
 // (alpha, gamma), modes [B, R, 3], ww [B, J], widx int64 [B, J], J = R S + 1.
-template <typename T>
-T softplus(T x) {
-    return x > T(20) ? x : std::log1p(std::exp(x));
-}
-template <typename T>
-T sigmoid(T x) {
-    return T(1) / (T(1) + std::exp(-x));
-}
-
 template <typename T>
 void head_forward(i64 B, i64 R, i64 W, i64 S, const T* xi, const T* prev_w, const i64* prev_idx,
                   const i64* lru, T* keys, T* a, T* beta, T* gates, T* modes, T* ww, i64* widx) {
