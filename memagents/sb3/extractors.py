@@ -77,6 +77,7 @@ class MiniGridExtractor(BaseFeaturesExtractor):
         self.code_embeddings = nn.ModuleList(nn.Embedding(n, embed_dim) for n in sizes)
         # row of each channel's first code in the stacked vocabulary (see forward)
         self.register_buffer("_offsets", torch.tensor([0, sizes[0], sizes[0] + sizes[1]]), False)
+        self.register_buffer("_limits", torch.tensor(sizes), False)  # codes must be below
         self._sizes = tuple(sizes)
         self.direction_embedding = nn.Embedding(int(high[-1]) + 1, embed_dim)
         layers: list[nn.Module] = []
@@ -110,8 +111,9 @@ class MiniGridExtractor(BaseFeaturesExtractor):
         three ``nn.Embedding`` lookups (each output is one weight times 1 plus zeros), but the
         backward is one small dense product instead of three scatter-adds over ``n`` indices
         (``embedding_dense_backward`` was 14% of a PPO update on MemoryS7)."""
-        if grid.numel() and ((grid < 0).any() or (grid >= grid.new_tensor(self._sizes)).any()):
-            bad = grid[((grid < 0) | (grid >= grid.new_tensor(self._sizes))).any(1)][0]
+        bad = ((grid < 0) | (grid >= self._limits)).any(1)
+        if bad.any():
+            bad = grid[bad][0]
             raise ValueError(
                 f"MiniGridExtractor: cell codes {bad.tolist()} out of range; (object, colour, "
                 f"state) codes must be below {list(self._sizes)}"
@@ -120,18 +122,6 @@ class MiniGridExtractor(BaseFeaturesExtractor):
         multi_hot = table.new_zeros(grid.shape[0], table.shape[0])
         multi_hot.scatter_(1, grid + self._offsets, 1.0)
         return multi_hot @ table
-
-    def _reference_forward(self, observations: Tensor) -> Tensor:
-        """:meth:`forward` with one ``nn.Embedding`` lookup per channel (for tests)."""
-        codes = observations.round().long()
-        B, V = codes.shape[0], self.view
-        grid = codes[:, :-1].reshape(B, V, V, 3)  # [B, V(x), V(y), 3]
-        embedded = torch.cat(
-            [emb(grid[..., c]) for c, emb in enumerate(self.code_embeddings)], dim=-1
-        )  # [B, V, V, 3 E]
-        x = self.conv(embedded.permute(0, 3, 1, 2))  # [B, 3 E, V, V] -> [B, C' V' V']
-        direction = self.direction_embedding(codes[:, -1])  # [B, E]
-        return self.linear(torch.cat([x, direction], dim=1))  # [B, features_dim]
 
 
 #: ``policy.features_extractor`` registry key -> class (``auto``: MemoryPolicy's default,
