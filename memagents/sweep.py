@@ -142,15 +142,20 @@ def make_trainable(specs: dict[str, compare.RunSpec], factors, episodes, poll: f
             alive = worker.is_alive()
             rows = _evaluation_rows(spec.run_dir)
             latest = _latest(spec.run_dir)
-            if latest is not None and latest != saved:
-                # hand the run's newest checkpoint to Tune, which persists it to its storage
-                with tempfile.TemporaryDirectory() as tmp:
-                    pack_run_checkpoint(spec.run_dir, Path(tmp))
-                    metrics = {**(rows[-1] if rows else {}), "name": spec.name, "done": False}
-                    report(metrics, checkpoint=checkpoint_cls.from_directory(tmp))
-                saved = latest
-            for row in rows[seen:]:
+            # every report carries the metric Tune optimises, so a checkpoint written before the
+            # first evaluation waits for it; it rides on the newest row (no row twice)
+            for row in rows[seen:-1]:
                 report({**row, "name": spec.name, "done": False})
+            due = latest is not None and latest != saved and rows
+            if rows[seen:] or due:
+                metrics = {**rows[-1], "name": spec.name, "done": False}
+                if due:  # hand the run's newest checkpoint to Tune, which persists it
+                    with tempfile.TemporaryDirectory() as tmp:
+                        pack_run_checkpoint(spec.run_dir, Path(tmp))
+                        report(metrics, checkpoint=checkpoint_cls.from_directory(tmp))
+                    saved = latest
+                else:
+                    report(metrics)
             seen = max(seen, len(rows))
             if not alive:
                 break

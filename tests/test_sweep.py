@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import time
 
 import pytest
 import yaml
@@ -106,3 +107,47 @@ def test_tune_checkpoint_round_trip_restores_a_resumable_run(tmp_path, capsys):
     column = lines[0].split(",").index("time/total_timesteps")
     assert int(float(lines[1].split(",")[column])) > 128  # continued from step 128, not from 0
     capsys.readouterr()
+
+
+def test_trainable_reports_the_metric_every_time_and_each_row_once(tmp_path, monkeypatch):
+    """A run that writes a checkpoint before its first evaluation (faster training made this a
+    race in the local-Ray sweep): Tune's strict metric check fails any report without
+    ``mean_reward``, so the checkpoint waits for the first row; no row is reported twice."""
+    tune = pytest.importorskip("ray.tune")
+    from pathlib import Path
+
+    from memagents import compare
+
+    run_dir = tmp_path / "runs" / "x-s0"
+    spec = compare.RunSpec("x-s0", "lstm", 0, run_dir, [], {})
+    reports = []
+
+    def fake_run(spec, runner, logs, factors, episodes):
+        (run_dir / "checkpoints").mkdir(parents=True)
+        (run_dir / "config.yaml").write_text("{}\n")
+        for name in ("model_64.zip", "rng_64.pt"):
+            (run_dir / "checkpoints" / name).write_text("x")
+        latest = {"model": "model_64.zip", "rng": "rng_64.pt", "timesteps": 64}
+        (run_dir / "checkpoints" / "latest.json").write_text(json.dumps(latest))
+        time.sleep(0.05)  # a poll sees the checkpoint before any evaluation row
+        rows = "timesteps,mean_reward,std_reward,success_rate\n64,0.5,0.1,0.5\n128,0.75,0.1,0.7\n"
+        (run_dir / "evaluations.csv").write_text(rows)
+        time.sleep(0.05)
+        final = {"mean_reward": 0.8, "success_rate": 0.7, "num_timesteps": 128}
+        (run_dir / "eval.json").write_text(json.dumps(final))
+        return {"code": 0}
+
+    def report(metrics, checkpoint=None):
+        reports.append((dict(metrics), checkpoint is not None))
+
+    monkeypatch.setattr(compare, "do_run", fake_run)
+    monkeypatch.setattr(tune, "report", report)
+    monkeypatch.setattr(tune, "get_checkpoint", lambda: None)
+    trainable = sweep.make_trainable({"x-s0": spec}, [1], 1, poll=0.01)
+    trainable({"name": "x-s0"})
+    assert all("mean_reward" in metrics for metrics, _ in reports)
+    assert sum(with_checkpoint for _, with_checkpoint in reports) == 1
+    steps = [m["timesteps"] for m, _ in reports if not m["done"]]
+    assert steps == [64.0, 128.0]  # each evaluation row once, in order
+    assert reports[-1][0]["done"] and reports[-1][0]["mean_reward"] == 0.8
+    assert Path(run_dir / "eval.json").is_file()
