@@ -36,6 +36,9 @@ class EnvConfig:
     """Parallel environments in the rollout."""
     vec_env: str = "dummy"
     """``dummy`` (SB3 DummyVecEnv of single envs) or ``batched`` (``envs.make_vec``, memagents/ ids)."""
+    actions: list[int] = field(default_factory=list)
+    """Keep only these actions of a ``Discrete`` action space, renumbered ``0..k-1`` in this order
+    (``[0, 1, 2]``: MiniGrid's turn left, turn right, forward); empty: all actions."""
     wrapper: str = "auto"
     """Observation wrapper (``memagents.wrappers.WRAPPERS``): ``minigrid`` (grid codes and direction
     as one integer Box), ``none``, or ``auto`` (``minigrid`` for ``MiniGrid-*`` ids, else ``none``)."""
@@ -52,7 +55,10 @@ class CoreConfig:
 @dataclass
 class PolicyConfig:
     critic: str = "shared"
-    """``shared`` core for actor and critic, ``separate`` critic core, or ``feedforward`` critic."""
+    """``shared``: one core, the value head reads it detached (sb3-contrib's ``shared_lstm``: only
+    the policy loss trains the core); ``joint``: one core trained by both the policy and the value
+    loss (CleanRL's PPO-LSTM); ``separate``: a second core for the critic; ``feedforward``: a
+    critic without memory."""
     net_arch: list[int] = field(default_factory=lambda: [64])
     """Hidden layer widths of the policy and value heads after the core."""
     features_extractor: str = "auto"
@@ -157,9 +163,13 @@ class Config:
 _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "env.n_envs": (lambda v: v >= 1, "an integer >= 1"),
     "env.vec_env": (lambda v: v in ("dummy", "batched"), "'dummy' or 'batched'"),
+    "env.actions": (
+        lambda v: all(a >= 0 for a in v) and len(set(v)) == len(v),
+        "a list of distinct action ids >= 0",
+    ),
     "policy.critic": (
-        lambda v: v in ("shared", "separate", "feedforward"),
-        "'shared', 'separate' or 'feedforward'",
+        lambda v: v in ("shared", "joint", "separate", "feedforward"),
+        "'shared', 'joint', 'separate' or 'feedforward'",
     ),
     "policy.net_arch": (lambda v: all(w >= 1 for w in v), "a list of integers >= 1"),
     "ppo.n_steps": (lambda v: v >= 1, "an integer >= 1"),

@@ -139,6 +139,7 @@ def check_names(config: Config) -> None:
         raise ConfigError(
             f"env.vec_env: 'batched' needs a memagents/ environment; got env.id={config.env.id!r}"
         )
+    check_actions(config)
     check_observation_pipeline(config)
     if config.curriculum.knob:
         from memagents.sb3.curriculum import check_knob
@@ -146,6 +147,25 @@ def check_names(config: Config) -> None:
         error = check_knob(config.env.id, config.env.kwargs, config.curriculum.knob)
         if error:
             raise ConfigError(f"curriculum.knob: {error}")
+
+
+def check_actions(config: Config) -> None:
+    """``env.actions`` must name actions of the env's ``Discrete`` action space."""
+    if not config.env.actions:
+        return
+    if config.env.vec_env == "batched":
+        raise ConfigError("env.actions: the batched env takes no action subset; use vec_env dummy")
+    import gymnasium as gym
+
+    env = gym.make(config.env.id, **config.env.kwargs)
+    try:
+        from memagents.wrappers import ActionSubset
+
+        ActionSubset(env, list(config.env.actions))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    finally:
+        env.close()
 
 
 def check_observation_pipeline(config: Config) -> None:
@@ -240,12 +260,18 @@ def make_env(config: Config, seed: int, n_envs: int | None = None):
         env_kwargs.setdefault("render_mode", None)
     if config.env.id.startswith(("MiniGrid-", "BabyAI-")):
         import minigrid  # noqa: F401  (registers the MiniGrid ids)
+    observation_wrapper = WRAPPERS[env_wrapper(config)]
+    actions = list(config.env.actions)
+
+    def wrapper(env):  # outside SB3's Monitor
+        if actions:
+            from memagents.wrappers import ActionSubset
+
+            env = ActionSubset(env, actions)
+        return env if observation_wrapper is None else observation_wrapper(env)
+
     return make_vec_env(
-        config.env.id,
-        n_envs=n,
-        seed=seed,
-        env_kwargs=env_kwargs,
-        wrapper_class=WRAPPERS[env_wrapper(config)],  # outside SB3's Monitor
+        config.env.id, n_envs=n, seed=seed, env_kwargs=env_kwargs, wrapper_class=wrapper
     )
 
 
@@ -258,7 +284,8 @@ def policy_kwargs(config: Config) -> dict[str, Any]:
         "core": config.core.name,
         "core_kwargs": dict(config.core.kwargs),
         "net_arch": list(config.policy.net_arch),
-        "shared_lstm": critic == "shared",
+        "shared_lstm": critic in ("shared", "joint"),
+        "train_shared_core": critic == "joint",
         "enable_critic_lstm": critic == "separate",
     }
     extractor = FEATURES_EXTRACTORS[features_extractor(config)]

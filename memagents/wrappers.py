@@ -83,6 +83,39 @@ class MiniGridCodes(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
         return self.observation(obs), reward, terminated, truncated, info
 
 
+class ActionSubset(gym.ActionWrapper, gym.utils.RecordConstructorArgs):
+    """Only some actions of a ``Discrete`` action space, renumbered ``0..k-1``.
+
+    Action ``i`` of the wrapped env is action ``actions[i]`` of the inner one. MiniGrid's Memory
+    tasks need only ``[0, 1, 2]`` (turn left, turn right, forward); the other four (pick up, drop,
+    toggle, done) change nothing there but dilute exploration (MarcoMeter's recurrent PPO trains
+    MiniGrid on these three).
+
+    :param env: an env with a ``Discrete(n)`` action space.
+    :param actions: distinct inner action ids, each in ``start .. start + n - 1``.
+    """
+
+    def __init__(self, env: gym.Env, actions: list[int]) -> None:
+        gym.utils.RecordConstructorArgs.__init__(self, actions=list(actions))
+        gym.ActionWrapper.__init__(self, env)
+        space = env.action_space
+        if not isinstance(space, spaces.Discrete):
+            raise ValueError(f"env.actions needs a Discrete action space; got {space}")
+        lo, hi = int(space.start), int(space.start + space.n - 1)
+        bad = [a for a in actions if not lo <= int(a) <= hi]
+        if not actions or bad or len(set(actions)) != len(actions):
+            raise ValueError(
+                f"env.actions {list(actions)}: expected distinct action ids in {lo}..{hi} "
+                f"(the env's {space})"
+            )
+        self.actions = np.asarray(actions, dtype=np.int64)
+        self.action_space = spaces.Discrete(len(actions))
+
+    def action(self, action: Any) -> int:
+        """Outer action ``i`` (0..k-1) -> inner action ``actions[i]``."""
+        return int(self.actions[int(action)])
+
+
 #: ``env.wrapper`` registry key -> observation wrapper (``None``: the env as it is).
 WRAPPERS: dict[str, type[gym.Wrapper] | None] = {
     "none": None,

@@ -27,7 +27,7 @@ from memagents import train
 from memagents.config import CONFIG_DIR, ConfigError, from_dict, load_config
 from memagents.sb3 import MemoryPolicy
 from memagents.sb3.extractors import MiniGridExtractor
-from memagents.wrappers import MiniGridCodes, wrap
+from memagents.wrappers import ActionSubset, MiniGridCodes, wrap
 
 torch.set_num_threads(1)
 
@@ -292,6 +292,48 @@ def test_bad_pipeline_config_is_a_config_error(overrides, must_name) -> None:
     assert "\n" not in message
     for fragment in must_name:
         assert fragment in message, (fragment, message)
+
+
+def test_action_subset_renumbers_actions_and_replays_the_inner_env() -> None:
+    """Outer action i is inner action actions[i]: the same seed and mapped actions give the same
+    observations as the unwrapped env, in another order of actions than the inner one's."""
+    actions = [2, 0, 1]  # forward, left, right
+    raw, env = gym.make(ENV_ID), ActionSubset(gym.make(ENV_ID), actions)
+    assert env.action_space == gym.spaces.Discrete(3)
+    raw_obs, _ = raw.reset(seed=5)
+    obs, _ = env.reset(seed=5)
+    rng = np.random.default_rng(1)
+    for _ in range(40):
+        a = int(rng.integers(0, 3))
+        raw_obs, raw_r, raw_term, raw_trunc, _ = raw.step(actions[a])
+        obs, r, term, trunc, _ = env.step(a)
+        np.testing.assert_array_equal(obs["image"], raw_obs["image"])
+        assert (obs["direction"], r, term, trunc) == (raw_obs["direction"], raw_r, raw_term, raw_trunc)
+        if term or trunc:
+            break
+    check_env(MiniGridCodes(ActionSubset(gym.make(ENV_ID), [0, 1, 2])), warn=False)
+
+
+@pytest.mark.parametrize(
+    ("actions", "must_name"),
+    [([0, 7], ["[0, 7]", "0..6", "Discrete(7)"]), ([1, 1], ["[1, 1]", "distinct"]), ([], [])],
+)
+def test_action_subset_rejects_bad_ids(actions, must_name) -> None:
+    with pytest.raises(ValueError) as info:
+        ActionSubset(gym.make(ENV_ID), actions)
+    for fragment in must_name:
+        assert fragment in str(info.value)
+
+
+def test_bad_action_subset_config_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"env.actions \[0, 9\].*0..6"):
+        train.check_names(from_dict({"env": {"id": ENV_ID, "actions": [0, 9]}}))
+    with pytest.raises(ConfigError, match="env.actions.*distinct"):
+        from_dict({"env": {"id": ENV_ID, "actions": [2, 2]}})
+    with pytest.raises(ConfigError, match="batched"):
+        train.check_names(
+            from_dict({"env": {"id": "memagents/Copy-v0", "vec_env": "batched", "actions": [0]}})
+        )
 
 
 def test_train_cli_runs_memory_s7(tmp_path: Path, capsys) -> None:

@@ -64,6 +64,7 @@ CORES = cores.available()
 CRITIC_MODES: dict[str, dict[str, bool]] = {
     "separate": {"shared_lstm": False, "enable_critic_lstm": True},
     "shared": {"shared_lstm": True, "enable_critic_lstm": False},
+    "joint": {"shared_lstm": True, "enable_critic_lstm": False, "train_shared_core": True},
     "feedforward": {"shared_lstm": False, "enable_critic_lstm": False},
 }
 
@@ -473,6 +474,28 @@ def test_learn_moves_core_weights(name: str, critic: str) -> None:
         assert not torch.equal(new, old), f"{type(module).__name__} did not train"
 
 
+@pytest.mark.parametrize("critic", ["shared", "joint"])
+@pytest.mark.parametrize("name", ["lstm", "dnc"])
+def test_value_loss_trains_the_shared_core_only_when_joint(name: str, critic: str) -> None:
+    """``shared`` detaches the value head's input (sb3-contrib); ``joint`` lets the value loss
+    reach the core: the gradient of the values alone w.r.t. the core's weights is zero in the one
+    mode and nonzero in the other, while the heads get it in both."""
+    model = make_model(name, critic, "seqstart")
+    collect(model)
+    policy = model.policy
+    batch = next(model.rollout_buffer.get(batch_size=None))
+    values, _, _ = policy.evaluate_actions(
+        batch.observations, batch.actions, batch.lstm_states, batch.episode_starts
+    )
+    policy.zero_grad(set_to_none=True)
+    values.square().sum().backward()
+    core_grads = [p.grad for p in policy.lstm_actor.core.parameters()]
+    reached = [g is not None and bool(g.abs().sum() > 0) for g in core_grads]
+    assert any(reached) == (critic == "joint")
+    assert policy.value_net.weight.grad is not None
+    assert policy.value_net.weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("algo", list(ALGOS))
 def test_short_dnc_learn_stays_finite(algo: str) -> None:
     model = make_model("dnc", "separate", algo, n_envs=4)
@@ -705,3 +728,5 @@ def test_invalid_arguments_are_rejected() -> None:
         )
     with pytest.raises(ValueError, match="does not take"):
         RecurrentPPO(MemoryPolicy, env, policy_kwargs={"core": "gru", "core_kwargs": {"N": 3}})
+    with pytest.raises(ValueError, match="train_shared_core=True needs shared_lstm=True"):
+        RecurrentPPO(MemoryPolicy, env, policy_kwargs={"core": "gru", "train_shared_core": True})

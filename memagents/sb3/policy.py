@@ -255,6 +255,12 @@ class MemoryPolicy(RecurrentActorCriticPolicy):
     False                  False                   feed-forward: ``Linear(features, core output)``
     ====================  =====================  =====================================================
 
+    ``train_shared_core=True`` (with ``shared_lstm=True``) lets the value loss train the shared
+    core as well: the value head reads the core's output *with* its gradient, as one recurrent
+    encoder trained by both losses does in CleanRL's and MarcoMeter's PPO-LSTM (config
+    ``policy.critic: joint``). The value loss then teaches the core to keep what predicts return
+    (the cue of a memory task), a regression signal far denser than the policy gradient's.
+
     :param observation_space: observation space (Box, or Dict with a Dict-aware extractor).
     :param action_space: action space.
     :param lr_schedule: learning-rate schedule; ``lr_schedule(1)`` is the initial rate.
@@ -264,6 +270,8 @@ class MemoryPolicy(RecurrentActorCriticPolicy):
         ``input_size``, which is the features extractor's ``features_dim``.
     :param shared_lstm: one core for actor and critic (see the table above).
     :param enable_critic_lstm: a separate core for the critic (see the table above).
+    :param train_shared_core: with ``shared_lstm``, the value loss trains the shared core too
+        (not detached); ``False`` keeps sb3-contrib's detached value input.
     :param net_arch: hidden layers of the MLP heads on top of the core's output, as in SB3:
         ``[64, 64]`` or ``dict(pi=[...], vf=[...])``; ``None`` means SB3's default ``[64, 64]``.
     :param activation_fn: activation of the MLP heads.
@@ -293,6 +301,7 @@ class MemoryPolicy(RecurrentActorCriticPolicy):
         core_kwargs: dict[str, Any] | None = None,
         shared_lstm: bool = False,
         enable_critic_lstm: bool = True,
+        train_shared_core: bool = False,
         net_arch: list[int] | dict[str, list[int]] | None = None,
         activation_fn: type[nn.Module] = nn.Tanh,
         ortho_init: bool = True,
@@ -317,6 +326,11 @@ class MemoryPolicy(RecurrentActorCriticPolicy):
                 "shared_lstm=True and enable_critic_lstm=True are exclusive: choose a shared core, "
                 "a separate critic core, or neither (feed-forward critic)"
             )
+        if train_shared_core and not shared_lstm:
+            raise ValueError(
+                "train_shared_core=True needs shared_lstm=True (it says whether the value loss "
+                "trains the shared core)"
+            )
         if shared_lstm and not share_features_extractor:
             raise ValueError(
                 "shared_lstm=True needs share_features_extractor=True (one core, one input)"
@@ -333,6 +347,7 @@ class MemoryPolicy(RecurrentActorCriticPolicy):
         self.core_kwargs = dict(core_kwargs or {})
         self.shared_lstm = bool(shared_lstm)
         self.enable_critic_lstm = bool(enable_critic_lstm)
+        self.train_shared_core = bool(train_shared_core)
         # RecurrentActorCriticPolicy.__init__ is skipped on purpose: it would build nn.LSTMs
         # (lstm_hidden_size=256 by default) only for them to be replaced. Everything it sets up
         # is set up here, in _build_mlp_extractor and by the properties below.
@@ -403,6 +418,7 @@ class MemoryPolicy(RecurrentActorCriticPolicy):
             core_kwargs=self.core_kwargs,
             shared_lstm=self.shared_lstm,
             enable_critic_lstm=self.enable_critic_lstm,
+            train_shared_core=self.train_shared_core,
             share_features_extractor=self.share_features_extractor,
         )
         return data
@@ -467,8 +483,9 @@ class MemoryPolicy(RecurrentActorCriticPolicy):
                 vf_features, lstm_states.vf, episode_starts, self.memory_critic
             )
         elif self.shared_lstm:
-            # the value head reads the shared core without training it (sb3-contrib's semantics)
-            latent_vf = latent_pi.detach()
+            # sb3-contrib's semantics: the value head reads the shared core without training it;
+            # with train_shared_core the value loss trains it too (the state is a value to store)
+            latent_vf = latent_pi if self.train_shared_core else latent_pi.detach()
             states_vf = (states_pi[0].detach(), states_pi[1].detach())
         else:
             latent_vf = self.critic(vf_features)
@@ -590,7 +607,8 @@ class MemoryPolicy(RecurrentActorCriticPolicy):
             latent_vf, _ = self._process_sequence(
                 features, lstm_states, episode_starts, self.memory_actor
             )
-            latent_vf = latent_vf.detach()
+            if not self.train_shared_core:
+                latent_vf = latent_vf.detach()
         else:
             latent_vf = self.critic(features)
         return self.value_net(self.mlp_extractor.forward_critic(latent_vf))
