@@ -308,7 +308,12 @@ def test_action_subset_renumbers_actions_and_replays_the_inner_env() -> None:
         raw_obs, raw_r, raw_term, raw_trunc, _ = raw.step(actions[a])
         obs, r, term, trunc, _ = env.step(a)
         np.testing.assert_array_equal(obs["image"], raw_obs["image"])
-        assert (obs["direction"], r, term, trunc) == (raw_obs["direction"], raw_r, raw_term, raw_trunc)
+        assert (obs["direction"], r, term, trunc) == (
+            raw_obs["direction"],
+            raw_r,
+            raw_term,
+            raw_trunc,
+        )
         if term or trunc:
             break
     check_env(MiniGridCodes(ActionSubset(gym.make(ENV_ID), [0, 1, 2])), warn=False)
@@ -328,7 +333,7 @@ def test_action_subset_rejects_bad_ids(actions, must_name) -> None:
 def test_bad_action_subset_config_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"env.actions \[0, 9\].*0..6"):
         train.check_names(from_dict({"env": {"id": ENV_ID, "actions": [0, 9]}}))
-    with pytest.raises(ConfigError, match="env.actions.*distinct"):
+    with pytest.raises(ConfigError, match=r"env.actions.*distinct"):
         from_dict({"env": {"id": ENV_ID, "actions": [2, 2]}})
     with pytest.raises(ConfigError, match="batched"):
         train.check_names(
