@@ -88,6 +88,25 @@ def test_promotion_rules_with_scripted_episodes(kind):
         step([(0, False), (1, True)])  # 6 of 10 succeed < 0.75
     assert cb.level == 5 and cb.last_success_rate == pytest.approx(0.6)
     assert cb.history == [(8, 5)]
+    # the decided check at step 16 started a new count: the next judges only later episodes
+    assert cb.episodes == 0
+    for _ in range(4):
+        step([(0, True), (1, True)])
+    assert cb.level == 8 and cb.last_success_rate == 1.0
+
+
+def test_a_level_is_judged_by_recent_episodes_not_its_first_ones():
+    """Early failures at a level must not hold back a policy that has since learned it."""
+    env = ENV_KINDS["dummy"]()
+    model = tiny_model(env)
+    cb = CurriculumCallback("max_delay", increment=1, freq=4, threshold=0.9, min_episodes=4)
+    step = scripted(cb, model)
+    for _ in range(4):
+        step([(0, False), (1, False)])  # check at 4: 0 of 8
+    assert cb.level == 2 and cb.last_success_rate == 0.0
+    for _ in range(4):
+        step([(0, True), (1, True)])  # check at 8: 8 of 8 recent (8 of 16 over the level)
+    assert cb.level == 3 and cb.last_success_rate == 1.0
 
 
 def test_max_value_caps_the_level(tmp_path):

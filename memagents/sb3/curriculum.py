@@ -67,8 +67,12 @@ class CurriculumCallback(BaseCallback):
     :param freq: ``curriculum_freq``: environment steps (summed over envs) between checks.
     :param threshold: success rate in ``[0, 1]`` at the current level needed to be promoted.
     :param max_value: the knob is never raised beyond this (None: no limit).
-    :param min_episodes: training episodes that must have finished at the current level before
-        a check can promote (ignored with ``eval_env``).
+    :param min_episodes: training episodes that must have finished at the current level since
+        the last decided check before a check decides (ignored with ``eval_env``). The success
+        rate is that of these recent episodes: each decided check starts a new count, so a level
+        is judged by the policy as it is now, not by its first, unskilled episodes there (a
+        count over the whole level lags far behind: on Copy at length 2 it read 0.39 when the
+        last rollout's success was 0.92).
     :param eval_env: if given, the success rate is that of ``eval_episodes`` deterministic
         episodes on this ``VecEnv`` (kept at the current level) instead of the training episodes.
     :param eval_episodes: episodes per check with ``eval_env``.
@@ -113,8 +117,8 @@ class CurriculumCallback(BaseCallback):
         self.state_path = Path(state_path) if state_path is not None else None
         self.level: int = 0
         self.next_check = 0
-        self.successes = 0  # training episodes at the current level that succeeded
-        self.episodes = 0  # training episodes finished at the current level
+        self.successes = 0  # of those episodes, the successful ones
+        self.episodes = 0  # training episodes finished at this level since the last decided check
         self.last_success_rate = float("nan")
         self.stale = np.zeros(0, dtype=bool)  # [n_envs] episode under way started before a change
         self.history: list[tuple[int, int]] = []  # (num_timesteps, level) of every change
@@ -212,8 +216,9 @@ class CurriculumCallback(BaseCallback):
             rate = self._evaluate()
         elif self.episodes >= self.min_episodes:
             rate = self.successes / self.episodes
+            self.successes = self.episodes = 0  # the next check judges the episodes after this
         else:
-            return  # not enough episodes at this level yet
+            return  # not enough episodes at this level since the last decided check
         self.last_success_rate = rate
         if rate < self.threshold:
             return
