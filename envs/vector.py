@@ -22,6 +22,7 @@ and rules; its difficulty knobs are shared by all episodes and can be changed be
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -45,6 +46,8 @@ class BatchedStep(NamedTuple):
     done: Tensor  # [B] bool: the episode ended with this step (terminated; never truncated)
     final_obs: Tensor  # [B, D] float32: observation after this step, before any auto-reset
     success: Tensor  # [B] bool: where done, whether every answer element was right
+    episode_return: Tensor  # [B] float32: where done, the episode's summed reward (else 0)
+    episode_length: Tensor  # [B] int64: where done, the episode's number of steps (else 0)
 
 
 class BatchedEnv:
@@ -97,6 +100,8 @@ class BatchedEnv:
         self._length: Tensor | None = None  # [B] int64
         self._t: Tensor | None = None  # [B] int64: current step of each episode
         self._errors: Tensor | None = None  # [B] int64: wrong answer elements so far
+        self._return: Tensor | None = None  # [B] float32: reward summed so far this episode
+        self._t_start = time.perf_counter()  # for the ``episode`` info's wall time, as Monitor
         self._row_start: Tensor | None = None  # [B] int64: b * T, flat index of (b, t = 0)
         # fresh episodes laid out ahead of time, so that an auto-reset costs a copy, not a
         # sample + layout of a few episodes (dozens of small tensor ops) at every step:
@@ -130,6 +135,7 @@ class BatchedEnv:
         self._obs, self._target, self._weight, self._length = (x.contiguous() for x in episodes)
         self._t = torch.zeros(self.num_envs, dtype=torch.long, device=self.device)
         self._errors = torch.zeros(self.num_envs, dtype=torch.long, device=self.device)
+        self._return = torch.zeros(self.num_envs, dtype=torch.float32, device=self.device)
         self._update_row_start()
         return self._obs[:, 0].clone()
 
@@ -149,17 +155,21 @@ class BatchedEnv:
         weight = self._weight.view(B * T).index_select(0, now)  # [B]
         reward, wrong = score(actions, target, weight)  # [B] float32, [B] int64
         self._errors += wrong
+        self._return += reward
         self._t += 1
         done = self._t >= self._length  # [B]
         final_obs = self._obs.view(B * T, D).index_select(0, now + 1)  # [B, D]
         success = done & (self._errors == 0)
+        episode_return = torch.where(done, self._return, 0.0)  # [B]
+        episode_length = torch.where(done, self._t, 0)  # [B]
+        self._return.masked_fill_(done, 0.0)
         restart = done.nonzero().squeeze(1)  # [k] envs whose episode ended
         obs = final_obs
         if restart.numel() > 0:
             self._restart(restart)  # may grow T
             B, T, D = self._obs.shape
             obs = self._obs.view(B * T, D).index_select(0, self._row_start + self._t)
-        return BatchedStep(obs, reward, done, final_obs, success)
+        return BatchedStep(obs, reward, done, final_obs, success, episode_return, episode_length)
 
     def set_difficulty(self, **knobs: Any) -> dict[str, Any]:
         """Change the task's difficulty knobs for every episode that starts from now on."""
@@ -181,7 +191,9 @@ class BatchedEnv:
 
         :return: ``obs [B, D] float32``, ``rewards [B] float32``, ``dones [B] bool``, and one
             info dict per env; where done it holds ``terminal_observation`` (``[D]``),
-            ``TimeLimit.truncated`` (always False) and ``is_success``.
+            ``TimeLimit.truncated`` (always False), ``is_success`` and, as SB3's ``Monitor``
+            writes it, ``episode = {"r": return, "l": length, "t": seconds since creation}``
+            (SB3 logs ``rollout/ep_rew_mean`` and ``rollout/ep_len_mean`` from it).
         """
         if self._actions is None:
             raise RuntimeError("step_wait() called without step_async(actions)")
@@ -191,11 +203,15 @@ class BatchedEnv:
         infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
         if dones.any():
             final_obs, success = out.final_obs.cpu().numpy(), out.success.cpu().numpy()
+            returns = out.episode_return.cpu().numpy()
+            lengths = out.episode_length.cpu().numpy()
+            elapsed = round(time.perf_counter() - self._t_start, 6)
             for i in np.flatnonzero(dones):
                 infos[i] = {
                     "terminal_observation": final_obs[i],
                     "TimeLimit.truncated": False,
                     "is_success": bool(success[i]),
+                    "episode": {"r": float(returns[i]), "l": int(lengths[i]), "t": elapsed},
                 }
         return out.obs.cpu().numpy(), out.reward.cpu().numpy(), dones, infos
 
@@ -209,6 +225,7 @@ class BatchedEnv:
     def close(self) -> None:
         """Free the episode tensors."""
         self._obs = self._target = self._weight = self._length = self._t = self._errors = None
+        self._return = None
         self._reservoir = None
 
     def seed(self, seed: int | None = None) -> list[int | None]:

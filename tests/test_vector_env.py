@@ -10,7 +10,7 @@ from envs_oracle import Oracle, best_memoryless_action, expected_length
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from stable_baselines3 import PPO
-from stable_baselines3.common.vec_env import VecEnv, VecMonitor
+from stable_baselines3.common.vec_env import VecEnv
 
 import envs
 from envs import InvalidActionError
@@ -53,6 +53,8 @@ def test_batched_env_matches_single_env_for_the_same_episodes_and_actions(
     rng = np.random.default_rng(seed)
     singles[0].action_space.seed(seed)
     active = [True] * n
+    returns = [0.0] * n  # summed in float64, as SB3's Monitor sums the single env's rewards
+    steps = [0] * n
     last_obs = [obs[i].numpy() for i in range(n)]
     while any(active):
         actions = []
@@ -66,11 +68,17 @@ def test_batched_env_matches_single_env_for_the_same_episodes_and_actions(
             obs_i, reward, terminated, _, info = singles[i].step(actions[i])
             assert reward == out.reward[i].item()  # bit for bit
             assert terminated == out.done[i].item()
+            returns[i] += reward
+            steps[i] += 1
             np.testing.assert_array_equal(obs_i, out.final_obs[i].numpy())
             if terminated:
                 assert info["is_success"] == out.success[i].item()
+                # float32 sums of at most a few dozen float32 rewards: rounding only
+                assert out.episode_return[i].item() == pytest.approx(returns[i], abs=1e-5)
+                assert out.episode_length[i].item() == steps[i]
                 active[i] = False
             else:
+                assert out.episode_return[i].item() == 0.0 and out.episode_length[i].item() == 0
                 np.testing.assert_array_equal(obs_i, out.obs[i].numpy())
             last_obs[i] = obs_i
 
@@ -106,6 +114,9 @@ def test_oracle_scores_exactly_one_in_every_batched_episode_across_auto_resets(e
             assert steps[i] == expected_length(oracles[i].env, oracles[i].history)
             assert infos[i]["is_success"] is True
             assert infos[i]["TimeLimit.truncated"] is False
+            episode = infos[i]["episode"]  # SB3 Monitor's record, summed on the device
+            assert episode["r"] == pytest.approx(returns[i], abs=1e-5)
+            assert episode["l"] == steps[i] and episode["t"] >= 0.0
             np.testing.assert_array_equal(infos[i]["terminal_observation"], np.zeros(obs.shape[1]))
             returns[i], steps[i] = 0.0, 0
             oracles[i].reset()
@@ -332,7 +343,8 @@ def test_episodes_live_on_the_requested_device():  # pragma: no cover - no GPU i
 def test_sb3_ppo_trains_on_the_batched_env_unchanged(env_id, lengths):
     venv = TorchVecEnv.make(env_id, num_envs=8, seed=0)
     assert isinstance(venv, VecEnv)
-    model = PPO("MlpPolicy", VecMonitor(venv), n_steps=32, batch_size=64, n_epochs=1, seed=0)
+    # no VecMonitor: the batched env writes the episode records SB3 logs from
+    model = PPO("MlpPolicy", venv, n_steps=32, batch_size=64, n_epochs=1, seed=0)
     model.learn(total_timesteps=512)
     assert model.num_timesteps == 512
     episodes = list(model.ep_info_buffer)
