@@ -12,8 +12,8 @@ correct side, exactly the information a policy needs. It prints held-out accurac
 
     python benchmarks/minigrid_xor_probe.py [--steps 1500] [--lr 1e-3] [--seed 0]
 
-Measured on 2026-12-07 (2-core CPU, 64 episodes a step, seed 0): chance (0.50) up to step 250,
-then 1.00 by step 500 at lr 1e-3; see docs/TUNING.md for what it says about the RL runs.
+Measured on 2026-12-07 (2-core CPU, 64 episodes a step, seed 0): chance (0.50) up to step 300,
+then 1.00 from step 400 at lr 1e-3; see docs/TUNING.md for what it says about the RL runs.
 """
 
 from __future__ import annotations
