@@ -304,7 +304,13 @@ def test_splitting_a_sequence_carries_the_state(tiny_core):
 
 
 def test_batch_elements_do_not_leak_into_each_other(tiny_core):
-    """Changing element 0's inputs (and its resets) leaves the other elements bitwise unchanged."""
+    """Changing element 0's inputs (and its resets) leaves the other elements unchanged.
+
+    Up to rounding, not bitwise: element 0's extra reset splits ``lstm``/``gru``'s library call
+    into stretches of other shapes, and BLAS/oneDNN choose kernels (and summation orders) by
+    shape and CPU, so the other elements' float32 results may differ in the last bits (seen on an
+    AVX-512 CPU). A leak would be of the size of element 0's change (inputs moved by 10 randn),
+    far above ``PATH_TOL``."""
     core = tiny_core()
     T = 5
     x = _inputs(core, T, seed=16)
@@ -318,10 +324,10 @@ def test_batch_elements_do_not_leak_into_each_other(tiny_core):
     starts_perturbed = starts.clone()
     starts_perturbed[3, 0] = 1.0
     y_p, s_p = core(x_perturbed, s0, starts_perturbed)
-    assert not torch.equal(y_p[:, 0], y[:, 0])
-    assert torch.equal(y_p[:, 1:], y[:, 1:])
+    assert (y_p[:, 0] - y[:, 0]).abs().max() > 1e-2
+    torch.testing.assert_close(y_p[:, 1:], y[:, 1:], **PATH_TOL)
     for (name, a), b in zip(state_lib.named_leaves(s), state_lib.leaves(s_p), strict=True):
-        assert torch.equal(a[1:], b[1:]), name
+        torch.testing.assert_close(a[1:], b[1:], msg=lambda m, n=name: f"{n}: {m}", **PATH_TOL)
 
 
 def test_gradient_does_not_cross_batch_elements(tiny_core):
@@ -366,15 +372,20 @@ def test_unpack_pack_of_any_flat_tensor_is_exact(tiny_core):
         core.unpack_state(torch.zeros(B, core.state_size + 1))
 
 
-def test_unpacked_state_continues_the_run_bitwise(tiny_core):
-    """A state that went through pack/unpack (as in SB3's buffers) gives the same future."""
+def test_unpacked_state_continues_the_run(tiny_core):
+    """A state that went through pack/unpack (as in SB3's buffers) gives the same future.
+
+    The values are the same bits (pack/unpack is exact, tested above), but the unpacked leaves
+    are views with other strides, and a library matmul may take another kernel for them, so the
+    comparison allows float32 rounding (``PATH_TOL``); it failed bitwise for the torch paths of
+    dnc, sam and sdnc on an AVX-512 CPU."""
     core = tiny_core()
     x = _inputs(core, 5, seed=21)
     _, mid = core(x[:2], core.initial_state(B), _no_starts(2))
     y_direct, s_direct = core(x[2:], mid, _no_starts(3))
     y_packed, s_packed = core(x[2:], core.unpack_state(core.pack_state(mid).clone()), _no_starts(3))
-    assert torch.equal(y_packed, y_direct)
-    assert_states_equal(s_packed, s_direct)
+    torch.testing.assert_close(y_packed, y_direct, **PATH_TOL)
+    assert_states_equal(s_packed, s_direct, exact=False, **PATH_TOL)
 
 
 # -- debug tensors -----------------------------------------------------------------------------
