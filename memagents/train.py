@@ -139,7 +139,7 @@ def check_names(config: Config) -> None:
         raise ConfigError(
             f"env.vec_env: 'batched' needs a memagents/ environment; got env.id={config.env.id!r}"
         )
-    check_actions(config)
+    check_env(config)
     check_observation_pipeline(config)
     if config.curriculum.knob:
         from memagents.sb3.curriculum import check_knob
@@ -149,19 +149,25 @@ def check_names(config: Config) -> None:
             raise ConfigError(f"curriculum.knob: {error}")
 
 
-def check_actions(config: Config) -> None:
-    """``env.actions`` must name actions of the env's ``Discrete`` action space."""
-    if not config.env.actions:
-        return
-    if config.env.vec_env == "batched":
+def check_env(config: Config) -> None:
+    """``env.kwargs`` must construct the env, and ``env.actions`` name actions of its
+    ``Discrete`` action space: both are input errors, not tracebacks."""
+    if config.env.vec_env == "batched" and config.env.actions:
         raise ConfigError("env.actions: the batched env takes no action subset; use vec_env dummy")
     import gymnasium as gym
 
-    env = gym.make(config.env.id, **config.env.kwargs)
-    try:
-        from memagents.wrappers import ActionSubset
+    from memagents.wrappers import ActionSubset
 
-        ActionSubset(env, list(config.env.actions))
+    kwargs = dict(config.env.kwargs)
+    if config.env.id.startswith("memagents/"):
+        kwargs.setdefault("render_mode", None)
+    try:
+        env = gym.make(config.env.id, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"env.kwargs {config.env.kwargs!r}: {exc}") from None
+    try:
+        if config.env.actions:
+            ActionSubset(env, list(config.env.actions))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     finally:

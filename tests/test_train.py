@@ -40,6 +40,10 @@ def run_cli(argv, capsys):
     return code, err
 
 
+#: a batched Copy with an invalid difficulty knob
+BATCHED_BAD = ["--set", "env.kwargs.max_length=0"]
+
+
 @pytest.mark.parametrize(
     ("argv", "must_name"),
     [
@@ -54,6 +58,13 @@ def run_cli(argv, capsys):
         (["--resume", "/nonexistent/run"], ["/nonexistent/run", "config.yaml"]),
         (["--set", "ppo.pack_segments=on"], ["ppo.pack_segments", "True", "quote the word"]),
         (["--set", "ppo.pack_segments=sometimes"], ["ppo.pack_segments", "'sometimes'", "never"]),
+        (["--set", "env.kwargs.max_delay=0"], ["env.kwargs", "max_delay=0", "min_delay"]),
+        (["--set", "env.kwargs.colour=3"], ["env.kwargs", "'colour'"]),
+        (["--set", "env.actions=[0, 4]"], ["env.actions", "[0, 4]", "0..3"]),
+        (
+            [*["--env", "memagents/Copy-v0", "--set", "env.vec_env=batched"], *BATCHED_BAD],
+            ["env.kwargs", "max_length=0"],
+        ),
     ],
 )
 def test_bad_input_exits_2_with_one_line(argv, must_name, capsys):
