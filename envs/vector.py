@@ -162,7 +162,6 @@ class BatchedEnv:
         success = done & (self._errors == 0)
         episode_return = torch.where(done, self._return, 0.0)  # [B]
         episode_length = torch.where(done, self._t, 0)  # [B]
-        self._return.masked_fill_(done, 0.0)
         restart = done.nonzero().squeeze(1)  # [k] envs whose episode ended
         obs = final_obs
         if restart.numel() > 0:
@@ -319,6 +318,7 @@ class BatchedEnv:
         self._length.index_copy_(0, rows, episodes.length)
         self._t.index_fill_(0, rows, 0)
         self._errors.index_fill_(0, rows, 0)
+        self._return.index_fill_(0, rows, 0.0)
 
     def _take(self, k: int) -> Episodes:
         """``k`` fresh random episodes at the current difficulty, from the reservoir."""

@@ -158,11 +158,8 @@ def check_env(config: Config) -> None:
 
     from memagents.wrappers import ActionSubset
 
-    kwargs = dict(config.env.kwargs)
-    if config.env.id.startswith("memagents/"):
-        kwargs.setdefault("render_mode", None)
     try:
-        env = gym.make(config.env.id, **kwargs)
+        env = gym.make(config.env.id, **single_env_kwargs(config))
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"env.kwargs {config.env.kwargs!r}: {exc}") from None
     try:
@@ -258,12 +255,8 @@ def make_env(config: Config, seed: int, n_envs: int | None = None):
         from memagents.sb3 import TorchVecEnv
 
         return TorchVecEnv.make(config.env.id, n, seed=seed, **config.env.kwargs)
-    from memagents.wrappers import WRAPPERS
+    from memagents.wrappers import WRAPPERS, ActionSubset
 
-    env_kwargs = dict(config.env.kwargs)
-    if config.env.id.startswith("memagents/"):
-        # SB3's make_vec_env asks for render_mode="rgb_array"; the algorithmic tasks render text
-        env_kwargs.setdefault("render_mode", None)
     if config.env.id.startswith(("MiniGrid-", "BabyAI-")):
         import minigrid  # noqa: F401  (registers the MiniGrid ids)
     observation_wrapper = WRAPPERS[env_wrapper(config)]
@@ -271,14 +264,26 @@ def make_env(config: Config, seed: int, n_envs: int | None = None):
 
     def wrapper(env):  # outside SB3's Monitor
         if actions:
-            from memagents.wrappers import ActionSubset
-
             env = ActionSubset(env, actions)
         return env if observation_wrapper is None else observation_wrapper(env)
 
     return make_vec_env(
-        config.env.id, n_envs=n, seed=seed, env_kwargs=env_kwargs, wrapper_class=wrapper
+        config.env.id,
+        n_envs=n,
+        seed=seed,
+        env_kwargs=single_env_kwargs(config),
+        wrapper_class=wrapper,
     )
+
+
+def single_env_kwargs(config: Config) -> dict[str, Any]:
+    """``gym.make`` keyword arguments of one (non-batched) env of a config: ``env.kwargs``, and
+    ``render_mode=None`` for the algorithmic tasks (SB3's ``make_vec_env`` asks for
+    ``"rgb_array"``; they render text)."""
+    kwargs = dict(config.env.kwargs)
+    if config.env.id.startswith("memagents/"):
+        kwargs.setdefault("render_mode", None)
+    return kwargs
 
 
 def policy_kwargs(config: Config) -> dict[str, Any]:
