@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-import shutil
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -22,13 +22,15 @@ import memagents.cores as cores
 from memagents.cores import native
 from memagents.cores import state as state_lib
 
-torch.set_num_threads(1)
+torch.set_num_threads(int(os.environ.get("MEMAGENTS_TEST_THREADS", "1")))
 
 
-#: the native kernels can run here: a C++ compiler, and ``MEMAGENTS_NATIVE`` is not ``0``
-HAS_NATIVE = shutil.which("c++") is not None and native.mode() != "0"
+#: the native kernels are meant to run here (:func:`memagents.cores.native.expected`: the
+#: compiler the loader uses, ``$CXX`` or ``c++``, and ``MEMAGENTS_NATIVE`` not ``0``; always under
+#: ``MEMAGENTS_NATIVE=1``, where a failed build then fails the native tests instead of skipping them)
+HAS_NATIVE = native.expected()
 needs_native = pytest.mark.skipif(
-    not HAS_NATIVE, reason="no C++ compiler, or native kernels switched off (MEMAGENTS_NATIVE=0)"
+    not HAS_NATIVE, reason="no C++ compiler ($CXX or c++), or MEMAGENTS_NATIVE=0"
 )
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import re
-import shutil
 
 import pytest
 import torch
@@ -458,14 +457,12 @@ def test_value_errors_list_the_allowed_choices():
 
 F64 = torch.float64
 TIGHT = {"rtol": 1e-10, "atol": 1e-12}
-HAS_KERNEL = shutil.which("c++") is not None and native.mode() != "0"
+HAS_KERNEL = native.expected()  # as conftest.HAS_NATIVE
 
 
 def test_heads_kernel_loads_when_a_compiler_exists():
-    if shutil.which("c++") is None:
-        pytest.skip("no C++ compiler on PATH")
-    if native.mode() == "0":
-        pytest.skip("MEMAGENTS_NATIVE=0")
+    if not native.expected():
+        pytest.skip("no C++ compiler ($CXX or c++), or MEMAGENTS_NATIVE=0")
     assert fwp._heads_kernel() is not None, native._errors.get("fwp_heads")
 
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
+from conftest import needs_native
 
 from memagents.cores import native
 
@@ -41,7 +40,7 @@ def test_off_returns_none_without_building(probe_source, monkeypatch, tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
-@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+@needs_native
 def test_builds_once_and_runs(probe_source, monkeypatch, tmp_path):
     monkeypatch.setenv("MEMAGENTS_NATIVE", "1")
     lib = native.load("probe")
@@ -79,7 +78,7 @@ def test_missing_compiler_falls_back_or_raises(probe_source, monkeypatch):
         native.load("probe")
 
 
-@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+@needs_native
 def test_compile_error_is_reported(probe_source, monkeypatch):
     (probe_source / "probe.cpp").write_text("this is not C++")
     monkeypatch.setenv("MEMAGENTS_NATIVE", "1")
@@ -96,7 +95,7 @@ def test_usable_and_ptr():
         native.ptr(torch.zeros(4, 4).t())
 
 
-@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+@needs_native
 def test_signatures_are_set_once_whoever_loads_first(probe_source, monkeypatch):
     """A library first loaded without signatures gets them from the first caller that passes
     them; ``_*`` names bind both dtype variants."""

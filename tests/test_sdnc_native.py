@@ -12,12 +12,11 @@ the core.
 from __future__ import annotations
 
 import gc
-import shutil
 import weakref
 
 import pytest
 import torch
-from conftest import counting
+from conftest import counting, needs_native
 from test_sdnc import _core, _random_memory_state, _x
 
 from memagents.cores import native, sdnc, sparse_access, sparse_links
@@ -26,9 +25,7 @@ from memagents.cores import state as state_lib
 F64 = torch.float64
 TOL = {"atol": 1e-12, "rtol": 1e-10}
 
-needs_kernel = pytest.mark.skipif(
-    sparse_links.native_kernel() is None, reason="native kernel off (MEMAGENTS_NATIVE=0)"
-)
+needs_kernel = needs_native
 
 
 @pytest.fixture
@@ -45,10 +42,8 @@ def torch_path(monkeypatch):
 
 
 def test_kernel_loads_when_a_compiler_exists():
-    if native.mode() == "0":
-        pytest.skip("MEMAGENTS_NATIVE=0")
-    if shutil.which("c++") is None:
-        pytest.skip("no C++ compiler")
+    if not native.expected():
+        pytest.skip("no C++ compiler ($CXX or c++), or MEMAGENTS_NATIVE=0")
     assert sparse_links.native_kernel() is not None
 
 

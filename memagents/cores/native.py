@@ -65,8 +65,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MEMAGENTS_NATIVE_CACHE", default))
 
 
-def _compiler() -> str | None:
+def compiler() -> str | None:
+    """The path of the C++ compiler :func:`load` builds with (``$CXX``, default ``c++``), or
+    ``None`` when it is not on ``PATH``."""
     return shutil.which(os.environ.get("CXX", "c++"))
+
+
+def expected() -> bool:
+    """Whether native kernels are meant to run here: ``MEMAGENTS_NATIVE=1`` (required, so a
+    missing compiler or a failed build is an error, never a skip), or ``auto`` with the compiler
+    :func:`load` would use. Tests skip their native-only checks exactly when this is false, so the
+    skip and the loader agree on the compiler."""
+    setting = mode()
+    return setting == "1" or (setting == "auto" and compiler() is not None)
 
 
 def _cpu_id() -> bytes:
@@ -89,7 +100,7 @@ def _build(name: str) -> Path:
     source = CSRC / f"{name}.cpp"
     if not source.is_file():
         raise FileNotFoundError(f"no native kernel source {source}")
-    cxx = _compiler()
+    cxx = compiler()
     if cxx is None:
         raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'c++')!r} not on PATH)")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
@@ -192,7 +203,19 @@ def ptr(t: torch.Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
-__all__ = ["CSRC", "Signature", "bind", "cache_dir", "kernel", "load", "mode", "ptr", "usable"]
+__all__ = [
+    "CSRC",
+    "Signature",
+    "bind",
+    "cache_dir",
+    "compiler",
+    "expected",
+    "kernel",
+    "load",
+    "mode",
+    "ptr",
+    "usable",
+]
 
 if __name__ == "__main__":  # python -m memagents.cores.native NAME...: build and report
     for kernel in sys.argv[1:] or sorted(p.stem for p in CSRC.glob("*.cpp")):
