@@ -72,8 +72,8 @@ def _reference(memory0, usage0, link0, prec0, read0, write0, *interface):
     """The access step from the addressing functions under plain autograd (``fused=False``)."""
     kr, br, kw, bw, v, erase, free, g_alloc, g_write, modes = interface
     H = write0.shape[1]
-    usage = A.usage_update(usage0, write0, free, read0)
-    write_content = A.content_weights(memory0, kw, bw)
+    usage = A.usage_update(usage0, write0, free, read0)  # (exact: the step node is)
+    write_content = A.content_weights(memory0, kw, bw, denominator_eps=A.EPSILON)
     alloc = A.write_allocation_weights(usage, g_alloc * g_write)
     g_a = g_alloc.unsqueeze(-1)
     write = g_write.unsqueeze(-1) * (write_content + g_a * (alloc - write_content))
@@ -81,7 +81,7 @@ def _reference(memory0, usage0, link0, prec0, read0, write0, *interface):
     link, fwd, bwd = A.link_update_and_read(link0, write, prec0, read0)
     precedence = A.precedence_update(prec0, write)
     read = (
-        modes[..., H : H + 1] * A.content_weights(memory, kr, br)
+        modes[..., H : H + 1] * A.content_weights(memory, kr, br, denominator_eps=A.EPSILON)
         + torch.einsum("brh,brhn->brn", modes[..., :H], bwd)
         + torch.einsum("brh,brhn->brn", modes[..., H + 1 :], fwd)
     )
@@ -204,9 +204,9 @@ def test_raw_interface_matches_torch_and_reference(B, N, W, R, H):
 )
 @pytest.mark.parametrize("H", [1, 2])
 def test_edge_states_match(usage, memory, H):
-    """Tied usages (a reset: every slot at 0; or pairs of equal values) sort like
-    torch.sort(stable=True), and an all-zero or all-1e-6 memory gives the same finite values and
-    gradients on every path."""
+    """Tied usages (a reset: every slot at 0; or pairs of equal values) rank like
+    torch.sort(1 - u', descending=True, stable=True), and an all-zero or all-1e-6 memory gives
+    the same finite values and gradients on every path."""
     inputs = _inputs(3, 6, 4, 2, H, seed=5, usage=usage, memory=memory)
     if usage == "zero":  # a fresh episode: nothing written or read yet
         inputs = (inputs[0], inputs[1], torch.zeros_like(inputs[2]), *inputs[3:])
@@ -408,7 +408,9 @@ def test_dnc_sequence_with_resets_matches(R, H, monkeypatch):
 @pytest.mark.parametrize("H", [1, 2])
 def test_sequence_gradcheck(H):
     """``gradcheck`` of :class:`DNCSequence` (float64, tiny sizes): every input of the sequence
-    node, including the learned initial h, c, r reached through resets at steps 0 and 2."""
+    node, including the learned initial h, c, r reached through resets at steps 0 and 2. With
+    ``usage_gradient=True``: the default stops the usage's gradient to the previous write
+    weights (DeepMind's), which a numerical derivative does not (``test_dnc_deepmind.py``)."""
     B, N, W, R, Hd, T = 2, 4, 3, 2, 3, 3
     step = _step_inputs(B, N, W, R, H, Hd, seed=3)
     gen = torch.Generator().manual_seed(4)
@@ -423,7 +425,9 @@ def test_sequence_gradcheck(H):
 
     def run(gates_x, w_rh, w_xi, b_xi, *rest):
         state, learned = rest[:9], rest[9:]
-        return DNCSequence.apply(gates_x, w_rh, w_xi, b_xi, *state, *learned, starts, True)
+        return DNCSequence.apply(
+            gates_x, w_rh, w_xi, b_xi, *state, *learned, starts, True, True
+        )  # record, usage_gradient
 
     assert torch.autograd.gradcheck(run, diff)
 

@@ -10,6 +10,13 @@ Papers and equation numbers cited in each docstring:
 Shapes use ``B`` batch, ``N`` memory slots, ``W`` word size, ``H`` heads (read heads ``R`` or write
 heads), ``S`` the NTM's maximum shift. Everything here is pure torch, batched, and differentiable
 (except the sort indices of the allocation, which carry no gradient, as in the paper).
+
+Where the DNC paper leaves a numerical detail open, the DNC functions follow DeepMind's code
+release (``deepmind/dnc``, ``dnc/addressing.py``): the epsilon added to the product of norms in
+the cosine (:func:`cosine_similarity` with ``denominator_eps``), the ranking of free slots by
+``1 - u`` with ties to the lowest index (:func:`allocation_weights`), sequential allocation over
+several write heads (:func:`write_allocation_weights`) and the combined write of several heads in
+the usage (:func:`usage_update`).
 """
 
 from __future__ import annotations
@@ -18,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-#: Added under square roots and to usage before sorting, so that an all-zero memory or an exactly
-#: zero usage gives finite gradients (the NaN case pytorch-dnc warns about).
+#: Added under square roots, to the DNC's product of norms and to usage before sorting, so that an
+#: all-zero memory or an exactly zero usage gives finite gradients (the NaN case pytorch-dnc warns
+#: about). DeepMind's ``_EPSILON``.
 EPSILON = 1e-6
 
 
@@ -28,24 +36,35 @@ def oneplus(x: Tensor) -> Tensor:
     return 1.0 + F.softplus(x)
 
 
-def cosine_similarity(memory: Tensor, keys: Tensor, eps: float = EPSILON) -> Tensor:
-    """Cosine similarity ``K[u, v] = u·v / (|u| |v|)`` of every key against every memory row.
+def cosine_similarity(
+    memory: Tensor, keys: Tensor, eps: float = EPSILON, denominator_eps: float = 0.0
+) -> Tensor:
+    """Cosine similarity ``K[u, v] = u·v / (|u| |v| + ε_d)`` of every key against every memory row.
 
     NTM eq. (6); DNC Methods, "Content-based addressing" ``D(u, v)``. The norms are computed as
     ``sqrt(sum u^2 + eps)`` so that an all-zero memory row or key gives similarity 0 and a finite
-    gradient instead of NaN.
+    gradient instead of NaN. The DNC also adds ``denominator_eps`` = :data:`EPSILON` to the product
+    of the norms, as DeepMind's ``CosineWeights`` does (``dot / (norm + 1e-6)``); the NTM and the
+    sparse cores keep ``0``.
 
     :param memory: ``[B, N, W]`` memory matrix ``M``.
     :param keys: ``[B, H, W]`` lookup keys ``k``, one per head.
+    :param eps: added under each norm's square root.
+    :param denominator_eps: ``ε_d``, added to the product of the two norms.
     :return: ``[B, H, N]`` similarities in ``[-1, 1]``.
     """
     dot = torch.matmul(keys, memory.transpose(1, 2))  # [B, H, W] x [B, W, N] -> [B, H, N]
     mem_norm = torch.sqrt(memory.square().sum(-1) + eps)  # [B, N]
     key_norm = torch.sqrt(keys.square().sum(-1) + eps)  # [B, H]
-    return dot / (key_norm.unsqueeze(-1) * mem_norm.unsqueeze(1))
+    norms = key_norm.unsqueeze(-1) * mem_norm.unsqueeze(1)  # [B, H, N]
+    if denominator_eps:
+        norms = norms + denominator_eps
+    return dot / norms
 
 
-def content_weights(memory: Tensor, keys: Tensor, strengths: Tensor) -> Tensor:
+def content_weights(
+    memory: Tensor, keys: Tensor, strengths: Tensor, denominator_eps: float = 0.0
+) -> Tensor:
     """Content-based addressing ``w[i] = softmax_i(β K(k, M[i]))``.
 
     NTM eq. (5); DNC Methods, "Content-based addressing" ``C(M, k, β)``.
@@ -53,9 +72,10 @@ def content_weights(memory: Tensor, keys: Tensor, strengths: Tensor) -> Tensor:
     :param memory: ``[B, N, W]`` memory ``M``.
     :param keys: ``[B, H, W]`` keys ``k``.
     :param strengths: ``[B, H]`` key strengths ``β`` (≥ 1 in the DNC via :func:`oneplus`, > 0 NTM).
+    :param denominator_eps: see :func:`cosine_similarity` (the DNC passes :data:`EPSILON`).
     :return: ``[B, H, N]`` weightings, non-negative, summing to 1 over ``N``.
     """
-    similarity = cosine_similarity(memory, keys)
+    similarity = cosine_similarity(memory, keys, denominator_eps=denominator_eps)
     return torch.softmax(similarity * strengths.unsqueeze(-1), dim=-1)
 
 
@@ -152,7 +172,13 @@ def usage_update(
     """Usage ``u_t = (u_{t-1} + w^w - u_{t-1} ∘ w^w) ∘ ψ_t``, ``ψ_t = prod_r (1 - f_r w^r_r)``.
 
     DNC Methods, "Dynamic memory allocation" (retention vector ``ψ`` and usage ``u``). With several
-    write heads the combined write weighting is ``1 - prod_h (1 - w^w_h)`` (DNC code release).
+    write heads the combined write weighting is ``1 - prod_h (1 - w^w_h)`` (DeepMind's
+    ``Freeness``).
+
+    This function is differentiable in all its inputs. DeepMind's ``Freeness`` stops the gradient
+    through the previous write weightings (``tf.stop_gradient(write_weights)``; the free gates and
+    previous read weightings keep theirs): ``DNCCore`` does the same by passing
+    ``w^w_{t-1}.detach()`` unless it was built with ``usage_gradient=True``.
 
     :param usage: ``[B, N]`` previous usage ``u_{t-1}`` in ``[0, 1]``.
     :param write_weights: ``[B, H, N]`` previous write weightings ``w^w_{t-1}``.
@@ -170,22 +196,32 @@ def usage_update(
 
 
 def allocation_weights(usage: Tensor, eps: float = EPSILON) -> Tensor:
-    """Allocation ``a[φ_j] = (1 - u[φ_j]) prod_{i<j} u[φ_i]``, ``φ`` the slots by ascending usage.
+    """Allocation ``a[φ_j] = (1 - u[φ_j]) prod_{i<j} u[φ_i]``, ``φ`` the slots from least to most
+    used.
 
     DNC Methods, "Dynamic memory allocation". The usage is first mapped to
-    ``eps + (1 - eps) u`` so that exact zeros do not stall the product's gradient. The sort indices
-    carry no gradient; the gradient flows through the sorted usages, as in the paper.
+    ``u' = eps + (1 - eps) u`` so that exact zeros do not stall the product's gradient. As in
+    DeepMind's ``Freeness._allocation``, the slots are ranked by the free amount ``1 - u'`` in
+    descending order, with equal values in slot order (``tf.nn.top_k``: lowest index first), and
+    the product runs over ``1 - (1 - u')``. Computing ``1 - u'`` first matters at ties: the slots
+    never written hold usages a few ``1e-17`` apart (rounding noise, different on every CPU and
+    code path), which ``u'`` keeps apart but ``1 - u'`` rounds to the value of an unused slot
+    (every usage below about ``8e-17`` in float64, ``4e-8`` in float32), so these slots are taken
+    in index order, deterministically. The sort indices carry no gradient; the gradient flows
+    through the sorted values, as in the paper.
 
     :param usage: ``[B, N]`` usage ``u_t`` in ``[0, 1]``.
+    :param eps: the floor of the mapped usage.
     :return: ``[B, N]`` allocation weighting, non-negative, summing to ≤ 1; the least-used slot
         gets the largest weight.
     """
-    usage = eps + (1.0 - eps) * usage
-    # ascending: φ; stable, so exact ties (all slots free after a reset) go to the lowest index
-    sorted_usage, order = torch.sort(usage, dim=-1, stable=True)
+    free = 1.0 - (eps + (1.0 - eps) * usage)  # 1 - u'
+    # φ: descending free amount, stable, so equal values keep slot order
+    sorted_free, order = torch.sort(free, dim=-1, descending=True, stable=True)
+    sorted_usage = 1.0 - sorted_free
     ones = torch.ones_like(sorted_usage[..., :1])
     exclusive = torch.cumprod(torch.cat([ones, sorted_usage[..., :-1]], dim=-1), dim=-1)
-    sorted_alloc = (1.0 - sorted_usage) * exclusive
+    sorted_alloc = sorted_free * exclusive
     return torch.zeros_like(sorted_alloc).scatter(-1, order, sorted_alloc)
 
 
@@ -193,7 +229,9 @@ def write_allocation_weights(usage: Tensor, write_gates: Tensor) -> Tensor:
     """Allocation weightings for several write heads, allocated one after another.
 
     Head ``h`` allocates from the usage left by heads ``< h``, treating their (gated) allocation
-    as used: ``u <- u + (1 - u) g_h a_h`` (DNC code release; reduces to the paper for one head).
+    as used: ``u <- u + (1 - u) g_h a_h`` (DeepMind's ``Freeness.write_allocation_weights``, with
+    ``g_h`` the product of the head's allocation and write gates; the gradient flows through these
+    updates). Reduces to the paper for one head.
 
     :param usage: ``[B, N]`` usage ``u_t``.
     :param write_gates: ``[B, H]`` product of allocation and write gates ``g^a g^w`` per head.

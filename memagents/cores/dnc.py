@@ -16,8 +16,30 @@ paper's order:
    backward and one forward mode per write head) and read vectors ``r_t = M_t^T w^r_t``.
 
 The output is ``y_t = [h_t; r_t]``; the policy's heads play the role of the paper's output matrix
-``W_y``. Several write heads follow DeepMind's code release: each has its own link matrix and
-precedence, allocation is sequential over heads.
+``W_y``.
+
+Where the paper leaves details open, the access step follows DeepMind's code release
+(``deepmind/dnc``, ``dnc/access.py`` and ``dnc/addressing.py``), in every execution path:
+
+- several write heads: each has its own link matrix and precedence, their combined write in the
+  usage is ``1 - prod_h (1 - w^w_h)``, and allocation is sequential over heads
+  (``u <- u + (1 - u) g^a_h g^w_h a_h``);
+- free slots are ranked by ``1 - u`` (descending), equal values in slot order (``tf.nn.top_k``),
+  so that the never-written slots of a fresh episode, whose usages differ only by rounding noise,
+  are allocated lowest index first on every CPU and path;
+- cosine similarity ``k·M[i] / (|k| |M[i]| + 1e-6)``, each norm ``sqrt(sum x^2 + 1e-6)``;
+- the usage carries no gradient to the previous write weightings ``w^w_{t-1}``
+  (``tf.stop_gradient`` in DeepMind's ``Freeness``; ``usage_gradient=True`` keeps it); the free
+  gates and the previous read weightings keep theirs.
+
+Deliberate differences from DeepMind's release, kept as they are:
+
+- key strengths ``β = oneplus(β̂) = 1 + softplus(β̂)`` as in the paper (DeepMind: ``softplus``);
+- read modes ordered ``[backward x H, content, forward x H]`` in ``ξ`` and ``π``
+  (DeepMind: ``[backward x H, forward x H, content]``): a layout, not a change of equations;
+- the initial memory is the constant ``1e-6`` (the small-constant initialisation Collier & Beel
+  2018 found best for the NTM; DeepMind: zeros); usage, link, precedence and weightings start at
+  zero in both.
 """
 
 from __future__ import annotations
@@ -88,13 +110,16 @@ class DNCCore(MemoryCore):
     :param num_writes: write heads (1 in the paper).
     :param learn_init: learn the controller's initial ``h_0, c_0`` and the initial read vectors
         (zero-initialised; Collier & Beel 2018). Memory (1e-6), usage, link, precedence and the
-        weightings always start at their fixed paper values.
+        weightings always start at their fixed values (see the module docstring).
     :param fused: run the memory access as one autograd function with a hand-written backward
         (:class:`~memagents.cores.dnc_access.DNCAccessStep`; same equations, several times
         faster), on the CPU a C++ kernel, and a whole sequence as one autograd node with one
         kernel call per step and direction (:class:`~memagents.cores.dnc_access.DNCSequence`).
         ``False`` runs the reference path built from :mod:`addressing` functions under plain
         autograd; tests check that all of them agree.
+    :param usage_gradient: let the gradient of the usage ``u_t`` reach the previous write
+        weightings ``w^w_{t-1}`` (the exact derivative of the paper's equations). ``False`` (the
+        default) stops it, as DeepMind's release does (``tf.stop_gradient`` in ``Freeness``).
     """
 
     def __init__(
@@ -107,6 +132,7 @@ class DNCCore(MemoryCore):
         num_writes: int = 1,
         learn_init: bool = True,
         fused: bool = True,
+        usage_gradient: bool = False,
     ):
         super().__init__()
         self.input_size = check_positive_int("input_size", input_size)
@@ -117,6 +143,7 @@ class DNCCore(MemoryCore):
         self.num_writes = check_positive_int("num_writes", num_writes)
         self.learn_init = bool(learn_init)
         self.fused = bool(fused)
+        self.usage_gradient = bool(usage_gradient)
         R, H, W = num_reads, num_writes, word_size
         self.output_size = hidden_size + R * W
 
@@ -221,7 +248,7 @@ class DNCCore(MemoryCore):
         record = torch.is_grad_enabled()
         args = (
             gates_x, w_rh, head.weight.t(), head.bias, *first, *init,
-            None if init[0] is None else starts, record,
+            None if init[0] is None else starts, record, self.usage_gradient,
         )  # fmt: skip
         outs = DNCSequence.apply(*args) if record else DNCSequence.forward(None, *args)
         hs, reads, c, *access = outs
@@ -258,6 +285,8 @@ class DNCCore(MemoryCore):
         B = x.shape[0]
         R, H, W = self.num_reads, self.num_writes, self.word_size
         prev = state.access
+        # w^w_{t-1} enters this step only through the usage: DeepMind stops its gradient there
+        write0 = prev.write_weights if self.usage_gradient else prev.write_weights.detach()
 
         h_prev, c_prev = state.controller
         ctrl_in = torch.cat([x, state.read_vectors.reshape(B, R * W)], dim=-1)
@@ -270,7 +299,7 @@ class DNCCore(MemoryCore):
             memory, usage, link, precedence, read_weights, write_weights, read_vectors, allocation = (
                 DNCAccessStep.apply(
                     prev.memory, prev.usage, prev.link, prev.precedence, prev.read_weights,
-                    prev.write_weights, xi,
+                    write0, xi,
                 )
             )  # fmt: skip
             if return_debug:
@@ -286,11 +315,10 @@ class DNCCore(MemoryCore):
             modes = torch.softmax(modes.view(B, R, 1 + 2 * H), dim=-1)  # π_t: [B, R, 1 + 2H]
 
             # 1. usage, 2. write weighting
-            usage = addressing.usage_update(
-                prev.usage, prev.write_weights, free_gates, prev.read_weights
-            )
+            usage = addressing.usage_update(prev.usage, write0, free_gates, prev.read_weights)
+            eps = addressing.EPSILON  # DeepMind's cosine: k·M / (|k| |M| + eps)
             write_content = addressing.content_weights(
-                prev.memory, write_keys.view(B, H, W), write_strengths
+                prev.memory, write_keys.view(B, H, W), write_strengths, denominator_eps=eps
             )
             allocation = addressing.write_allocation_weights(usage, alloc_gates * write_gates)
             g_a = alloc_gates.unsqueeze(-1)
@@ -312,7 +340,7 @@ class DNCCore(MemoryCore):
 
             # 5. read weightings: backward b, content c, forward f
             read_content = addressing.content_weights(
-                memory, read_keys.view(B, R, W), read_strengths
+                memory, read_keys.view(B, R, W), read_strengths, denominator_eps=eps
             )
             read_weights = (
                 modes[..., H : H + 1] * read_content

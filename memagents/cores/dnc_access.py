@@ -2,11 +2,13 @@
 
 The same equations as the reference path in :mod:`memagents.cores.addressing` (and the same order:
 usage, write weighting, erase-and-write, link and precedence, read weighting, read; Graves et al.
-2016, Methods), computed without recording an autograd graph. Plain autograd builds ~170 graph
-nodes per DNC step, most of them views and small elementwise ops whose bookkeeping costs more than
-their arithmetic at the sizes RL uses; this function records one node and its backward applies the
-chain rule mechanism by mechanism in a few dozen batched ops. Tests check it against the reference
-path (forward values and gradients) and with float64 ``gradcheck``.
+2016, Methods; where the paper leaves details open, DeepMind's release, as listed in
+:mod:`memagents.cores.dnc`), computed without recording an autograd graph. Plain autograd builds
+~170 graph nodes per DNC step, most of them views and small elementwise ops whose bookkeeping
+costs more than their arithmetic at the sizes RL uses; this function records one node and its
+backward applies the chain rule mechanism by mechanism in a few dozen batched ops. Tests check it
+against the reference path (forward values and gradients), against DeepMind's equations
+(``tests/test_dnc_deepmind.py``) and with float64 ``gradcheck``.
 
 On CPU tensors (float32/float64) both directions run as one call each into a C++ kernel
 (``csrc/dnc_access.cpp``, built and loaded by :mod:`memagents.cores.native`) that loops over the
@@ -103,7 +105,7 @@ SIGNATURES: dict[str, native.Signature] = {
     "dnc_backward_*": ([_p, _p, _p, _p, _p, _p, _L, _p, _p, _p, _p, _p], None),
     "dnc_step_forward_*": ([_p] * 9, None),
     "dnc_step_backward_*": ([_p] * 12, None),
-    "dnc_seq_step_backward_*": ([_p] * 13, None),
+    "dnc_seq_step_backward_*": ([_p] * 13 + [_L], None),
 }
 
 
@@ -239,9 +241,12 @@ def _native_backward(ctx, grads):
     dims = _shape_info(B, N, W, R, H)[0]
     needs = ctx.needs_input_grad
     results = [
-        torch.empty_like(t, memory_format=torch.contiguous_format) if i != 2 or needs[2] else None
+        torch.empty_like(t, memory_format=torch.contiguous_format)
+        if i not in (2, 5) or needs[i]
+        else None
         for i, t in enumerate(inputs)
-    ]  # no gradient for a link that needs none (e.g. the all-zero initial link): no N x N output
+    ]  # no gradient for a link that needs none (e.g. the all-zero initial link): no N x N
+    # output; none for detached previous write weights (DNCCore's default, as DeepMind's)
     raw, raw_ptr, raw_stride, g_raw_ptr = None, None, 0, None
     if len(inputs) == 7:
         raw, raw_stride = _rows(inputs[6])
@@ -266,46 +271,51 @@ def _native_backward(ctx, grads):
 
 # -- content weights C(M, k, β) = softmax(β cos(k, M)) ---------------------------------------------
 def _content_forward(memory: Tensor, keys: Tensor, strengths: Tensor):
-    """memory ``[B, N, W]``, keys ``[B, K, W]``, strengths ``[B, K]`` -> weights ``[B, K, N]``."""
+    """memory ``[B, N, W]``, keys ``[B, K, W]``, strengths ``[B, K]`` -> weights ``[B, K, N]``;
+    cosine ``k·M / (|k| |M| + EPSILON)`` as DeepMind's (:func:`addressing.cosine_similarity` with
+    ``denominator_eps=EPSILON``)."""
     dot = torch.bmm(keys, memory.transpose(1, 2))
     mem_norm = torch.sqrt(memory.square().sum(-1) + EPSILON)  # [B, N]
     key_norm = torch.sqrt(keys.square().sum(-1) + EPSILON)  # [B, K]
-    sim = dot.div_(key_norm.unsqueeze(-1) * mem_norm.unsqueeze(1))
+    denom = key_norm.unsqueeze(-1) * mem_norm.unsqueeze(1) + EPSILON  # [B, K, N]
+    sim = dot.div_(denom)
     weights = torch.softmax(sim * strengths.unsqueeze(-1), dim=-1)
-    return weights, (memory, keys, strengths, mem_norm, key_norm, sim, weights)
+    return weights, (memory, keys, strengths, mem_norm, key_norm, denom, sim, weights)
 
 
 def _content_backward(grad: Tensor, cache) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``(memory, keys, strengths)`` given the gradient of the weights."""
-    memory, keys, strengths, mem_norm, key_norm, sim, weights = cache
+    memory, keys, strengths, mem_norm, key_norm, denom, sim, weights = cache
     g_z = weights * (grad - (grad * weights).sum(-1, keepdim=True))  # softmax
     g_strength = (g_z * sim).sum(-1)
-    g_sim = g_z * strengths.unsqueeze(-1)
-    g_dot = g_sim / (key_norm.unsqueeze(-1) * mem_norm.unsqueeze(1))
-    g_ss = g_sim * sim
-    # d sim / d|k| = -sim/|k|,  d|k|/dk = k/|k|  (and the same for memory rows)
-    g_keys = torch.bmm(g_dot, memory).sub_(keys * (g_ss.sum(-1) / key_norm.square()).unsqueeze(-1))
-    g_mem = torch.bmm(g_dot.transpose(1, 2), keys).sub_(
-        memory * (g_ss.sum(1) / mem_norm.square()).unsqueeze(-1)
-    )
+    g_dot = g_z * strengths.unsqueeze(-1) / denom
+    # sim = dot / D, D = |k| |m| + eps: d sim / d|k| = -sim |m| / D, d|k|/dk = k / |k| (and the
+    # same for memory rows)
+    g_denom = g_dot * sim  # = -(gradient of D)
+    g_key_norm = (g_denom * mem_norm.unsqueeze(1)).sum(-1) / key_norm  # [B, K]
+    g_mem_norm = (g_denom * key_norm.unsqueeze(-1)).sum(1) / mem_norm  # [B, N]
+    g_keys = torch.bmm(g_dot, memory).sub_(keys * g_key_norm.unsqueeze(-1))
+    g_mem = torch.bmm(g_dot.transpose(1, 2), keys).sub_(memory * g_mem_norm.unsqueeze(-1))
     return g_mem, g_keys, g_strength
 
 
 # -- allocation a[φ_j] = (1 - u[φ_j]) prod_{i<j} u[φ_i] ---------------------------------------------
 def _allocation_forward(usage: Tensor):
-    """usage ``[B, N]`` -> allocation ``[B, N]`` (as :func:`addressing.allocation_weights`)."""
-    usage = EPSILON + (1.0 - EPSILON) * usage
-    sorted_usage, order = torch.sort(usage, dim=-1, stable=True)  # as addressing.allocation_weights
+    """usage ``[B, N]`` -> allocation ``[B, N]`` (as :func:`addressing.allocation_weights`:
+    slots ranked by ``1 - u'`` descending, ties lowest index first, as DeepMind's)."""
+    free = 1.0 - (EPSILON + (1.0 - EPSILON) * usage)  # 1 - u'
+    sorted_free, order = torch.sort(free, dim=-1, descending=True, stable=True)
+    sorted_usage = 1.0 - sorted_free
     ones = torch.ones_like(sorted_usage[:, :1])
     exclusive = torch.cumprod(torch.cat([ones, sorted_usage[:, :-1]], dim=-1), dim=-1)
-    sorted_alloc = (1.0 - sorted_usage) * exclusive
+    sorted_alloc = sorted_free * exclusive
     alloc = torch.zeros_like(sorted_alloc).scatter_(-1, order, sorted_alloc)
     return alloc, (sorted_usage, order, exclusive, sorted_alloc)
 
 
 def _allocation_backward(grad: Tensor, cache) -> Tensor:
-    """d a_j / d s_k = -P_k [j = k] + a_j / s_k [j > k]  (``s`` sorted usage, ``P`` exclusive
-    product); the sort permutation carries no gradient."""
+    """d a_j / d s_k = -P_k [j = k] + a_j / s_k [j > k]  (``s = 1 - (1 - u')`` sorted, ``P``
+    its exclusive product); the sort permutation carries no gradient."""
     sorted_usage, order, exclusive, sorted_alloc = cache
     g_sorted = grad.gather(-1, order)
     weighted = g_sorted * sorted_alloc
@@ -329,6 +339,10 @@ class DNCAccessStep(torch.autograd.Function):
 
     Outputs: the new ``memory, usage, link, precedence, read_weights, write_weights``, the read
     vectors ``[B,R,W]`` and (no gradient) the allocation weighting ``[B,H,N]``.
+
+    The backward is the exact derivative in every input. DeepMind's stopped usage gradient is the
+    caller's: ``DNCCore.step`` passes ``write_weights`` detached (then its gradient, which comes
+    from the usage only, is not computed).
     """
 
     @staticmethod
@@ -482,11 +496,13 @@ class DNCAccessStep(torch.autograd.Function):
         g_u1 = g_usage_total * psi
         g_psi = g_usage_total * u1
         g_usage0 = g_u1 * (1.0 - written)
-        g_written = g_u1 * (1.0 - usage0)
-        if H == 1:
-            g_write0 = g_written.unsqueeze(1)
-        else:
-            g_write0 = g_written.unsqueeze(1) * others_product(1.0 - write0, 1)
+        g_write0 = None  # None when w^w_{t-1} needs no gradient (DNCCore's default: detached)
+        if ctx.needs_input_grad[5]:
+            g_written = g_u1 * (1.0 - usage0)
+            if H == 1:
+                g_write0 = g_written.unsqueeze(1)
+            else:
+                g_write0 = g_written.unsqueeze(1) * others_product(1.0 - write0, 1)
         g_keep_r = g_psi.unsqueeze(1) * others_product(keep, 1)  # [B, R, N]
         g_free = -(g_keep_r * read0).sum(-1)
         g_read0 = g_read0 - g_keep_r * free.unsqueeze(-1)
@@ -575,10 +591,10 @@ class DNCStep(torch.autograd.Function):
         needs = ctx.needs_input_grad
         g_state = [
             torch.empty_like(t, memory_format=torch.contiguous_format)
-            if i != 2 or needs[9]
+            if i not in (2, 5) or needs[7 + i]
             else None
             for i, t in enumerate(state)
-        ]  # no N x N output for a link that needs no gradient
+        ]  # no N x N output for a link that needs no gradient; none for detached w^w_{t-1}
         g_ctrl = [
             torch.empty(B, 4 * Hd, **like), torch.empty(B, Hd, **like),
             torch.empty(B, Hd, **like), torch.empty(B, R * W, **like),
@@ -634,8 +650,12 @@ class DNCSequence(torch.autograd.Function):
     ``r [B, R*W]``, then the six access state tensors of :class:`DNCAccessStep`; the initial
     ``h, c, r`` (learned) in the same shapes or broadcastable to them (``None`` when ``starts`` is
     ``None``); ``starts [T, B]`` bool or ``None``; ``record`` (``False``, e.g. under
-    ``no_grad``: no backward, keep nothing). The initial access state is the constant
-    :data:`INITIAL_ACCESS` (no gradient).
+    ``no_grad``: no backward, keep nothing); ``usage_gradient`` (``False``: each step's usage
+    passes no gradient to the previous write weightings ``w^w_{t-1}``, DeepMind's
+    ``tf.stop_gradient``, and the starting write weightings get none; ``True``: the exact
+    derivative). The per-step nodes :class:`DNCAccessStep` and :class:`DNCStep` always give the
+    exact derivative: ``DNCCore.step`` stops it by passing ``w^w_{t-1}`` detached. The initial
+    access state is the constant :data:`INITIAL_ACCESS` (no gradient).
 
     Outputs: ``h [T, B, Hd]``, read vectors ``[T, B, R, W]`` (every step's), then the final
     ``c [B, Hd]`` and the final six access state tensors.
@@ -643,7 +663,7 @@ class DNCSequence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gates_x, w_rh, w_xi, b_xi, *rest):
-        state, init, starts, record = rest[:9], rest[9:12], rest[12], rest[13]
+        state, init, starts, record, usage_gradient = rest[:9], rest[9:12], *rest[12:15]
         T, B, G = gates_x.shape
         Hd = G // 4
         memory0, read0, write0 = state[3], state[7], state[8]
@@ -725,6 +745,7 @@ class DNCSequence(torch.autograd.Function):
         if not keep:  # e.g. a rollout: keep nothing
             return (hs, rvs, *final)
         ctx.reset_inputs = reset_inputs
+        ctx.usage_gradient = bool(usage_gradient)
         ctx.init_rows = [None if i is None else i.shape[0] for i in init]
         ctx.work = (work, cwork, order)
         ctx.save_for_backward(gates, w_rh, w_xi, b_xi, hs, cs, rvs, allocs, *access, *start, z_in)
@@ -815,7 +836,7 @@ class DNCSequence(torch.autograd.Function):
                 _address(ctrl_ptrs), _address(ctrl_strides), _address(in_ptrs),
                 _address(in_strides), _address(out_ptrs), work_at[0] + t * work_at[1],
                 cwork_at[0] + t * cwork_at[1], order_at[0] + t * order_at[1],
-                _address(res_ptrs), g_xi_at[0] + t * g_xi_at[1],
+                _address(res_ptrs), g_xi_at[0] + t * g_xi_at[1], ctx.usage_gradient,
             )  # fmt: skip
             torch.mm(g_gate_steps[t], w_rh_t, out=g_z)  # gradient of [r; h] before step t
             carried, other = other, carried
@@ -835,5 +856,6 @@ class DNCSequence(torch.autograd.Function):
         g_w_rh = z_in.view(T * B, -1).t().mm(g_gates.view(T * B, G))
         g_w_xi = hs.view(T * B, Hd).t().mm(g_xi.view(T * B, -1))
         g_b = g_xi.view(T * B, -1).sum(0)
-        g_start = (g_h.clone(), carried[0], g_r.clone(), *carried[1:])
-        return (g_gates, g_w_rh, g_w_xi, g_b, *g_start, *g_init, None, None)
+        g_write0 = carried[6] if ctx.usage_gradient else None  # (zeros: w^w_{t-1} stopped)
+        g_start = (g_h.clone(), carried[0], g_r.clone(), *carried[1:6], g_write0)
+        return (g_gates, g_w_rh, g_w_xi, g_b, *g_start, *g_init, None, None, None)

@@ -7,7 +7,10 @@
 // erase and write, temporal link and precedence, directional and content read weightings, read.
 // The equations, their order and the EPSILON handling are those of
 // memagents/cores/dnc_access.py (DNCAccessStep, the torch reference) and addressing.py; that
-// file is the specification and the tests compare both in float64.
+// file is the specification and the tests compare both in float64. Where the paper leaves details
+// open they follow DeepMind's release (deepmind/dnc): the cosine's denominator |k||M| + EPSILON,
+// free slots ranked by 1 - u' descending with ties to the lowest slot, sequential allocation over
+// write heads, and (DNCSequence) optionally no usage gradient to the previous write weights.
 //
 // Shapes (per batch element; B elements, each input with its own batch stride, inner dimensions
 // contiguous): N slots, W word size, R read heads, H write heads, K = 1 + 2H read modes.
@@ -26,7 +29,8 @@
 //                 write [H,N], read_vectors [R,W], allocation [H,N]   (contiguous; the
 //                 backward reads memory, read, write and allocation only)
 //   grads    (7): of the first seven outputs; a null pointer means zero
-//   results (16): gradients of the inputs (contiguous); a null g_link0 is not computed
+//   results (16): gradients of the inputs (contiguous); a null g_link0 or g_write0 is not
+//                 computed
 //   g_raw        [X] gradient of ξ (raw mode only)
 //
 // The forward writes a workspace (Work below) and the allocation sort order, which the backward
@@ -751,8 +755,9 @@ void activate_backward(const T* raw, const T* act, const T* g_act, const Layout&
 }
 
 // -- content weights C(M, k, β) = softmax_n(β cos(k, M[n])) -------------------------------------
-// DNC Methods, "Content-based addressing"; norms sqrt(sum x^2 + EPSILON) as
-// addressing.cosine_similarity. mt [W, N] (memory transposed), keys [K, W], beta [K] ->
+// DNC Methods, "Content-based addressing"; cos = k·M / (|k| |M| + EPSILON) with norms
+// sqrt(sum x^2 + EPSILON), as DeepMind's CosineWeights (addressing.cosine_similarity with
+// denominator_eps = EPSILON). mt [W, N] (memory transposed), keys [K, W], beta [K] ->
 // wts [K, N]; also sim [K, N], mnorm [N], knorm [K].
 template <class T>
 void content_forward(const T* mt, const T* keys, const T* beta, long K, long N, long W, T* wts,
@@ -773,7 +778,7 @@ void content_forward(const T* mt, const T* keys, const T* beta, long K, long N, 
     for (long w = 0; w < W; ++w) axpy(s, key[w], mt + w * N, N);
     T top = -INFINITY;
     for (long n = 0; n < N; ++n) {
-      s[n] /= knorm[k] * mnorm[n];
+      s[n] /= knorm[k] * mnorm[n] + eps;
       z[n] = s[n] * beta[k];
       top = std::max(top, z[n]);
     }
@@ -789,6 +794,7 @@ template <class T>
 void content_backward(const T* grad, const T* mt, const T* keys, const T* beta, long K, long N,
                       long W, const T* wts, const T* sim, const T* mnorm, const T* knorm, T* gmt,
                       T* g_keys, T* g_beta, T* gd, T* gss) {
+  const T eps = T(kEpsilon);
   std::fill(gss, gss + N, T(0));
   for (long k = 0; k < K; ++k) {
     const T* g = grad + k * N;
@@ -798,12 +804,15 @@ void content_backward(const T* grad, const T* mt, const T* keys, const T* beta, 
     for (long n = 0; n < N; ++n) gd[n] = w[n] * (g[n] - gw);  // softmax
     g_beta[k] = dot(gd, s, N);
     const T b = beta[k], kn = knorm[k];
-    for (long n = 0; n < N; ++n) {  // d sim / d|x| = -sim / |x|
-      const T gsim = gd[n] * b;
-      gss[n] += gsim * s[n];
-      gd[n] = gsim / (kn * mnorm[n]);
+    T scale = 0;  // sum_n q[n] |M[n]| / |k|, q = g_sim sim / D (the gradient of -D)
+    for (long n = 0; n < N; ++n) {  // sim = dot / D, D = |k| |M| + eps
+      const T gdot = gd[n] * b / (kn * mnorm[n] + eps);
+      const T q = gdot * s[n];
+      gss[n] += q * kn;
+      scale += q * mnorm[n];
+      gd[n] = gdot;
     }
-    const T scale = b * g_beta[k] / (kn * kn);
+    scale /= kn;
     const T* key = keys + k * W;
     T* gk = g_keys + k * W;
     for (long w2 = 0; w2 < W; ++w2) {
@@ -811,7 +820,7 @@ void content_backward(const T* grad, const T* mt, const T* keys, const T* beta, 
       axpy(gmt + w2 * N, key[w2], gd, N);
     }
   }
-  for (long n = 0; n < N; ++n) gss[n] /= mnorm[n] * mnorm[n];
+  for (long n = 0; n < N; ++n) gss[n] /= mnorm[n];  // d|M[n]|/dM[n] = M[n] / |M[n]|
   for (long w = 0; w < W; ++w) {
     T* g = gmt + w * N;
     const T* m = mt + w * N;
@@ -820,47 +829,49 @@ void content_backward(const T* grad, const T* mt, const T* keys, const T* beta, 
 }
 
 // -- allocation a[φ_j] = (1 - u[φ_j]) prod_{i<j} u[φ_i] -------------------------------------------
-// on u <- EPSILON + (1 - EPSILON) u, φ the stable ascending sort (DNC Methods, "Dynamic memory
-// allocation"; addressing.allocation_weights): sorting (value, slot) pairs keeps ties in slot
-// order like torch.sort(stable=True); NaN sorts last, as in torch.
+// on u' = EPSILON + (1 - EPSILON) u (DNC Methods, "Dynamic memory allocation";
+// addressing.allocation_weights), as DeepMind's Freeness: φ ranks the free amounts n = 1 - u'
+// in descending order, equal values in slot order (tf.nn.top_k; torch.sort(descending=True,
+// stable=True)), and a[φ_j] = n[φ_j] prod_{i<j} (1 - n[φ_i]). NaN sorts first, as in torch.
+// sorted_u holds 1 - n (the factors of the product), sorted_a the sorted allocation.
 template <class T>
 void allocation_forward(const T* usage, long N, T* alloc, int32_t* order, T* sorted_u, T* excl,
                         T* sorted_a, std::pair<T, int32_t>* pairs) {
   const T eps = T(kEpsilon);
   const T scale = T(1.0 - kEpsilon);
-  bool plain = true;  // no NaN and no negative value: compare values, then slots
+  bool plain = true;  // no NaN: compare values, then slots
   for (long n = 0; n < N; ++n) {
     const T u = eps + scale * usage[n];
-    pairs[n] = {u, int32_t(n)};
-    plain = plain && u >= T(0);  // false for NaN too
+    const T free = T(1) - u;
+    pairs[n] = {free, int32_t(n)};
+    plain = plain && !std::isnan(free);
   }
   if (plain) {
     std::sort(pairs, pairs + N, [](const std::pair<T, int32_t>& a, const std::pair<T, int32_t>& b) {
-      return a.first < b.first || (a.first == b.first && a.second < b.second);
+      return a.first > b.first || (a.first == b.first && a.second < b.second);
     });
   } else {
     std::sort(pairs, pairs + N, [](const std::pair<T, int32_t>& a, const std::pair<T, int32_t>& b) {
       const bool na = std::isnan(a.first), nb = std::isnan(b.first);
-      if (na != nb) return nb;
-      if (!na && a.first != b.first) return a.first < b.first;
+      if (na != nb) return na;
+      if (!na && a.first != b.first) return a.first > b.first;
       return a.second < b.second;
     });
   }
   T prod = 1;
   for (long k = 0; k < N; ++k) {
+    const T free = pairs[k].first;
     order[k] = pairs[k].second;
-    sorted_u[k] = pairs[k].first;
+    sorted_u[k] = T(1) - free;
     excl[k] = prod;
     prod *= sorted_u[k];
-  }
-  for (long k = 0; k < N; ++k) {
-    sorted_a[k] = (T(1) - sorted_u[k]) * excl[k];
+    sorted_a[k] = free * excl[k];
     alloc[order[k]] = sorted_a[k];
   }
 }
 
-// d a_j / d s_k = -P_k [j = k] + a_j / s_k [j > k] (s sorted usage, P exclusive product); the
-// permutation carries no gradient. grad [N] by slot -> out [N] by slot.
+// d a_j / d s_k = -P_k [j = k] + a_j / s_k [j > k] (s = 1 - n sorted, P its exclusive product);
+// the permutation carries no gradient. grad [N] by slot -> out [N] by slot.
 template <class T>
 void allocation_backward(const T* grad, long N, const int32_t* order, const T* sorted_u,
                          const T* excl, const T* sorted_a, T* out) {
@@ -1004,11 +1015,13 @@ void forward(const Dims& d, const void* const* in_p, const long* in_stride, cons
 }
 
 // -- the backward ---------------------------------------------------------------------------------
+// usage_gradient false: the usage passes no gradient to the previous write weights (DeepMind's
+// tf.stop_gradient in Freeness); g_write0, if wanted, is then zero.
 template <class T>
 void backward(const Dims& d, const void* const* grad_p, const long* grad_stride,
               const void* const* in_p, const long* in_stride, const T* raw_all, long raw_stride,
               const void* const* out_p, const void* work_p, const int32_t* order_all,
-              void* const* res_p, T* g_raw_all) {
+              void* const* res_p, T* g_raw_all, bool usage_gradient = true) {
   FlushDenormals flush;
   const long N = d.N, W = d.W, R = d.R, H = d.H, K = 1 + 2 * H;
   const Layout lay(d);
@@ -1272,7 +1285,10 @@ void backward(const Dims& d, const void* const* grad_p, const long* grad_stride,
       g_usage0[n] = g_u1 * (T(1) - ws.written[n]);
       g_c[n] = g_u1 * (T(1) - x.usage0[n]);
     }
-    if (H == 1) {
+    if (!g_write0) {  // not wanted (detached w^w_{t-1})
+    } else if (!usage_gradient) {
+      std::fill(g_write0, g_write0 + H * N, T(0));
+    } else if (H == 1) {
       std::copy(g_c, g_c + N, g_write0);
     } else {
       for (long h = 0; h < H; ++h)
@@ -1452,11 +1468,13 @@ void step_forward(const long* dims, const void* const* ctrl, const long* ctrl_st
 // grads (9): the access step's 7, then g_h, g_c (null: zero); res (13): the 6 state gradients,
 // then the controller's 7 (see controller_backward; a null g_W_rh skips the parameters'). g_xi:
 // null, or [B, X] receiving the gradient of ξ (from which DNCSequence forms g_W_ξ and g_b).
+// usage_gradient: as backward's.
 template <class T>
 void step_backward(const long* dims, const void* const* grad, const long* grad_stride,
                    const void* const* ctrl, const long* ctrl_stride, const void* const* in,
                    const long* in_stride, const void* const* out, const void* work,
-                   const void* cwork, const int32_t* order, void* const* res, T* g_xi_out) {
+                   const void* cwork, const int32_t* order, void* const* res, T* g_xi_out,
+                   bool usage_gradient = true) {
   const Dims d{dims[0], dims[1], dims[2], dims[3], dims[4]};
   const Ctrl cd{dims[0], dims[5], dims[3] * dims[2], Layout(d).X};
   const T* cw = static_cast<const T*>(cwork);
@@ -1464,7 +1482,7 @@ void step_backward(const long* dims, const void* const* grad, const long* grad_s
   T* g_xi = g_xi_out ? g_xi_out : g_xi_own.data();
   void* access_res[16] = {res[0], res[1], res[2], res[3], res[4], res[5]};
   backward<T>(d, grad, grad_stride, in, in_stride, cw + cd.xi(), cd.size(), out, work, order,
-              access_res, g_xi);
+              access_res, g_xi, usage_gradient);
   controller_backward<T>(cd, ctrl, ctrl_stride, static_cast<const T*>(grad[7]), grad_stride[7],
                          static_cast<const T*>(grad[8]), grad_stride[8], g_xi,
                          static_cast<const T*>(out[8]), cw, res + 6);
@@ -1556,15 +1574,18 @@ DNC_EXPORT void dnc_step_backward_f64(const long* dims, const void* const* grad,
 }
 
 // As dnc_step_backward, with the gradient of ξ written to g_xi [B, X] (DNCSequence passes a null
-// g_W_rh in res and forms the parameters' gradients once over all steps).
+// g_W_rh in res and forms the parameters' gradients once over all steps). usage_gradient = 0:
+// the gradient of the previous write weights (through the usage only) is zero, DeepMind's
+// stop_gradient on the recurrent edge w^w_{t-1} -> u_t (the per-step nodes detach w^w_{t-1}).
 DNC_EXPORT void dnc_seq_step_backward_f32(const long* dims, const void* const* grad,
                                           const long* grad_stride, const void* const* ctrl,
                                           const long* ctrl_stride, const void* const* in,
                                           const long* in_stride, const void* const* out,
                                           const void* work, const void* cwork,
-                                          const int32_t* order, void* const* res, void* g_xi) {
+                                          const int32_t* order, void* const* res, void* g_xi,
+                                          long usage_gradient) {
   step_backward<float>(dims, grad, grad_stride, ctrl, ctrl_stride, in, in_stride, out, work,
-                       cwork, order, res, static_cast<float*>(g_xi));
+                       cwork, order, res, static_cast<float*>(g_xi), usage_gradient != 0);
 }
 
 DNC_EXPORT void dnc_seq_step_backward_f64(const long* dims, const void* const* grad,
@@ -1572,7 +1593,8 @@ DNC_EXPORT void dnc_seq_step_backward_f64(const long* dims, const void* const* g
                                           const long* ctrl_stride, const void* const* in,
                                           const long* in_stride, const void* const* out,
                                           const void* work, const void* cwork,
-                                          const int32_t* order, void* const* res, void* g_xi) {
+                                          const int32_t* order, void* const* res, void* g_xi,
+                                          long usage_gradient) {
   step_backward<double>(dims, grad, grad_stride, ctrl, ctrl_stride, in, in_stride, out, work,
-                        cwork, order, res, static_cast<double*>(g_xi));
+                        cwork, order, res, static_cast<double*>(g_xi), usage_gradient != 0);
 }
