@@ -11,6 +11,7 @@ environment ids), never by Python expressions.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,11 @@ class ConfigError(ValueError):
 @dataclass
 class EnvConfig:
     id: str = "memagents/Recall-v0"
-    """Gymnasium id (``memagents/...`` tasks, ``MiniGrid-...``)."""
+    """Gymnasium id (``memagents/...`` tasks, ``MiniGrid-...``, any registered id), or
+    ``module:EnvId`` to import ``module`` first (its import registers ``EnvId``)."""
+    packages: list[str] = field(default_factory=list)
+    """Python modules imported before the env is made, for the ids they register
+    (``[popgym]``); ``--gym-packages``."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments for ``gymnasium.make`` (difficulty knobs)."""
     n_envs: int = 8
@@ -41,7 +46,14 @@ class EnvConfig:
     (``[0, 1, 2]``: MiniGrid's turn left, turn right, forward); empty: all actions."""
     wrapper: str = "auto"
     """Observation wrapper (``memagents.wrappers.WRAPPERS``): ``minigrid`` (grid codes and direction
-    as one integer Box), ``none``, or ``auto`` (``minigrid`` for ``MiniGrid-*`` ids, else ``none``)."""
+    as one integer Box), ``flatten`` (Tuple/Dict/Discrete/MultiDiscrete/MultiBinary/Box as one
+    flat float Box, discrete values one-hot), ``none``, or ``auto`` (``minigrid`` for
+    ``MiniGrid-*`` and ``BabyAI-*`` ids, ``flatten`` where SB3 cannot take the observation space
+    as it is, e.g. ``Tuple``; else ``none``)."""
+    mission: str = "auto"
+    """MiniGrid's mission string under ``env.wrapper: minigrid``, which does not encode it:
+    ``auto`` drops it where it is constant (Memory, DoorKey, ...) and refuses the envs whose
+    mission varies (BabyAI, Fetch, ...); ``drop`` drops it anyway."""
 
 
 @dataclass
@@ -159,10 +171,18 @@ class Config:
     """Difficulty that grows with success (off unless ``curriculum.knob`` is set)."""
 
 
+#: a dotted Python module name (``popgym``, ``ale_py``, ``pkg.envs``)
+_MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
 #: (dotted key) -> (predicate, description of what is allowed)
 _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "env.n_envs": (lambda v: v >= 1, "an integer >= 1"),
     "env.vec_env": (lambda v: v in ("dummy", "batched"), "'dummy' or 'batched'"),
+    "env.packages": (
+        lambda v: all(_MODULE_NAME.fullmatch(m) for m in v),
+        "a list of Python module names, e.g. [popgym]",
+    ),
+    "env.mission": (lambda v: v in ("auto", "drop"), "'auto' or 'drop'"),
     "env.actions": (
         lambda v: all(a >= 0 for a in v) and len(set(v)) == len(v),
         "a list of distinct action ids >= 0",

@@ -4,7 +4,16 @@ MiniGrid's observations are ``Dict(image=Box(0, 255, (7, 7, 3), uint8), directio
 mission=MissionSpace)``: SB3's ``DummyVecEnv`` cannot stack the mission strings, and the image
 is not an image but a grid of *categorical codes* (object, colour, state) that a 0-255 CNN would
 misread. :class:`MiniGridCodes` keeps exactly those codes, and the direction, as integers in one
-flat ``Box``; ``memagents.sb3.extractors.MiniGridExtractor`` embeds them.
+flat ``Box``; ``memagents.sb3.extractors.MiniGridExtractor`` embeds them. The mission string is
+dropped only where it is constant or where the config says so (``env.mission``).
+
+Other envs: SB3's preprocessing (``stable_baselines3.common.preprocessing.preprocess_obs``) takes
+``Box``, ``Discrete``, ``MultiDiscrete`` and ``MultiBinary`` observations and a ``Dict`` of them
+(one-hot encoding the discrete ones inside the policy), and ``MemoryPolicy`` does too (``Dict``
+through SB3's ``CombinedExtractor``). It takes no ``Tuple``, no nesting, no ``Discrete`` with a
+``start`` other than 0 (it one-hot encodes ``x`` as if ``start`` were 0) and no multi-dimensional
+``MultiDiscrete``: :class:`FlatObservation` encodes all of these as one flat float ``Box``, and
+``env.wrapper: auto`` picks it exactly where :func:`sb3_takes` says SB3 cannot take the space.
 
 This module imports gymnasium, minigrid and numpy only (no SB3).
 """
@@ -39,19 +48,31 @@ class MiniGridCodes(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
     1 the colour code (0..5), 2 the state code (0..2).
 
     ``high`` is ``(10, 5, 2)`` repeated per cell, then 3: the extractor reads its vocabulary
-    sizes from it. The mission string is dropped (constant in the Memory and RedBlueDoors
-    tasks). A flat 1-D ``Box`` is not an image to SB3: it is not divided by 255.
+    sizes from it. A flat 1-D ``Box`` is not an image to SB3: it is not divided by 255.
+
+    ## Mission
+    The mission string is not encoded. With ``mission="auto"`` the wrapper accepts only envs
+    whose mission cannot change (:func:`mission_is_constant`: MiniGrid's ``MissionSpace`` without
+    placeholders, as in the Memory, DoorKey, Empty, LavaCrossing and RedBlueDoors tasks) and
+    raises ``ValueError`` for the others (every ``BabyAI-*`` level; MiniGrid's Fetch, GoToDoor,
+    GoToObject, KeyCorridor, PutNear, ObstructedMaze, ...), whose mission says what to do: an
+    agent that cannot read it is left to guess. ``mission="drop"`` drops it anyway.
 
     ## Info
     ``info["is_success"]`` is added on the last step of an episode: True when it terminated with
     a positive reward (MiniGrid rewards only success), False on failure or truncation.
 
     :param env: a MiniGrid env (``Dict`` observations with ``image`` and ``direction``).
+    :param mission: ``auto`` (refuse an env whose mission can vary) or ``drop`` (drop it anyway).
     """
 
-    def __init__(self, env: gym.Env) -> None:
-        gym.utils.RecordConstructorArgs.__init__(self)
+    def __init__(self, env: gym.Env, mission: str = "auto") -> None:
+        gym.utils.RecordConstructorArgs.__init__(self, mission=mission)
         gym.ObservationWrapper.__init__(self, env)
+        if mission not in MISSION_OPTIONS:
+            raise ValueError(
+                f"env.mission: unknown option {mission!r}; allowed: {', '.join(MISSION_OPTIONS)}"
+            )
         space = env.observation_space
         if not (
             isinstance(space, spaces.Dict)
@@ -64,6 +85,14 @@ class MiniGridCodes(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
                 f"MiniGridCodes needs MiniGrid's Dict observations with 'image' (V, V, 3) and "
                 f"'direction'; got {space}"
             )
+        if mission == "auto" and "mission" in space.spaces:
+            if not mission_is_constant(space["mission"]):
+                env_id = env.spec.id if env.spec is not None else type(env.unwrapped).__name__
+                raise ValueError(
+                    f"env.mission: the mission of {env_id} can vary between episodes (it says what "
+                    "to do) and env.wrapper 'minigrid' encodes only the grid and direction; set "
+                    "env.mission: drop to train without it"
+                )
         self.view_shape: tuple[int, int, int] = tuple(space["image"].shape)  # (V, V, 3)
         cells = self.view_shape[0] * self.view_shape[1]
         high = np.array([*GRID_CODE_MAX * cells, DIRECTION_MAX], dtype=np.uint8)
@@ -81,6 +110,142 @@ class MiniGridCodes(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
         if terminated or truncated:
             info = {**info, "is_success": bool(terminated and reward > 0)}
         return self.observation(obs), reward, terminated, truncated, info
+
+
+#: ``env.mission`` values (see :class:`MiniGridCodes`).
+MISSION_OPTIONS = ("auto", "drop")
+
+
+def mission_is_constant(space: spaces.Space) -> bool:
+    """Whether a MiniGrid mission space can produce only one mission: a plain ``MissionSpace``
+    whose ``mission_func`` takes no placeholders. BabyAI's ``BabyAIMissionSpace`` subclass also
+    has none but accepts any string (its levels write the mission themselves), so it is not."""
+    from minigrid.core.mission import MissionSpace
+
+    return type(space) is MissionSpace and space.ordered_placeholders is None
+
+
+def sb3_takes(space: spaces.Space) -> bool:
+    """Whether SB3's ``preprocess_obs`` (and so ``MemoryPolicy``) takes observations of ``space``
+    as they are: a ``Box``; a ``Discrete`` or 1-D ``MultiDiscrete`` starting at 0; a
+    ``MultiBinary``; or a ``Dict`` of these (not nested)."""
+    if isinstance(space, spaces.Dict):
+        return all(
+            _sb3_takes_leaf(s) and not isinstance(s, spaces.Dict) for s in space.spaces.values()
+        )
+    return _sb3_takes_leaf(space)
+
+
+def _sb3_takes_leaf(space: spaces.Space) -> bool:
+    if isinstance(space, (spaces.Box, spaces.MultiBinary)):
+        return True
+    if isinstance(space, spaces.Discrete):
+        return int(space.start) == 0
+    if isinstance(space, spaces.MultiDiscrete):
+        return space.nvec.ndim == 1 and not np.any(space.start)
+    return False
+
+
+class FlatObservation(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
+    """Any nesting of ``Tuple``, ``Dict``, ``Discrete``, ``MultiDiscrete``, ``MultiBinary`` and
+    ``Box`` observations as one flat ``float32`` vector, discrete values one-hot encoded.
+
+    ## Observation Space
+    ``Box(low, high, (D,), float32)``: the leaves of the space in order (``Tuple`` by position,
+    ``Dict`` in its key order, as ``gymnasium.spaces.flatten`` walks them), each encoded as
+
+    | leaf | entries | values |
+    |---|---|---|
+    | ``Box(shape)`` | ``prod(shape)`` | the values in C order, bounds kept (no rescaling) |
+    | ``Discrete(n, start)`` | ``n`` | one-hot of ``x - start`` |
+    | ``MultiDiscrete(nvec, start)`` | ``sum(nvec)`` | one-hot of ``x[i] - start[i]`` per entry |
+    | ``MultiBinary(n)`` | ``prod(n)`` | the bits as 0.0 / 1.0 |
+
+    A ``MultiDiscrete`` gives each entry ``i`` (C order) its own block of ``nvec[i]`` entries.
+
+    e.g. POPGym's Autoencode ``Tuple(Discrete(2), Discrete(4))``: ``(1, 2)`` -> ``[0, 1, 0, 0, 1,
+    0]``. Other leaves (``Text``, MiniGrid's mission, ``Sequence``, ``Graph``) have no fixed-size
+    encoding: the constructor raises ``ValueError`` naming the leaf.
+
+    :param env: an env with an observation space of the leaves above.
+    """
+
+    def __init__(self, env: gym.Env) -> None:
+        gym.utils.RecordConstructorArgs.__init__(self)
+        gym.ObservationWrapper.__init__(self, env)
+        #: (path of the leaf, its space) in encoding order; the path is for error messages
+        self.leaves: list[tuple[tuple[Any, ...], spaces.Space]] = list(
+            _leaves(env.observation_space, ())
+        )
+        lows, highs = [], []
+        for path, leaf in self.leaves:
+            if isinstance(leaf, spaces.Box):
+                lows.append(np.asarray(leaf.low, dtype=np.float32).reshape(-1))
+                highs.append(np.asarray(leaf.high, dtype=np.float32).reshape(-1))
+            else:
+                width = _width(leaf, path)
+                lows.append(np.zeros(width, dtype=np.float32))
+                highs.append(np.ones(width, dtype=np.float32))
+        low, high = np.concatenate(lows), np.concatenate(highs)
+        self.observation_space = spaces.Box(low=low, high=high, shape=low.shape, dtype=np.float32)
+
+    def observation(self, observation: Any) -> np.ndarray:
+        """A (nested) observation -> ``[D]`` float32 (see the class docstring for the layout)."""
+        parts = [_encode(leaf, _get(observation, path), path) for path, leaf in self.leaves]
+        return np.concatenate(parts).astype(np.float32, copy=False)
+
+
+def _leaves(space: spaces.Space, path: tuple[Any, ...]):
+    """Yield ``(path, leaf space)`` depth first, ``Tuple`` by index and ``Dict`` by key order."""
+    if isinstance(space, spaces.Tuple):
+        for i, sub in enumerate(space.spaces):
+            yield from _leaves(sub, (*path, i))
+    elif isinstance(space, spaces.Dict):
+        for key, sub in space.spaces.items():
+            yield from _leaves(sub, (*path, key))
+    elif isinstance(space, (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)):
+        yield path, space
+    else:
+        where = "".join(f"[{p!r}]" for p in path) or " itself"
+        raise ValueError(
+            f"env.wrapper 'flatten': the observation{where} is a {type(space).__name__}, which "
+            "has no fixed-size encoding (Box, Discrete, MultiDiscrete, MultiBinary, Tuple and "
+            "Dict have)"
+        )
+
+
+def _width(leaf: spaces.Space, path: tuple[Any, ...]) -> int:
+    """Entries of a non-Box leaf in the flat vector."""
+    if isinstance(leaf, spaces.Discrete):
+        return int(leaf.n)
+    if isinstance(leaf, spaces.MultiDiscrete):
+        return int(leaf.nvec.sum())
+    return int(np.prod(leaf.shape))  # MultiBinary
+
+
+def _get(observation: Any, path: tuple[Any, ...]) -> Any:
+    for key in path:
+        observation = observation[key]
+    return observation
+
+
+def _encode(leaf: spaces.Space, x: Any, path: tuple[Any, ...]) -> np.ndarray:
+    """One leaf's observation -> its flat float32 entries."""
+    if isinstance(leaf, spaces.Box):
+        return np.asarray(x, dtype=np.float32).reshape(-1)
+    if isinstance(leaf, spaces.MultiBinary):
+        return np.asarray(x, dtype=np.float32).reshape(-1)
+    if isinstance(leaf, spaces.Discrete):
+        out = np.zeros(int(leaf.n), dtype=np.float32)
+        out[int(x) - int(leaf.start)] = 1.0
+        return out
+    # MultiDiscrete: entry i is one-hot in its own block of nvec[i] entries
+    nvec = leaf.nvec.reshape(-1)
+    index = (np.asarray(x) - leaf.start).reshape(-1)
+    offsets = np.concatenate([[0], np.cumsum(nvec)[:-1]])
+    out = np.zeros(int(nvec.sum()), dtype=np.float32)
+    out[offsets + index] = 1.0
+    return out
 
 
 class ActionSubset(gym.ActionWrapper, gym.utils.RecordConstructorArgs):
@@ -120,13 +285,25 @@ class ActionSubset(gym.ActionWrapper, gym.utils.RecordConstructorArgs):
 WRAPPERS: dict[str, type[gym.Wrapper] | None] = {
     "none": None,
     "minigrid": MiniGridCodes,
+    "flatten": FlatObservation,
 }
 
 
-def default_wrapper(env_id: str) -> str:
+def is_minigrid_id(env_id: str) -> bool:
+    """A MiniGrid or BabyAI id, also in gymnasium's ``module:EnvId`` form."""
+    return env_id.split(":", 1)[-1].startswith(("MiniGrid-", "BabyAI-"))
+
+
+def default_wrapper(env_id: str, observation_space: spaces.Space | None = None) -> str:
     """The wrapper ``env.wrapper: auto`` picks: ``minigrid`` for ``MiniGrid-*`` and ``BabyAI-*``
-    ids (Dict observations of grid codes), ``none`` otherwise."""
-    return "minigrid" if env_id.startswith(("MiniGrid-", "BabyAI-")) else "none"
+    ids (Dict observations of grid codes); ``flatten`` when SB3 cannot take the observation space
+    as it is (:func:`sb3_takes`: ``Tuple``, nesting, ``Discrete`` with a ``start``); ``none``
+    otherwise (and when the space is not given)."""
+    if is_minigrid_id(env_id):
+        return "minigrid"
+    if observation_space is not None and not sb3_takes(observation_space):
+        return "flatten"
+    return "none"
 
 
 def wrap(env: gym.Env, name: str) -> gym.Env:

@@ -376,8 +376,10 @@ class MemoryPolicy(RecurrentActorCriticPolicy):
 
     # -- construction --------------------------------------------------------------------------
     def _make_core(self) -> PackedCore:
+        # SB3's extractors give features_dim as a numpy integer for MultiDiscrete observations
+        # (sum of nvec), which the cores' integer checks refuse
         return PackedCore(
-            cores.make(self.core_name, input_size=self.features_dim, **self.core_kwargs)
+            cores.make(self.core_name, input_size=int(self.features_dim), **self.core_kwargs)
         )
 
     def _build_mlp_extractor(self) -> None:
@@ -388,7 +390,7 @@ class MemoryPolicy(RecurrentActorCriticPolicy):
         self.critic = None
         if not (self.shared_lstm or self.enable_critic_lstm):
             # feed-forward critic: features -> the width of the core's output
-            self.critic = nn.Linear(self.features_dim, self.lstm_output_dim)
+            self.critic = nn.Linear(int(self.features_dim), self.lstm_output_dim)
         self.mlp_extractor = MlpExtractor(
             self.lstm_output_dim,
             net_arch=self.net_arch,
