@@ -43,7 +43,17 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m memagents.train", description=__doc__.splitlines()[0])
     p.add_argument("--config", help="YAML config (default: configs/default.yaml)")
-    p.add_argument("--env", help="environment id, e.g. memagents/Recall-v0 (env.id)")
+    p.add_argument(
+        "--env",
+        help="environment id, e.g. memagents/Recall-v0, or module:EnvId to import module first "
+        "(env.id)",
+    )
+    p.add_argument(
+        "--gym-packages",
+        metavar="MODULE[,MODULE...]",
+        help="modules to import before making the env, for the ids they register, e.g. popgym "
+        "(env.packages)",
+    )
     p.add_argument("--core", help="core name, e.g. dnc (core.name)")
     p.add_argument("--seed", type=int, help="seed (train.seed)")
     p.add_argument("--total-timesteps", type=int, help="environment steps (train.total_timesteps)")
@@ -102,6 +112,9 @@ def resolve_config(args: argparse.Namespace) -> Config:
         value = getattr(args, flag)
         if value is not None:
             flags.append(f"{key}={json.dumps(value)}")
+    if getattr(args, "gym_packages", None) is not None:
+        packages = [m.strip() for m in args.gym_packages.split(",") if m.strip()]
+        flags.append(f"env.packages={json.dumps(packages)}")
     apply_overrides(data, flags + list(args.set))
     config = from_dict(data)
     check_names(config)
@@ -110,9 +123,10 @@ def resolve_config(args: argparse.Namespace) -> Config:
 
 def check_names(config: Config) -> None:
     """Unknown env ids, core names and core kwargs are input errors, not tracebacks."""
+    import difflib
+
     import gymnasium as gym
 
-    import memagents  # noqa: F401  (registers the memagents/ ids)
     import memagents.cores as cores
 
     if config.core.name not in cores.available():
@@ -127,13 +141,23 @@ def check_names(config: Config) -> None:
             f"core.kwargs: core {config.core.name!r} does not take {unknown[0]!r}; "
             f"allowed: {', '.join(allowed)}"
         )
-    if config.env.id.startswith("MiniGrid"):
-        import minigrid  # noqa: F401  (registers MiniGrid ids)
-    if config.env.id not in gym.registry:
+    import_env_modules(config)
+    module, _, name = config.env.id.rpartition(":")
+    if module and name not in gym.registry:
+        close = difflib.get_close_matches(name, list(gym.registry), n=3)
+        raise ConfigError(
+            f"env.id: importing {module!r} registered no environment {name!r}"
+            + (f"; close: {', '.join(close)}" if close else "")
+        )
+    if name not in gym.registry:
         ours = sorted(k for k in gym.registry if k.startswith("memagents/") and "-v" in k)
+        prefix = name.split("-", 1)[0].split("/", 1)[0]
+        hint = "module:EnvId or env.packages (--gym-packages) for the ids a package registers"
+        if prefix.isidentifier() and prefix not in sys.modules and _installed(prefix):
+            hint = f"--env {prefix}:{name} or --gym-packages {prefix} to import {prefix!r} first"
         raise ConfigError(
             f"env.id: unknown environment {config.env.id!r}; e.g. {', '.join(ours[:8])}, "
-            "or a MiniGrid id"
+            f"a MiniGrid id, or {hint}"
         )
     if config.env.vec_env == "batched" and not config.env.id.startswith("memagents/"):
         raise ConfigError(
@@ -149,22 +173,86 @@ def check_names(config: Config) -> None:
             raise ConfigError(f"curriculum.knob: {error}")
 
 
+def import_env_modules(config: Config) -> None:
+    """Import what registers the config's env id: the ``memagents/`` tasks, ``env.packages``, the
+    module of a ``module:EnvId`` id (as ``gymnasium.make`` would) and MiniGrid for its ids. A
+    module that cannot be imported is an input error naming it."""
+    import memagents  # noqa: F401  (registers the memagents/ ids)
+    from memagents.wrappers import is_minigrid_id
+
+    for name in config.env.packages:
+        _import(name, f"env.packages: cannot import {name!r}")
+    module, _, name = config.env.id.rpartition(":")
+    if module:
+        _import(module, f"env.id {config.env.id!r}: cannot import module {module!r}")
+    if is_minigrid_id(name):
+        import minigrid  # noqa: F401  (registers the MiniGrid and BabyAI ids)
+
+
+def _import(module: str, error: str) -> None:
+    """``importlib.import_module``; any failure is a ConfigError starting with ``error``."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # an import runs arbitrary code: report any failure as one line
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"{error} ({reason}); is its package installed?") from None
+
+
+def _installed(module: str) -> bool:
+    """Whether a top-level module can be imported (found without importing it: an id's prefix
+    only suggests a module to import, it is not imported unasked)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def check_env(config: Config) -> None:
-    """``env.kwargs`` must construct the env, and ``env.actions`` name actions of its
-    ``Discrete`` action space: both are input errors, not tracebacks."""
+    """``env.kwargs`` must construct the env, ``env.actions`` name actions of its ``Discrete``
+    action space, the action space must be one RecurrentPPO takes and the observation wrapper
+    must take the observation space: all input errors, not tracebacks."""
     if config.env.vec_env == "batched" and config.env.actions:
         raise ConfigError("env.actions: the batched env takes no action subset; use vec_env dummy")
+    check_wrapper_name(config)
     import gymnasium as gym
+    from gymnasium import spaces
 
-    from memagents.wrappers import ActionSubset
+    from memagents.wrappers import WRAPPERS, ActionSubset, sb3_takes
+
+    # the action spaces of SB3's distributions (make_proba_distribution)
+    action_spaces = (spaces.Discrete, spaces.MultiDiscrete, spaces.Box, spaces.MultiBinary)
 
     try:
         env = gym.make(config.env.id, **single_env_kwargs(config))
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, gym.error.Error) as exc:
         raise ConfigError(f"env.kwargs {config.env.kwargs!r}: {exc}") from None
     try:
         if config.env.actions:
-            ActionSubset(env, list(config.env.actions))
+            env = ActionSubset(env, list(config.env.actions))
+        action_space = env.action_space
+        if not isinstance(action_space, action_spaces) or (
+            isinstance(action_space, (spaces.Discrete, spaces.MultiDiscrete))
+            and np.any(action_space.start)
+        ):
+            raise ConfigError(
+                f"env.id {config.env.id!r}: its action space {action_space} is not one "
+                f"RecurrentPPO takes ({', '.join(c.__name__ for c in action_spaces)}; "
+                "Discrete and MultiDiscrete starting at 0)"
+            )
+        name = env_wrapper(config, env.observation_space)
+        if name == "none" and not sb3_takes(env.observation_space):
+            raise ConfigError(
+                f"env.wrapper: 'none' passes {env.observation_space} observations, which SB3 "
+                f"cannot take; use env.wrapper flatten (or auto) for env.id={config.env.id!r}"
+            )
+        cls = WRAPPERS[name]
+        if cls is not None:
+            kwargs = {"mission": config.env.mission} if name == "minigrid" else {}
+            cls(env, **kwargs)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     finally:
@@ -176,18 +264,10 @@ def check_observation_pipeline(config: Config) -> None:
     import inspect
 
     from memagents.sb3.extractors import FEATURES_EXTRACTORS
-    from memagents.wrappers import WRAPPERS, default_wrapper
 
-    wrappers = ["auto", *WRAPPERS]
-    if config.env.wrapper not in wrappers:
-        raise ConfigError(
-            f"env.wrapper: unknown wrapper {config.env.wrapper!r}; allowed: {', '.join(wrappers)}"
-        )
-    if config.env.wrapper == "minigrid" and default_wrapper(config.env.id) != "minigrid":
-        raise ConfigError(
-            f"env.wrapper: 'minigrid' needs a MiniGrid environment; got env.id={config.env.id!r}"
-        )
-    if env_wrapper(config) != "none" and config.env.vec_env == "batched":
+    check_wrapper_name(config)
+    wrapper = env_wrapper(config)
+    if wrapper != "none" and config.env.vec_env == "batched":
         raise ConfigError("env.vec_env: 'batched' cannot apply env.wrapper; use 'dummy'")
     name = config.policy.features_extractor
     if name not in FEATURES_EXTRACTORS:
@@ -195,10 +275,10 @@ def check_observation_pipeline(config: Config) -> None:
             f"policy.features_extractor: unknown extractor {name!r}; allowed: "
             f"{', '.join(FEATURES_EXTRACTORS)}"
         )
-    if features_extractor(config) == "minigrid" and env_wrapper(config) != "minigrid":
+    if name == "minigrid" and wrapper != "minigrid":
         raise ConfigError(
             "policy.features_extractor: 'minigrid' reads the codes of env.wrapper 'minigrid'; "
-            f"env.wrapper resolves to {env_wrapper(config)!r} for env.id={config.env.id!r}"
+            f"env.wrapper resolves to {wrapper!r} for env.id={config.env.id!r}"
         )
     cls = FEATURES_EXTRACTORS[features_extractor(config)]
     kwargs = config.policy.features_extractor_kwargs
@@ -221,13 +301,37 @@ def check_observation_pipeline(config: Config) -> None:
             )
 
 
-def env_wrapper(config: Config) -> str:
-    """The observation wrapper a config resolves to (``env.wrapper``, ``auto`` decided by id)."""
-    from memagents.wrappers import default_wrapper
+def check_wrapper_name(config: Config) -> None:
+    """``env.wrapper`` names a registered wrapper, and ``minigrid`` only for MiniGrid ids."""
+    from memagents.wrappers import WRAPPERS, is_minigrid_id
 
-    if config.env.wrapper == "auto":
-        return default_wrapper(config.env.id)
-    return config.env.wrapper
+    wrappers = ["auto", *WRAPPERS]
+    if config.env.wrapper not in wrappers:
+        raise ConfigError(
+            f"env.wrapper: unknown wrapper {config.env.wrapper!r}; allowed: {', '.join(wrappers)}"
+        )
+    if config.env.wrapper == "minigrid" and not is_minigrid_id(config.env.id):
+        raise ConfigError(
+            f"env.wrapper: 'minigrid' needs a MiniGrid environment; got env.id={config.env.id!r}"
+        )
+
+
+def env_wrapper(config: Config, observation_space=None) -> str:
+    """The observation wrapper a config resolves to: ``env.wrapper``, or for ``auto``
+    ``memagents.wrappers.default_wrapper`` of the id and the env's observation space (an env is
+    made to read it when ``observation_space`` is not given and the id does not decide)."""
+    from memagents.wrappers import default_wrapper, is_minigrid_id
+
+    if config.env.wrapper != "auto":
+        return config.env.wrapper
+    if observation_space is None and not is_minigrid_id(config.env.id):
+        import gymnasium as gym
+
+        import_env_modules(config)
+        env = gym.make(config.env.id, **single_env_kwargs(config))
+        observation_space = env.observation_space
+        env.close()
+    return default_wrapper(config.env.id, observation_space)
 
 
 def features_extractor(config: Config) -> str:
@@ -257,15 +361,16 @@ def make_env(config: Config, seed: int, n_envs: int | None = None):
         return TorchVecEnv.make(config.env.id, n, seed=seed, **config.env.kwargs)
     from memagents.wrappers import WRAPPERS, ActionSubset
 
-    if config.env.id.startswith(("MiniGrid-", "BabyAI-")):
-        import minigrid  # noqa: F401  (registers the MiniGrid ids)
-    observation_wrapper = WRAPPERS[env_wrapper(config)]
+    import_env_modules(config)
+    name = env_wrapper(config)
+    observation_wrapper = WRAPPERS[name]
+    wrapper_kwargs = {"mission": config.env.mission} if name == "minigrid" else {}
     actions = list(config.env.actions)
 
     def wrapper(env):  # outside SB3's Monitor
         if actions:
             env = ActionSubset(env, actions)
-        return env if observation_wrapper is None else observation_wrapper(env)
+        return env if observation_wrapper is None else observation_wrapper(env, **wrapper_kwargs)
 
     return make_vec_env(
         config.env.id,
@@ -279,9 +384,10 @@ def make_env(config: Config, seed: int, n_envs: int | None = None):
 def single_env_kwargs(config: Config) -> dict[str, Any]:
     """``gym.make`` keyword arguments of one (non-batched) env of a config: ``env.kwargs``, and
     ``render_mode=None`` for the algorithmic tasks (SB3's ``make_vec_env`` asks for
-    ``"rgb_array"``; they render text)."""
+    ``"rgb_array"``; they render text). Other envs keep SB3's request: an env whose constructor
+    takes no ``render_mode`` (POPGym's) is made again without it by ``make_vec_env``."""
     kwargs = dict(config.env.kwargs)
-    if config.env.id.startswith("memagents/"):
+    if config.env.id.rpartition(":")[2].startswith("memagents/"):
         kwargs.setdefault("render_mode", None)
     return kwargs
 
@@ -420,18 +526,56 @@ def save_checkpoint(model, run_dir: Path) -> Path:
     os.replace(tmp, zip_path)
     rng_path = ckpt_dir / f"step_{steps}.rng.pt"
     tmp_rng = ckpt_dir / f".step_{steps}.rng.tmp"
-    torch.save(
-        {
-            "torch": torch.get_rng_state(),
-            "numpy": np.random.get_state(),  # noqa: NPY002 (SB3 seeds the global RNG)
-            "python": random.getstate(),
-        },
-        tmp_rng,
-    )
+    torch.save(rng_state(), tmp_rng)
     os.replace(tmp_rng, rng_path)
     latest = {"num_timesteps": steps, "model": zip_path.name, "rng": rng_path.name}
     atomic_write_text(ckpt_dir / "latest.json", json.dumps(latest))
     return zip_path
+
+
+def rng_state() -> dict[str, Any]:
+    """The global RNG states a run resumes (torch, CUDA when present, NumPy's legacy global RNG
+    that SB3 seeds, Python's ``random``), as plain tensors and numbers only, so that a checkpoint
+    loads with ``torch.load(..., weights_only=True)``, which unpickles no Python objects."""
+    import torch
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()  # noqa: NPY002 (SB3 seeds it)
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "numpy_pos": int(pos),
+        "numpy_has_gauss": int(has_gauss),
+        "numpy_gauss": float(gauss),
+        "python_version": int(version),
+        "python_internal": torch.tensor(internal, dtype=torch.int64),
+        "python_gauss_next": gauss_next,  # None or a float
+    }
+    if kind != "MT19937":
+        raise RuntimeError(f"NumPy's global RNG is {kind!r}; checkpoints store MT19937 only")
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved."""
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(  # noqa: NPY002
+        (
+            "MT19937",
+            state["numpy_keys"].numpy().astype(np.uint32),
+            state["numpy_pos"],
+            state["numpy_has_gauss"],
+            state["numpy_gauss"],
+        )
+    )
+    internal = tuple(int(v) for v in state["python_internal"].tolist())
+    random.setstate((state["python_version"], internal, state["python_gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def latest_checkpoint(run_dir: Path) -> dict[str, Any] | None:
@@ -537,10 +681,7 @@ def run(config: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
         # load(env=...) re-seeds the env with the training seed, which would replay the episodes
         # the run began with; a resumed segment draws new ones, reproducibly
         env.seed(seed + int(latest["num_timesteps"]))
-        rng = torch.load(ckpt / latest["rng"], weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])  # noqa: NPY002
-        random.setstate(rng["python"])
+        set_rng_state(torch.load(ckpt / latest["rng"], weights_only=True))
         segment = len(list(run_dir.glob("progress*.csv")))
         csv_name = f"progress-resumed-{segment}.csv" if segment else "progress.csv"
     else:
