@@ -590,6 +590,8 @@ def make_callbacks(config: Config, run_dir: Path, eval_env):
     import torch
     from stable_baselines3.common.callbacks import BaseCallback
 
+    from memagents import allocator
+
     class TrainingDiverged(RuntimeError):
         pass
 
@@ -624,7 +626,11 @@ def make_callbacks(config: Config, run_dir: Path, eval_env):
                 h.remove()
             self.hooks.clear()
 
+        def _on_rollout_end(self) -> None:
+            allocator.release()  # the collection's freed tensors (memagents/allocator.py)
+
         def _on_rollout_start(self) -> None:
+            allocator.release()  # the update's freed tensors
             # after each update: parameters and losses must be finite
             for name, param in self.model.policy.named_parameters():
                 if not torch.isfinite(param).all():
@@ -664,6 +670,9 @@ def make_callbacks(config: Config, run_dir: Path, eval_env):
 # -- the run -----------------------------------------------------------------------------------
 def run(config: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     """Train (or continue) one run; returns the final evaluation."""
+    from memagents import allocator
+
+    allocator.configure()  # before torch runs a convolution (memagents/allocator.py)
     import torch
     from stable_baselines3.common.logger import CSVOutputFormat, Logger, TensorBoardOutputFormat
 
