@@ -1,8 +1,15 @@
 """Shared set-up and fixtures of the test suite.
 
-- One intra-op thread: on this 2-core machine two threads make small recurrent workloads slower
-  and their timings erratic (see the issue's benchmark notes), and one thread keeps reductions in
-  a fixed order.
+- One intra-op thread by default: on this 2-core machine two threads make small recurrent
+  workloads slower and their timings erratic (see the issue's benchmark notes). The tests do not
+  depend on it: ``MEMAGENTS_TEST_THREADS=n`` runs them with ``n`` threads.
+- Bitwise comparisons (``torch.equal``) only where both sides are the same kernels on the same
+  shapes, memory layouts and values (the same call twice, per-element math, integers, copies
+  and packing). Two computations that differ in a library call's shape (a sequence split in
+  two, another batch size), in an operand's strides or alignment (an unpacked state's views), in
+  the kernel (native C++ against its torch reference) or in the thread count may round
+  differently: BLAS and oneDNN choose kernels, blocking and summation order by CPU, shape, layout
+  and threads. Those compare with :data:`PATH_TOL` (float32) or :data:`PATH_TOL_F64`.
 - ``tiny_core`` builds any registered core at sizes small enough for exhaustive checks, from one
   table of hyperparameters filtered by what each core accepts, so a newly registered core is
   covered by the contract tests without editing them.
@@ -10,6 +17,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -17,12 +25,22 @@ from typing import Any
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+from torch import Tensor
 
 import memagents.cores as cores
 from memagents.cores import native
 from memagents.cores import state as state_lib
+from memagents.cores.addressing import EPSILON
 
 torch.set_num_threads(int(os.environ.get("MEMAGENTS_TEST_THREADS", "1")))
+
+#: Tolerance between two float32 computations of the same values that are not bitwise equal by
+#: construction (see the module docstring): a few float32 roundings (~6e-8 each) per step,
+#: accumulated over a few steps of a tiny core, with a floor for results near zero.
+PATH_TOL = {"rtol": 1e-5, "atol": 1e-6}
+
+#: The same for float64 computations (roundings of ~1e-16).
+PATH_TOL_F64 = {"rtol": 1e-12, "atol": 1e-12}
 
 
 #: the native kernels are meant to run here (:func:`memagents.cores.native.expected`: the
@@ -124,7 +142,9 @@ def core_dtype(core: cores.MemoryCore) -> torch.dtype:
 
 
 def assert_states_equal(a: Any, b: Any, exact: bool = True, **tol: float) -> None:
-    """Every leaf of two states is equal (bitwise when ``exact``), same structure and shapes."""
+    """Every leaf of two states is equal (bitwise when ``exact``, else to ``tol``: ``PATH_TOL``
+    for two computations that are not the same kernels on the same shapes and layouts), same
+    structure and shapes."""
     names_a = [n for n, _ in state_lib.named_leaves(a)]
     names_b = [n for n, _ in state_lib.named_leaves(b)]
     assert names_a == names_b
@@ -134,6 +154,55 @@ def assert_states_equal(a: Any, b: Any, exact: bool = True, **tol: float) -> Non
             assert torch.equal(ta, tb), f"state field {name} differs"
         else:
             torch.testing.assert_close(ta, tb, msg=lambda m, n=name: f"{n}: {m}", **tol)
+
+
+def dense_copy(state: Any) -> Any:
+    """``state`` with every leaf a fresh contiguous tensor (the layout a reset's ``torch.where``
+    gives): a run from it takes the same kernels as a run from a reset state, whereas a broadcast
+    initial state (stride 0) or a view may take another (MKL's batched matmul rounds a stride-0
+    batch differently on some shapes)."""
+    return state_lib.map_state(lambda t: t.clone(memory_format=torch.contiguous_format), state)
+
+
+#: The smallest gap between the ``K``-th and ``(K+1)``-th best similarity under which two top-``K``
+#: searches that compute cosines with other float32 kernels (C++, torch, FAISS) may pick other
+#: rows: twice the rounding of a cosine of width-``W`` vectors, ``2 (W + 4) 2^-24`` (2.4e-6 at
+#: ``W = 16``, the widest in these tests).
+RANK_MARGIN = 4e-6
+
+
+def top_k_margin(scores: Tensor, k: int, exact: Tensor | None = None) -> float:
+    """The smallest gap between the ``k``-th and ``(k+1)``-th largest ``scores`` along the last
+    axis (over all leading axes; ``inf`` when ``k`` takes every entry).
+
+    :param scores: ``[..., N]``, best computed in float64.
+    :param exact: ``[..., N]`` bool, where a score is exact on every path (a zero row's 0):
+        two exact scores that tie are broken alike (lowest index first), so their gap is ``inf``.
+    """
+    if k >= scores.shape[-1]:
+        return math.inf
+    values, order = scores.sort(dim=-1, descending=True, stable=True)
+    gap = values[..., k - 1] - values[..., k]
+    if exact is not None:
+        both = exact.gather(-1, order)[..., k - 1 : k + 1].all(-1)
+        gap = gap.masked_fill(both & (gap == 0), math.inf)
+    return gap.min().item()
+
+
+def cosine_top_k_margin(memory: Tensor, keys: Tensor, k: int) -> float:
+    """:func:`top_k_margin` of the cosine similarities the kNN indexes rank by (norms with
+    ``EPSILON``, zero rows scoring exactly 0), in float64: indices that two searches of these
+    ``memory [B, N, W]`` and ``keys [B, R, W]`` find agree on any CPU when it exceeds
+    :data:`RANK_MARGIN`."""
+    m, q = memory.detach().double(), keys.detach().double()
+    square_norm = m.square().sum(-1)  # [B, N]
+    zero = (square_norm == 0)[:, None].expand(-1, q.shape[1], -1)  # [B, R, N]
+    norms = (
+        torch.sqrt(q.square().sum(-1) + EPSILON)[..., None]
+        * torch.sqrt(square_norm + EPSILON)[:, None]
+    )
+    scores = (q @ m.transpose(1, 2) / norms).masked_fill(zero, 0.0)
+    return top_k_margin(scores, k, exact=zero)
 
 
 #: One test id per registered core, plus variants that exercise other code paths.

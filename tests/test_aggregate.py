@@ -1,5 +1,9 @@
 """Aggregation maths on known data: the bootstrap band, curve alignment, steps to threshold, and the
-table/results written from synthetic run directories (no training, no SB3)."""
+table/results written from synthetic run directories (no training, no SB3).
+
+Bitwise comparisons are of numpy results in a fixed order (no BLAS): means and percentiles of
+equal values, the same seeded bootstrap twice, steps and values copied from the logs.
+"""
 
 from __future__ import annotations
 

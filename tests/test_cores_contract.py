@@ -17,10 +17,12 @@ from conftest import (
     CORE_CASES,
     INIT_PARAMS,
     INPUT_SIZE,
+    PATH_TOL,
     assert_states_equal,
     build_core,
     case_id,
     core_dtype,
+    dense_copy,
     random_state,
     randomize_initial_state,
     tiny_kwargs,
@@ -28,10 +30,6 @@ from conftest import (
 
 import memagents.cores as cores
 from memagents.cores import state as state_lib
-
-#: Tolerance for comparing two computation paths of the same float32 numbers (e.g. a fused
-#: ``nn.LSTM`` sequence call against single steps), which may round differently.
-PATH_TOL = {"rtol": 1e-5, "atol": 1e-6}
 
 B = 3  # batch size of the contract tests
 
@@ -74,6 +72,7 @@ def test_output_and_state_shapes(tiny_core):
 
 
 def test_state_none_means_initial_state_and_no_starts_means_no_reset(tiny_core):
+    """Bitwise: both calls build the same initial state and run the same kernels on it."""
     core = tiny_core()
     x = _inputs(core, 3)
     y_explicit, s_explicit = core(x, core.initial_state(B), _no_starts(3))
@@ -106,7 +105,7 @@ def test_dnc_state_fields_are_named_as_in_the_paper(name, extra):
     assert shapes["access.read_weights"] == (R, N)
     assert shapes["access.write_weights"] == (H, N)
     state = core.initial_state(2)
-    # the paper's names are also readable on the top-level state
+    # the paper's names are also readable on the top-level state (the same tensors)
     for field in ("memory", "usage", "link", "precedence", "read_weights", "write_weights"):
         assert getattr(state, field) is getattr(state.access, field)
     # memory starts at a small constant, not random; usage, link, precedence and weights at 0
@@ -136,7 +135,10 @@ def test_ntm_state_fields_are_named_as_in_the_paper():
 
 def test_back_to_back_episodes_equal_each_episode_alone(tiny_core):
     """Two episodes joined with a start flag give each episode's outputs from initial_state,
-    even when the sequence begins from an unrelated state (reset at t=0)."""
+    even when the sequence begins from an unrelated state (reset at t=0).
+
+    Up to ``PATH_TOL``: the joined run's library calls (``nn.LSTM`` over one stretch per
+    episode) need not match the separate runs' in shape or layout."""
     core = tiny_core()
     T1, T2 = 4, 3
     x1, x2 = _inputs(core, T1, seed=1), _inputs(core, T2, seed=2)
@@ -153,7 +155,9 @@ def test_back_to_back_episodes_equal_each_episode_alone(tiny_core):
 
 
 def test_reset_of_some_batch_elements_in_the_middle(tiny_core):
-    """Elements 0 and 2 start a new episode at step T1; element 1 continues its episode."""
+    """Elements 0 and 2 start a new episode at step T1; element 1 continues its episode.
+
+    Up to ``PATH_TOL``: the reset splits ``lstm``/``gru``'s call into stretches of other shapes."""
     core = tiny_core()
     T1, T2 = 3, 4
     x1, x2 = _inputs(core, T1, seed=3), _inputs(core, T2, seed=4)
@@ -180,7 +184,8 @@ def test_reset_of_some_batch_elements_in_the_middle(tiny_core):
 
 def test_resets_at_different_steps_per_element(tiny_core):
     """Each element resets at its own step (the vectorised-env case); compare each element to
-    the run of its last episode alone, with the same batch size."""
+    the run of its last episode alone, with the same batch size (up to ``PATH_TOL``: the runs
+    differ in length and in where ``lstm``/``gru`` split their calls)."""
     core = tiny_core()
     T = 6
     x = _inputs(core, T, seed=6)
@@ -195,17 +200,23 @@ def test_resets_at_different_steps_per_element(tiny_core):
 
 
 def test_reset_restores_the_learned_initial_state_exactly(tiny_core):
-    """One step from any state with a start flag is bitwise the step from initial_state."""
+    """One step from any state with a start flag is bitwise the step from initial_state.
+
+    Bitwise because both runs are the same kernels on the same values, shapes and layouts: the
+    reset state is ``torch.where``'s fresh contiguous output, so the fresh run starts from a dense
+    copy of ``initial_state`` (its broadcast leaves could take another matmul kernel), and the
+    state the reset replaces is dense too (``lstm``'s returned state is a transposed view)."""
     core = tiny_core()
     x = _inputs(core, 1, seed=8)
-    y_fresh, s_fresh = core(x, core.initial_state(B), _no_starts(1))
-    y_reset, s_reset = core(x, random_state(core, B, seed=9), torch.ones(1, B))
+    y_fresh, s_fresh = core(x, dense_copy(core.initial_state(B)), _no_starts(1))
+    y_reset, s_reset = core(x, dense_copy(random_state(core, B, seed=9)), torch.ones(1, B))
     assert torch.equal(y_reset, y_fresh)
     assert_states_equal(s_reset, s_fresh)
 
 
 def test_initial_state_carries_the_learned_parameters(core_case):
-    """The learned h0 (and c0, read0) appear in initial_state, expanded over the batch."""
+    """The learned h0 (and c0, read0) appear in initial_state, expanded over the batch (bitwise:
+    copies, no arithmetic)."""
     name, extra = core_case
     core = build_core(name, **extra)
     randomize_initial_state(core, seed=3)
@@ -331,7 +342,10 @@ def test_batch_elements_do_not_leak_into_each_other(tiny_core):
 
 
 def test_gradient_does_not_cross_batch_elements(tiny_core):
-    """d y[:, 1:] / d x[:, 0] is exactly zero; d y[:, 0] / d x[:, 0] is not."""
+    """d y[:, 1:] / d x[:, 0] is exactly zero; d y[:, 0] / d x[:, 0] is not.
+
+    Exactly, on any CPU: without a leak the gradient reaching x[:, 0] is built from products with
+    zeros and sums of zeros, which are zero in any kernel and any summation order."""
     core = tiny_core()
     T = 4
     x = _inputs(core, T, seed=18).requires_grad_(True)
@@ -351,6 +365,7 @@ def test_gradient_does_not_cross_batch_elements(tiny_core):
 
 
 def test_pack_unpack_round_trip_is_exact(tiny_core):
+    """Bitwise: packing and unpacking only copy and reshape."""
     core = tiny_core()
     x = _inputs(core, 4, seed=20)
     _, after = core(x, core.initial_state(B), _no_starts(4))
@@ -416,6 +431,7 @@ def test_return_debug_gives_per_step_tensors_consistent_with_the_state(core_case
     s0 = random_state(core, B, seed=23)
     y, s = core(x, s0, starts)
     y_d, s_d, debug = core(x, s0, starts, return_debug=True)
+    # the debug path may be another path (step by step instead of one sequence call)
     torch.testing.assert_close(y_d, y, **PATH_TOL)
     assert_states_equal(s_d, s, exact=False, **PATH_TOL)
     assert REQUIRED_DEBUG.get(name, set()) <= set(debug)
@@ -426,7 +442,7 @@ def test_return_debug_gives_per_step_tensors_consistent_with_the_state(core_case
         leaf = _state_leaf_for(s_d, key)
         if leaf is None or leaf.shape != value.shape[1:]:
             continue
-        # the last step's debug tensor is the final state's field ...
+        # the last step's debug tensor is the final state's field (the same values, bitwise) ...
         assert torch.equal(value[-1], leaf), key
         # ... and the debug tensor of step t is that field after running steps 0..t
         for t in range(T - 1):
@@ -577,10 +593,13 @@ def test_gradcheck_ntm_wrt_input():
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
 def test_gradcheck_dnc_wrt_input_through_steps_and_a_reset(fused):
+    # usage_gradient=True: the exact derivative (by default the usage passes no gradient to the
+    # previous write weights, as DeepMind's DNC; tests/test_dnc_deepmind.py checks that)
     core = build_core(
         "dnc",
         dtype=torch.float64,
         fused=fused,
+        usage_gradient=True,
         hidden_size=4,
         memory_size=4,
         word_size=3,
@@ -598,11 +617,13 @@ def test_gradcheck_dnc_wrt_input_through_steps_and_a_reset(fused):
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
 def test_gradcheck_dnc_wrt_the_starting_state(fused):
-    """Gradients to a starting memory, usage, controller state and read vectors (float64)."""
+    """Gradients to a starting memory, usage, controller state and read vectors (float64), with
+    ``usage_gradient=True`` (the exact derivative; see the test above)."""
     core = build_core(
         "dnc",
         dtype=torch.float64,
         fused=fused,
+        usage_gradient=True,
         hidden_size=3,
         memory_size=4,
         word_size=2,

@@ -1,4 +1,8 @@
-"""The single (one episode at a time) algorithmic envs: registry, API, rules, oracle, errors."""
+"""The single (one episode at a time) algorithmic envs: registry, API, rules, oracle, errors.
+
+Observations, rewards and renders compare bitwise: they are small integers and copies of them,
+or numpy arithmetic in a fixed order (the same seeded run twice), exact on every CPU.
+"""
 
 from __future__ import annotations
 
@@ -34,8 +38,6 @@ from envs import (
     RepeatCopyEnv,
     RepeatCopyProblem,
 )
-
-torch.set_num_threads(1)
 
 ENV_CLASSES = [
     RecallEnv,

@@ -6,6 +6,9 @@
 - a tiny ``RecurrentPPO(MemoryPolicy)`` trains on ``MiniGrid-MemoryS7-v0`` and, with unchanged
   weights, recomputes the rollout's log-probabilities and values in training;
 - the configs under ``configs/minigrid-*.yaml`` are valid and select the wrapper and extractor.
+
+Observations compare bitwise (uint8 grid codes, copied); features and log-probabilities computed
+two ways compare with tolerances.
 """
 
 from __future__ import annotations
@@ -28,8 +31,6 @@ from memagents.config import CONFIG_DIR, ConfigError, from_dict, load_config
 from memagents.sb3 import MemoryPolicy
 from memagents.sb3.extractors import MiniGridExtractor
 from memagents.wrappers import ActionSubset, MiniGridCodes, wrap
-
-torch.set_num_threads(1)
 
 ENV_ID = "MiniGrid-MemoryS7-v0"
 

@@ -185,6 +185,7 @@ def test_step_float32_agrees_with_the_float64_reference(monkeypatch, path):
 
 
 def test_no_grad_forward_equals_the_recording_forward():
+    """Bitwise: the same kernel (or torch ops) on the same inputs; recording only saves more."""
     inputs = _step_inputs(3, 6, 4, 2, 1)
     recorded = NTMAccessStep.apply(*inputs, 2, 1)
     with torch.no_grad():
@@ -349,6 +350,8 @@ def test_gradcheck_native_sequence(H, S):
 
 @pytest.mark.parametrize("path", PATHS)
 def test_no_grad_sequence_equals_the_recording_sequence(monkeypatch, path):
+    """Bitwise: with and without grad each path runs the same kernels on the same shapes and
+    layouts (recording only saves more for the backward)."""
     _use_path(monkeypatch, path)
     core = build_core("ntm", dtype=F64)
     randomize_initial_state(core)

@@ -69,7 +69,9 @@ def test_recording_has_one_frame_per_step(tiny_run, tmp_path):
 
 
 def test_debug_step_acts_like_predict(tiny_run):
-    """The recording path (core with return_debug) picks the actions predict picks."""
+    """The recording path (core with return_debug) picks the actions predict picks: discrete
+    actions of logits that the two paths compute up to float32 rounding, the same unless two
+    logits tie to that precision."""
     model = RecurrentPPO.load(tiny_run / "model.zip", device="cpu")
     policy = model.policy
     venv = render_env(tiny_run, seed=9)

@@ -9,11 +9,21 @@ both paths pick the same rows.
 from __future__ import annotations
 
 import gc
+import math
 import weakref
 
 import pytest
 import torch
-from conftest import HAS_NATIVE, build_core, counting, needs_native, randomize_initial_state
+from conftest import (
+    HAS_NATIVE,
+    RANK_MARGIN,
+    build_core,
+    cosine_top_k_margin,
+    counting,
+    needs_native,
+    randomize_initial_state,
+    top_k_margin,
+)
 
 from memagents.cores import sparse_access
 from memagents.cores import state as state_lib
@@ -144,6 +154,9 @@ def test_native_exact_search_matches_the_torch_scan(torch_path, zero_rows):
             got = fast.search(memory, keys, k)
             torch_path(True)
             expected = sparse_access.ExactIndex(memory).search(memory, keys, k)
+            # the kernel's cosines and torch's round differently: the same rows on any CPU
+            # when the k-th and (k+1)-th nearest are further apart than that
+            assert cosine_top_k_margin(memory, keys, k) > RANK_MARGIN
             assert torch.equal(got, expected)
 
 
@@ -162,6 +175,8 @@ def test_native_usage_and_lru_match_torch(torch_path):
     u_n2, t_n2 = sparse_access.usage_update(last.clone(), time, accesses, inplace=True)
     torch_path(True)
     u_t, t_t = sparse_access.usage_update(last, time, accesses)
+    # bitwise: steps are exact integers, and both paths compare the same weights with the
+    # threshold
     for got in (u_n, u_n2):
         assert torch.equal(got, u_t)
     assert torch.equal(t_n, t_t) and torch.equal(t_n2, t_t)
@@ -244,25 +259,62 @@ def test_ivf_index_is_exact_on_small_memories_and_after_updates(zero_rows):
     keys = torch.randn(4, 3, 8, generator=gen)
     exact, ivf = sparse_access.ExactIndex(memory), sparse_access.IVFIndex(memory)
     assert ivf.nprobe == ivf.nlist
+    # the two searches compute the cosines with other kernels (the IVF on float32 unit rows):
+    # the same rows on any CPU when the k-th and (k+1)-th nearest are further apart than that
     for k in (1, 4, 30):
+        assert cosine_top_k_margin(memory, keys, k) > RANK_MARGIN
         assert torch.equal(ivf.search(memory, keys, k), exact.search(memory, keys, k))
     rows = torch.tensor([[0, 5, 40, 40]] * 4)  # a duplicate row
     memory[:, 0] = torch.randn(8, generator=gen)
     memory[:, 5] = 0.0
     memory[:, 40] = keys[:, 0]
     ivf.update(memory, rows)
+    assert cosine_top_k_margin(memory, keys, 4) > RANK_MARGIN
     assert torch.equal(ivf.search(memory, keys, 4), exact.search(memory, keys, 4))
     assert (ivf.search(memory, keys, 4)[:, 0] == 40).any(-1).all()
     memory[2] = torch.randn(64, 8, generator=gen)
     memory[2, 3] = 0.0
     ivf.reset(memory, torch.tensor([2]))
+    assert cosine_top_k_margin(memory, keys, 4) > RANK_MARGIN
     assert torch.equal(ivf.search(memory, keys, 4), exact.search(memory, keys, 4))
+
+
+def _ivf_margin(
+    index: sparse_access.IVFIndex, memory: torch.Tensor, keys: torch.Tensor, k: int
+) -> float:
+    """The smallest :func:`conftest.top_k_margin` of the IVF search's rankings, in float64: each
+    non-zero row's nearest centroid (its list), each key's ``nprobe`` nearest centroids (the
+    lists it probes) and each key's ``k`` best candidates (the probed lists' rows and the zero
+    rows, scoring 0; all rows when they are fewer than ``k``, the exact fallback)."""
+    centroids = index.centroids.double()  # [nlist, W], unit rows
+
+    def unit(x: torch.Tensor) -> torch.Tensor:
+        x = x.double()
+        return x / torch.sqrt(x.square().sum(-1, keepdim=True) + sparse_access.EPSILON)
+
+    rows, queries = unit(memory), unit(keys)  # [B, N, W], [B, R, W]
+    live = memory.square().sum(-1) != 0  # [B, N]
+    to_lists, to_probes = rows @ centroids.T, queries @ centroids.T  # [B, N | R, nlist]
+    probed = to_probes.topk(index.nprobe, dim=-1).indices  # [B, R, nprobe]
+    in_probed = (to_lists.argmax(-1)[:, None, :, None] == probed[:, :, None, :]).any(-1)
+    zero = (~live)[:, None].expand(-1, keys.shape[1], -1)  # [B, R, N]
+    candidate = (in_probed & ~zero) | zero
+    candidate |= candidate.sum(-1, keepdim=True) < k
+    scores = (queries @ rows.transpose(1, 2)).masked_fill(zero, 0.0)
+    return min(
+        top_k_margin(to_lists[live], 1),
+        top_k_margin(to_probes, index.nprobe),
+        top_k_margin(scores.masked_fill(~candidate, -math.inf), k, exact=zero),
+    )
 
 
 @needs_native
 @pytest.mark.skipif(not sparse_access.faiss_available(), reason="faiss not installed")
 def test_ivf_index_finds_what_the_faiss_index_finds():
-    """Approximate (nprobe < nlist) and with too few rows in the probed lists (exact fallback)."""
+    """Approximate (nprobe < nlist) and with too few rows in the probed lists (exact fallback).
+
+    The same algorithm in two float32 implementations (the kernel, FAISS's inner products): the
+    same rows on any CPU when every ranking it makes has a margin above their rounding."""
     gen = torch.Generator().manual_seed(1)
     for N, live in ((4096, 4096), (4096, 3)):
         memory = torch.zeros(3, N, 16)
@@ -270,11 +322,13 @@ def test_ivf_index_finds_what_the_faiss_index_finds():
         keys = torch.randn(3, 8, 16, generator=gen)
         ivf, fai = sparse_access.IVFIndex(memory), sparse_access.FaissIndex(memory)
         assert (ivf.nlist, ivf.nprobe) == (fai.nlist, fai.nprobe) == (64, 32)
+        assert _ivf_margin(ivf, memory, keys, 4) > RANK_MARGIN
         assert torch.equal(ivf.search(memory, keys, 4), fai.search(memory, keys, 4))
         rows = torch.randint(0, N, (3, 17), generator=gen)
         memory[torch.arange(3)[:, None], rows] = torch.randn(3, 17, 16, generator=gen)
         ivf.update(memory, rows)
         fai.update(memory, rows)
+        assert _ivf_margin(ivf, memory, keys, 4) > RANK_MARGIN
         assert torch.equal(ivf.search(memory, keys, 4), fai.search(memory, keys, 4))
 
 
@@ -288,6 +342,8 @@ def test_sam_core_with_the_ivf_index_matches_exact_on_a_small_memory(torch_path)
     torch_path(True)
     y_e, s_e, g_e = _sam_grads(exact)
     torch.testing.assert_close(y_i, y_e, **TOL)
+    # two searches (the IVF on float32 unit rows): the same rows while similarities of random
+    # rows are further apart than float32 rounding, as the index tests check
     assert torch.equal(s_i.read_indices, s_e.read_indices)
     for a, b in zip(g_i, g_e, strict=True):
         torch.testing.assert_close(a, b, **TOL)
@@ -335,7 +391,7 @@ def test_owned_copy_of_a_broadcast_zero_is_a_writable_zero_memory():
     assert not sparse_access.is_zero_broadcast(torch.zeros(2, 5, 3))  # materialised: copied
     assert not sparse_access.is_zero_broadcast(torch.ones(()).expand(2, 5, 3))
     assert not sparse_access.is_zero_broadcast(torch.tensor(-0.0).expand(2, 5, 3))
-    copy = sparse_access.owned_copy(zero)
+    copy = sparse_access.owned_copy(zero)  # copies: bitwise
     assert copy.is_contiguous() and copy.dtype == torch.float64 and torch.equal(copy, zero)
     copy[1, 2] = 7.0  # writable, and the source is untouched
     assert zero.sum() == 0
@@ -369,6 +425,8 @@ def test_an_index_built_on_a_broadcast_zero_memory_equals_one_built_by_a_scan(ki
     memory = sparse_access.owned_copy(zero)
     scanned = sparse_access.make_index(kind, memory)
     keys = torch.randn(B, 3, W, generator=gen)
+    # bitwise: the two indexes hold the same values (zeros, then the updated rows' norms from
+    # the same function) and search with the same kernel
     if kind == "exact":
         assert torch.equal(lazy.sqnorm, scanned.sqnorm)
     assert torch.equal(lazy.search(memory, keys, 4), torch.arange(4).expand(B, 3, 4))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_core, randomize_initial_state
+from conftest import PATH_TOL, build_core, randomize_initial_state
 
 from memagents.cores import addressing, sparse_links
 from memagents.cores import state as state_lib
@@ -352,6 +352,9 @@ def test_fused_and_dense_memory_steps_agree_in_outputs_and_gradients():
 
 
 def test_pack_unpack_round_trip_is_exact_and_continues_the_run():
+    """The round trip is bitwise (copies and views); the run continued from the unpacked state
+    agrees up to float32 rounding: its leaves are views with other strides and alignment, for
+    which a library matmul may take another kernel (as in ``test_cores_contract.py``)."""
     core = _core()
     x = _x(8, seed=11)
     _, s = core(x[:5], _random_memory_state(core, B))
@@ -362,7 +365,7 @@ def test_pack_unpack_round_trip_is_exact_and_continues_the_run():
         assert torch.equal(a, b)
     y1, _ = core(x[5:], s)
     y2, _ = core(x[5:], s2)
-    assert torch.equal(y1, y2)
+    torch.testing.assert_close(y2, y1, **PATH_TOL)
 
 
 def test_forward_does_not_modify_the_state_it_is_given():
@@ -372,7 +375,7 @@ def test_forward_does_not_modify_the_state_it_is_given():
     snapshot = [t.clone() for t in state_lib.leaves(s)]
     core(_x(4, seed=2), s)
     for a, b in zip(snapshot, state_lib.leaves(s), strict=True):
-        assert torch.equal(a, b)
+        assert torch.equal(a, b)  # untouched: bitwise
 
 
 @pytest.mark.parametrize("bad", [6.0, -1.0, float("nan")])
@@ -397,4 +400,6 @@ def test_a_state_with_rows_outside_the_memory_is_rejected(field, bad):
     starts = torch.tensor([[0.0, 1.0], [0.0, 0.0]])
     y_bad, _ = core(x, corrupt, starts)
     y_ok, _ = core(x, state, starts)
+    # bitwise: after the reset both runs compute on the same values with the same kernels (row
+    # indices only select rows and links; they enter no floating-point arithmetic)
     assert torch.equal(y_bad, y_ok)

@@ -26,7 +26,6 @@ import gymnasium as gym
 import minigrid  # noqa: F401  (registers the MiniGrid and BabyAI ids)
 import numpy as np
 import pytest
-import torch
 import yaml
 from gymnasium import spaces
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
@@ -41,8 +40,6 @@ from memagents.wrappers import (
     mission_is_constant,
     sb3_takes,
 )
-
-torch.set_num_threads(1)
 
 #: a tiny, fast run: GRU of 8, 2 envs, one epoch per 128-step update, evaluation only at the end
 TINY = [

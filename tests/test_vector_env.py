@@ -1,4 +1,9 @@
-"""The batched torch env (``envs.vector``): same rules as the single env, VecEnv semantics, SB3."""
+"""The batched torch env (``envs.vector``): same rules as the single env, VecEnv semantics, SB3.
+
+Observations, targets and lengths compare bitwise: 0/1 data and integers that both envs copy from
+the same episode; a reward is one product of an integer count and a float32 weight (correctly
+rounded on every CPU); a seeded run repeated is the same ops on the same values.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +20,6 @@ from stable_baselines3.common.vec_env import VecEnv
 import envs
 from envs import InvalidActionError
 from memagents.sb3 import TorchVecEnv
-
-torch.set_num_threads(1)
 
 DEFAULT_IDS = [f"memagents/{task}-v0" for task in envs.TASKS]
 
