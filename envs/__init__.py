@@ -22,6 +22,7 @@ from envs.adding import AddingEnv
 from envs.argmax import ArgmaxEnv
 from envs.associative_recall import AssociativeRecallEnv, AssociativeRecallProblem
 from envs.base import AlgorithmicEnv, Episodes, InvalidActionError, score
+from envs.cartpole_novel import MaskVelocity, make_cartpole_novel
 from envs.copy import CopyEnv, CopyProblem
 from envs.numbers import NumbersProblem
 from envs.priority_sort import PrioritySortEnv, PrioritySortProblem
@@ -119,6 +120,12 @@ ENV_IDS: list[str] = [env_id(task) for task in TASKS] + [
 ]
 
 
+#: classic-control ids outside the ``memagents/`` namespace, under the names RL Zoo gives them
+#: (``CartPoleNoVel-v1``: CartPole-v1 with the velocities zeroed, see ``envs.cartpole_novel``);
+#: kept out of :data:`ENV_IDS`, which lists the algorithmic tasks.
+CONTROL_IDS: list[str] = ["CartPoleNoVel-v1"]
+
+
 def _register() -> None:
     for task, (cls, variants) in TASKS.items():
         for variant, kwargs in variants.items():
@@ -129,11 +136,14 @@ def _register() -> None:
                     kwargs=dict(kwargs),
                     disable_env_checker=False,
                 )
+    if "CartPoleNoVel-v1" not in gym.registry:  # rl_zoo3 registers the same env under this id
+        gym.register(id="CartPoleNoVel-v1", entry_point="envs.cartpole_novel:make_cartpole_novel")
 
 
 _register()
 
 __all__ = [
+    "CONTROL_IDS",
     "ENV_IDS",
     "NAMESPACE",
     "TASKS",
@@ -148,6 +158,7 @@ __all__ = [
     "CopyProblem",
     "Episodes",
     "InvalidActionError",
+    "MaskVelocity",
     "NumbersProblem",
     "PrioritySortEnv",
     "PrioritySortProblem",
@@ -156,6 +167,7 @@ __all__ = [
     "RepeatCopyEnv",
     "RepeatCopyProblem",
     "env_id",
+    "make_cartpole_novel",
     "make_vec",
     "score",
 ]

@@ -268,6 +268,11 @@ def model_stats(run_dir: Path) -> dict[str, float]:
         core = getattr(policy, name, None)
         if core is not None:
             state += int(core.state_size)
+    if not hasattr(policy, "memory_actor"):  # sb3-contrib's own LSTM policy: (h, c) per layer
+        for name in ("lstm_actor", "lstm_critic"):
+            lstm = getattr(policy, name, None)
+            if lstm is not None:
+                state += 2 * int(lstm.num_layers) * int(lstm.hidden_size)
     return {"parameters": float(params), "state_size": float(state)}
 
 

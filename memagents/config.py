@@ -28,6 +28,17 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class NormalizeConfig:
+    obs: bool = False
+    """Normalise observations by running mean and variance (SB3's ``VecNormalize``, clipped to
+    ±10); evaluation uses the training statistics, saved beside every model and checkpoint as
+    ``<model>.vecnormalize.pkl``."""
+    reward: bool = False
+    """Scale training rewards by the running std of the ``ppo.gamma``-discounted return
+    (``VecNormalize``); evaluations report the env's own rewards."""
+
+
+@dataclass
 class EnvConfig:
     id: str = "memagents/Recall-v0"
     """Gymnasium id (``memagents/...`` tasks, ``MiniGrid-...``, any registered id), or
@@ -50,6 +61,9 @@ class EnvConfig:
     flat float Box, discrete values one-hot), ``none``, or ``auto`` (``minigrid`` for
     ``MiniGrid-*`` and ``BabyAI-*`` ids, ``flatten`` where SB3 cannot take the observation space
     as it is, e.g. ``Tuple``; else ``none``)."""
+    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
+    """Running normalisation of observations and rewards (RL Zoo's ``normalize: true`` is
+    ``{obs: true, reward: true}``); off by default."""
     mission: str = "auto"
     """MiniGrid's mission string under ``env.wrapper: minigrid``, which does not encode it:
     ``auto`` drops it where it is constant (Memory, DoorKey, ...) and refuses the envs whose
@@ -66,6 +80,11 @@ class CoreConfig:
 
 @dataclass
 class PolicyConfig:
+    kind: str = "memory"
+    """``memory``: :class:`memagents.sb3.MemoryPolicy` with ``core.name``; ``stock``: sb3-contrib's
+    own ``MlpLstmPolicy`` (:class:`memagents.sb3.StockLstmPolicy`), the baseline the bridge is
+    measured against: needs ``core.name: lstm`` (``core.kwargs`` ``hidden_size`` and ``num_layers``
+    become ``lstm_hidden_size`` and ``n_lstm_layers``) and ``ppo.buffer: stock``."""
     critic: str = "shared"
     """``shared``: one core, the value head reads it detached (sb3-contrib's ``shared_lstm``: only
     the policy loss trains the core); ``joint``: one core trained by both the policy and the value
@@ -73,6 +92,11 @@ class PolicyConfig:
     critic without memory."""
     net_arch: list[int] = field(default_factory=lambda: [64])
     """Hidden layer widths of the policy and value heads after the core."""
+    activation: str = "tanh"
+    """Activation of the MLP heads: ``tanh`` (SB3's default) or ``relu``."""
+    ortho_init: bool = True
+    """Orthogonal initialisation of the features extractor, heads and output layers (SB3's
+    default; the recurrent core keeps its own initialisation)."""
     features_extractor: str = "auto"
     """Features extractor (``memagents.sb3.extractors.FEATURES_EXTRACTORS``): ``minigrid`` (code
     embeddings + small conv), ``flatten``, or ``auto`` (``minigrid`` when the env is wrapped with
@@ -91,13 +115,18 @@ class PPOConfig:
     n_epochs: int = 4
     """Optimisation epochs per rollout."""
     learning_rate: float = 3e-4
-    """Adam learning rate."""
+    """Adam learning rate (the initial one under ``lr_schedule: linear``)."""
+    lr_schedule: str = "constant"
+    """``constant``, or ``linear``: ``learning_rate`` times the fraction of training remaining
+    (RL Zoo's ``lin_<value>``), 0 at the end."""
     gamma: float = 0.99
     """Discount factor."""
     gae_lambda: float = 0.95
     """GAE lambda."""
     clip_range: float = 0.2
-    """PPO clipping."""
+    """PPO clipping (the initial one under ``clip_range_schedule: linear``)."""
+    clip_range_schedule: str = "constant"
+    """``constant`` or ``linear`` (as ``lr_schedule``)."""
     ent_coef: float = 0.01
     """Entropy bonus coefficient."""
     vf_coef: float = 0.5
@@ -192,6 +221,10 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
         "'shared', 'joint', 'separate' or 'feedforward'",
     ),
     "policy.net_arch": (lambda v: all(w >= 1 for w in v), "a list of integers >= 1"),
+    "policy.kind": (lambda v: v in ("memory", "stock"), "'memory' or 'stock'"),
+    "policy.activation": (lambda v: v in ("tanh", "relu"), "'tanh' or 'relu'"),
+    "ppo.lr_schedule": (lambda v: v in ("constant", "linear"), "'constant' or 'linear'"),
+    "ppo.clip_range_schedule": (lambda v: v in ("constant", "linear"), "'constant' or 'linear'"),
     "ppo.n_steps": (lambda v: v >= 1, "an integer >= 1"),
     "ppo.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "ppo.n_epochs": (lambda v: v >= 1, "an integer >= 1"),

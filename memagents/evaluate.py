@@ -132,7 +132,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from sb3_contrib import RecurrentPPO
 
     from memagents.sb3 import MemoryPPO
-    from memagents.train import evaluate, make_env, resolve_device
+    from memagents.train import (
+        evaluate,
+        make_env,
+        normalization_path,
+        normalize_env,
+        resolve_device,
+    )
 
     if args.episodes < 1:
         raise ConfigError(f"--episodes {args.episodes}: must be an integer >= 1")
@@ -143,7 +149,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     seed = config.train.seed + SEED_OFFSET if args.seed is None else args.seed
 
-    env = make_env(config, seed, n_envs=1)
+    # a run that normalised (env.normalize) is evaluated with its saved training statistics
+    env = normalize_env(
+        config,
+        make_env(config, seed, n_envs=1),
+        training=False,
+        stats=normalization_path(model_path),
+    )
     task = env.get_attr("unwrapped")[0]
     if lengths:
         length_knobs(task, 1)  # fail before loading when the task has no length knob
@@ -199,6 +211,8 @@ def record(config: Config, model: Any, seed: int, args: argparse.Namespace) -> d
         raise ConfigError(f"--record {args.record!r}: the file must end in .gif or .mp4")
     if args.fps < 1:
         raise ConfigError(f"--fps {args.fps}: must be an integer >= 1")
+    if config.env.normalize.obs or config.env.normalize.reward:
+        raise ConfigError("--record: runs with env.normalize (VecNormalize) are not recorded yet")
     kwargs = {**config.env.kwargs, "render_mode": "rgb_array"}
     render_config = dataclasses.replace(config, env=dataclasses.replace(config.env, kwargs=kwargs))
     venv = make_env(render_config, seed, n_envs=1)

@@ -163,6 +163,11 @@ def check_names(config: Config) -> None:
         raise ConfigError(
             f"env.vec_env: 'batched' needs a memagents/ environment; got env.id={config.env.id!r}"
         )
+    check_policy_kind(config)
+    if config.env.vec_env == "batched" and (
+        config.env.normalize.obs or config.env.normalize.reward
+    ):
+        raise ConfigError("env.normalize: VecNormalize needs env.vec_env 'dummy'")
     check_env(config)
     check_observation_pipeline(config)
     if config.curriculum.knob:
@@ -392,6 +397,16 @@ def single_env_kwargs(config: Config) -> dict[str, Any]:
     return kwargs
 
 
+def _activations() -> dict[str, Any]:
+    from torch import nn
+
+    return {"tanh": nn.Tanh, "relu": nn.ReLU}
+
+
+#: ``policy.activation`` -> the ``nn.Module`` class of the heads' activation.
+ACTIVATIONS: dict[str, Any] = _activations()
+
+
 def policy_kwargs(config: Config) -> dict[str, Any]:
     """``policy_kwargs`` for ``RecurrentPPO(MemoryPolicy, ...)`` from the config."""
     from memagents.sb3.extractors import FEATURES_EXTRACTORS
@@ -404,6 +419,8 @@ def policy_kwargs(config: Config) -> dict[str, Any]:
         "shared_lstm": critic in ("shared", "joint"),
         "train_shared_core": critic == "joint",
         "enable_critic_lstm": critic == "separate",
+        "activation_fn": ACTIVATIONS[config.policy.activation],
+        "ortho_init": config.policy.ortho_init,
     }
     extractor = FEATURES_EXTRACTORS[features_extractor(config)]
     if extractor is not None:
@@ -417,17 +434,73 @@ def ppo_kwargs(config: Config) -> dict[str, Any]:
     stock row, so every system trains with the same ones)."""
     ppo = config.ppo
     return {
-        "learning_rate": ppo.learning_rate,
+        "learning_rate": schedule(ppo.lr_schedule, ppo.learning_rate),
         "n_steps": ppo.n_steps,
         "batch_size": ppo.batch_size,
         "n_epochs": ppo.n_epochs,
         "gamma": ppo.gamma,
         "gae_lambda": ppo.gae_lambda,
-        "clip_range": ppo.clip_range,
+        "clip_range": schedule(ppo.clip_range_schedule, ppo.clip_range),
         "ent_coef": ppo.ent_coef,
         "vf_coef": ppo.vf_coef,
         "max_grad_norm": ppo.max_grad_norm,
     }
+
+
+def schedule(kind: str, value: float):
+    """``ppo.lr_schedule`` / ``ppo.clip_range_schedule``: ``constant`` is ``value``; ``linear`` is
+    SB3's ``LinearSchedule`` from ``value`` at the start (``progress_remaining = 1``) to 0 at the
+    end, RL Zoo's ``lin_<value>`` (``progress_remaining * value``)."""
+    if kind == "constant":
+        return value
+    from stable_baselines3.common.utils import LinearSchedule
+
+    return LinearSchedule(start=value, end=0.0, end_fraction=1.0)
+
+
+def stock_policy_kwargs(config: Config) -> dict[str, Any]:
+    """``policy_kwargs`` of sb3-contrib's ``MlpLstmPolicy`` (``policy.kind: stock``): the same
+    heads, critic mode, activation, initialisation and extractor as :func:`policy_kwargs`, with
+    ``core.kwargs`` ``hidden_size`` (64 unless given, our ``lstm`` core's default) and
+    ``num_layers`` as ``lstm_hidden_size`` and ``n_lstm_layers``."""
+    ours = policy_kwargs(config)
+    kwargs = {
+        "lstm_hidden_size": int(config.core.kwargs.get("hidden_size", 64)),
+        "n_lstm_layers": int(config.core.kwargs.get("num_layers", 1)),
+    }
+    for key in ("net_arch", "shared_lstm", "enable_critic_lstm", "activation_fn", "ortho_init"):
+        kwargs[key] = ours[key]
+    for key in ("features_extractor_class", "features_extractor_kwargs"):
+        if key in ours:
+            kwargs[key] = ours[key]
+    return kwargs
+
+
+#: ``core.kwargs`` that ``policy.kind: stock`` maps onto ``MlpLstmPolicy``'s arguments.
+STOCK_CORE_KWARGS = ("hidden_size", "num_layers")
+
+
+def check_policy_kind(config: Config) -> None:
+    """``policy.kind: stock`` runs sb3-contrib's own LSTM policy: only with ``core.name: lstm``,
+    ``ppo.buffer: stock``, a critic mode it has and the core kwargs it maps."""
+    if config.policy.kind != "stock":
+        return
+    if config.core.name != "lstm":
+        raise ConfigError(f"policy.kind: 'stock' is an LSTM; got core.name={config.core.name!r}")
+    if config.ppo.buffer != "stock":
+        raise ConfigError(
+            f"policy.kind: 'stock' trains with ppo.buffer 'stock'; got {config.ppo.buffer!r}"
+        )
+    if config.policy.critic == "joint":
+        raise ConfigError("policy.kind: 'stock' has no policy.critic 'joint'")
+    unknown = sorted(set(config.core.kwargs) - set(STOCK_CORE_KWARGS))
+    if unknown:
+        raise ConfigError(
+            f"core.kwargs: policy.kind 'stock' does not take {unknown[0]!r}; "
+            f"allowed: {', '.join(STOCK_CORE_KWARGS)}"
+        )
+    if config.env.vec_env == "batched":
+        raise ConfigError("env.vec_env: 'batched' needs policy.kind 'memory'")
 
 
 def algorithm_class(config: Config):
@@ -444,18 +517,19 @@ PACK_SEGMENTS = {"auto": None, "always": True, "never": False}
 
 
 def make_model(config: Config, env, device: str, tensorboard_log: str | None = None):
-    from memagents.sb3 import MemoryPolicy
+    from memagents.sb3 import MemoryPolicy, StockLstmPolicy
 
     algorithm = algorithm_class(config)
     extra = {}
     if config.ppo.buffer == "sequence-start":
         extra["pack_segments"] = PACK_SEGMENTS[config.ppo.pack_segments]
+    stock = config.policy.kind == "stock"
     return algorithm(
-        MemoryPolicy,
+        StockLstmPolicy if stock else MemoryPolicy,
         env,
         **ppo_kwargs(config),
         **extra,
-        policy_kwargs=policy_kwargs(config),
+        policy_kwargs=stock_policy_kwargs(config) if stock else policy_kwargs(config),
         seed=config.train.seed,
         device=device,
         tensorboard_log=tensorboard_log,
@@ -510,6 +584,62 @@ def evaluate(model, env, episodes: int) -> dict[str, float]:
     }
 
 
+# -- observation and reward normalisation (env.normalize) ----------------------------------------
+def normalization_path(model_path: Path) -> Path:
+    """Where the ``VecNormalize`` statistics of a model file live: ``<model>.vecnormalize.pkl``
+    beside ``model.zip`` or ``checkpoints/step_<n>.zip``."""
+    return Path(model_path).with_suffix(".vecnormalize.pkl")
+
+
+def normalize_env(config: Config, venv, training: bool = True, stats: Path | None = None):
+    """``venv`` wrapped in SB3's ``VecNormalize`` as ``env.normalize`` asks (unchanged when it
+    asks for nothing).
+
+    :param training: the rollout env (statistics update; rewards scaled if
+        ``env.normalize.reward``), else an evaluation env (statistics frozen, the env's rewards).
+    :param stats: statistics saved by :func:`save_normalization` to start from (resume, evaluate).
+    """
+    norm = config.env.normalize
+    if not (norm.obs or norm.reward):
+        return venv
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    if stats is not None:
+        if not Path(stats).is_file():
+            raise ConfigError(
+                f"{str(stats)!r} is missing: the run normalises (env.normalize) and needs the "
+                "statistics saved beside its model"
+            )
+        env = VecNormalize.load(str(stats), venv)
+    else:
+        env = VecNormalize(venv, norm_obs=norm.obs, norm_reward=norm.reward, gamma=config.ppo.gamma)
+    env.training = training
+    env.norm_obs = norm.obs
+    env.norm_reward = norm.reward and training
+    return env
+
+
+def save_normalization(model, model_path: Path) -> Path | None:
+    """Save the training env's ``VecNormalize`` statistics beside ``model_path`` (atomically);
+    ``None`` when the run does not normalise."""
+    vec_normalize = model.get_vec_normalize_env()
+    if vec_normalize is None:
+        return None
+    path = normalization_path(model_path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    vec_normalize.save(str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def sync_normalization(model, eval_env) -> None:
+    """Give an evaluation env the training env's current ``VecNormalize`` statistics."""
+    from stable_baselines3.common.vec_env import VecNormalize, sync_envs_normalization
+
+    if isinstance(eval_env, VecNormalize):
+        sync_envs_normalization(model.get_env(), eval_env)
+
+
 # -- checkpoints -------------------------------------------------------------------------------
 def save_checkpoint(model, run_dir: Path) -> Path:
     """Write ``checkpoints/step_<n>.zip`` and its RNG/timestep state, then point ``latest.json``
@@ -524,11 +654,14 @@ def save_checkpoint(model, run_dir: Path) -> Path:
     tmp = ckpt_dir / f".step_{steps}.tmp.zip"
     model.save(tmp)
     os.replace(tmp, zip_path)
+    stats = save_normalization(model, zip_path)
     rng_path = ckpt_dir / f"step_{steps}.rng.pt"
     tmp_rng = ckpt_dir / f".step_{steps}.rng.tmp"
     torch.save(rng_state(), tmp_rng)
     os.replace(tmp_rng, rng_path)
     latest = {"num_timesteps": steps, "model": zip_path.name, "rng": rng_path.name}
+    if stats is not None:
+        latest["vecnormalize"] = stats.name
     atomic_write_text(ckpt_dir / "latest.json", json.dumps(latest))
     return zip_path
 
@@ -649,6 +782,7 @@ def make_callbacks(config: Config, run_dir: Path, eval_env):
                 save_checkpoint(self.model, run_dir)
                 self.next_ckpt += config.train.checkpoint_freq
             if t >= self.next_eval:
+                sync_normalization(self.model, eval_env)
                 result = evaluate(self.model, eval_env, config.train.eval_episodes)
                 for key in ("mean_reward", "success_rate"):
                     self.logger.record(f"eval/{key}", result[key])
@@ -680,12 +814,15 @@ def run(config: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     device = resolve_device(config.train.device)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed = config.train.seed
-    env = make_env(config, seed)
-    eval_env = make_env(config, seed + 10_000, n_envs=1)
+    eval_env = normalize_env(config, make_env(config, seed + 10_000, n_envs=1), training=False)
 
     latest = latest_checkpoint(run_dir) if resume else None
     if latest is not None:
         ckpt = run_dir / "checkpoints"
+        stats = latest.get("vecnormalize")
+        if stats is None and (config.env.normalize.obs or config.env.normalize.reward):
+            raise ConfigError(f"--resume: {ckpt} holds no VecNormalize statistics (env.normalize)")
+        env = normalize_env(config, make_env(config, seed), stats=stats and ckpt / stats)
         model = algorithm_class(config).load(ckpt / latest["model"], env=env, device=device)
         # load(env=...) re-seeds the env with the training seed, which would replay the episodes
         # the run began with; a resumed segment draws new ones, reproducibly
@@ -695,6 +832,7 @@ def run(config: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
         csv_name = f"progress-resumed-{segment}.csv" if segment else "progress.csv"
     else:
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
+        env = normalize_env(config, make_env(config, seed))
         model = make_model(config, env, device)
         csv_name = "progress.csv"
     # a resumed run logs to a new CSV segment; SB3's CSV writer would truncate progress.csv
@@ -739,6 +877,8 @@ def run(config: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
         except diverged as exc:
             raise TrainingStopped(str(exc)) from None
     model.save(run_dir / "model.zip")
+    save_normalization(model, run_dir / "model.zip")
+    sync_normalization(model, eval_env)
     result = evaluate(model, eval_env, config.train.eval_episodes)
     result["num_timesteps"] = int(model.num_timesteps)
     atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2))
