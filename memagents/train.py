@@ -149,12 +149,22 @@ def check_names(config: Config) -> None:
             f"env.id: importing {module!r} registered no environment {name!r}"
             + (f"; close: {', '.join(close)}" if close else "")
         )
+    prefix = name.split("-", 1)[0].split("/", 1)[0]
+    if name not in gym.registry and prefix.isidentifier() and prefix not in sys.modules:
+        # an installed package named by the id's prefix (popgym-..., after pip install popgym):
+        # import it as --gym-packages would, and keep it in the run's config for evaluate/resume
+        if _installed(prefix):
+            _import(prefix, f"env.id {config.env.id!r}: importing {prefix!r} for it failed")
+            if name in gym.registry:
+                config.env.packages.append(prefix)
+                print(
+                    f"memagents.train: note: imported {prefix!r}, which registers "
+                    f"{name!r} (env.packages: [{prefix}])",
+                    file=sys.stderr,
+                )
     if name not in gym.registry:
         ours = sorted(k for k in gym.registry if k.startswith("memagents/") and "-v" in k)
-        prefix = name.split("-", 1)[0].split("/", 1)[0]
         hint = "module:EnvId or env.packages (--gym-packages) for the ids a package registers"
-        if prefix.isidentifier() and prefix not in sys.modules and _installed(prefix):
-            hint = f"--env {prefix}:{name} or --gym-packages {prefix} to import {prefix!r} first"
         raise ConfigError(
             f"env.id: unknown environment {config.env.id!r}; e.g. {', '.join(ours[:8])}, "
             f"a MiniGrid id, or {hint}"

@@ -105,6 +105,7 @@ class DictBox(gym.Env):
 
 gym.register(__name__ + "/TupleEcho-v0", entry_point=TupleEcho)
 gym.register(__name__ + "/DictBox-v0", entry_point=DictBox)
+gym.register(__name__ + "-TupleEcho-v0", entry_point=TupleEcho)  # popgym's id style
 '''
 
 
@@ -116,7 +117,7 @@ def third_party(tmp_path, monkeypatch):
     (tmp_path / f"{name}.py").write_text(MODULE_SOURCE)
     monkeypatch.syspath_prepend(str(tmp_path))
     yield name
-    for env_id in [k for k in gym.registry if k.startswith(name + "/")]:
+    for env_id in [k for k in gym.registry if k.startswith((name + "/", name + "-"))]:
         del gym.registry[env_id]
     sys.modules.pop(name, None)
 
@@ -179,15 +180,23 @@ def test_bad_env_imports_exit_2_with_one_line(argv, must_name, capsys):
         assert fragment in lines[0], (fragment, lines[0])
 
 
-def test_a_module_named_by_the_id_prefix_is_suggested_not_imported(third_party, capsys):
+def test_an_installed_package_named_by_the_id_prefix_is_imported_and_kept(third_party, capsys):
+    """``--env popgym-RepeatPreviousEasy-v0`` after ``pip install popgym``: the id's prefix names
+    an installed package, which is imported as ``--gym-packages`` would and kept in
+    ``env.packages``, so that the saved config makes the env again (evaluate, resume)."""
     env_id = f"{third_party}-TupleEcho-v0"
-    code, err = run_cli(["--env", env_id, *TINY], capsys)
+    assert third_party not in sys.modules and env_id not in gym.registry
+    config = train.resolve_config(train.build_parser().parse_args(["--env", env_id, *TINY]))
+    assert third_party in sys.modules and env_id in gym.registry
+    assert config.env.packages == [third_party]
+    assert f"imported '{third_party}'" in capsys.readouterr().err
+    # the package is imported but registers no such id: an error naming the other forms
+    code, err = run_cli(["--env", f"{third_party}-NoSuch-v0", *TINY], capsys)
     assert code == 2 and "Traceback" not in err
-    assert f"--env {third_party}:{env_id} or --gym-packages {third_party}" in err
-    assert third_party not in sys.modules
-    # a module already imported registers nothing new: no suggestion
-    code, err = run_cli(["--env", "memagents/NoSuch-v0", *TINY], capsys)
-    assert code == 2 and "--gym-packages memagents" not in err and "module:EnvId" in err
+    assert "unknown environment" in err and "module:EnvId" in err
+    # a prefix that is no installed package: the same error, nothing imported
+    code, err = run_cli(["--env", "nosuchpkg_q-Foo-v0", *TINY], capsys)
+    assert code == 2 and "nosuchpkg_q" not in sys.modules and "module:EnvId" in err
 
 
 # -- the flatten wrapper --------------------------------------------------------------------------
