@@ -32,7 +32,18 @@ from memagents.cores import native
 from memagents.cores import state as state_lib
 from memagents.cores.addressing import EPSILON
 
-torch.set_num_threads(int(os.environ.get("MEMAGENTS_TEST_THREADS", "1")))
+#: the suite's intra-op thread count (``MEMAGENTS_TEST_THREADS``, default 1)
+TEST_THREADS = int(os.environ.get("MEMAGENTS_TEST_THREADS", "1"))
+torch.set_num_threads(TEST_THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _keep_the_thread_count():
+    """The training and evaluation CLIs set ``train.torch_threads`` in-process; restore the
+    suite's count after each test so that a test never runs at a count another test left."""
+    yield
+    if torch.get_num_threads() != TEST_THREADS:
+        torch.set_num_threads(TEST_THREADS)
 
 #: Tolerance between two float32 computations of the same values that are not bitwise equal by
 #: construction (see the module docstring): a few float32 roundings (~6e-8 each) per step,
