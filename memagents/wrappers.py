@@ -173,79 +173,37 @@ class FlatObservation(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
     def __init__(self, env: gym.Env) -> None:
         gym.utils.RecordConstructorArgs.__init__(self)
         gym.ObservationWrapper.__init__(self, env)
-        #: (path of the leaf, its space) in encoding order; the path is for error messages
-        self.leaves: list[tuple[tuple[Any, ...], spaces.Space]] = list(
-            _leaves(env.observation_space, ())
+        _check_leaves(env.observation_space, ())  # a clear error before gymnasium's generic one
+        # the encoding is gymnasium's own (spaces.flatten), as float32 for the policy
+        flat = spaces.flatten_space(env.observation_space)
+        self.observation_space = spaces.Box(
+            low=flat.low.astype(np.float32), high=flat.high.astype(np.float32), dtype=np.float32
         )
-        lows, highs = [], []
-        for path, leaf in self.leaves:
-            if isinstance(leaf, spaces.Box):
-                lows.append(np.asarray(leaf.low, dtype=np.float32).reshape(-1))
-                highs.append(np.asarray(leaf.high, dtype=np.float32).reshape(-1))
-            else:
-                width = _width(leaf, path)
-                lows.append(np.zeros(width, dtype=np.float32))
-                highs.append(np.ones(width, dtype=np.float32))
-        low, high = np.concatenate(lows), np.concatenate(highs)
-        self.observation_space = spaces.Box(low=low, high=high, shape=low.shape, dtype=np.float32)
 
     def observation(self, observation: Any) -> np.ndarray:
         """A (nested) observation -> ``[D]`` float32 (see the class docstring for the layout)."""
-        parts = [_encode(leaf, _get(observation, path), path) for path, leaf in self.leaves]
-        return np.concatenate(parts).astype(np.float32, copy=False)
+        flat = spaces.flatten(self.env.observation_space, observation)
+        return np.asarray(flat, dtype=np.float32)
 
 
-def _leaves(space: spaces.Space, path: tuple[Any, ...]):
-    """Yield ``(path, leaf space)`` depth first, ``Tuple`` by index and ``Dict`` by key order."""
+def _check_leaves(space: spaces.Space, path: tuple[Any, ...]) -> None:
+    """Raise ``ValueError`` naming the first leaf (``Tuple`` by index, ``Dict`` by key) that is
+    not ``Box``, ``Discrete``, ``MultiDiscrete`` or ``MultiBinary``."""
     if isinstance(space, spaces.Tuple):
         for i, sub in enumerate(space.spaces):
-            yield from _leaves(sub, (*path, i))
+            _check_leaves(sub, (*path, i))
     elif isinstance(space, spaces.Dict):
         for key, sub in space.spaces.items():
-            yield from _leaves(sub, (*path, key))
-    elif isinstance(space, (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)):
-        yield path, space
-    else:
+            _check_leaves(sub, (*path, key))
+    elif not isinstance(
+        space, (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
+    ):
         where = "".join(f"[{p!r}]" for p in path) or " itself"
         raise ValueError(
             f"env.wrapper 'flatten': the observation{where} is a {type(space).__name__}, which "
             "has no fixed-size encoding (Box, Discrete, MultiDiscrete, MultiBinary, Tuple and "
             "Dict have)"
         )
-
-
-def _width(leaf: spaces.Space, path: tuple[Any, ...]) -> int:
-    """Entries of a non-Box leaf in the flat vector."""
-    if isinstance(leaf, spaces.Discrete):
-        return int(leaf.n)
-    if isinstance(leaf, spaces.MultiDiscrete):
-        return int(leaf.nvec.sum())
-    return int(np.prod(leaf.shape))  # MultiBinary
-
-
-def _get(observation: Any, path: tuple[Any, ...]) -> Any:
-    for key in path:
-        observation = observation[key]
-    return observation
-
-
-def _encode(leaf: spaces.Space, x: Any, path: tuple[Any, ...]) -> np.ndarray:
-    """One leaf's observation -> its flat float32 entries."""
-    if isinstance(leaf, spaces.Box):
-        return np.asarray(x, dtype=np.float32).reshape(-1)
-    if isinstance(leaf, spaces.MultiBinary):
-        return np.asarray(x, dtype=np.float32).reshape(-1)
-    if isinstance(leaf, spaces.Discrete):
-        out = np.zeros(int(leaf.n), dtype=np.float32)
-        out[int(x) - int(leaf.start)] = 1.0
-        return out
-    # MultiDiscrete: entry i is one-hot in its own block of nvec[i] entries
-    nvec = leaf.nvec.reshape(-1)
-    index = (np.asarray(x) - leaf.start).reshape(-1)
-    offsets = np.concatenate([[0], np.cumsum(nvec)[:-1]])
-    out = np.zeros(int(nvec.sum()), dtype=np.float32)
-    out[offsets + index] = 1.0
-    return out
 
 
 class ActionSubset(gym.ActionWrapper, gym.utils.RecordConstructorArgs):
