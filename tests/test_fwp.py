@@ -21,6 +21,7 @@ import re
 
 import pytest
 import torch
+from conftest import HAS_NATIVE
 
 import memagents.cores as cores
 from memagents.cores import fwp, native
@@ -464,11 +465,11 @@ def test_value_errors_list_the_allowed_choices():
 
 F64 = torch.float64
 TIGHT = {"rtol": 1e-10, "atol": 1e-12}
-HAS_KERNEL = native.expected()  # as conftest.HAS_NATIVE
+HAS_KERNEL = HAS_NATIVE  # conftest: the loader would build the kernel here
 
 
 def test_heads_kernel_loads_when_a_compiler_exists():
-    if not native.expected():
+    if not HAS_KERNEL:
         pytest.skip("no C++ compiler ($CXX or c++), or MEMAGENTS_NATIVE=0")
     assert fwp._heads_kernel() is not None, native._errors.get("fwp_heads")
 
