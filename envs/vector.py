@@ -48,6 +48,7 @@ class BatchedStep(NamedTuple):
     success: Tensor  # [B] bool: where done, whether every answer element was right
     episode_return: Tensor  # [B] float32: where done, the episode's summed reward (else 0)
     episode_length: Tensor  # [B] int64: where done, the episode's number of steps (else 0)
+    reward_elements: Tensor  # [B, A] float32: reward of each action element (sums to reward)
 
 
 class BatchedEnv:
@@ -93,6 +94,10 @@ class BatchedEnv:
         self._generator = torch.Generator(device=self.device)
         self._next_seed = seed if seed is not None else _fresh_seed()
         self._actions: Any = None
+        #: ``[B, A]`` float32 on ``device``: the last ``step_wait``'s reward per action element
+        #: (``A = 1`` for ``Discrete``), summing to its reward up to float32 rounding; what
+        #: ``ppo.credit: element`` reads (``memagents.sb3.ppo``)
+        self.reward_elements: Tensor | None = None
         # episode state, allocated by reset:
         self._obs: Tensor | None = None  # [B, T, D] float32
         self._target: Tensor | None = None  # [B, T, A] int32
@@ -154,6 +159,7 @@ class BatchedEnv:
         target = self._target.view(B * T, -1).index_select(0, now)  # [B, A]
         weight = self._weight.view(B * T).index_select(0, now)  # [B]
         reward, wrong = score(actions, target, weight)  # [B] float32, [B] int64
+        reward_elements = (actions == target) * weight[:, None]  # [B, A] float32
         self._errors += wrong
         self._return += reward
         self._t += 1
@@ -168,7 +174,9 @@ class BatchedEnv:
             self._restart(restart)  # may grow T
             B, T, D = self._obs.shape
             obs = self._obs.view(B * T, D).index_select(0, self._row_start + self._t)
-        return BatchedStep(obs, reward, done, final_obs, success, episode_return, episode_length)
+        return BatchedStep(
+            obs, reward, done, final_obs, success, episode_return, episode_length, reward_elements
+        )
 
     def set_difficulty(self, **knobs: Any) -> dict[str, Any]:
         """Change the task's difficulty knobs for every episode that starts from now on."""
@@ -198,6 +206,7 @@ class BatchedEnv:
             raise RuntimeError("step_wait() called without step_async(actions)")
         out = self.step_tensor(self._actions)
         self._actions = None
+        self.reward_elements = out.reward_elements
         dones = out.done.cpu().numpy()
         infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
         if dones.any():

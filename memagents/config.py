@@ -143,6 +143,13 @@ class PPOConfig:
     training sequence (the same loss and gradients from fewer padded steps). ``auto``: for the
     cores whose mid-sequence resets cost nothing extra (all but ``lstm`` and ``gru``);
     ``always``; ``never``. Ignored with ``buffer: stock``."""
+    credit: str = "step"
+    """``step``: one advantage and one probability ratio per step (PPO as published).
+    ``element``: one per action element, each element credited with its own reward (the
+    ``MultiBinary`` answers of Copy-like tasks: bit ``i`` with whether bit ``i`` was right, not
+    with the whole answer's score); needs ``env.vec_env: batched`` and ``buffer:
+    sequence-start``. Unbiased where an action element changes only its own reward, as in the
+    algorithmic tasks (``docs/TUNING.md``)."""
 
 
 @dataclass
@@ -236,6 +243,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "ppo.vf_coef": (lambda v: v >= 0, "a number >= 0"),
     "ppo.max_grad_norm": (lambda v: v > 0, "a number > 0"),
     "ppo.buffer": (lambda v: v in ("stock", "sequence-start"), "'stock' or 'sequence-start'"),
+    "ppo.credit": (lambda v: v in ("step", "element"), "'step' or 'element'"),
     "ppo.pack_segments": (
         lambda v: v in ("auto", "always", "never"),
         "'auto', 'always' or 'never'",

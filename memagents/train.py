@@ -178,6 +178,14 @@ def check_names(config: Config) -> None:
         config.env.normalize.obs or config.env.normalize.reward
     ):
         raise ConfigError("env.normalize: VecNormalize needs env.vec_env 'dummy'")
+    if config.ppo.credit == "element" and (
+        config.env.vec_env != "batched" or config.ppo.buffer != "sequence-start"
+    ):
+        raise ConfigError(
+            "ppo.credit: 'element' needs env.vec_env 'batched' (the algorithmic tasks' batched "
+            "env reports a reward per action element) and ppo.buffer 'sequence-start'; got "
+            f"env.vec_env={config.env.vec_env!r}, ppo.buffer={config.ppo.buffer!r}"
+        )
     check_env(config)
     check_observation_pipeline(config)
     if config.curriculum.knob:
@@ -533,6 +541,7 @@ def make_model(config: Config, env, device: str, tensorboard_log: str | None = N
     extra = {}
     if config.ppo.buffer == "sequence-start":
         extra["pack_segments"] = PACK_SEGMENTS[config.ppo.pack_segments]
+        extra["credit"] = config.ppo.credit
     stock = config.policy.kind == "stock"
     return algorithm(
         StockLstmPolicy if stock else MemoryPolicy,

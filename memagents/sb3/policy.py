@@ -536,7 +536,12 @@ class MemoryPolicy(RecurrentActorCriticPolicy):
         return self.action_dist
 
     def evaluate_actions(
-        self, obs: Tensor, actions: Tensor, lstm_states: RNNStates, episode_starts: Tensor
+        self,
+        obs: Tensor,
+        actions: Tensor,
+        lstm_states: RNNStates,
+        episode_starts: Tensor,
+        per_element: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Values, log-probabilities and entropy of stored actions over padded sequences.
 
@@ -544,7 +549,11 @@ class MemoryPolicy(RecurrentActorCriticPolicy):
         :param actions: ``(n_seq * T, *action_shape)``.
         :param lstm_states: packed states at the sequence starts, each ``(1, n_seq, H)``.
         :param episode_starts: ``(n_seq * T,)``.
-        :return: values ``(n_seq * T, 1)``, log-probabilities and entropy ``(n_seq * T,)``.
+        :param per_element: log-probabilities per action element, ``(n_seq * T, A)``, whose sum
+            is the joint one (``MultiBinary(A)``: each Bernoulli; ``Discrete``: ``A = 1``), for
+            ``ppo.credit: element``; other action spaces raise ``ValueError``.
+        :return: values ``(n_seq * T, 1)``, log-probabilities ``(n_seq * T,)`` (or
+            ``(n_seq * T, A)``) and entropy ``(n_seq * T,)``.
         """
         latent_pi, latent_vf, _ = self._latents(obs, lstm_states, episode_starts)
         distribution = self._get_action_dist_from_latent(latent_pi)
@@ -552,7 +561,18 @@ class MemoryPolicy(RecurrentActorCriticPolicy):
             # SB3 >= 2.7 buffers keep MultiBinary actions as int8 and sb3-contrib's RecurrentPPO
             # passes them on as they are; Bernoulli.log_prob (BCE) needs floats
             actions = actions.float()
-        return self.value_net(latent_vf), distribution.log_prob(actions), distribution.entropy()
+        if not per_element:
+            log_prob = distribution.log_prob(actions)
+        elif isinstance(self.action_space, spaces.MultiBinary):
+            log_prob = distribution.distribution.log_prob(actions).flatten(1)
+        elif isinstance(self.action_space, spaces.Discrete):
+            log_prob = distribution.log_prob(actions)[:, None]
+        else:
+            raise ValueError(
+                f"per-element log-probabilities need a Discrete or MultiBinary action space, "
+                f"not {self.action_space}"
+            )
+        return self.value_net(latent_vf), log_prob, distribution.entropy()
 
     def get_distribution(
         self, obs: Tensor, lstm_states: HC, episode_starts: Tensor

@@ -46,11 +46,16 @@ from sb3_contrib.common.recurrent.type_aliases import (
     RNNStates,
 )
 from stable_baselines3.common.buffers import DictRolloutBuffer, RolloutBuffer
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.policies import BasePolicy
-from stable_baselines3.common.utils import FloatSchedule
+from stable_baselines3.common.utils import FloatSchedule, explained_variance
+from stable_baselines3.common.vec_env import VecEnv
 
+from envs.vector import BatchedEnv
 from memagents.sb3.policy import MemoryPolicy
 
+#: ``credit`` values: one advantage per step (PPO as published) or per action element
+CREDITS = ("step", "element")
 _STATE_FIELDS = ("hidden_states_pi", "cell_states_pi", "hidden_states_vf", "cell_states_vf")
 _FLAT_FIELDS = ("actions", "values", "log_probs", "advantages", "returns", "episode_starts")
 
@@ -69,9 +74,14 @@ class _SequenceStartMixin:
 
     #: pack several episode segments into one training sequence (see the module docstring)
     pack_segments: bool = False
+    #: ``A`` > 0: keep a reward per action element (``ppo.credit: element``); 0: scalar only
+    reward_elements: int = 0
 
-    def __init__(self, *args: Any, pack_segments: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, pack_segments: bool = False, reward_elements: int = 0, **kwargs: Any
+    ) -> None:
         self.pack_segments = bool(pack_segments)
+        self.reward_elements = int(reward_elements)
         super().__init__(*args, **kwargs)
 
     def reset(self) -> None:
@@ -82,6 +92,13 @@ class _SequenceStartMixin:
             setattr(self, name, np.zeros((num_layers, n_envs, hidden), dtype=np.float32))
         self.segment_starts: np.ndarray | None = None
         self.segment_lengths: np.ndarray | None = None
+        if self.reward_elements:
+            shape = (self.buffer_size, self.n_envs, self.reward_elements)
+            self.element_rewards = np.zeros(shape, dtype=np.float32)
+            self.element_advantages = np.zeros(shape, dtype=np.float32)
+        # (n_envs * n_steps, A): the per-element log-probabilities of the stored actions under
+        # the policy that collected them, set by ``set_element_log_probs`` before an update
+        self.element_log_probs: np.ndarray | None = None
 
     def add(self, *args: Any, lstm_states: RNNStates, **kwargs: Any) -> None:
         """Store one step; the recurrent state only when it is the rollout's first step.
@@ -95,11 +112,79 @@ class _SequenceStartMixin:
                 getattr(self, name)[...] = tensor.detach().cpu().numpy()
         self._base.add(self, *args, **kwargs)
 
+    def add_reward_elements(self, rewards: np.ndarray) -> None:
+        """Store the per-element rewards ``(n_envs, A)`` of the step the next ``add`` stores."""
+        self.element_rewards[self.pos] = rewards
+
+    def compute_returns_and_advantage(self, last_values: torch.Tensor, dones: np.ndarray) -> None:
+        """SB3's GAE(λ) for the scalar advantages and returns; with ``reward_elements`` also one
+        advantage per action element (``ppo.credit: element``).
+
+        Element ``i`` of step ``t`` gets GAE(λ) on its own reward ``r_{t,i}`` with the baseline
+        ``V(s_t) / A``: ``δ_{t,i} = r_{t,i} + γ V(s_{t+1}) / A - V(s_t) / A`` (zero bootstrap
+        past a terminal step), ``Â_{t,i} = δ_{t,i} + γλ Â_{t+1,i}``. Since ``Σ_i r_{t,i} = r_t``
+        the element advantages sum to the scalar advantage ``Â_t`` (Schulman et al. 2016,
+        eq. 16), and the returns (the value's targets) are unchanged. Whatever the stored reward
+        holds beyond ``Σ_i r_{t,i}`` (a timeout's bootstrapped value, float rounding) is spread
+        evenly over the elements. The policy gradient of element ``i`` with its own reward is
+        unbiased where an action element changes only its own reward and no later observation
+        (the algorithmic tasks, laid out before the episode starts): the other elements' rewards
+        are then independent of it and only add variance."""
+        super().compute_returns_and_advantage(last_values, dones)
+        if not self.reward_elements:
+            return
+        A = self.reward_elements
+        rest = self.rewards - self.element_rewards.sum(-1)  # (n_steps, n_envs)
+        rewards = self.element_rewards + rest[..., None] / A
+        values = self.values / A
+        next_values = np.asarray(last_values.detach().cpu().numpy().flatten()) / A
+        next_nonterminal = 1.0 - dones.astype(np.float32)
+        gae = np.zeros((self.n_envs, A), dtype=np.float32)
+        for t in reversed(range(self.buffer_size)):
+            if t < self.buffer_size - 1:
+                next_nonterminal = 1.0 - self.episode_starts[t + 1]
+                next_values = values[t + 1]
+            delta = rewards[t] + (self.gamma * next_values * next_nonterminal - values[t])[:, None]
+            gae = delta + (self.gamma * self.gae_lambda * next_nonterminal)[:, None] * gae
+            self.element_advantages[t] = gae
+
+    def set_element_log_probs(self, evaluate: Any, batch_size: int) -> None:
+        """Evaluate the stored actions' per-element log-probabilities once, in minibatches of
+        about ``batch_size`` steps, before the update changes the policy (PPO's per-element
+        ratios need them and the rollout stores only their sum).
+
+        :param evaluate: ``samples -> (n_seq * T, A)`` tensor, e.g. the policy's
+            ``evaluate_actions(..., per_element=True)`` log-probabilities, under ``no_grad``.
+        """
+        self._ready()
+        out = np.zeros((self.n_envs * self.buffer_size, self.reward_elements), dtype=np.float32)
+        self.element_log_probs = None  # the samples below must not ask for them yet
+        chunk: list[int] = []
+        steps = 0
+        for seg in range(len(self.segment_starts)):
+            chunk.append(seg)
+            steps += self.segment_lengths[seg]
+            if steps >= batch_size or seg == len(self.segment_starts) - 1:
+                segments = np.array(chunk)
+                indices, valid = self._padded_indices(self._columns(segments))
+                log_probs = evaluate(self._get_samples(segments)).detach().cpu().numpy()
+                out[indices[valid]] = log_probs.reshape(*indices.shape, -1)[valid]
+                chunk, steps = [], 0
+        self.element_log_probs = out
+
+    def _ready(self) -> None:
+        if not self.generator_ready:
+            self._prepare_observations()
+            self._prepare()
+            self.generator_ready = True
+
     def _prepare(self) -> None:
         """Flatten env-major (``(n_steps, n_envs, ...) -> (n_envs * n_steps, ...)``) and find the
         segments: flat index ``e * n_steps + t`` starts one where ``t == 0`` or an episode starts."""
         for name in _FLAT_FIELDS:
             setattr(self, name, self.swap_and_flatten(getattr(self, name)))
+        if self.reward_elements:
+            self.element_advantages = self.swap_and_flatten(self.element_advantages)
         starts = self.episode_starts.reshape(self.n_envs, self.buffer_size) > 0.5
         starts[:, 0] = True
         self.segment_starts = np.flatnonzero(starts)
@@ -110,10 +195,7 @@ class _SequenceStartMixin:
         """Minibatches of whole episode segments, shuffled, each of at least ``batch_size`` steps
         (the last one may be smaller); ``None`` yields one minibatch with everything."""
         assert self.full, "Rollout buffer must be full before sampling from it"
-        if not self.generator_ready:
-            self._prepare_observations()
-            self._prepare()
-            self.generator_ready = True
+        self._ready()
         if batch_size is None:
             batch_size = self.buffer_size * self.n_envs
         # the global numpy RNG on purpose: SB3's ``seed=`` seeds it (sb3-contrib's buffer uses it too)
@@ -210,11 +292,19 @@ class _SequenceStartMixin:
         columns = self._columns(segments)
         indices, valid = self._padded_indices(columns)
         flat_valid = self.to_torch(valid.reshape(-1).astype(np.float32))
+        if self.reward_elements:  # (n_seq * T, A)
+            advantages = self._pad(self.element_advantages, indices, valid)
+        else:
+            advantages = self._pad(self.advantages, indices, valid).flatten()
+        if self.element_log_probs is not None:
+            old_log_prob = self._pad(self.element_log_probs, indices, valid)
+        else:
+            old_log_prob = self._pad(self.log_probs, indices, valid).flatten()
         return dict(
             actions=self._pad(self.actions, indices, valid),
             old_values=self._pad(self.values, indices, valid).flatten(),
-            old_log_prob=self._pad(self.log_probs, indices, valid).flatten(),
-            advantages=self._pad(self.advantages, indices, valid).flatten(),
+            old_log_prob=old_log_prob,
+            advantages=advantages,
             returns=self._pad(self.returns, indices, valid).flatten(),
             lstm_states=self._start_states(np.array([col[0] for col in columns])),
             episode_starts=self._pad(self.episode_starts, indices, valid).flatten(),
@@ -288,11 +378,28 @@ class MemoryPPO(RecurrentPPO):
         ``lstm``/``gru``, whose whole-sequence kernel a reset splits).
     """
 
-    def __init__(self, *args: Any, pack_segments: bool | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        pack_segments: bool | None = None,
+        credit: str = "step",
+        **kwargs: Any,
+    ) -> None:
         if pack_segments not in (None, True, False):
             raise ValueError(f"pack_segments={pack_segments!r}: expected None, True or False")
+        if credit not in CREDITS:
+            raise ValueError(f"credit={credit!r} is invalid: expected one of {', '.join(CREDITS)}")
         self.pack_segments = pack_segments
+        self.credit = credit
         super().__init__(*args, **kwargs)
+        if credit == "element":
+            if not isinstance(self.action_space, (spaces.Discrete, spaces.MultiBinary)):
+                raise ValueError(
+                    f"credit='element' needs a Discrete or MultiBinary action space, not "
+                    f"{self.action_space}"
+                )
+            if self.env is not None:
+                _batched_env(self.env)
 
     def _packs_segments(self) -> bool:
         if self.pack_segments is not None:
@@ -342,6 +449,7 @@ class MemoryPPO(RecurrentPPO):
             gae_lambda=self.gae_lambda,
             n_envs=self.n_envs,
             pack_segments=self._packs_segments(),
+            reward_elements=self._n_elements() if self.credit == "element" else 0,
         )
         self.clip_range = FloatSchedule(self.clip_range)
         if self.clip_range_vf is not None:
@@ -351,6 +459,164 @@ class MemoryPPO(RecurrentPPO):
                     "or None to disable value clipping"
                 )
             self.clip_range_vf = FloatSchedule(self.clip_range_vf)
+
+    def _n_elements(self) -> int:
+        if isinstance(self.action_space, spaces.MultiBinary):
+            return int(np.prod(self.action_space.shape))
+        return 1
+
+    def collect_rollouts(
+        self,
+        env: VecEnv,
+        callback: BaseCallback,
+        rollout_buffer: RolloutBuffer,
+        n_rollout_steps: int,
+    ) -> bool:
+        """RecurrentPPO's rollout; with ``credit='element'`` each step's per-element rewards
+        (``envs.BatchedEnv.reward_elements``) also go to the buffer, read after the env step
+        and before the buffer stores it (where SB3 calls ``callback.on_step``)."""
+        if self.credit == "element":
+            callback = _StoreRewardElements(callback, _batched_env(env), rollout_buffer)
+        return super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
+
+    def train(self) -> None:
+        """One PPO update on the rollout buffer: RecurrentPPO's for ``credit='step'``, else
+        :meth:`_train_elements`."""
+        if self.credit == "step":
+            super().train()
+        else:
+            self._train_elements()
+
+    def _train_elements(self) -> None:
+        """PPO's clipped surrogate (Schulman et al. 2017, eq. 7) taken per action element and
+        summed: ``L = Σ_i min(ρ_i Â_i, clip(ρ_i, 1 ± ε) Â_i)`` with ``ρ_i`` the element's
+        probability ratio and ``Â_i`` its advantage (see
+        ``_SequenceStartMixin.compute_returns_and_advantage``). At ``ρ = 1`` its gradient is
+        ``Σ_i Â_i ∇ log π_i``, where the joint surrogate's is ``Â ∇ Σ_i log π_i``: each element
+        is credited with its own reward instead of the sum of all of them. Advantages are
+        normalised over every element of the minibatch; value and entropy terms, gradient
+        clipping, early stopping on ``target_kl`` (on the joint KL, the sum over elements) and
+        the logged quantities are RecurrentPPO's."""
+        policy, buffer = self.policy, self.rollout_buffer
+        policy.set_training_mode(True)
+        self._update_learning_rate(policy.optimizer)
+        clip_range = self.clip_range(self._current_progress_remaining)
+        clip_range_vf = None
+        if self.clip_range_vf is not None:
+            clip_range_vf = self.clip_range_vf(self._current_progress_remaining)
+
+        def evaluate(data: Any) -> tuple[torch.Tensor, ...]:
+            actions = data.actions
+            if isinstance(self.action_space, spaces.Discrete):
+                actions = actions.long().flatten()
+            return policy.evaluate_actions(
+                data.observations, actions, data.lstm_states, data.episode_starts, per_element=True
+            )
+
+        with torch.no_grad():
+            buffer.set_element_log_probs(lambda data: evaluate(data)[1], self.batch_size)
+
+        logs: dict[str, list[float]] = collections.defaultdict(list)
+        continue_training = True
+        for epoch in range(self.n_epochs):
+            approx_kl_divs = []
+            for data in buffer.get(self.batch_size):
+                mask = data.mask > 1e-8
+                values, log_prob, entropy = evaluate(data)
+                values = values.flatten()
+                advantages = data.advantages  # (n, A)
+                if self.normalize_advantage:
+                    valid = advantages[mask]
+                    advantages = (advantages - valid.mean()) / (valid.std() + 1e-8)
+                log_ratio = log_prob - data.old_log_prob  # (n, A)
+                ratio = torch.exp(log_ratio)
+                surrogate = torch.min(
+                    advantages * ratio,
+                    advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range),
+                ).sum(-1)
+                policy_loss = -surrogate[mask].mean()
+                values_pred = values
+                if clip_range_vf is not None:
+                    values_pred = data.old_values + torch.clamp(
+                        values - data.old_values, -clip_range_vf, clip_range_vf
+                    )
+                value_loss = ((data.returns - values_pred) ** 2)[mask].mean()
+                entropy_loss = -entropy[mask].mean()  # Bernoulli and Categorical have one
+                loss = policy_loss + self.ent_coef * entropy_loss + self.vf_coef * value_loss
+                with torch.no_grad():
+                    joint = log_ratio.sum(-1)
+                    approx_kl = ((torch.exp(joint) - 1) - joint)[mask].mean().item()
+                    clipped = (torch.abs(ratio - 1) > clip_range).float()[mask].mean().item()
+                approx_kl_divs.append(approx_kl)
+                logs["policy_gradient_loss"].append(policy_loss.item())
+                logs["value_loss"].append(value_loss.item())
+                logs["entropy_loss"].append(entropy_loss.item())
+                logs["clip_fraction"].append(clipped)
+                if self.target_kl is not None and approx_kl > 1.5 * self.target_kl:
+                    continue_training = False
+                    if self.verbose >= 1:
+                        print(
+                            f"Early stopping at step {epoch} due to reaching max kl: {approx_kl:.2f}"
+                        )
+                    break
+                policy.optimizer.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), self.max_grad_norm)
+                policy.optimizer.step()
+            self._n_updates += 1
+            if not continue_training:
+                break
+
+        for name, values_ in logs.items():
+            self.logger.record(f"train/{name}", float(np.mean(values_)))
+        self.logger.record("train/approx_kl", float(np.mean(approx_kl_divs)))
+        self.logger.record("train/loss", loss.item())
+        self.logger.record(
+            "train/explained_variance",
+            explained_variance(buffer.values.flatten(), buffer.returns.flatten()),
+        )
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+        self.logger.record("train/clip_range", clip_range)
+        if clip_range_vf is not None:
+            self.logger.record("train/clip_range_vf", clip_range_vf)
+
+
+def _batched_env(env: VecEnv) -> BatchedEnv:
+    """The ``envs.BatchedEnv`` under ``env`` (``credit='element'`` reads its per-element
+    rewards); a clear error for any other env."""
+    batched = getattr(env, "batched", env)
+    if not isinstance(batched, BatchedEnv):
+        raise ValueError(
+            f"credit='element' needs the batched env of an algorithmic task (env.vec_env: "
+            f"batched), which reports a reward per action element; got {type(env).__name__}"
+        )
+    return batched
+
+
+class _StoreRewardElements(BaseCallback):
+    """Wraps the training callback: at every step (after the env step, before the rollout
+    buffer stores it) hands the env's per-element rewards to the buffer, then defers to the
+    wrapped callback for everything."""
+
+    def __init__(self, callback: BaseCallback, env: BatchedEnv, buffer: Any) -> None:
+        super().__init__()
+        self.callback, self.env, self.buffer = callback, env, buffer
+
+    def on_rollout_start(self) -> None:
+        self.callback.on_rollout_start()
+
+    def on_rollout_end(self) -> None:
+        self.callback.on_rollout_end()
+
+    def update_locals(self, locals_: dict[str, Any]) -> None:
+        self.callback.update_locals(locals_)
+
+    def on_step(self) -> bool:
+        self.buffer.add_reward_elements(self.env.reward_elements.cpu().numpy())
+        return self.callback.on_step()
+
+    def _on_step(self) -> bool:  # BaseCallback's abstract hook; on_step above replaces it
+        return True
 
 
 def recurrent_state_nbytes(buffer: RecurrentRolloutBuffer | RecurrentDictRolloutBuffer) -> int:
