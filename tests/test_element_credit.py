@@ -114,7 +114,9 @@ def test_element_advantages_by_hand() -> None:
     np.testing.assert_allclose(buffer.element_advantages[0, 0], d0 + gamma * lam * d1, rtol=1e-6)
 
 
-def copy_model(credit: str, env_id: str = "memagents/Copy-v0", seed: int = 0, **kwargs):
+def copy_model(
+    credit: str, env_id: str = "memagents/Copy-v0", seed: int = 0, core: str = "lstm", **kwargs
+):
     venv = TorchVecEnv.make(env_id, 8, seed=seed, **kwargs)
     return MemoryPPO(
         MemoryPolicy,
@@ -123,7 +125,7 @@ def copy_model(credit: str, env_id: str = "memagents/Copy-v0", seed: int = 0, **
         batch_size=64,
         n_epochs=2,
         credit=credit,
-        policy_kwargs=dict(core="lstm", core_kwargs=dict(hidden_size=16), net_arch=[16]),
+        policy_kwargs=dict(core=core, core_kwargs=dict(hidden_size=16), net_arch=[16]),
         seed=seed,
         device="cpu",
     )
@@ -145,17 +147,18 @@ def test_per_element_log_probs_sum_to_the_joint_log_prob() -> None:
     torch.testing.assert_close(each.sum(-1), joint, **PATH_TOL)
 
 
-def test_one_element_makes_the_published_update() -> None:
+@pytest.mark.parametrize("core", ["lstm", "ntm"])  # ntm: packed training sequences
+def test_one_element_makes_the_published_update(core: str) -> None:
     """``Discrete`` actions have one element: the element advantage is the step advantage and
     the element ratio the step ratio, so one update must land on the same parameters (up to the
     rounding of log-probabilities evaluated again before the update)."""
     params = []
     for credit in ("step", "element"):
-        torch.manual_seed(0)
-        model = copy_model(credit, env_id="memagents/Recall-v0")
+        model = copy_model(credit, env_id="memagents/Recall-v0", core=core)
+        assert model.rollout_buffer.pack_segments == (core == "ntm")
         model.learn(128)
         params.append(torch.cat([p.detach().flatten() for p in model.policy.parameters()]))
-    before = copy_model("step", env_id="memagents/Recall-v0").policy
+    before = copy_model("step", env_id="memagents/Recall-v0", core=core).policy
     moved = (params[0] - torch.cat([p.detach().flatten() for p in before.parameters()])).abs()
     assert moved.max() > 1e-4  # the update did something
     torch.testing.assert_close(params[1], params[0], rtol=1e-4, atol=1e-5)
@@ -173,10 +176,10 @@ def test_element_credit_learns_differently_from_step_credit_on_bits() -> None:
 
 
 def test_element_credit_refuses_what_it_cannot_serve() -> None:
-    with pytest.raises(ValueError, match="credit='bits'.*step, element"):
+    with pytest.raises(ValueError, match=r"credit=.bits.*step, element"):
         copy_model("bits")
     dummy = DummyVecEnv([lambda: envs.RecallEnv()])
-    with pytest.raises(ValueError, match="env.vec_env: batched"):
+    with pytest.raises(ValueError, match=r"env\.vec_env: batched"):
         MemoryPPO(
             MemoryPolicy,
             dummy,

@@ -61,6 +61,8 @@ BATCHED_BAD = ["--set", "env.kwargs.max_length=0"]
         (["--set", "env.kwargs.max_delay=0"], ["env.kwargs", "max_delay=0", "min_delay"]),
         (["--set", "env.kwargs.colour=3"], ["env.kwargs", "'colour'"]),
         (["--set", "env.actions=[0, 4]"], ["env.actions", "[0, 4]", "0..3"]),
+        (["--set", "ppo.credit=bits"], ["ppo.credit", "'bits'", "'element'"]),
+        (["--set", "ppo.credit=element"], ["ppo.credit", "batched", "env.vec_env='dummy'"]),
         (
             [*["--env", "memagents/Copy-v0", "--set", "env.vec_env=batched"], *BATCHED_BAD],
             ["env.kwargs", "max_length=0"],
