@@ -45,6 +45,7 @@ def _keep_the_thread_count():
     if torch.get_num_threads() != TEST_THREADS:
         torch.set_num_threads(TEST_THREADS)
 
+
 #: Tolerance between two float32 computations of the same values that are not bitwise equal by
 #: construction (see the module docstring): a few float32 roundings (~6e-8 each) per step,
 #: accumulated over a few steps of a tiny core, with a floor for results near zero.
