@@ -133,6 +133,9 @@ class PPOConfig:
     """Value loss coefficient."""
     max_grad_norm: float = 0.5
     """Gradient-norm clipping (on by default; memory cores need it)."""
+    target_kl: float = 0.0
+    """Stop an update's epochs at the first minibatch whose approximate KL divergence from the
+    rollout's policy exceeds ``1.5 * target_kl`` (SB3's ``target_kl``); 0: never stop early."""
     buffer: str = "sequence-start"
     """Rollout buffer: ``sequence-start`` (MemoryPPO: the state stored only where a training
     sequence starts; minibatches of whole episode segments, packed for the memory cores) or
@@ -242,6 +245,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "ppo.ent_coef": (lambda v: v >= 0, "a number >= 0"),
     "ppo.vf_coef": (lambda v: v >= 0, "a number >= 0"),
     "ppo.max_grad_norm": (lambda v: v > 0, "a number > 0"),
+    "ppo.target_kl": (lambda v: v >= 0, "a number >= 0 (0: off)"),
     "ppo.buffer": (lambda v: v in ("stock", "sequence-start"), "'stock' or 'sequence-start'"),
     "ppo.credit": (lambda v: v in ("step", "element"), "'step' or 'element'"),
     "ppo.pack_segments": (

@@ -462,6 +462,7 @@ def ppo_kwargs(config: Config) -> dict[str, Any]:
         "ent_coef": ppo.ent_coef,
         "vf_coef": ppo.vf_coef,
         "max_grad_norm": ppo.max_grad_norm,
+        "target_kl": ppo.target_kl or None,
     }
 
 

@@ -219,3 +219,29 @@ def test_curriculum_block_raises_the_knob_during_training(tmp_path, capsys):
 def test_curriculum_knob_must_exist(capsys):
     code, err = run_cli(["--set", "curriculum.knob=max_wombats"], capsys)
     assert code == 2 and "curriculum.knob" in err and "max_wombats" in err
+
+
+@pytest.mark.parametrize(("target_kl", "updates"), [(0.0, 3), (1.0e-9, 1)])
+def test_target_kl_stops_the_epochs_early(target_kl, updates):
+    """``ppo.target_kl: 0`` is off (every epoch runs); a tiny one stops after the first
+    minibatch step of the first epoch, once the policy has moved at all."""
+    from memagents.config import load_config
+
+    config = load_config(
+        None,
+        [
+            "env.id=memagents/Recall-v0",
+            "env.vec_env=batched",
+            "env.n_envs=8",
+            "ppo.n_steps=16",
+            "ppo.batch_size=32",
+            "ppo.n_epochs=3",
+            f"ppo.target_kl={target_kl:.10f}",
+            "core.kwargs.hidden_size=8",
+        ],
+    )
+    env = train.make_env(config, seed=0)
+    model = train.make_model(config, env, "cpu")
+    assert model.target_kl == (target_kl or None)
+    model.learn(128)
+    assert model._n_updates == updates
