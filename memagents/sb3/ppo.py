@@ -159,17 +159,10 @@ class _SequenceStartMixin:
         self._ready()
         out = np.zeros((self.n_envs * self.buffer_size, self.reward_elements), dtype=np.float32)
         self.element_log_probs = None  # the samples below must not ask for them yet
-        chunk: list[int] = []
-        steps = 0
-        for seg in range(len(self.segment_starts)):
-            chunk.append(seg)
-            steps += self.segment_lengths[seg]
-            if steps >= batch_size or seg == len(self.segment_starts) - 1:
-                segments = np.array(chunk)
-                indices, valid = self._padded_indices(self._columns(segments))
-                log_probs = evaluate(self._get_samples(segments)).detach().cpu().numpy()
-                out[indices[valid]] = log_probs.reshape(*indices.shape, -1)[valid]
-                chunk, steps = [], 0
+        for segments in self._chunks(np.arange(len(self.segment_starts)), batch_size):
+            indices, valid = self._padded_indices(self._columns(segments))
+            log_probs = evaluate(self._get_samples(segments)).detach().cpu().numpy()
+            out[indices[valid]] = log_probs.reshape(*indices.shape, -1)[valid]
         self.element_log_probs = out
 
     def _ready(self) -> None:
@@ -200,16 +193,22 @@ class _SequenceStartMixin:
             batch_size = self.buffer_size * self.n_envs
         # the global numpy RNG on purpose: SB3's ``seed=`` seeds it (sb3-contrib's buffer uses it too)
         order = np.random.permutation(len(self.segment_starts))  # noqa: NPY002
+        for segments in self._chunks(order, batch_size):
+            yield self._get_samples(segments)
+
+    def _chunks(self, order: np.ndarray, batch_size: int) -> Generator[np.ndarray, None, None]:
+        """The segments in ``order``, grouped into runs of at least ``batch_size`` steps (the
+        last may hold fewer)."""
         chunk: list[int] = []
         steps = 0
         for seg in order:
             chunk.append(seg)
             steps += self.segment_lengths[seg]
             if steps >= batch_size:
-                yield self._get_samples(np.array(chunk))
+                yield np.array(chunk)
                 chunk, steps = [], 0
         if chunk:
-            yield self._get_samples(np.array(chunk))
+            yield np.array(chunk)
 
     def _prepare_observations(self) -> None:
         raise NotImplementedError
