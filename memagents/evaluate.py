@@ -133,6 +133,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from memagents.sb3 import MemoryPPO
     from memagents.train import (
+        eval_env_count,
         evaluate,
         make_env,
         normalization_path,
@@ -152,7 +153,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # a run that normalised (env.normalize) is evaluated with its saved training statistics
     env = normalize_env(
         config,
-        make_env(config, seed, n_envs=1),
+        make_env(config, seed, n_envs=eval_env_count(config, args.episodes)),
         training=False,
         stats=normalization_path(model_path),
     )

@@ -573,6 +573,18 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+#: most episodes an evaluation steps at once on a batched env (``eval_env_count``)
+EVAL_BATCH = 256
+
+
+def eval_env_count(config: Config, episodes: int) -> int:
+    """Envs of an evaluation env: with ``env.vec_env: batched`` all ``episodes`` at once (up to
+    :data:`EVAL_BATCH`; one policy call per step for all of them, SB3's ``evaluate_policy``
+    spreading the episodes evenly over the envs so that short episodes are not favoured),
+    else 1."""
+    return min(episodes, EVAL_BATCH) if config.env.vec_env == "batched" else 1
+
+
 def evaluate(model, env, episodes: int) -> dict[str, float]:
     """Deterministic episodes with the recurrent state carried: mean/std reward, success rate
     (NaN if the env reports no ``is_success``) and mean episode length in steps."""
@@ -834,7 +846,11 @@ def run(config: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     device = resolve_device(config.train.device)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed = config.train.seed
-    eval_env = normalize_env(config, make_env(config, seed + 10_000, n_envs=1), training=False)
+    eval_env = normalize_env(
+        config,
+        make_env(config, seed + 10_000, n_envs=eval_env_count(config, config.train.eval_episodes)),
+        training=False,
+    )
 
     latest = latest_checkpoint(run_dir) if resume else None
     if latest is not None:

@@ -245,3 +245,24 @@ def test_target_kl_stops_the_epochs_early(target_kl, updates):
     assert model.target_kl == (target_kl or None)
     model.learn(128)
     assert model._n_updates == updates
+
+
+def test_batched_evaluation_steps_all_episodes_at_once_without_favouring_short_ones():
+    """A batched run evaluates on a batched env of ``min(episodes, 256)`` envs. SB3's
+    ``evaluate_policy`` gives every env an equal share of the episodes, so the mean episode
+    length is the task's: Copy at lengths 1..10 lasts ``2 L + 1`` steps, 12 on average (std
+    5.7); the first 96 episodes to finish on 16 envs would be far shorter."""
+    from memagents.config import load_config
+    from memagents.sb3 import MemoryPolicy, MemoryPPO, TorchVecEnv
+
+    batched = load_config(None, ["env.id=memagents/Copy-v0", "env.vec_env=batched"])
+    assert train.eval_env_count(batched, 100) == 100
+    assert train.eval_env_count(batched, 1000) == train.EVAL_BATCH
+    assert train.eval_env_count(load_config(None, []), 100) == 1
+    env = TorchVecEnv.make("memagents/Copy-v0", 16, seed=3)
+    model = MemoryPPO(
+        MemoryPolicy, env, n_steps=8, batch_size=8, policy_kwargs=dict(core="lstm"), seed=0
+    )
+    result = train.evaluate(model, env, 96)
+    assert result["episodes"] == 96
+    assert 10.0 <= result["mean_length"] <= 14.0, result  # 12 ± 3.4 standard errors
