@@ -77,16 +77,21 @@ def test_memory_core_learns_recall(core: str, tmp_path: Path) -> None:
 COPY_SHORT = Path(__file__).resolve().parents[1] / "configs" / "copy-short.yaml"
 
 
+def train_config(config: Path, run_dir: Path, *argv: str) -> dict:
+    """``python -m memagents.train --config CONFIG`` on the CPU without checkpoints or a progress
+    bar, plus ``argv``; returns the run's final ``eval.json``."""
+    args = ["--config", str(config), "--device", "cpu", "--run-dir", str(run_dir), *argv]
+    args += ["--set", "train.checkpoint_freq=0", "--set", "train.progress_bar=false"]
+    assert train.main(args) == 0
+    return json.loads((run_dir / "eval.json").read_text())
+
+
 @pytest.mark.slow
 def test_lstm_learns_copy_of_short_sequences(tmp_path: Path) -> None:
     """Copy-v0 at lengths 1..2 (``configs/copy-short.yaml``, its own budget of 800k steps, about
     2-3 minutes with the batched env): deterministic success >= 0.9 over 200 episodes. A
     memoryless policy gets a perfect episode (8 or 16 fair bits) with probability <= 1/256."""
-    run_dir = tmp_path / "copy"
-    argv = ["--config", str(COPY_SHORT), "--device", "cpu", "--run-dir", str(run_dir)]
-    argv += ["--set", "train.checkpoint_freq=0", "--set", "train.progress_bar=false"]
-    assert train.main(argv) == 0
-    result = json.loads((run_dir / "eval.json").read_text())
+    result = train_config(COPY_SHORT, tmp_path / "copy")
     assert result["episodes"] == 200
     assert result["success_rate"] >= 0.9, result
 
@@ -99,13 +104,12 @@ def test_element_credit_learns_copy_of_short_sequences_in_a_quarter_of_the_steps
     minutes): deterministic success >= 0.9 over 200 episodes. docs/TUNING.md: seeds 0-2 were at
     0.98-0.99 at 300k with element credit, where step credit was at 0.555-0.59 at 200k. (At
     200k this seed, trained without periodic evaluations, ended at 0.895: too close.)"""
-    run_dir = tmp_path / "copy-element"
-    argv = ["--config", str(COPY_SHORT), "--device", "cpu", "--run-dir", str(run_dir)]
-    argv += ["--seed", "1", "--total-timesteps", "300000", "--set", "ppo.credit=element"]
-    argv += ["--set", "train.checkpoint_freq=0", "--set", "train.eval_freq=0"]
-    argv += ["--set", "train.progress_bar=false"]
-    assert train.main(argv) == 0
-    result = json.loads((run_dir / "eval.json").read_text())
+    result = train_config(
+        COPY_SHORT,
+        tmp_path / "copy-element",
+        *["--seed", "1", "--total-timesteps", "300000", "--set", "ppo.credit=element"],
+        *["--set", "train.eval_freq=0"],
+    )
     assert result["episodes"] == 200
     assert result["success_rate"] >= 0.9, result
 
@@ -122,13 +126,11 @@ def test_lstm_learns_minigrid_memory_s7(tmp_path: Path) -> None:
     steps. About 4-6 minutes on a 2-core machine. The check: deterministic success >= 0.9 over
     100 episodes. A memoryless policy picks the matching end with probability 1/2, and every run
     before the joint critic sat there."""
-    run_dir = tmp_path / "s7"
-    argv = ["--config", str(MEMORY_S7), "--device", "cpu", "--run-dir", str(run_dir)]
-    argv += ["--seed", "2", "--total-timesteps", "200000"]
-    argv += ["--set", "ppo.lr_schedule=constant"]
-    argv += ["--set", "train.checkpoint_freq=0", "--set", "train.eval_freq=0"]
-    argv += ["--set", "train.progress_bar=false"]
-    assert train.main(argv) == 0
-    result = json.loads((run_dir / "eval.json").read_text())
+    result = train_config(
+        MEMORY_S7,
+        tmp_path / "s7",
+        *["--seed", "2", "--total-timesteps", "200000", "--set", "ppo.lr_schedule=constant"],
+        *["--set", "train.eval_freq=0"],
+    )
     assert result["episodes"] == 100
     assert result["success_rate"] >= 0.9, result
