@@ -144,16 +144,19 @@ class BatchedEnv:
         self._update_row_start()
         return self._obs[:, 0].clone()
 
-    def step_tensor(self, actions: Tensor | np.ndarray) -> BatchedStep:
+    def step_tensor(self, actions: Tensor | np.ndarray, check: bool | None = None) -> BatchedStep:
         """Step every episode; where one ends, lay out a new one in its place (auto-reset).
 
         :param actions: ``[B]`` integers for ``Discrete(n)``, ``[B, W]`` zeros and ones for
             ``MultiBinary(W)``; a tensor (any device) or an array.
+        :param check: check the action values against the action space (a device sync);
+            ``None``: as ``check_actions`` says. Shapes are always checked. A caller whose
+            actions come from a distribution over the space (the device collector) passes False.
         :return: a :class:`BatchedStep` of tensors on the env's device.
         """
         if self._t is None:
             raise gym.error.ResetNeeded("call reset() or reset_tensor() before stepping")
-        actions = self._check(actions)  # [B, A]
+        actions = self._check(actions, self.check_actions if check is None else check)  # [B, A]
         B, T, D = self._obs.shape
         now = self._row_start + self._t  # [B] flat index of each episode's current step
         target = self._target.view(B * T, -1).index_select(0, now)  # [B, A]
@@ -286,7 +289,7 @@ class BatchedEnv:
         return self
 
     # -- internals ------------------------------------------------------------------------------
-    def _check(self, actions: Tensor | np.ndarray) -> Tensor:
+    def _check(self, actions: Tensor | np.ndarray, values: bool) -> Tensor:
         """``[B, A]`` actions on the device; ``InvalidActionError`` if outside the space."""
         a = torch.as_tensor(actions, device=self.device)
         space = self.action_space
@@ -297,7 +300,7 @@ class BatchedEnv:
                 f"actions of shape {tuple(a.shape)} are invalid for {self.num_envs} envs with "
                 f"action space {space}: expected shape {expected}"
             )
-        if self.check_actions:
+        if values:
             if discrete:
                 bad = (a < space.start) | (a >= space.start + space.n)
                 if a.is_floating_point():

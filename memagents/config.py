@@ -61,6 +61,10 @@ class EnvConfig:
     flat float Box, discrete values one-hot), ``none``, or ``auto`` (``minigrid`` for
     ``MiniGrid-*`` and ``BabyAI-*`` ids, ``flatten`` where SB3 cannot take the observation space
     as it is, e.g. ``Tuple``; else ``none``)."""
+    device: str = "auto"
+    """Where the batched env's episodes live (``vec_env: batched``): ``auto`` (the training
+    device, ``train.device``), ``cpu``, ``cuda`` or ``cuda:N``. Other envs step on the host;
+    for them only ``auto`` and ``cpu`` are allowed."""
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
     """Running normalisation of observations and rewards (RL Zoo's ``normalize: true`` is
     ``{obs: true, reward: true}``); off by default."""
@@ -153,6 +157,12 @@ class PPOConfig:
     with the whole answer's score); needs ``env.vec_env: batched`` and ``buffer:
     sequence-start``. Unbiased where an action element changes only its own reward, as in the
     algorithmic tasks (``docs/TUNING.md``)."""
+    collector: str = "auto"
+    """How rollouts are collected with ``buffer: sequence-start``: ``device`` keeps them as
+    tensors from the batched env through the buffer into the update (``memagents.sb3.device``:
+    no numpy, no per-env Python per step); ``sb3`` is sb3-contrib's loop (numpy between env,
+    policy and buffer); ``auto``: ``device`` for ``env.vec_env: batched``, else ``sb3``. Both
+    give the same training for the same seed."""
 
 
 @dataclass
@@ -248,6 +258,11 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "ppo.target_kl": (lambda v: v >= 0, "a number >= 0 (0: off)"),
     "ppo.buffer": (lambda v: v in ("stock", "sequence-start"), "'stock' or 'sequence-start'"),
     "ppo.credit": (lambda v: v in ("step", "element"), "'step' or 'element'"),
+    "ppo.collector": (lambda v: v in ("auto", "device", "sb3"), "'auto', 'device' or 'sb3'"),
+    "env.device": (
+        lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"),
+        "'auto', 'cpu', 'cuda' or 'cuda:N'",
+    ),
     "ppo.pack_segments": (
         lambda v: v in ("auto", "always", "never"),
         "'auto', 'always' or 'never'",

@@ -186,6 +186,19 @@ def check_names(config: Config) -> None:
             "env reports a reward per action element) and ppo.buffer 'sequence-start'; got "
             f"env.vec_env={config.env.vec_env!r}, ppo.buffer={config.ppo.buffer!r}"
         )
+    if config.ppo.collector == "device" and (
+        config.env.vec_env != "batched" or config.ppo.buffer != "sequence-start"
+    ):
+        raise ConfigError(
+            "ppo.collector: 'device' needs env.vec_env 'batched' (an env that steps as tensors) "
+            f"and ppo.buffer 'sequence-start'; got env.vec_env={config.env.vec_env!r}, "
+            f"ppo.buffer={config.ppo.buffer!r}. Use 'auto' or 'sb3'"
+        )
+    if config.env.device not in ("auto", "cpu") and config.env.vec_env != "batched":
+        raise ConfigError(
+            f"env.device: {config.env.device!r} needs env.vec_env 'batched'; other envs step on "
+            "the host (use 'auto' or 'cpu')"
+        )
     check_env(config)
     check_observation_pipeline(config)
     if config.curriculum.knob:
@@ -381,7 +394,8 @@ def make_env(config: Config, seed: int, n_envs: int | None = None):
     if config.env.vec_env == "batched":
         from memagents.sb3 import TorchVecEnv
 
-        return TorchVecEnv.make(config.env.id, n, seed=seed, **config.env.kwargs)
+        device = env_device(config)
+        return TorchVecEnv.make(config.env.id, n, device=device, seed=seed, **config.env.kwargs)
     from memagents.wrappers import WRAPPERS, ActionSubset
 
     import_env_modules(config)
@@ -543,6 +557,7 @@ def make_model(config: Config, env, device: str, tensorboard_log: str | None = N
     if config.ppo.buffer == "sequence-start":
         extra["pack_segments"] = PACK_SEGMENTS[config.ppo.pack_segments]
         extra["credit"] = config.ppo.credit
+        extra["collector"] = config.ppo.collector
     stock = config.policy.kind == "stock"
     return algorithm(
         StockLstmPolicy if stock else MemoryPolicy,
@@ -555,6 +570,19 @@ def make_model(config: Config, env, device: str, tensorboard_log: str | None = N
         tensorboard_log=tensorboard_log,
         verbose=0,
     )
+
+
+def env_device(config: Config) -> str:
+    """``env.device`` resolved: ``auto`` is the training device (``train.device`` resolved)."""
+    name = config.env.device
+    if name == "auto":
+        return resolve_device(config.train.device)
+    if name.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"env.device: {name!r} requested but CUDA is not available; use cpu")
+    return name
 
 
 def resolve_device(name: str) -> str:
@@ -587,8 +615,23 @@ def eval_env_count(config: Config, episodes: int) -> int:
 
 def evaluate(model, env, episodes: int) -> dict[str, float]:
     """Deterministic episodes with the recurrent state carried: mean/std reward, success rate
-    (NaN if the env reports no ``is_success``) and mean episode length in steps."""
+    (NaN if the env reports no ``is_success``) and mean episode length in steps. A batched env
+    with our policy plays them all as one batch of tensors on the device
+    (``memagents.sb3.device.evaluate_batched``: the same episodes as SB3's ``evaluate_policy``)."""
     from stable_baselines3.common.evaluation import evaluate_policy
+
+    from memagents.sb3.device import batched_env, evaluate_batched
+
+    batched = batched_env(env)
+    if batched is not None and hasattr(model.policy, "initial_state"):
+        played = evaluate_batched(model.policy, batched, episodes)
+        return {
+            "mean_reward": float(np.mean(played["rewards"])),
+            "std_reward": float(np.std(played["rewards"])),
+            "success_rate": float(np.mean(played["successes"])),
+            "mean_length": float(np.mean(played["lengths"])),
+            "episodes": len(played["rewards"]),
+        }
 
     successes: list[float] = []
 

@@ -306,14 +306,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m memagents.bench train", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--envs", default=",".join(ENVS), help="env ids, comma-separated")
+    parser.add_argument(
+        "--envs",
+        default=None,
+        help=f"env ids, comma-separated (default {','.join(ENVS)}; for the batched preset "
+        "memagents/Copy-v0,memagents/Recall-v0)",
+    )
     parser.add_argument(
         "--systems", default=None, help="subset of rows: stock and/or core names, comma-separated"
     )
     parser.add_argument(
         "--presets",
         default=",".join(PRESETS),
-        help=f"hyperparameter presets, comma-separated ({', '.join(PRESETS)})",
+        help=f"hyperparameter presets, comma-separated ({', '.join(PRESETS)}), or 'batched': "
+        "1,024 batched envs, the device collector against SB3's, with the time split "
+        "(its own section of BENCHMARKS.md)",
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="batched preset: where env, policy and buffer live"
     )
     parser.add_argument("--iterations", type=int, default=None, help="PPO iterations per row")
     parser.add_argument(
@@ -331,6 +341,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print only; keep BENCHMARKS.md")
     parser.add_argument("--output", default=None, help="Markdown file to update")
     args = parser.parse_args(argv)
+    if "batched" in args.presets.split(","):
+        return _main_batched(parser, args, argv)
+    if args.envs is None:
+        args.envs = ",".join(ENVS)
     presets = ["quick"] if args.quick else [p for p in args.presets.split(",") if p]
     for preset in presets:
         if preset != "quick" and preset not in PRESETS:
@@ -384,4 +398,54 @@ def main(argv: list[str] | None = None) -> int:
 
         path = write_section("train", markdown, args.output)
         print(f"wrote the train section of {path}")
+    return 0
+
+
+def _main_batched(parser: argparse.ArgumentParser, args: argparse.Namespace, argv) -> int:
+    """``--presets batched``: the collector rows (``memagents.bench.collector``)."""
+    import torch
+
+    from memagents import train
+    from memagents.bench import collector
+
+    if args.presets != "batched":
+        parser.error("--presets batched runs alone (its own table and section)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available here")
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        parser.error(f"--device {args.device!r}: expected cpu, cuda or cuda:N")
+    env_ids = [e for e in (args.envs or ",".join(collector.ENVS)).split(",") if e]
+    cores = args.systems.split(",") if args.systems else ["lstm", *collector.MEMORY]
+    import memagents.cores as core_registry
+
+    known = ["lstm", *core_registry.available()]
+    for core in cores:
+        if core not in known:
+            parser.error(f"--systems: unknown core {core!r}; choose from {', '.join(known)}")
+    cores = [c for c in cores if c in known]
+    for env_id in env_ids:
+        try:
+            train.check_names(
+                collector.config_for(env_id, "lstm", "device", collector.PRESET, "cpu")
+            )
+        except ValueError as exc:
+            parser.error(str(exc))
+        if not env_id.startswith("memagents/"):
+            parser.error(f"--envs {env_id!r}: the batched preset needs memagents/ tasks")
+    hyper = dict(collector.QUICK if args.quick else collector.PRESET)
+    if args.iterations is not None:
+        hyper["iterations"] = args.iterations
+    rows = collector.run(env_ids, cores, hyper, args.device, args.quick or args.in_process)
+    command = (
+        "python -m memagents.bench train"
+        + (" " + " ".join(argv if argv is not None else sys.argv[2:])).rstrip()
+    )
+    markdown = collector.to_markdown(rows, hyper, args.device, command)
+    print()
+    print(markdown)
+    if not args.no_write:
+        from memagents.bench.report import write_section
+
+        path = write_section("train-batched", markdown, args.output)
+        print(f"wrote the train-batched section of {path}")
     return 0

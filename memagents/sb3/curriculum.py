@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import VecEnv
 
@@ -177,8 +178,10 @@ class CurriculumCallback(BaseCallback):
     # -- measuring success ----------------------------------------------------------------------
     def _on_step(self) -> bool:
         dones = self.locals.get("dones")
-        infos = self.locals.get("infos")
-        if dones is not None and infos is not None:
+        if isinstance(dones, torch.Tensor):  # the device collector: [B] bool tensors, no infos
+            self._count_tensors(dones, self.locals["successes"])
+        elif dones is not None and self.locals.get("infos") is not None:
+            infos = self.locals["infos"]
             for i, done in enumerate(dones):
                 if not done:
                     continue
@@ -191,6 +194,16 @@ class CurriculumCallback(BaseCallback):
             self.next_check += self.freq
             self._check()
         return True
+
+    def _count_tensors(self, dones: torch.Tensor, successes: torch.Tensor) -> None:
+        """Count the finished episodes of a step as tensors on their device (no host sync;
+        ``_check`` reads the counts)."""
+        if not isinstance(self.stale, torch.Tensor):
+            self.stale = torch.as_tensor(self.stale, device=dones.device)
+        counted = dones & ~self.stale
+        self.stale &= ~dones
+        self.episodes = self.episodes + counted.sum()
+        self.successes = self.successes + (counted & successes).sum()
 
     def _evaluate(self) -> float:
         from stable_baselines3.common.evaluation import evaluate_policy
@@ -214,8 +227,8 @@ class CurriculumCallback(BaseCallback):
     def _check(self) -> None:
         if self.eval_env is not None:
             rate = self._evaluate()
-        elif self.episodes >= self.min_episodes:
-            rate = self.successes / self.episodes
+        elif int(self.episodes) >= self.min_episodes:
+            rate = float(self.successes) / int(self.episodes)
             self.successes = self.episodes = 0  # the next check judges the episodes after this
         else:
             return  # not enough episodes at this level since the last decided check

@@ -28,6 +28,7 @@ step-by-step core runs, padding included.
 from __future__ import annotations
 
 import collections
+import time
 from collections.abc import Generator
 from typing import Any, ClassVar
 
@@ -52,10 +53,16 @@ from stable_baselines3.common.utils import FloatSchedule, explained_variance
 from stable_baselines3.common.vec_env import VecEnv
 
 from envs.vector import BatchedEnv
+from memagents.sb3.device import DeviceRolloutBuffer, batched_env
 from memagents.sb3.policy import MemoryPolicy
+from memagents.sb3.segments import chunk_segments, pack_columns
 
 #: ``credit`` values: one advantage per step (PPO as published) or per action element
 CREDITS = ("step", "element")
+#: ``collector`` values: ``device`` (tensors from the batched env to the update,
+#: ``memagents.sb3.device``), ``sb3`` (sb3-contrib's numpy loop), ``auto`` (``device`` for a
+#: batched env, else ``sb3``)
+COLLECTORS = ("auto", "device", "sb3")
 _STATE_FIELDS = ("hidden_states_pi", "cell_states_pi", "hidden_states_vf", "cell_states_vf")
 _FLAT_FIELDS = ("actions", "values", "log_probs", "advantages", "returns", "episode_starts")
 
@@ -197,54 +204,16 @@ class _SequenceStartMixin:
             yield self._get_samples(segments)
 
     def _chunks(self, order: np.ndarray, batch_size: int) -> Generator[np.ndarray, None, None]:
-        """The segments in ``order``, grouped into runs of at least ``batch_size`` steps (the
-        last may hold fewer)."""
-        chunk: list[int] = []
-        steps = 0
-        for seg in order:
-            chunk.append(seg)
-            steps += self.segment_lengths[seg]
-            if steps >= batch_size:
-                yield np.array(chunk)
-                chunk, steps = [], 0
-        if chunk:
-            yield np.array(chunk)
+        """The segments in ``order``, grouped into runs of at least ``batch_size`` steps."""
+        return chunk_segments(order, self.segment_lengths, batch_size)
 
     def _prepare_observations(self) -> None:
         raise NotImplementedError
 
     def _columns(self, segments: np.ndarray) -> list[list[int]]:
-        """The minibatch's training sequences: lists of segment numbers, each list's segments
-        run one after another; the first segment of each list gives the stored state.
-
-        Unpacked: one segment per column. Packed: segments that continue an episode from the
-        previous rollout (no episode start at their first step) each head a column; the others,
-        longest first, go into the column with the least room that still fits them within
-        ``T = max length`` (on ties, the one that has had that room longest; a new column if
-        none fits). This is best fit decreasing, the classic bin-packing heuristic, in
-        ``O(n·T)`` for ``n`` segments."""
-        if not self.pack_segments:
-            return [[int(seg)] for seg in segments]
-        lengths = self.segment_lengths
-        capacity = int(lengths[segments].max())
-        starts_episode = self.episode_starts.reshape(-1)[self.segment_starts[segments]] > 0.5
-        columns = [[int(seg)] for seg in segments[~starts_episode]]
-        # room -> the columns with that much room left, in the order they got it
-        by_room: list[collections.deque[int]] = [collections.deque() for _ in range(capacity + 1)]
-        for i, col in enumerate(columns):
-            by_room[capacity - int(lengths[col[0]])].append(i)
-        rest = segments[starts_episode]
-        for seg in rest[np.argsort(-lengths[rest], kind="stable")]:
-            length = int(lengths[seg])
-            room = next((r for r in range(length, capacity + 1) if by_room[r]), None)
-            if room is None:
-                i, room = len(columns), capacity
-                columns.append([])
-            else:
-                i = by_room[room].popleft()
-            columns[i].append(int(seg))
-            by_room[room - length].append(i)
-        return columns
+        """The minibatch's training sequences (``memagents.sb3.segments.pack_columns``)."""
+        starts_episode = self.episode_starts.reshape(-1)[self.segment_starts] > 0.5
+        return pack_columns(segments, self.segment_lengths, starts_episode, self.pack_segments)
 
     def _padded_indices(self, columns: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         """Flat indices ``(n_col, T)`` of the steps of each column's segments, in order (padding
@@ -375,6 +344,14 @@ class MemoryPPO(RecurrentPPO):
         sequences. ``None`` (default): pack when every recurrent core of the policy has
         :attr:`~memagents.cores.MemoryCore.cheap_mid_sequence_resets` (the memory cores, not
         ``lstm``/``gru``, whose whole-sequence kernel a reset splits).
+    :param credit: ``step`` (one advantage per step, PPO as published) or ``element`` (one per
+        action element, see :meth:`_train_elements`; needs a batched env).
+    :param collector: ``device`` keeps the rollout as tensors on the training device, from the
+        batched env (``envs.BatchedEnv.step_tensor``) through the buffer
+        (:class:`memagents.sb3.device.DeviceRolloutBuffer`) into the update; ``sb3`` is
+        sb3-contrib's loop (numpy between env, policy and buffer); ``auto`` (default) picks
+        ``device`` for a batched env and ``sb3`` otherwise. Both give the same rollouts and
+        updates for the same seed.
     """
 
     def __init__(
@@ -382,14 +359,20 @@ class MemoryPPO(RecurrentPPO):
         *args: Any,
         pack_segments: bool | None = None,
         credit: str = "step",
+        collector: str = "auto",
         **kwargs: Any,
     ) -> None:
         if pack_segments not in (None, True, False):
             raise ValueError(f"pack_segments={pack_segments!r}: expected None, True or False")
         if credit not in CREDITS:
             raise ValueError(f"credit={credit!r} is invalid: expected one of {', '.join(CREDITS)}")
+        if collector not in COLLECTORS:
+            raise ValueError(
+                f"collector={collector!r} is invalid: expected one of {', '.join(COLLECTORS)}"
+            )
         self.pack_segments = pack_segments
         self.credit = credit
+        self.collector = collector
         super().__init__(*args, **kwargs)
         if credit == "element":
             if not isinstance(self.action_space, (spaces.Discrete, spaces.MultiBinary)):
@@ -433,6 +416,41 @@ class MemoryPPO(RecurrentPPO):
             tuple(torch.zeros(state_shape, device=self.device) for _ in range(2)),
             tuple(torch.zeros(state_shape, device=self.device) for _ in range(2)),
         )
+        reward_elements = self._n_elements() if self.credit == "element" else 0
+        if self._on_device():
+            self.rollout_buffer = DeviceRolloutBuffer(
+                self.n_steps,
+                self.observation_space,
+                self.action_space,
+                self.device,
+                gamma=self.gamma,
+                gae_lambda=self.gae_lambda,
+                n_envs=self.n_envs,
+                pack_segments=self._packs_segments(),
+                reward_elements=reward_elements,
+            )
+        else:
+            self._setup_numpy_buffer(state_shape, reward_elements)
+        self.clip_range = FloatSchedule(self.clip_range)
+        if self.clip_range_vf is not None:
+            if isinstance(self.clip_range_vf, (float, int)) and self.clip_range_vf <= 0:
+                raise ValueError(
+                    f"clip_range_vf={self.clip_range_vf!r} is invalid: expected > 0, "
+                    "or None to disable value clipping"
+                )
+            self.clip_range_vf = FloatSchedule(self.clip_range_vf)
+
+    def _on_device(self) -> bool:
+        """Whether rollouts use the device collector (``collector``, resolved against the env)."""
+        env = batched_env(self.env) if self.env is not None else None
+        if self.collector == "device" and env is None:
+            raise ValueError(
+                "collector='device' needs the batched env of an algorithmic task (env.vec_env: "
+                f"batched); got {type(self.env).__name__}. Use collector='sb3' or 'auto'"
+            )
+        return self.collector != "sb3" and env is not None
+
+    def _setup_numpy_buffer(self, state_shape: tuple[int, int, int], reward_elements: int) -> None:
         buffer_cls = (
             SequenceStartDictRolloutBuffer
             if isinstance(self.observation_space, spaces.Dict)
@@ -448,16 +466,8 @@ class MemoryPPO(RecurrentPPO):
             gae_lambda=self.gae_lambda,
             n_envs=self.n_envs,
             pack_segments=self._packs_segments(),
-            reward_elements=self._n_elements() if self.credit == "element" else 0,
+            reward_elements=reward_elements,
         )
-        self.clip_range = FloatSchedule(self.clip_range)
-        if self.clip_range_vf is not None:
-            if isinstance(self.clip_range_vf, (float, int)) and self.clip_range_vf <= 0:
-                raise ValueError(
-                    f"clip_range_vf={self.clip_range_vf!r} is invalid: expected > 0, "
-                    "or None to disable value clipping"
-                )
-            self.clip_range_vf = FloatSchedule(self.clip_range_vf)
 
     def _n_elements(self) -> int:
         if isinstance(self.action_space, spaces.MultiBinary):
@@ -474,9 +484,65 @@ class MemoryPPO(RecurrentPPO):
         """RecurrentPPO's rollout; with ``credit='element'`` each step's per-element rewards
         (``envs.BatchedEnv.reward_elements``) also go to the buffer, read after the env step
         and before the buffer stores it (where SB3 calls ``callback.on_step``)."""
+        if isinstance(rollout_buffer, DeviceRolloutBuffer):
+            return self._collect_on_device(env, callback, rollout_buffer, n_rollout_steps)
         if self.credit == "element":
             callback = _StoreRewardElements(callback, _batched_env(env), rollout_buffer)
         return super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
+
+    def _collect_on_device(
+        self,
+        env: VecEnv,
+        callback: BaseCallback,
+        buffer: DeviceRolloutBuffer,
+        n_rollout_steps: int,
+    ) -> bool:
+        """RecurrentPPO's rollout loop with tensors only: the policy's actions go to
+        ``BatchedEnv.step_tensor`` and its outputs into the buffer, all on the device. Callbacks
+        see ``dones`` and ``successes`` as ``[B]`` bool tensors in their locals (no ``infos``);
+        the finished episodes reach SB3's episode logs once, at the rollout's end. Batched
+        episodes end only by termination, so no timeout bootstrap is needed."""
+        batched = _batched_env(env)
+        policy, device = self.policy, self.device
+        policy.set_training_mode(False)
+        buffer.reset()
+        callback.on_rollout_start()
+        obs = torch.as_tensor(self._last_obs, dtype=torch.float32, device=device)
+        starts = torch.as_tensor(self._last_episode_starts, dtype=torch.float32, device=device)
+        states = self._last_lstm_states
+        buffer.set_start_states(states)
+        for _ in range(n_rollout_steps):
+            with torch.no_grad():
+                actions, values, log_probs, states = policy(obs, states, starts)
+            out = batched.step_tensor(actions, check=False)
+            self.num_timesteps += batched.num_envs
+            dones = out.done
+            callback.update_locals({"dones": dones, "successes": out.success, "actions": actions})
+            if not callback.on_step():
+                return False
+            buffer.add(
+                obs, actions, out.reward, starts, values, log_probs,
+                reward_elements=out.reward_elements if buffer.reward_elements else None,
+                dones=dones, successes=out.success,
+                episode_returns=out.episode_return, episode_lengths=out.episode_length,
+            )  # fmt: skip
+            obs, starts = out.obs.to(device), dones.to(device=device, dtype=torch.float32)
+            self._last_obs, self._last_episode_starts, self._last_lstm_states = obs, starts, states
+        with torch.no_grad():
+            values = policy.predict_values(obs, states.vf, starts)
+        buffer.compute_returns_and_advantage(values, starts)
+        self._log_episodes(buffer, batched)
+        callback.on_rollout_end()
+        return True
+
+    def _log_episodes(self, buffer: DeviceRolloutBuffer, batched: BatchedEnv) -> None:
+        """The rollout's finished episodes into SB3's episode buffers (``rollout/ep_rew_mean``,
+        ``rollout/ep_len_mean``, ``rollout/success_rate``), as a ``Monitor`` would report them."""
+        returns, lengths, successes = buffer.finished_episodes()
+        elapsed = round(time.perf_counter() - batched._t_start, 6)
+        for r, n, ok in zip(returns.tolist(), lengths.tolist(), successes.tolist(), strict=True):
+            self.ep_info_buffer.append({"r": r, "l": n, "t": elapsed})
+            self.ep_success_buffer.append(ok)
 
     def train(self) -> None:
         """One PPO update on the rollout buffer: RecurrentPPO's for ``credit='step'``, else

@@ -1,0 +1,97 @@
+"""How a rollout's episode segments become minibatches and training sequences ("columns").
+
+Shared by the numpy sequence-start buffer (``memagents.sb3.ppo``) and the device buffer
+(``memagents.sb3.device``), so that both cut the same rollout into the same minibatches: the
+plan is made from the segments' lengths alone (a few thousand integers per rollout), the data
+is then gathered by each buffer in its own way.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Generator
+
+import numpy as np
+
+
+def chunk_segments(
+    order: np.ndarray, lengths: np.ndarray, batch_size: int
+) -> Generator[np.ndarray, None, None]:
+    """The segments in ``order``, grouped into runs of at least ``batch_size`` steps (the last
+    may hold fewer).
+
+    :param order: ``[n]`` segment numbers in the order to group them.
+    :param lengths: ``[n_segments]`` steps of each segment.
+    """
+    chunk: list[int] = []
+    steps = 0
+    for seg in order:
+        chunk.append(int(seg))
+        steps += int(lengths[seg])
+        if steps >= batch_size:
+            yield np.array(chunk)
+            chunk, steps = [], 0
+    if chunk:
+        yield np.array(chunk)
+
+
+def pack_columns(
+    segments: np.ndarray, lengths: np.ndarray, starts_episode: np.ndarray, pack: bool
+) -> list[list[int]]:
+    """A minibatch's training sequences: lists of segment numbers, each list's segments run one
+    after another; the first segment of each list gives the stored state.
+
+    Unpacked: one segment per column. Packed: segments that continue an episode from the
+    previous rollout (no episode start at their first step) each head a column; the others,
+    longest first, go into the column with the least room that still fits them within
+    ``T = max length`` (on ties, the one that has had that room longest; a new column if none
+    fits). This is best fit decreasing, the classic bin-packing heuristic, in ``O(n·T)`` for
+    ``n`` segments.
+
+    :param segments: ``[n]`` segment numbers of the minibatch.
+    :param lengths: ``[n_segments]`` steps of each segment of the rollout.
+    :param starts_episode: ``[n_segments]`` bool, the segment's first step starts an episode.
+    :param pack: pack (True) or one segment per column (False).
+    """
+    if not pack:
+        return [[int(seg)] for seg in segments]
+    capacity = int(lengths[segments].max())
+    first = starts_episode[segments]
+    columns = [[int(seg)] for seg in segments[~first]]
+    # room -> the columns with that much room left, in the order they got it
+    by_room: list[collections.deque[int]] = [collections.deque() for _ in range(capacity + 1)]
+    for i, col in enumerate(columns):
+        by_room[capacity - int(lengths[col[0]])].append(i)
+    rest = segments[first]
+    for seg in rest[np.argsort(-lengths[rest], kind="stable")]:
+        length = int(lengths[seg])
+        room = next((r for r in range(length, capacity + 1) if by_room[r]), None)
+        if room is None:
+            i, room = len(columns), capacity
+            columns.append([])
+        else:
+            i = by_room[room].popleft()
+        columns[i].append(int(seg))
+        by_room[room - length].append(i)
+    return columns
+
+
+def column_layout(
+    columns: list[list[int]], lengths: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Where each segment of ``columns`` goes: its segment number, column and first time step
+    within the column, in column order, and ``T``, the longest column's steps.
+
+    :return: ``(segment [k], column [k], offset [k], T)`` for the ``k`` segments of the columns.
+    """
+    segment = np.fromiter((s for col in columns for s in col), dtype=np.int64)
+    column = np.repeat(np.arange(len(columns)), [len(col) for col in columns])
+    seg_lengths = lengths[segment]
+    ends = np.cumsum(seg_lengths)
+    col_first = np.flatnonzero(np.r_[True, column[1:] != column[:-1]])  # first segment per col
+    col_base = np.repeat(
+        ends[col_first] - seg_lengths[col_first], np.diff(np.r_[col_first, len(column)])
+    )
+    offset = ends - seg_lengths - col_base
+    T = int((offset + seg_lengths).max())
+    return segment, column, offset, T
