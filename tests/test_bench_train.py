@@ -68,3 +68,40 @@ def test_target_is_registered_and_bad_arguments_exit_with_usage_errors():
         bench_train.main(["--quick", "--systems", "tardis"])
     with pytest.raises(SystemExit):
         bench_train.main(["--iterations", "1"])
+
+
+def test_batched_preset_has_a_row_per_collector_and_its_own_section(tmp_path, capsys):
+    """``--presets batched --quick``: sb3 then device per (env, core), the time split, the
+    device row's ratios to the sb3 row, written to the ``train-batched`` section only."""
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text("# Benchmarks\n\n<!-- bench:train -->\nkept\n<!-- /bench:train -->\n")
+    argv = ["--presets", "batched", "--quick", "--systems", "lstm", "--output", str(out)]
+    assert bench_train.main(argv) == 0
+    text = out.read_text()
+    assert "<!-- bench:train -->\nkept\n<!-- /bench:train -->" in text
+    section = text.split("<!-- bench:train-batched -->")[1].split("<!-- /bench:train-batched -->")[
+        0
+    ]
+    rows = re.findall(
+        r"^\| (memagents/\S+) \| (\w+) \| (sb3|device) \| ([\d,]+) \|(.*)$", section, re.M
+    )
+    assert [(env, core, coll) for env, core, coll, _, _ in rows] == [
+        (env, "lstm", coll) for env in ("memagents/Copy-v0", "memagents/Recall-v0")
+        for coll in ("sb3", "device")
+    ]  # fmt: skip
+    for _, _, collector, steps, rest in rows:
+        assert int(steps.replace(",", "")) > 0
+        cells = [c.strip() for c in rest.split("|")]
+        times = [float(c) for c in cells[:7]]  # rollout, prep, fwd, bwd, opt, other?, eval
+        assert all(t > 0 for i, t in enumerate(times) if i != 5)  # "other" may round to 0
+        assert ("x**" in cells[8]) == (collector == "device")
+    assert "wrote the train-batched section" in capsys.readouterr().out
+
+
+def test_batched_preset_bad_arguments_exit_with_usage_errors():
+    with pytest.raises(SystemExit):
+        bench_train.main(["--presets", "batched", "--quick", "--envs", "MiniGrid-MemoryS7-v0"])
+    with pytest.raises(SystemExit):
+        bench_train.main(["--presets", "batched", "--quick", "--systems", "tardis"])
+    with pytest.raises(SystemExit):
+        bench_train.main(["--presets", "batched,light", "--quick"])
