@@ -18,6 +18,7 @@ from sb3_contrib.common.recurrent.type_aliases import RNNStates
 from stable_baselines3.common.evaluation import evaluate_policy
 
 from memagents import train
+from memagents.cores import available
 from memagents.sb3 import MemoryPolicy, MemoryPPO, TorchVecEnv
 from memagents.sb3.curriculum import CurriculumCallback
 from memagents.sb3.device import DeviceRolloutBuffer, evaluate_batched
@@ -29,11 +30,32 @@ JOINT = {"shared_lstm": True, "train_shared_core": True, "enable_critic_lstm": F
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 
 
-def make_model(collector: str, env_id: str, core: str = "lstm", device: str = "cpu", **kwargs):
+#: critic mode -> MemoryPolicy's keyword arguments (``memagents.train.policy_kwargs``)
+CRITICS = {
+    "joint": JOINT,
+    "shared": {"shared_lstm": True, "train_shared_core": False, "enable_critic_lstm": False},
+    "separate": {"shared_lstm": False, "enable_critic_lstm": True},
+    "feedforward": {"shared_lstm": False, "enable_critic_lstm": False},
+}
+#: small memories for the memory cores
+SMALL = {
+    "ntm": {"memory_size": 8, "word_size": 4},
+    "dnc": {"memory_size": 8, "word_size": 4, "num_reads": 2},
+    "sam": {"memory_size": 8, "word_size": 4, "num_reads": 2},
+    "sdnc": {"memory_size": 8, "word_size": 4, "num_reads": 2},
+}
+
+
+def make_model(
+    collector: str,
+    env_id: str,
+    core: str = "lstm",
+    device: str = "cpu",
+    critic: str = "joint",
+    **kwargs,
+):
     env = TorchVecEnv.make(env_id, N_ENVS, device=device, seed=3, **kwargs.pop("env_kwargs", {}))
-    core_kwargs = {"hidden_size": 16}
-    if core == "dnc":
-        core_kwargs.update(memory_size=8, word_size=4, num_reads=2)
+    core_kwargs = {"hidden_size": 16, **SMALL.get(core, {})}
     return MemoryPPO(
         MemoryPolicy,
         env,
@@ -43,7 +65,7 @@ def make_model(collector: str, env_id: str, core: str = "lstm", device: str = "c
         seed=0,
         device=device,
         collector=collector,
-        policy_kwargs={"core": core, "core_kwargs": core_kwargs, **JOINT},
+        policy_kwargs={"core": core, "core_kwargs": core_kwargs, **CRITICS[critic]},
         **kwargs,
     )
 
@@ -64,30 +86,38 @@ def flat_rollout(model: MemoryPPO) -> dict[str, np.ndarray]:
 
 
 CASES = [
-    ("memagents/Copy-v0", "lstm", "step", {"max_length": 3}),
-    ("memagents/Copy-v0", "lstm", "element", {"max_length": 3}),
-    ("memagents/Copy-v0", "dnc", "element", {"max_length": 3}),  # packed segments
-    ("memagents/Recall-v0", "lstm", "step", {}),  # Discrete actions
-    ("memagents/Recall-v0", "dnc", "step", {}),
+    ("memagents/Copy-v0", "lstm", "step", {"max_length": 3}, "joint"),
+    ("memagents/Copy-v0", "lstm", "element", {"max_length": 3}, "joint"),
+    ("memagents/Copy-v0", "dnc", "element", {"max_length": 3}, "joint"),  # packed segments
+    ("memagents/Recall-v0", "lstm", "step", {}, "joint"),  # Discrete actions
+    *[("memagents/Recall-v0", core, "step", {}, "joint") for core in ("gru", "ntm", "dnc", "fwp")],
+    *[("memagents/Recall-v0", core, "step", {}, "joint") for core in ("sam", "sdnc")],
+    *[
+        ("memagents/Recall-v0", "lstm", "step", {}, c)
+        for c in ("shared", "separate", "feedforward")
+    ],
 ]
 
 
-@pytest.mark.parametrize(("env_id", "core", "credit", "env_kwargs"), CASES)
+@pytest.mark.parametrize(("env_id", "core", "credit", "env_kwargs", "critic"), CASES)
 def test_device_and_sb3_collectors_give_the_same_rollout_and_update(
-    env_id: str, core: str, credit: str, env_kwargs: dict
+    env_id: str, core: str, credit: str, env_kwargs: dict, critic: str
 ) -> None:
     """Same seed: the same observations, actions, rewards, episode starts, values,
     log-probabilities, advantages and returns, the same episode logs, and the same parameters
     after one rollout and its update (2 epochs)."""
     results = {}
     for collector in ("sb3", "device"):  # one after the other: the model's seed sets torch's RNG
-        model = make_model(collector, env_id, core, credit=credit, env_kwargs=env_kwargs)
+        if core not in ("lstm", "gru") and core not in available():
+            pytest.skip(f"core {core!r} is not available here")
+        model = make_model(collector, env_id, core, critic=critic, credit=credit,
+                           env_kwargs=env_kwargs)  # fmt: skip
         model.learn(N_ENVS * N_STEPS)
         results[collector] = model
     sb3, device = results["sb3"], results["device"]
     assert isinstance(device.rollout_buffer, DeviceRolloutBuffer)
     assert isinstance(sb3.rollout_buffer, SequenceStartRolloutBuffer)
-    assert device.rollout_buffer.pack_segments == (core == "dnc")
+    assert device.rollout_buffer.pack_segments == sb3.rollout_buffer.pack_segments
     ours, ref = flat_rollout(device), flat_rollout(sb3)
     for name, expected in ref.items():
         np.testing.assert_allclose(ours[name], expected, rtol=0, atol=1e-6, err_msg=name)
