@@ -92,9 +92,10 @@ def test_batched_preset_has_a_row_per_collector_and_its_own_section(tmp_path, ca
     for _, _, collector, steps, rest in rows:
         assert int(steps.replace(",", "")) > 0
         cells = [c.strip() for c in rest.split("|")]
-        times = [float(c) for c in cells[:7]]  # rollout, prep, fwd, bwd, opt, other?, eval
+        times = [float(c) for c in cells[:7]]  # rollout, prep, fwd, bwd, opt, other, eval
         assert all(t > 0 for i, t in enumerate(times) if i != 5)  # "other" may round to 0
-        assert ("x**" in cells[8]) == (collector == "device")
+        assert (cells[7] == "-") == (collector == "device")  # 1-env eval: sb3 rows
+        assert ("x**" in cells[9]) == (collector == "device")
     assert "wrote the train-batched section" in capsys.readouterr().out
 
 

@@ -165,6 +165,13 @@ def measure(
         )
         mean_reward = float(sum(rewards) / len(rewards))
     eval_s = now() - t0
+    single_ms = float("nan")
+    if collector == "sb3":  # SB3's evaluate_policy on one env, as training evaluated before
+        few = max(1, min(episodes, 64))
+        one = train.make_env(config, seed=1, n_envs=1)
+        t0 = now()
+        evaluate_policy(model, one, few, deterministic=True, warn=False)
+        single_ms = 1000 * (now() - t0) / few
     return {
         "steps_per_s": per_iter
         / statistics.median(r + u for r, u in zip(rollout, update, strict=True)),
@@ -173,6 +180,8 @@ def measure(
         **{f"{k}_s": v for k, v in split.items()},
         "other_s": mean_update - sum(split.values()),
         "eval_s": eval_s,
+        "eval_ms_per_episode": 1000 * eval_s / episodes,
+        "eval_single_ms_per_episode": single_ms,
         "eval_reward": mean_reward,
     }
 
@@ -224,12 +233,15 @@ def to_markdown(rows: list[dict[str, Any]], hyper: dict[str, Any], device: str, 
         f"preparation: flattening, segment plan, gathers), *fwd*/*bwd* (the policy's "
         f"`evaluate_actions` and the backward pass), *opt* (Adam), *other* (the rest of the "
         f"update). *eval*: {hyper['eval_episodes']} deterministic episodes on 256 batched envs "
-        "(sb3 rows: SB3's `evaluate_policy`; device rows: `evaluate_batched`). Ratios: device "
+        "(sb3 rows: SB3's `evaluate_policy`; device rows: `evaluate_batched`); *1 env*: "
+        "`evaluate_policy` on one env (how training evaluated before batched evaluation), up to "
+        "64 episodes, per episode. Ratios: device "
         "row over the sb3 row above it (for times, sb3 time / device time: > 1 is faster).",
         "",
         "| env | core | collector | steps/s | rollout | prep | fwd | bwd | opt | other | eval "
-        "| fwd+bwd share of update | speed-up: steps/s, prep, eval |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| eval ms/episode (1 env) | fwd+bwd share of update "
+        "| speed-up: steps/s, prep, eval (vs 1 env) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     ref: dict[tuple[str, str], dict[str, Any]] = {}
     for r in rows:
@@ -240,14 +252,19 @@ def to_markdown(rows: list[dict[str, Any]], hyper: dict[str, Any], device: str, 
             ref[key] = r
         elif key in ref:
             s = ref[key]
+            single = s["eval_single_ms_per_episode"] / r["eval_ms_per_episode"]
             ratio = (
                 f"**{r['steps_per_s'] / s['steps_per_s']:.2f}x**, "
-                f"**{s['prep_s'] / r['prep_s']:.1f}x**, **{s['eval_s'] / r['eval_s']:.1f}x**"
+                f"**{s['prep_s'] / r['prep_s']:.1f}x**, **{s['eval_s'] / r['eval_s']:.1f}x** "
+                f"({single:.0f}x)"
             )
+        single_ms = r["eval_single_ms_per_episode"]
+        single_cell = "-" if single_ms != single_ms else f"{single_ms:.2f}"  # NaN: not measured
         lines.append(
             f"| {r['env_id']} | {r['core']} | {r['collector']} | {r['steps_per_s']:,.0f} "
             f"| {r['rollout_s']:.3f} | {r['prep_s']:.3f} | {r['forward_s']:.3f} "
             f"| {r['backward_s']:.3f} | {r['optimizer_s']:.3f} | {r['other_s']:.3f} "
-            f"| {r['eval_s']:.2f} | {share:.0%} | {ratio} |"
+            f"| {r['eval_s']:.2f} | {single_cell} | {share:.0%} "
+            f"| {ratio} |"
         )
     return "\n".join(lines) + "\n"
