@@ -235,6 +235,29 @@ class DeviceRolloutBuffer:
         self.flat = {name: flat(getattr(self, name)) for name in names}
         if self.reward_elements:
             self.flat["element_advantages"] = flat(self.element_advantages)
+        # every per-step float of a minibatch in one table, gathered with one index_select;
+        # row n is zeros, where the padding points
+        columns = {
+            "observations": self.flat["observations"].reshape(n, -1),
+            "actions": self.flat["actions"],
+            "old_values": self.flat["value_tensor"][:, None],
+            "old_log_prob": self.flat["log_probs"][:, None],
+            "advantages": (
+                self.flat["element_advantages"]
+                if self.reward_elements
+                else self.flat["advantages"][:, None]
+            ),
+            "returns": self.flat["return_tensor"][:, None],
+            "episode_starts": self.flat["episode_starts"][:, None],
+        }
+        table = torch.cat(list(columns.values()), dim=1)
+        self.table = torch.cat([table, table.new_zeros((1, table.shape[1]))])
+        widths = [c.shape[1] for c in columns.values()]
+        ends = np.cumsum(widths)
+        self.table_slices = {
+            name: slice(int(end - w), int(end))
+            for name, w, end in zip(columns, widths, ends, strict=True)
+        }
         starts = self.episode_starts.transpose(0, 1) > 0.5  # [n_envs, n_steps]
         starts[:, 0] = True
         segment_starts = torch.nonzero(starts.reshape(-1)).squeeze(1)
@@ -262,8 +285,8 @@ class DeviceRolloutBuffer:
 
     def _layout(self, segments: np.ndarray) -> tuple[Tensor, Tensor, Tensor, int]:
         """Flat step indices ``[n_col * T]`` of the minibatch's padded training sequences
-        (padding points at step 0), their validity mask ``[n_col * T]``, the segment heading
-        each column ``[n_col]``, and ``T``."""
+        (padding points at ``n_envs * n_steps``, the zero row of the table), their validity
+        mask ``[n_col * T]``, the segment heading each column ``[n_col]``, and ``T``."""
         columns = pack_columns(
             segments, self.segment_lengths, self._starts_episode, self.pack_segments
         )
@@ -282,17 +305,18 @@ class DeviceRolloutBuffer:
         target = column[seg_of_step] * T + offset[seg_of_step] + j
         source = self._segment_starts[segment][seg_of_step] + j
         n = len(columns) * T
-        indices = torch.zeros(n, dtype=torch.long, device=self.device)
+        pad = self.n_envs * self.buffer_size
+        indices = torch.full((n,), pad, dtype=torch.long, device=self.device)
         valid = torch.zeros(n, dtype=torch.bool, device=self.device)
         indices[target] = source
         valid[target] = True
         return indices, valid, heads, T
 
-    def _pad(self, x: Tensor, indices: Tensor, valid: Tensor) -> Tensor:
-        """``x [n_envs * n_steps, *s]`` -> zero-padded ``[n_col * T, *s]``."""
-        picked = x.index_select(0, indices)
-        mask = valid.reshape(valid.shape + (1,) * (picked.ndim - 1))
-        return torch.where(mask, picked, torch.zeros((), dtype=picked.dtype, device=self.device))
+    def _pad(self, x: Tensor, indices: Tensor) -> Tensor:
+        """``x [n_envs * n_steps, *s]`` -> zero-padded ``[n_col * T, *s]`` (padding indices
+        point one past the end)."""
+        padded = torch.cat([x, x.new_zeros((1, *x.shape[1:]))])
+        return padded.index_select(0, indices)
 
     def _start_states(self, heads: Tensor) -> RNNStates:
         """Packed states before each column's first segment, ``(num_layers, n_col, H)`` each:
@@ -312,24 +336,22 @@ class DeviceRolloutBuffer:
 
     def _get_samples(self, segments: np.ndarray) -> RecurrentRolloutBufferSamples:
         indices, valid, heads, _ = self._layout(segments)
-        flat = self.flat
-        if self.reward_elements:
-            advantages = self._pad(flat["element_advantages"], indices, valid)
-        else:
-            advantages = self._pad(flat["advantages"], indices, valid)
+        rows = self.table.index_select(0, indices)  # [n_col * T, F], zeros where padding
+        part = {name: rows[:, cols] for name, cols in self.table_slices.items()}
         if self.element_log_probs is not None:
-            old_log_prob = self._pad(self.element_log_probs, indices, valid)
+            old_log_prob = self._pad(self.element_log_probs, indices)
         else:
-            old_log_prob = self._pad(flat["log_probs"], indices, valid)
+            old_log_prob = part["old_log_prob"].squeeze(1)
+        advantages = part["advantages"]
         return RecurrentRolloutBufferSamples(
-            observations=self._pad(flat["observations"], indices, valid),
-            actions=self._pad(flat["actions"], indices, valid),
-            old_values=self._pad(flat["value_tensor"], indices, valid),
+            observations=part["observations"].reshape(-1, *self.obs_shape).contiguous(),
+            actions=part["actions"].contiguous(),
+            old_values=part["old_values"].squeeze(1),
             old_log_prob=old_log_prob,
-            advantages=advantages,
-            returns=self._pad(flat["return_tensor"], indices, valid),
+            advantages=advantages if self.reward_elements else advantages.squeeze(1),
+            returns=part["returns"].squeeze(1),
             lstm_states=self._start_states(heads),
-            episode_starts=self._pad(flat["episode_starts"], indices, valid),
+            episode_starts=part["episode_starts"].squeeze(1),
             mask=valid.to(torch.float32),
         )
 
