@@ -156,7 +156,9 @@ class PackedCore(nn.Module):
         """
         if x.shape[0] == 1 and not torch.is_grad_enabled() and episode_starts.shape == x.shape[:2]:
             starts = episode_starts[0].to(device=x.device, dtype=torch.bool)  # [B]
-            if bool(starts.any()):
+            # on a GPU always select (reading ``starts.any()`` would sync with the host every
+            # rollout step); on the CPU skip the two selects when no episode starts
+            if x.device.type != "cpu" or bool(starts.any()):
                 h, c = hc
                 h0, c0 = self._initial_hc_cached(x.shape[1], h.device, h.dtype)
                 mask = starts.view(1, -1, 1)
