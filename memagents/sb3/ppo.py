@@ -649,8 +649,8 @@ class MemoryPPO(RecurrentPPO):
 def _batched_env(env: VecEnv) -> BatchedEnv:
     """The ``envs.BatchedEnv`` under ``env`` (``credit='element'`` reads its per-element
     rewards); a clear error for any other env."""
-    batched = getattr(env, "batched", env)
-    if not isinstance(batched, BatchedEnv):
+    batched = batched_env(env)
+    if batched is None:
         raise ValueError(
             f"credit='element' needs the batched env of an algorithmic task (env.vec_env: "
             f"batched), which reports a reward per action element; got {type(env).__name__}"
