@@ -80,10 +80,10 @@ def measure(
 ) -> dict[str, Any]:
     """Train ``hyper["iterations"]`` iterations with ``collector``; time the parts; evaluate."""
     import torch
-    from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.evaluation import evaluate_policy
 
     from memagents import train
+    from memagents.bench.train import iteration_clock
 
     torch.set_num_threads(1)
     config = config_for(env_id, core, collector, hyper, device)
@@ -119,36 +119,16 @@ def measure(
     backward = torch.Tensor.backward
     torch.Tensor.backward = timed("backward", backward)
 
-    class Clock(BaseCallback):
-        def __init__(self) -> None:
-            super().__init__()
-            self.starts: list[float] = []
-            self.ends: list[float] = []
-            self.done = 0.0
+    def start_timing(iteration: int) -> None:
+        timing[0] = iteration >= 1  # the first iteration is a warm-up
 
-        def _on_rollout_start(self) -> None:
-            self.starts.append(now())
-            timing[0] = len(self.starts) >= 2  # the first iteration is a warm-up
-
-        def _on_rollout_end(self) -> None:
-            self.ends.append(now())
-
-        def _on_training_end(self) -> None:
-            self.done = now()
-
-        def _on_step(self) -> bool:
-            return True
-
-    clock = Clock()
+    clock = iteration_clock(now, start_timing)
     per_iter = hyper["n_envs"] * hyper["n_steps"]
     try:
         model.learn(per_iter * hyper["iterations"], callback=clock)
     finally:
         torch.Tensor.backward = backward
-    nexts = [*clock.starts[1:], clock.done]
-    timed_iters = range(1, len(clock.starts))
-    rollout = [clock.ends[i] - clock.starts[i] for i in timed_iters]
-    update = [nexts[i] - clock.ends[i] for i in timed_iters]
+    rollout, update = clock.split()
     n = len(rollout)
     split = {name: spent[name] / n for name in SPLIT}
     mean_update = sum(update) / n

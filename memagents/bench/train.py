@@ -160,19 +160,11 @@ def _make_model(spec: Spec, hyper: dict[str, Any], env):
     )
 
 
-def _measure(spec: Spec, hyper: dict[str, Any]) -> dict[str, Any]:
-    """Train ``hyper["iterations"]`` PPO iterations; time all but the first; profile a step."""
-    import numpy as np
-    import torch
-    from sb3_contrib.common.recurrent.type_aliases import RNNStates
+def iteration_clock(now=time.perf_counter, on_rollout_start=None):
+    """A callback that stamps each PPO iteration's rollout start and end and the training end;
+    ``.split()`` gives the rollout and update seconds of every iteration but the first (a
+    warm-up). ``on_rollout_start(i)`` is called with the iteration's number (0 first)."""
     from stable_baselines3.common.callbacks import BaseCallback
-
-    from memagents import train
-
-    torch.set_num_threads(1)
-    config = _config(spec, hyper)
-    env = train.make_env(config, seed=0)
-    model = _make_model(spec, hyper, env)
 
     class Clock(BaseCallback):
         def __init__(self) -> None:
@@ -182,25 +174,46 @@ def _measure(spec: Spec, hyper: dict[str, Any]) -> dict[str, Any]:
             self.done = 0.0
 
         def _on_rollout_start(self) -> None:
-            self.starts.append(time.perf_counter())
+            self.starts.append(now())
+            if on_rollout_start is not None:
+                on_rollout_start(len(self.starts) - 1)
 
         def _on_rollout_end(self) -> None:
-            self.ends.append(time.perf_counter())
+            self.ends.append(now())
 
         def _on_training_end(self) -> None:
-            self.done = time.perf_counter()
+            self.done = now()
 
         def _on_step(self) -> bool:
             return True
 
-    clock = Clock()
+        def split(self) -> tuple[list[float], list[float]]:
+            # iteration i: rollout starts[i] -> ends[i], update ends[i] -> starts[i + 1] (or done)
+            nexts = [*self.starts[1:], self.done]
+            timed = range(1, len(self.starts))
+            rollout = [self.ends[i] - self.starts[i] for i in timed]
+            return rollout, [nexts[i] - self.ends[i] for i in timed]
+
+    return Clock()
+
+
+def _measure(spec: Spec, hyper: dict[str, Any]) -> dict[str, Any]:
+    """Train ``hyper["iterations"]`` PPO iterations; time all but the first; profile a step."""
+    import numpy as np
+    import torch
+    from sb3_contrib.common.recurrent.type_aliases import RNNStates
+
+    from memagents import train
+
+    torch.set_num_threads(1)
+    config = _config(spec, hyper)
+    env = train.make_env(config, seed=0)
+    model = _make_model(spec, hyper, env)
+
+    clock = iteration_clock()
     per_iter = hyper["n_envs"] * hyper["n_steps"]
     model.learn(per_iter * hyper["iterations"], callback=clock)
-    # iteration i: rollout starts[i] -> ends[i], update ends[i] -> starts[i + 1] (or done)
-    nexts = [*clock.starts[1:], clock.done]
-    timed = range(1, len(clock.starts))
-    rollout = [clock.ends[i] - clock.starts[i] for i in timed]
-    update = [nexts[i] - clock.ends[i] for i in timed]
+    rollout, update = clock.split()
     # the median iteration: a GC pause or a burst of other work on this machine stretches single
     # iterations by up to ~60% (seen in 10-iteration traces), which a mean would carry
     iteration = statistics.median(r + u for r, u in zip(rollout, update, strict=True))

@@ -416,21 +416,24 @@ class MemoryPPO(RecurrentPPO):
             tuple(torch.zeros(state_shape, device=self.device) for _ in range(2)),
             tuple(torch.zeros(state_shape, device=self.device) for _ in range(2)),
         )
-        reward_elements = self._n_elements() if self.credit == "element" else 0
+        common = {
+            "gamma": self.gamma,
+            "gae_lambda": self.gae_lambda,
+            "n_envs": self.n_envs,
+            "pack_segments": self._packs_segments(),
+            "reward_elements": self._n_elements() if self.credit == "element" else 0,
+        }
+        spaces_ = (self.observation_space, self.action_space)
         if self._on_device():
-            self.rollout_buffer = DeviceRolloutBuffer(
-                self.n_steps,
-                self.observation_space,
-                self.action_space,
-                self.device,
-                gamma=self.gamma,
-                gae_lambda=self.gae_lambda,
-                n_envs=self.n_envs,
-                pack_segments=self._packs_segments(),
-                reward_elements=reward_elements,
-            )
+            self.rollout_buffer = DeviceRolloutBuffer(self.n_steps, *spaces_, self.device, **common)
         else:
-            self._setup_numpy_buffer(state_shape, reward_elements)
+            buffer_cls = (
+                SequenceStartDictRolloutBuffer
+                if isinstance(self.observation_space, spaces.Dict)
+                else SequenceStartRolloutBuffer
+            )
+            states = (self.n_steps, *state_shape)
+            self.rollout_buffer = buffer_cls(self.n_steps, *spaces_, states, self.device, **common)
         self.clip_range = FloatSchedule(self.clip_range)
         if self.clip_range_vf is not None:
             if isinstance(self.clip_range_vf, (float, int)) and self.clip_range_vf <= 0:
@@ -449,25 +452,6 @@ class MemoryPPO(RecurrentPPO):
                 f"batched); got {type(self.env).__name__}. Use collector='sb3' or 'auto'"
             )
         return self.collector != "sb3" and env is not None
-
-    def _setup_numpy_buffer(self, state_shape: tuple[int, int, int], reward_elements: int) -> None:
-        buffer_cls = (
-            SequenceStartDictRolloutBuffer
-            if isinstance(self.observation_space, spaces.Dict)
-            else SequenceStartRolloutBuffer
-        )
-        self.rollout_buffer = buffer_cls(
-            self.n_steps,
-            self.observation_space,
-            self.action_space,
-            (self.n_steps, *state_shape),
-            self.device,
-            gamma=self.gamma,
-            gae_lambda=self.gae_lambda,
-            n_envs=self.n_envs,
-            pack_segments=self._packs_segments(),
-            reward_elements=reward_elements,
-        )
 
     def _n_elements(self) -> int:
         if isinstance(self.action_space, spaces.MultiBinary):
