@@ -312,3 +312,27 @@ def test_cuda_short_training_of_each_core(core: str) -> None:
                        device="cuda")  # fmt: skip
     model.learn(N_ENVS * N_STEPS)
     assert all(torch.isfinite(p).all() for p in model.policy.parameters())
+
+
+def test_chunk_segments_groups_as_the_step_by_step_rule() -> None:
+    """Segments in order, a chunk closing at the first segment that brings it to at least
+    ``batch_size`` steps (the last chunk may hold fewer): checked against that rule written as
+    a loop, on random lengths and batch sizes."""
+    from memagents.sb3.segments import chunk_segments
+
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        lengths = rng.integers(1, 30, size=int(rng.integers(1, 200)))
+        order = rng.permutation(len(lengths))
+        batch = int(rng.integers(1, 400))
+        expected, chunk, steps = [], [], 0
+        for seg in order:
+            chunk.append(seg)
+            steps += lengths[seg]
+            if steps >= batch:
+                expected.append(chunk)
+                chunk, steps = [], 0
+        if chunk:
+            expected.append(chunk)
+        got = [c.tolist() for c in chunk_segments(order, lengths, batch)]
+        assert got == [[int(s) for s in c] for c in expected]

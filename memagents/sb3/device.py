@@ -287,16 +287,23 @@ class DeviceRolloutBuffer:
         """Flat step indices ``[n_col * T]`` of the minibatch's padded training sequences
         (padding points at ``n_envs * n_steps``, the zero row of the table), their validity
         mask ``[n_col * T]``, the segment heading each column ``[n_col]``, and ``T``."""
-        columns = pack_columns(
-            segments, self.segment_lengths, self._starts_episode, self.pack_segments
-        )
-        segment, column, offset, T = column_layout(columns, self.segment_lengths)
-        heads = torch.as_tensor([col[0] for col in columns], device=self.device)
+        if self.pack_segments:
+            columns = pack_columns(segments, self.segment_lengths, self._starts_episode, True)
+            segment, column, offset, T = column_layout(columns, self.segment_lengths)
+            heads = torch.as_tensor([col[0] for col in columns], device=self.device)
+            n_col = len(columns)
+        else:  # one segment per column, in the given order
+            segment = np.asarray(segments, dtype=np.int64)
+            n_col = len(segment)
+            column, offset = np.arange(n_col), np.zeros(n_col, dtype=np.int64)
+            T = int(self.segment_lengths[segment].max())
+            heads = torch.as_tensor(segment, device=self.device)
+        segment_np = segment
         segment = torch.as_tensor(segment, device=self.device)
         column = torch.as_tensor(column, device=self.device)
         offset = torch.as_tensor(offset, device=self.device)
         lengths = self._segment_lengths[segment]
-        total = int(self.segment_lengths[segment.cpu().numpy()].sum())
+        total = int(self.segment_lengths[segment_np].sum())
         seg_of_step = torch.repeat_interleave(
             torch.arange(len(segment), device=self.device), lengths, output_size=total
         )
@@ -304,7 +311,7 @@ class DeviceRolloutBuffer:
         j = torch.arange(total, device=self.device) - first[seg_of_step]  # step within segment
         target = column[seg_of_step] * T + offset[seg_of_step] + j
         source = self._segment_starts[segment][seg_of_step] + j
-        n = len(columns) * T
+        n = n_col * T
         pad = self.n_envs * self.buffer_size
         indices = torch.full((n,), pad, dtype=torch.long, device=self.device)
         valid = torch.zeros(n, dtype=torch.bool, device=self.device)
@@ -337,7 +344,7 @@ class DeviceRolloutBuffer:
     def _get_samples(self, segments: np.ndarray) -> RecurrentRolloutBufferSamples:
         indices, valid, heads, _ = self._layout(segments)
         rows = self.table.index_select(0, indices)  # [n_col * T, F], zeros where padding
-        part = {name: rows[:, cols] for name, cols in self.table_slices.items()}
+        part = {name: rows[:, cols].contiguous() for name, cols in self.table_slices.items()}
         if self.element_log_probs is not None:
             old_log_prob = self._pad(self.element_log_probs, indices)
         else:

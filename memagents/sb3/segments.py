@@ -9,6 +9,7 @@ is then gathered by each buffer in its own way.
 from __future__ import annotations
 
 import collections
+import itertools
 from collections.abc import Generator
 
 import numpy as np
@@ -23,16 +24,14 @@ def chunk_segments(
     :param order: ``[n]`` segment numbers in the order to group them.
     :param lengths: ``[n_segments]`` steps of each segment.
     """
-    chunk: list[int] = []
-    steps = 0
-    for seg in order:
-        chunk.append(int(seg))
-        steps += int(lengths[seg])
-        if steps >= batch_size:
-            yield np.array(chunk)
-            chunk, steps = [], 0
-    if chunk:
-        yield np.array(chunk)
+    order = np.asarray(order)
+    steps = np.cumsum(lengths[order])  # steps of the first i + 1 segments of ``order``
+    start, base = 0, 0
+    while start < len(order):
+        # the first segment at which the chunk reaches batch_size steps (or the last one)
+        end = min(int(np.searchsorted(steps, base + batch_size, side="left")) + 1, len(order))
+        yield order[start:end]
+        start, base = end, int(steps[end - 1])
 
 
 def pack_columns(
@@ -58,21 +57,29 @@ def pack_columns(
     capacity = int(lengths[segments].max())
     first = starts_episode[segments]
     columns = [[int(seg)] for seg in segments[~first]]
-    # room -> the columns with that much room left, in the order they got it
+    # room -> the columns with that much room left, in the order they got it; bit r of
+    # ``nonempty`` is set while by_room[r] holds a column
     by_room: list[collections.deque[int]] = [collections.deque() for _ in range(capacity + 1)]
+    nonempty = 0
     for i, col in enumerate(columns):
-        by_room[capacity - int(lengths[col[0]])].append(i)
+        room = capacity - int(lengths[col[0]])
+        by_room[room].append(i)
+        nonempty |= 1 << room
     rest = segments[first]
     for seg in rest[np.argsort(-lengths[rest], kind="stable")]:
         length = int(lengths[seg])
-        room = next((r for r in range(length, capacity + 1) if by_room[r]), None)
-        if room is None:
+        fits = nonempty >> length  # bit j: a column with room length + j
+        if fits:
+            room = length + (fits & -fits).bit_length() - 1  # the least room that fits
+            i = by_room[room].popleft()
+            if not by_room[room]:
+                nonempty &= ~(1 << room)
+        else:
             i, room = len(columns), capacity
             columns.append([])
-        else:
-            i = by_room[room].popleft()
         columns[i].append(int(seg))
         by_room[room - length].append(i)
+        nonempty |= 1 << (room - length)
     return columns
 
 
@@ -84,7 +91,7 @@ def column_layout(
 
     :return: ``(segment [k], column [k], offset [k], T)`` for the ``k`` segments of the columns.
     """
-    segment = np.fromiter((s for col in columns for s in col), dtype=np.int64)
+    segment = np.array(list(itertools.chain.from_iterable(columns)), dtype=np.int64)
     column = np.repeat(np.arange(len(columns)), [len(col) for col in columns])
     seg_lengths = lengths[segment]
     ends = np.cumsum(seg_lengths)
