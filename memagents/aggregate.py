@@ -349,6 +349,7 @@ def aggregate(
             "steps_to_threshold": steps_to_threshold(steps, mean, threshold)
             if len(steps)
             else None,
+            "steps_to_success": _steps_to_success(members),
             "steps_per_second": _nanmean([r.steps_per_second for r in members]),
             "num_timesteps": [int(r.final.get("num_timesteps", 0)) for r in finished],
             **(stats or {}).get(label, {"parameters": math.nan, "state_size": math.nan}),
@@ -363,6 +364,22 @@ def aggregate(
         "bootstrap_seed": seed,
         "groups": groups,
     }
+
+
+#: success rate counted as solved by ``steps_to_success`` (issue #11/#12's bar)
+SUCCESS_THRESHOLD = 0.9
+
+
+def _steps_to_success(members: list[RunRecord]) -> int | None:
+    """First evaluation step where the seed-mean success-rate curve reaches
+    :data:`SUCCESS_THRESHOLD` (None if never, or if the env reports no success)."""
+    curves = [(r.steps, r.successes) for r in members if len(r.steps)]
+    if not curves or any(np.isnan(c).all() for _, c in curves):
+        return None
+    steps, values = align_curves(curves)
+    if not len(steps):
+        return None
+    return steps_to_threshold(steps, np.nanmean(values, axis=0), SUCCESS_THRESHOLD)
 
 
 def _length_rows(runs: list[RunRecord]) -> list[dict[str, Any]]:
@@ -410,11 +427,13 @@ def format_table(results: dict[str, Any]) -> str:
         "",
         f"Final reward: mean over seeds ± {pct}% percentile-bootstrap CI [low, high]. "
         f"Steps to {_fmt(results['threshold'], '.2f')}: first evaluation step where the "
-        "seed-mean curve reaches it.",
+        f"seed-mean reward curve reaches it; to {SUCCESS_THRESHOLD:.2f} success: where the "
+        "seed-mean success-rate curve does.",
         "",
         f"| core | seeds | final reward ± {pct}% CI | success rate | "
-        f"steps to {_fmt(results['threshold'], '.2f')} | steps/s | parameters | state size |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
+        f"steps to {_fmt(results['threshold'], '.2f')} | steps to {SUCCESS_THRESHOLD:.2f} "
+        "success | steps/s | parameters | state size |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for label, g in results["groups"].items():
         fr = g["final_reward"]
@@ -429,10 +448,12 @@ def format_table(results: dict[str, Any]) -> str:
             else "n/a (unfinished)"
         )
         reached = g["steps_to_threshold"]
+        solved = g.get("steps_to_success")
         seeds = f"{len(g['finished_seeds'])}/{len(g['seeds'])}"
         lines.append(
             f"| {label} | {seeds} | {final} | {_fmt(g['success_rate'], '.2f')} | "
             f"{'not reached' if reached is None else f'{reached:,}'} | "
+            f"{'not reached' if solved is None else f'{solved:,}'} | "
             f"{_fmt(g['steps_per_second'], '.0f')} | {_fmt_int(g['parameters'])} | "
             f"{_fmt_int(g['state_size'])} |"
         )

@@ -133,6 +133,8 @@ def test_table_and_results_from_known_runs(tmp_path):
     assert good["success_rate"] == pytest.approx(0.75)
     assert good["steps_per_second"] == pytest.approx(100.0)
     assert flat["steps_to_threshold"] is None
+    # success curves: good's seed mean is 0, 0.75, 0.75 (0.9 reward, but not 0.9 success)
+    assert good["steps_to_success"] is None and flat["steps_to_success"] is None
     assert flat["final_reward"]["low"] == flat["final_reward"]["high"] == 0.25
     assert flat["steps_per_second"] == pytest.approx(50.0)
 
@@ -148,6 +150,17 @@ def test_table_and_results_from_known_runs(tmp_path):
     assert saved["groups"]["good"]["parameters"] is None  # NaN -> null (no model.zip)
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "<svg" in (tmp_path / "curves.svg").read_text()
+
+
+def test_steps_to_success_follows_the_seed_mean_success_curve(tmp_path):
+    # seed-mean success 0.25 at 100, 0.9 at 200 (0.8 and 1.0), 0.95 at 300: reached at 200
+    make_run(tmp_path, "dnc-s0", "dnc", 0, [(100, 0.5, 0.0), (200, 0.95, 0.8)], (0.99, 0.9, 300))
+    make_run(tmp_path, "dnc-s1", "dnc", 1, [(100, 0.6, 0.5), (200, 1.0, 1.0)], (1.0, 1.0, 300))
+    results = agg.write_outputs(tmp_path, with_model_stats=False)
+    assert results["groups"]["dnc"]["steps_to_success"] == 200
+    row = next(line for line in (tmp_path / "table.md").read_text().splitlines() if "| dnc" in line)
+    cells = [c.strip() for c in row.split("|")]
+    assert cells[5] == "200" and cells[6] == "200"  # steps to 0.90 reward, to 0.90 success
 
 
 def test_unfinished_runs_show_curves_but_no_final(tmp_path):
