@@ -65,10 +65,18 @@ class BatchedEnv:
         draws a seed from the operating system.
     :param check_actions: check every action batch against the action space (one device sync
         per step); an action outside it raises ``envs.InvalidActionError``.
+    :param sync_free: auto-reset without reading anything back from the device: finished
+        episodes are replaced by masked selects from a reservoir big enough for
+        :data:`SYNC_FREE_STEPS` steps of worst-case restarts, and the host looks at the device
+        only when that bound runs out (once per ``SYNC_FREE_STEPS`` steps at most). ``None``:
+        on any device but the CPU, where finding the finished rows (a host read) is cheaper than
+        selecting over every row.
     """
 
     #: fewest episodes laid out at once for auto-resets (more when ``num_envs`` is larger)
     MIN_RESERVOIR = 256
+    #: with ``sync_free``, the reservoir holds ``SYNC_FREE_STEPS * num_envs`` episodes
+    SYNC_FREE_STEPS = 32
 
     def __init__(
         self,
@@ -77,6 +85,7 @@ class BatchedEnv:
         device: torch.device | str = "cpu",
         seed: int | None = None,
         check_actions: bool = True,
+        sync_free: bool | None = None,
     ) -> None:
         if not isinstance(env, AlgorithmicEnv):
             raise ValueError(
@@ -86,6 +95,7 @@ class BatchedEnv:
         self.num_envs = check_int("num_envs", num_envs, 1)
         self.device = torch.device(device)
         self.check_actions = check_actions
+        self.sync_free = self.device.type != "cpu" if sync_free is None else bool(sync_free)
         self.observation_space = env.observation_space
         self.action_space = env.action_space
         self.render_mode = None
@@ -114,6 +124,12 @@ class BatchedEnv:
         self._reservoir_next = 0  # index of the next unplayed one
         self._reservoir_difficulty: dict[str, Any] = {}  # the knobs they were drawn with
         self._reservoir_size = max(self.num_envs, self.MIN_RESERVOIR)
+        if self.sync_free:
+            self._reservoir_size = max(self._reservoir_size, self.SYNC_FREE_STEPS * self.num_envs)
+        # sync-free auto-reset: the next unplayed reservoir row as a device tensor, and how many
+        # unplayed rows the host knows to remain (each step may take up to num_envs)
+        self._reservoir_pos: Tensor | None = None
+        self._known_left = 0
 
     # -- tensor interface -----------------------------------------------------------------------
     def reset_tensor(self, problem: Any = None) -> Tensor:
@@ -137,6 +153,7 @@ class BatchedEnv:
                 )
             episodes = Episodes(*(x.to(self.device) for x in episodes))
         self._reservoir = None  # a reset (maybe re-seeded) starts a fresh stream of episodes
+        self._reservoir_pos, self._known_left = None, 0
         self._obs, self._target, self._weight, self._length = (x.contiguous() for x in episodes)
         self._t = torch.zeros(self.num_envs, dtype=torch.long, device=self.device)
         self._errors = torch.zeros(self.num_envs, dtype=torch.long, device=self.device)
@@ -171,12 +188,14 @@ class BatchedEnv:
         success = done & (self._errors == 0)
         episode_return = torch.where(done, self._return, 0.0)  # [B]
         episode_length = torch.where(done, self._t, 0)  # [B]
-        restart = done.nonzero().squeeze(1)  # [k] envs whose episode ended
-        obs = final_obs
-        if restart.numel() > 0:
-            self._restart(restart)  # may grow T
-            B, T, D = self._obs.shape
-            obs = self._obs.view(B * T, D).index_select(0, self._row_start + self._t)
+        if self.sync_free:
+            self._restart_masked(done)  # may grow T
+        else:
+            restart = done.nonzero().squeeze(1)  # [k] envs whose episode ended
+            if restart.numel() > 0:
+                self._restart(restart)  # may grow T
+        B, T, D = self._obs.shape
+        obs = self._obs.view(B * T, D).index_select(0, self._row_start + self._t)
         return BatchedStep(
             obs, reward, done, final_obs, success, episode_return, episode_length, reward_elements
         )
@@ -331,6 +350,52 @@ class BatchedEnv:
         self._t.index_fill_(0, rows, 0)
         self._errors.index_fill_(0, rows, 0)
         self._return.index_fill_(0, rows, 0.0)
+
+    def _restart_masked(self, done: Tensor) -> None:
+        """Put fresh random episodes where ``done`` ([B] bool), with selects over every row and
+        no read of ``done`` on the host: row ``b``'s episode is reservoir row ``pos + (number
+        of done rows up to b) - 1``, the same rows in the same order as :meth:`_restart`."""
+        B = self.num_envs
+        self._ensure_reservoir(B)
+        rank = torch.cumsum(done, 0) - 1  # [B]
+        last = self._reservoir.length.shape[0] - 1
+        take = (self._reservoir_pos + rank).clamp(0, last)  # [B]; only done rows are used
+        self._reservoir_pos = self._reservoir_pos + done.sum()
+        self._known_left -= B
+        steps = self._obs.shape[1]
+        fresh = Episodes(*(x.index_select(0, take) for x in self._reservoir))
+        m1, m2, m3 = done, done[:, None], done[:, None, None]
+        self._obs = torch.where(m3, _pad_time(fresh.obs, steps), self._obs)
+        self._target = torch.where(m3, _pad_time(fresh.target, steps), self._target)
+        self._weight = torch.where(m2, _pad_time(fresh.weight, steps), self._weight)
+        self._length = torch.where(m1, fresh.length, self._length)
+        self._t = torch.where(m1, 0, self._t)
+        self._errors = torch.where(m1, 0, self._errors)
+        self._return = torch.where(m1, 0.0, self._return)
+
+    def _ensure_reservoir(self, k: int) -> None:
+        """Make sure the reservoir has ``k`` unplayed rows (sync-free path): trusted from the
+        host-side bound while it lasts, else read once from the device (and refilled if short,
+        or if the difficulty changed). Longer episodes than ever grow ``T`` here, on the host."""
+        difficulty = self.env.difficulty
+        stale = self._reservoir is None or difficulty != self._reservoir_difficulty
+        if not stale and self._known_left >= k:
+            return
+        size = 0 if self._reservoir is None else self._reservoir.length.shape[0]
+        pos = 0 if self._reservoir_pos is None else int(self._reservoir_pos)  # the one sync
+        if stale or size - pos < k:
+            size = max(self._reservoir_size, k)
+            self._reservoir = self.env.layout(self.env.sample(size, self._generator, self.device))
+            self._reservoir_difficulty = difficulty
+            pos = 0
+            steps = self._reservoir.obs.shape[1]
+            if steps > self._obs.shape[1]:  # longer episodes than ever before (curriculum)
+                self._obs, self._target, self._weight = (
+                    _pad_time(x, steps) for x in (self._obs, self._target, self._weight)
+                )
+                self._update_row_start()
+        self._reservoir_pos = torch.tensor(pos, dtype=torch.long, device=self.device)
+        self._known_left = size - pos
 
     def _take(self, k: int) -> Episodes:
         """``k`` fresh random episodes at the current difficulty, from the reservoir."""

@@ -360,3 +360,30 @@ def test_sb3_ppo_trains_on_the_batched_env_unchanged(env_id, lengths):
 def test_torch_vec_env_rejects_other_objects():
     with pytest.raises(ValueError, match=r"expected an envs\.BatchedEnv"):
         TorchVecEnv(gym.make("memagents/Copy-v0"))
+
+
+@pytest.mark.parametrize(
+    "env_id", ["memagents/Copy-v0", "memagents/RepeatCopy-v0", "memagents/AssociativeRecall-v0"]
+)
+def test_sync_free_auto_reset_plays_the_same_episodes_as_the_indexed_one(env_id: str) -> None:
+    """``sync_free`` (the GPU path: masked selects, no host read of ``done``) against the
+    indexed auto-reset on the CPU, with the same reservoir size so both draw one stream of
+    episodes: every output of every step is the same, across many auto-resets."""
+    masked = envs.make_vec(env_id, 16, seed=5)
+    indexed = envs.make_vec(env_id, 16, seed=5)
+    masked.sync_free = True  # as on a GPU
+    masked._reservoir_size = indexed._reservoir_size = 16 * envs.BatchedEnv.SYNC_FREE_STEPS
+    torch.testing.assert_close(masked.reset_tensor(), indexed.reset_tensor(), rtol=0, atol=0)
+    gen = torch.Generator().manual_seed(0)
+    space = masked.action_space
+    shape = (16,) if isinstance(space, gym.spaces.Discrete) else (16, *space.shape)
+    high = space.n if isinstance(space, gym.spaces.Discrete) else 2
+    finished = 0
+    for _ in range(120):
+        actions = torch.randint(0, high, shape, generator=gen)
+        a, b = masked.step_tensor(actions), indexed.step_tensor(actions)
+        for name, x, y in zip(a._fields, a, b, strict=True):
+            torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
+        finished += int(a.done.sum())
+    assert finished > 50  # many auto-resets happened
+    assert masked._known_left < masked._reservoir.length.shape[0]  # the bound was used
