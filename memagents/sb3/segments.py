@@ -66,20 +66,22 @@ def pack_columns(
         by_room[room].append(i)
         nonempty |= 1 << room
     rest = segments[first]
-    for seg in rest[np.argsort(-lengths[rest], kind="stable")]:
-        length = int(lengths[seg])
+    order = rest[np.argsort(-lengths[rest], kind="stable")]
+    for seg, length in zip(order.tolist(), lengths[order].tolist(), strict=True):
         fits = nonempty >> length  # bit j: a column with room length + j
         if fits:
             room = length + (fits & -fits).bit_length() - 1  # the least room that fits
-            i = by_room[room].popleft()
-            if not by_room[room]:
+            queue = by_room[room]
+            i = queue.popleft()
+            if not queue:
                 nonempty &= ~(1 << room)
         else:
             i, room = len(columns), capacity
             columns.append([])
-        columns[i].append(int(seg))
-        by_room[room - length].append(i)
-        nonempty |= 1 << (room - length)
+        columns[i].append(seg)
+        left = room - length
+        by_room[left].append(i)
+        nonempty |= 1 << left
     return columns
 
 
