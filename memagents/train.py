@@ -955,6 +955,10 @@ def run(config: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
             )
         except diverged as exc:
             raise TrainingStopped(str(exc)) from None
+        if config.train.checkpoint_freq:
+            # the periodic checkpoint at the last step was taken before the last update: point
+            # ``latest`` at the final model, so that --resume continues (or re-evaluates) it
+            save_checkpoint(model, run_dir)
     model.save(run_dir / "model.zip")
     save_normalization(model, run_dir / "model.zip")
     sync_normalization(model, eval_env)

@@ -149,6 +149,25 @@ def test_tiny_run_writes_the_run_directory(tmp_path, capsys):
     assert list(run_dir.glob("events.out.tfevents*"))
 
 
+def test_the_latest_checkpoint_of_a_finished_run_is_its_final_model(tmp_path, capsys):
+    """The periodic checkpoint at the run's last step is taken before the last update; the
+    run's end saves the final model as the latest checkpoint, so that ``--resume`` of a
+    finished run continues from (or re-evaluates) what ``model.zip`` holds."""
+    from sb3_contrib import RecurrentPPO
+
+    run_dir = tmp_path / "run"
+    argv = [*TINY, "--total-timesteps", "128", "--checkpoint-freq", "64", "--run-dir", str(run_dir)]
+    assert run_cli(argv, capsys)[0] == 0
+    latest = json.loads((run_dir / "checkpoints" / "latest.json").read_text())
+    final = RecurrentPPO.load(run_dir / "model.zip", device="cpu").policy.state_dict()
+    ckpt = RecurrentPPO.load(run_dir / "checkpoints" / latest["model"], device="cpu")
+    assert (
+        latest["num_timesteps"] == json.loads((run_dir / "eval.json").read_text())["num_timesteps"]
+    )
+    for name, value in ckpt.policy.state_dict().items():
+        torch.testing.assert_close(value, final[name], rtol=0, atol=0, msg=name)
+
+
 def test_resume_continues_to_the_original_total(tmp_path, capsys):
     run_dir = tmp_path / "run"
     argv = [*TINY, "--total-timesteps", "128", "--checkpoint-freq", "64", "--run-dir", str(run_dir)]
