@@ -106,3 +106,5 @@ def test_batched_preset_bad_arguments_exit_with_usage_errors():
         bench_train.main(["--presets", "batched", "--quick", "--systems", "tardis"])
     with pytest.raises(SystemExit):
         bench_train.main(["--presets", "batched,light", "--quick"])
+    with pytest.raises(SystemExit):  # the other presets run on the CPU only
+        bench_train.main(["--presets", "light", "--quick", "--device", "cuda"])

@@ -356,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if "batched" in args.presets.split(","):
         return _main_batched(parser, args, argv)
+    if args.device != "cpu":
+        parser.error(f"--device {args.device}: only --presets batched runs off the CPU")
     if args.envs is None:
         args.envs = ",".join(ENVS)
     presets = ["quick"] if args.quick else [p for p in args.presets.split(",") if p]

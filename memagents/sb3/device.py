@@ -224,6 +224,9 @@ class DeviceRolloutBuffer:
 
     # -- minibatches ----------------------------------------------------------------------------
     def _ready(self) -> None:
+        """Once per rollout, before its minibatches: flatten env-major, build the gather table,
+        find the segments (flat index ``e * n_steps + t`` starts one where ``t == 0`` or an
+        episode starts) and copy their lengths to the host for the plan."""
         if self.generator_ready:
             return
         n = self.n_envs * self.buffer_size
