@@ -336,3 +336,34 @@ def test_chunk_segments_groups_as_the_step_by_step_rule() -> None:
             expected.append(chunk)
         got = [c.tolist() for c in chunk_segments(order, lengths, batch)]
         assert got == [[int(s) for s in c] for c in expected]
+
+
+@pytest.mark.parametrize("critic", list(CRITICS))
+@pytest.mark.parametrize("core", ["lstm", "dnc", "sam"])
+def test_rollout_step_on_native_states_matches_forward_on_packed_ones(core: str, critic: str):
+    """Five rollout steps with episode starts at steps 0 and 3 for some envs: ``rollout_step``
+    on the cores' own states gives ``forward``'s actions, values and log-probabilities (same
+    RNG draws), and its states packed are ``forward``'s packed states."""
+    if core not in available():
+        pytest.skip(f"core {core!r} is not available here")
+    model = make_model("device", "memagents/Copy-v0", core, critic=critic)
+    policy = model.policy
+    packed = policy.initial_state(N_ENVS)
+    native = policy.unpack_states(packed)
+    gen = torch.Generator().manual_seed(0)
+    for t in range(5):
+        obs = torch.rand(N_ENVS, *policy.observation_space.shape, generator=gen)
+        starts = torch.zeros(N_ENVS)
+        if t in (0, 3):
+            starts[: N_ENVS // 2] = 1.0
+        torch.manual_seed(t)
+        with torch.no_grad():
+            a_ref, v_ref, lp_ref, packed = policy(obs, packed, starts)
+        torch.manual_seed(t)
+        a, v, lp, native = policy.rollout_step(obs, native, starts)
+        torch.testing.assert_close(a, a_ref, rtol=0, atol=0)
+        torch.testing.assert_close(v, v_ref, rtol=0, atol=0)
+        torch.testing.assert_close(lp, lp_ref, rtol=0, atol=0)
+        repacked = policy.pack_states(native)
+        for x, y in zip((*repacked.pi, *repacked.vf), (*packed.pi, *packed.vf), strict=True):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)

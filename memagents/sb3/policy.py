@@ -168,6 +168,25 @@ class PackedCore(nn.Module):
         y, state = self.core(x, self.unpack(hc), episode_starts)
         return y, self.pack(state)
 
+    @torch.no_grad()
+    def step_native(self, x: Tensor, state: Any, starts: Tensor) -> tuple[Tensor, Any]:
+        """One rollout step on the core's own NamedTuple state, without packing it: the same
+        values as :meth:`forward` with ``T = 1`` under no grad (the reset selects the same
+        initial values, unpacked from the cached packed initial state).
+
+        :param x: ``[B, input_size]``.
+        :param state: the core's state (leaves ``[B, ...]``).
+        :param starts: ``[B]``, 1 where ``x`` starts an episode.
+        :return: ``y [B, output_size]`` and the state after the step.
+        """
+        starts = starts.to(device=x.device, dtype=torch.bool)
+        if x.device.type != "cpu" or bool(starts.any()):  # see forward: no host read on a GPU
+            leaves = next(iter(state_lib.leaves(state)))
+            initial = self.unpack(self._initial_hc_cached(x.shape[0], x.device, leaves.dtype))
+            state = state_lib.reset_where(state, initial, starts)
+        y, state = self.core(x.unsqueeze(0), state, None)
+        return y[0], state
+
 
 class _Layout:
     """Where each state tensor lies in ``(h, c)``: leaf ``i`` (``n_i`` floats per element) at
@@ -523,6 +542,57 @@ class MemoryPolicy(RecurrentActorCriticPolicy):
         log_prob = distribution.log_prob(actions)
         actions = actions.reshape((-1, *self.action_space.shape))
         return actions, values, log_prob, states
+
+    def unpack_states(self, states: RNNStates) -> RNNStates:
+        """Packed rollout states -> the cores' own states for :meth:`rollout_step`:
+        ``RNNStates(pi=actor state, vf=critic state or None)``."""
+        vf = self.memory_critic.unpack(states.vf) if self.memory_critic is not None else None
+        return RNNStates(self.memory_actor.unpack(states.pi), vf)
+
+    def pack_states(self, native: RNNStates) -> RNNStates:
+        """:meth:`unpack_states` reversed: the packed states :meth:`forward` would have returned
+        (with a shared core, the critic's half is the actor's, detached)."""
+        pi = self.memory_actor.pack(native.pi)
+        if self.memory_critic is not None:
+            return RNNStates(pi, self.memory_critic.pack(native.vf))
+        return RNNStates(pi, (pi[0].detach(), pi[1].detach()))
+
+    @torch.no_grad()
+    def rollout_step(
+        self, obs: Tensor, native: RNNStates, episode_starts: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, RNNStates]:
+        """:meth:`forward` (sampling) on the cores' own states (:meth:`unpack_states`), which are
+        not packed into ``(h, c)`` and back at every step: the same actions, values,
+        log-probabilities and states, for a rollout loop that packs only at its ends.
+
+        :param obs: ``(n_envs, *obs_shape)``.
+        :param native: ``RNNStates(pi=actor state, vf=critic state or None)``.
+        :param episode_starts: ``(n_envs,)``, 1 where the observation starts an episode.
+        :return: actions, values ``(n_envs, 1)``, log-probabilities ``(n_envs,)``, new states.
+        """
+        features = self.extract_features(obs)
+        if self.share_features_extractor:
+            pi_features = vf_features = features
+        else:
+            pi_features, vf_features = features
+        latent_pi, state_pi = self.memory_actor.step_native(pi_features, native.pi, episode_starts)
+        state_vf = None
+        if self.memory_critic is not None:
+            latent_vf, state_vf = self.memory_critic.step_native(
+                vf_features, native.vf, episode_starts
+            )
+        elif self.shared_lstm:
+            latent_vf = latent_pi
+        else:
+            latent_vf = self.critic(vf_features)
+        latent_pi = self.mlp_extractor.forward_actor(latent_pi)
+        latent_vf = self.mlp_extractor.forward_critic(latent_vf)
+        values = self.value_net(latent_vf)
+        distribution = self._sampling_distribution(latent_pi)
+        actions = distribution.get_actions(deterministic=False)
+        log_prob = distribution.log_prob(actions)
+        actions = actions.reshape((-1, *self.action_space.shape))
+        return actions, values, log_prob, RNNStates(state_pi, state_vf)
 
     def _sampling_distribution(self, latent_pi: Tensor) -> Distribution:
         """``_get_action_dist_from_latent`` for sampling in rollouts: Categorical and Bernoulli

@@ -493,16 +493,18 @@ class MemoryPPO(RecurrentPPO):
         callback.on_rollout_start()
         obs = torch.as_tensor(self._last_obs, dtype=torch.float32, device=device)
         starts = torch.as_tensor(self._last_episode_starts, dtype=torch.float32, device=device)
-        states = self._last_lstm_states
-        buffer.set_start_states(states)
+        buffer.set_start_states(self._last_lstm_states)
+        # the cores' own states through the rollout, packed only at its end
+        native = policy.unpack_states(self._last_lstm_states)
         for _ in range(n_rollout_steps):
-            with torch.no_grad():
-                actions, values, log_probs, states = policy(obs, states, starts)
+            before = native
+            actions, values, log_probs, native = policy.rollout_step(obs, before, starts)
             out = batched.step_tensor(actions, check=False)
             self.num_timesteps += batched.num_envs
             dones = out.done
             callback.update_locals({"dones": dones, "successes": out.success, "actions": actions})
-            if not callback.on_step():
+            if not callback.on_step():  # stopped: keep the state that goes with _last_obs
+                self._last_lstm_states = policy.pack_states(before)
                 return False
             buffer.add(
                 obs, actions, out.reward, starts, values, log_probs,
@@ -511,7 +513,9 @@ class MemoryPPO(RecurrentPPO):
                 episode_returns=out.episode_return, episode_lengths=out.episode_length,
             )  # fmt: skip
             obs, starts = out.obs.to(device), dones.to(device=device, dtype=torch.float32)
-            self._last_obs, self._last_episode_starts, self._last_lstm_states = obs, starts, states
+            self._last_obs, self._last_episode_starts = obs, starts
+        states = policy.pack_states(native)
+        self._last_lstm_states = states
         with torch.no_grad():
             values = policy.predict_values(obs, states.vf, starts)
         buffer.compute_returns_and_advantage(values, starts)
