@@ -336,12 +336,7 @@ class BatchedEnv:
     def _restart(self, rows: Tensor) -> None:
         """Put fresh random episodes in ``rows`` (``[k]`` env indices)."""
         episodes = self._take(rows.numel())
-        steps = episodes.obs.shape[1]
-        if steps > self._obs.shape[1]:  # longer episodes than ever before (curriculum): grow
-            self._obs, self._target, self._weight = (
-                _pad_time(x, steps) for x in (self._obs, self._target, self._weight)
-            )
-            self._update_row_start()
+        self._grow_time(episodes.obs.shape[1])
         steps = self._obs.shape[1]
         self._obs.index_copy_(0, rows, _pad_time(episodes.obs, steps))
         self._target.index_copy_(0, rows, _pad_time(episodes.target, steps))
@@ -362,12 +357,11 @@ class BatchedEnv:
         take = (self._reservoir_pos + rank).clamp(0, last)  # [B]; only done rows are used
         self._reservoir_pos = self._reservoir_pos + done.sum()
         self._known_left -= B
-        steps = self._obs.shape[1]
-        fresh = Episodes(*(x.index_select(0, take) for x in self._reservoir))
+        fresh = Episodes(*(x.index_select(0, take) for x in self._reservoir))  # padded to T
         m1, m2, m3 = done, done[:, None], done[:, None, None]
-        self._obs = torch.where(m3, _pad_time(fresh.obs, steps), self._obs)
-        self._target = torch.where(m3, _pad_time(fresh.target, steps), self._target)
-        self._weight = torch.where(m2, _pad_time(fresh.weight, steps), self._weight)
+        self._obs = torch.where(m3, fresh.obs, self._obs)
+        self._target = torch.where(m3, fresh.target, self._target)
+        self._weight = torch.where(m2, fresh.weight, self._weight)
         self._length = torch.where(m1, fresh.length, self._length)
         self._t = torch.where(m1, 0, self._t)
         self._errors = torch.where(m1, 0, self._errors)
@@ -385,17 +379,25 @@ class BatchedEnv:
         pos = 0 if self._reservoir_pos is None else int(self._reservoir_pos)  # the one sync
         if stale or size - pos < k:
             size = max(self._reservoir_size, k)
-            self._reservoir = self.env.layout(self.env.sample(size, self._generator, self.device))
+            fresh = self.env.layout(self.env.sample(size, self._generator, self.device))
+            self._grow_time(fresh.obs.shape[1])
+            # padded once to the episodes' T here, not at every step's selects
+            steps = self._obs.shape[1]
+            obs, target, weight = (_pad_time(x, steps) for x in fresh[:3])
+            self._reservoir = Episodes(obs, target, weight, fresh.length)
             self._reservoir_difficulty = difficulty
             pos = 0
-            steps = self._reservoir.obs.shape[1]
-            if steps > self._obs.shape[1]:  # longer episodes than ever before (curriculum)
-                self._obs, self._target, self._weight = (
-                    _pad_time(x, steps) for x in (self._obs, self._target, self._weight)
-                )
-                self._update_row_start()
         self._reservoir_pos = torch.tensor(pos, dtype=torch.long, device=self.device)
         self._known_left = size - pos
+
+    def _grow_time(self, steps: int) -> None:
+        """Zero-pad the episodes' time axis to ``steps`` if they are longer than ever before (a
+        curriculum raised the length)."""
+        if steps > self._obs.shape[1]:
+            self._obs, self._target, self._weight = (
+                _pad_time(x, steps) for x in (self._obs, self._target, self._weight)
+            )
+            self._update_row_start()
 
     def _take(self, k: int) -> Episodes:
         """``k`` fresh random episodes at the current difficulty, from the reservoir."""

@@ -574,24 +574,20 @@ def make_model(config: Config, env, device: str, tensorboard_log: str | None = N
 
 def env_device(config: Config) -> str:
     """``env.device`` resolved: ``auto`` is the training device (``train.device`` resolved)."""
-    name = config.env.device
-    if name == "auto":
+    if config.env.device == "auto":
         return resolve_device(config.train.device)
-    if name.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(f"env.device: {name!r} requested but CUDA is not available; use cpu")
-    return name
+    return resolve_device(config.env.device, key="env.device")
 
 
-def resolve_device(name: str) -> str:
+def resolve_device(name: str, key: str = "train.device") -> str:
+    """A device setting resolved: ``auto`` is CUDA when there is a GPU, else the CPU; a CUDA
+    device without a GPU is a ``ConfigError`` naming ``key``."""
     import torch
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device: {name!r} requested but CUDA is not available; use cpu")
+        raise ConfigError(f"{key}: {name!r} requested but CUDA is not available; use cpu")
     return name
 
 

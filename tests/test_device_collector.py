@@ -75,9 +75,9 @@ def flat_rollout(model: MemoryPPO) -> dict[str, np.ndarray]:
     buffer = model.rollout_buffer
     names = ("observations", "actions", "rewards", "episode_starts", "log_probs", "advantages")
     if isinstance(buffer, DeviceRolloutBuffer):
-        out = {name: buffer.flat[name].cpu().numpy() for name in names}
-        out["values"] = buffer.flat["value_tensor"].cpu().numpy()
-        out["returns"] = buffer.flat["return_tensor"].cpu().numpy()
+        out = {name: buffer.flat(name).cpu().numpy() for name in names}
+        out["values"] = buffer.flat("value_tensor").cpu().numpy()
+        out["returns"] = buffer.flat("return_tensor").cpu().numpy()
     else:
         out = {name: getattr(buffer, name) for name in (*names, "values", "returns")}
         out["rewards"] = buffer.swap_and_flatten(buffer.rewards)  # not flattened by the update

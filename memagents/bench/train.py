@@ -401,10 +401,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
         tables.append(to_markdown(rows, preset, hyper, fresh=not in_process))
-    command = (
-        "python -m memagents.bench train"
-        + (" " + " ".join(argv if argv is not None else sys.argv[2:])).rstrip()
-    )
+    command = _command(argv)
     markdown = report(tables, command)
     print()
     print(markdown)
@@ -414,6 +411,12 @@ def main(argv: list[str] | None = None) -> int:
         path = write_section("train", markdown, args.output)
         print(f"wrote the train section of {path}")
     return 0
+
+
+def _command(argv: list[str] | None) -> str:
+    """The command line of this run, as the section prints it."""
+    args = argv if argv is not None else sys.argv[2:]
+    return ("python -m memagents.bench train " + " ".join(args)).rstrip()
 
 
 def _main_batched(parser: argparse.ArgumentParser, args: argparse.Namespace, argv) -> int:
@@ -451,10 +454,7 @@ def _main_batched(parser: argparse.ArgumentParser, args: argparse.Namespace, arg
     if args.iterations is not None:
         hyper["iterations"] = args.iterations
     rows = collector.run(env_ids, cores, hyper, args.device, args.quick or args.in_process)
-    command = (
-        "python -m memagents.bench train"
-        + (" " + " ".join(argv if argv is not None else sys.argv[2:])).rstrip()
-    )
+    command = _command(argv)
     markdown = collector.to_markdown(rows, hyper, args.device, command)
     print()
     print(markdown)

@@ -37,9 +37,6 @@ from torch import Tensor
 from envs.vector import BatchedEnv
 from memagents.sb3.segments import chunk_segments, column_layout, pack_columns
 
-#: the per-step tensors of a rollout, ``[n_steps, n_envs]`` (``actions``: ``[..., action_dim]``)
-_STEP_FIELDS = ("actions", "rewards", "episode_starts", "value_tensor", "log_probs")
-
 
 class DeviceRolloutBuffer:
     """A rollout of a batched env kept as tensors on ``device``; minibatches of whole episode
@@ -115,7 +112,6 @@ class DeviceRolloutBuffer:
         self.pos = 0
         self.full = False
         self.generator_ready = False
-        self.flat: dict[str, Tensor] = {}
         self.segment_starts: np.ndarray | None = None
         self.segment_lengths: np.ndarray | None = None
         #: ``(n_envs * n_steps, A)``: the per-element log-probabilities of the stored actions
@@ -230,32 +226,24 @@ class DeviceRolloutBuffer:
         if self.generator_ready:
             return
         n = self.n_envs * self.buffer_size
-
-        def flat(x: Tensor) -> Tensor:  # [n_steps, n_envs, ...] -> [n_envs * n_steps, ...]
-            return x.transpose(0, 1).reshape(n, *x.shape[2:])
-
-        names = ("observations", *_STEP_FIELDS, "advantages", "return_tensor")
-        self.flat = {name: flat(getattr(self, name)) for name in names}
-        if self.reward_elements:
-            self.flat["element_advantages"] = flat(self.element_advantages)
-        # every per-step float of a minibatch in one table, gathered with one index_select;
-        # row n is zeros, where the padding points
+        shape = (self.buffer_size, self.n_envs)
+        # every per-step float of a minibatch in one table, gathered with one index_select:
+        # the fields side by side as [n_steps, n_envs, F], then flattened env-major at once
+        # (flat index e * n_steps + t); row n is zeros, where the padding points
         columns = {
-            "observations": self.flat["observations"].reshape(n, -1),
-            "actions": self.flat["actions"],
-            "old_values": self.flat["value_tensor"][:, None],
-            "old_log_prob": self.flat["log_probs"][:, None],
+            "observations": self.observations.reshape(*shape, -1),
+            "actions": self.actions,
+            "old_values": self.value_tensor[..., None],
+            "old_log_prob": self.log_probs[..., None],
             "advantages": (
-                self.flat["element_advantages"]
-                if self.reward_elements
-                else self.flat["advantages"][:, None]
+                self.element_advantages if self.reward_elements else self.advantages[..., None]
             ),
-            "returns": self.flat["return_tensor"][:, None],
-            "episode_starts": self.flat["episode_starts"][:, None],
+            "returns": self.return_tensor[..., None],
+            "episode_starts": self.episode_starts[..., None],
         }
-        table = torch.cat(list(columns.values()), dim=1)
+        table = torch.cat(list(columns.values()), dim=-1).transpose(0, 1).reshape(n, -1)
         self.table = torch.cat([table, table.new_zeros((1, table.shape[1]))])
-        widths = [c.shape[1] for c in columns.values()]
+        widths = [c.shape[-1] for c in columns.values()]
         ends = np.cumsum(widths)
         self.table_slices = {
             name: slice(int(end - w), int(end))
@@ -270,9 +258,15 @@ class DeviceRolloutBuffer:
         # the plan's inputs, on the host (one copy per rollout)
         self.segment_starts = segment_starts.cpu().numpy()
         self.segment_lengths = self._segment_lengths.cpu().numpy()
-        first_steps = self.flat["episode_starts"][segment_starts] > 0.5
+        first_steps = self.table[segment_starts, self.table_slices["episode_starts"].start] > 0.5
         self._starts_episode = first_steps.cpu().numpy()
         self.generator_ready = True
+
+    def flat(self, name: str) -> Tensor:
+        """A stored field flattened env-major, ``[n_envs * n_steps, ...]`` (a copy; for
+        inspection and tests, the update reads the table)."""
+        x = getattr(self, name)
+        return x.transpose(0, 1).reshape(self.n_envs * self.buffer_size, *x.shape[2:])
 
     def get(self, batch_size: int | None = None) -> Generator[RecurrentRolloutBufferSamples]:
         """Minibatches of whole episode segments, shuffled (numpy's global RNG, as the numpy

@@ -533,6 +533,12 @@ class MemoryPolicy(RecurrentActorCriticPolicy):
         :return: actions, values ``(n_envs, 1)``, log-probabilities ``(n_envs,)``, new states.
         """
         latent_pi, latent_vf, states = self._latents(obs, lstm_states, episode_starts)
+        return *self._act(latent_pi, latent_vf, deterministic), states
+
+    def _act(
+        self, latent_pi: Tensor, latent_vf: Tensor, deterministic: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Heads' latents -> actions, values ``(n_envs, 1)`` and log-probabilities."""
         values = self.value_net(latent_vf)
         if deterministic:
             distribution = self._get_action_dist_from_latent(latent_pi)
@@ -540,8 +546,7 @@ class MemoryPolicy(RecurrentActorCriticPolicy):
             distribution = self._sampling_distribution(latent_pi)
         actions = distribution.get_actions(deterministic=deterministic)
         log_prob = distribution.log_prob(actions)
-        actions = actions.reshape((-1, *self.action_space.shape))
-        return actions, values, log_prob, states
+        return actions.reshape((-1, *self.action_space.shape)), values, log_prob
 
     def unpack_states(self, states: RNNStates) -> RNNStates:
         """Packed rollout states -> the cores' own states for :meth:`rollout_step`:
@@ -587,12 +592,7 @@ class MemoryPolicy(RecurrentActorCriticPolicy):
             latent_vf = self.critic(vf_features)
         latent_pi = self.mlp_extractor.forward_actor(latent_pi)
         latent_vf = self.mlp_extractor.forward_critic(latent_vf)
-        values = self.value_net(latent_vf)
-        distribution = self._sampling_distribution(latent_pi)
-        actions = distribution.get_actions(deterministic=False)
-        log_prob = distribution.log_prob(actions)
-        actions = actions.reshape((-1, *self.action_space.shape))
-        return actions, values, log_prob, RNNStates(state_pi, state_vf)
+        return *self._act(latent_pi, latent_vf, False), RNNStates(state_pi, state_vf)
 
     def _sampling_distribution(self, latent_pi: Tensor) -> Distribution:
         """``_get_action_dist_from_latent`` for sampling in rollouts: Categorical and Bernoulli

@@ -99,6 +99,7 @@ class _SequenceStartMixin:
             setattr(self, name, np.zeros((num_layers, n_envs, hidden), dtype=np.float32))
         self.segment_starts: np.ndarray | None = None
         self.segment_lengths: np.ndarray | None = None
+        self.starts_episode: np.ndarray | None = None  # [n_segments] bool: begins an episode
         if self.reward_elements:
             shape = (self.buffer_size, self.n_envs, self.reward_elements)
             self.element_rewards = np.zeros(shape, dtype=np.float32)
@@ -190,6 +191,7 @@ class _SequenceStartMixin:
         self.segment_starts = np.flatnonzero(starts)
         ends = np.append(self.segment_starts[1:], self.n_envs * self.buffer_size)
         self.segment_lengths = ends - self.segment_starts
+        self.starts_episode = self.episode_starts.reshape(-1)[self.segment_starts] > 0.5
 
     def get(self, batch_size: int | None = None) -> Generator[Any, None, None]:
         """Minibatches of whole episode segments, shuffled, each of at least ``batch_size`` steps
@@ -212,8 +214,7 @@ class _SequenceStartMixin:
 
     def _columns(self, segments: np.ndarray) -> list[list[int]]:
         """The minibatch's training sequences (``memagents.sb3.segments.pack_columns``)."""
-        starts_episode = self.episode_starts.reshape(-1)[self.segment_starts] > 0.5
-        return pack_columns(segments, self.segment_lengths, starts_episode, self.pack_segments)
+        return pack_columns(segments, self.segment_lengths, self.starts_episode, self.pack_segments)
 
     def _padded_indices(self, columns: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         """Flat indices ``(n_col, T)`` of the steps of each column's segments, in order (padding
