@@ -382,7 +382,7 @@ class MemoryPPO(RecurrentPPO):
                     f"{self.action_space}"
                 )
             if self.env is not None:
-                _batched_env(self.env)
+                _batched_env(self.env, "credit='element'")
 
     def _packs_segments(self) -> bool:
         if self.pack_segments is not None:
@@ -472,7 +472,9 @@ class MemoryPPO(RecurrentPPO):
         if isinstance(rollout_buffer, DeviceRolloutBuffer):
             return self._collect_on_device(env, callback, rollout_buffer, n_rollout_steps)
         if self.credit == "element":
-            callback = _StoreRewardElements(callback, _batched_env(env), rollout_buffer)
+            callback = _StoreRewardElements(
+                callback, _batched_env(env, "credit='element'"), rollout_buffer
+            )
         return super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
 
     def _collect_on_device(
@@ -487,7 +489,7 @@ class MemoryPPO(RecurrentPPO):
         see ``dones`` and ``successes`` as ``[B]`` bool tensors in their locals (no ``infos``);
         the finished episodes reach SB3's episode logs once, at the rollout's end. Batched
         episodes end only by termination, so no timeout bootstrap is needed."""
-        batched = _batched_env(env)
+        batched = _batched_env(env, "the device collector")
         policy, device = self.policy, self.device
         policy.set_training_mode(False)
         buffer.reset()
@@ -635,14 +637,14 @@ class MemoryPPO(RecurrentPPO):
             self.logger.record("train/clip_range_vf", clip_range_vf)
 
 
-def _batched_env(env: VecEnv) -> BatchedEnv:
-    """The ``envs.BatchedEnv`` under ``env`` (``credit='element'`` reads its per-element
-    rewards); a clear error for any other env."""
+def _batched_env(env: VecEnv, what: str) -> BatchedEnv:
+    """The ``envs.BatchedEnv`` under ``env``; a clear error naming ``what`` needs it for any
+    other env."""
     batched = batched_env(env)
     if batched is None:
         raise ValueError(
-            f"credit='element' needs the batched env of an algorithmic task (env.vec_env: "
-            f"batched), which reports a reward per action element; got {type(env).__name__}"
+            f"{what} needs the batched env of an algorithmic task (env.vec_env: batched), which "
+            f"steps as tensors and reports a reward per action element; got {type(env).__name__}"
         )
     return batched
 
