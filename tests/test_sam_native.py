@@ -321,7 +321,9 @@ def test_ivf_index_finds_what_the_faiss_index_finds():
         memory[:, :live] = torch.randn(3, live, 16, generator=gen)
         keys = torch.randn(3, 8, 16, generator=gen)
         ivf, fai = sparse_access.IVFIndex(memory), sparse_access.FaissIndex(memory)
-        assert (ivf.nlist, ivf.nprobe) == (fai.nlist, fai.nprobe) == (64, 32)
+        assert (
+            (ivf.nlist, ivf.nprobe) == (fai.nlist, fai.nprobe) == (64, sparse_access.FAISS_NPROBE)
+        )
         assert _ivf_margin(ivf, memory, keys, 4) > RANK_MARGIN
         assert torch.equal(ivf.search(memory, keys, 4), fai.search(memory, keys, 4))
         rows = torch.randint(0, N, (3, 17), generator=gen)

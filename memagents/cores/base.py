@@ -37,6 +37,12 @@ class MemoryCore(nn.Module):
     #: only when this holds for every core of the policy.
     cheap_mid_sequence_resets: bool = True
 
+    #: whether :meth:`forward_inplace` keeps work from one call to the next (the sparse cores'
+    #: memory, kNN index and LRU bookkeeping), so that a caller stepping one step at a time
+    #: should hand its state over and pass the episode starts to the core rather than reset the
+    #: state itself (a reset outside would be a new state, and an ``O(N·W)`` select).
+    carries_state: bool = False
+
     # -- state ---------------------------------------------------------------------------------
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> Any:
         """The state at the start of an episode (may depend on learned parameters).
@@ -148,6 +154,29 @@ class MemoryCore(nn.Module):
         if return_debug:
             return y, state, stack_debug(debug_steps)
         return y, state
+
+    def _wants_grad(self, x: Tensor, state: Any) -> bool:
+        """Whether a call builds a graph (a parameter, the input or the state needs one)."""
+        return torch.is_grad_enabled() and (
+            x.requires_grad
+            or any(p.requires_grad for p in self.parameters())
+            or any(t.requires_grad for t in state_lib.leaves(state))
+        )
+
+    def forward_inplace(self, x: Tensor, state: Any, episode_starts: Tensor | None = None):
+        """:meth:`forward` (no debug output) for a caller that hands ``state`` over: the core may
+        write the state's tensors in place and return them in the new state, so ``state`` must
+        not be read afterwards. The outputs and the new state's values are those of
+        :meth:`forward`. Rollouts step this way; the sparse cores (SAM, SDNC) then keep their
+        memory, kNN index and LRU bookkeeping from one call to the next instead of copying and
+        rebuilding ``O(N·W)`` of them per call. The base class simply calls :meth:`forward`.
+
+        :param x: ``[T, B, input_size]``.
+        :param state: the state before step 0 (given up by the caller).
+        :param episode_starts: ``[T, B]`` or ``None``, as in :meth:`forward`.
+        :return: ``(y [T, B, output_size], final_state)``.
+        """
+        return self(x, state, episode_starts)
 
 
 def stack_debug(steps: list[dict[str, Tensor]]) -> dict[str, Tensor]:

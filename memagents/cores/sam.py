@@ -105,6 +105,12 @@ def init_sparse_core(
 BLOCK_LRU_MIN_ROWS = 4096
 
 
+def lru_block_rows(memory_size: int) -> int | None:
+    """Rows per block of the LRU block minima (``sqrt N``), or ``None`` (a scan) below
+    :data:`BLOCK_LRU_MIN_ROWS`."""
+    return math.isqrt(memory_size) if memory_size >= BLOCK_LRU_MIN_ROWS else None
+
+
 class SparseAccessState(NamedTuple):
     """State of SAM's memory access (``R`` read heads, ``K`` non-zeros per read weighting,
     ``J = R·K + 1`` write locations)."""
@@ -339,6 +345,8 @@ class SAMCore(MemoryCore):
         (:func:`~memagents.cores.sparse_access.dense_access_step`); tests check both agree.
     """
 
+    carries_state = True  # forward_inplace keeps the memory, index and LRU blocks between calls
+
     def __init__(
         self,
         input_size: int,
@@ -432,6 +440,17 @@ class SAMCore(MemoryCore):
         state, starts = self._check_inputs(x, state, episode_starts)
         return self._run(x, state, starts, return_debug)
 
+    def forward_inplace(self, x, state, episode_starts=None):
+        """:meth:`forward` for a caller that hands ``state`` over (see
+        :meth:`MemoryCore.forward_inplace`). Without gradient on the native path, the memory and
+        ``last_access`` of ``state`` are written in place and returned, and the kNN index, the
+        LRU block minima and the rows written since each episode start are carried to the next
+        call (:class:`~memagents.cores.sparse_access.Carry`): a step costs ``O(K·W)`` plus the
+        index update, and an episode start zeroes only the rows the episode wrote. Otherwise it
+        is :meth:`forward`."""
+        state, starts = self._check_inputs(x, state, episode_starts)
+        return self._run(x, state, starts, False, carried=True)
+
     def step(self, x, state: SAMState, return_debug=False):
         """One step (copies the memory; prefer :meth:`forward` over whole sequences)."""
         out = self._run(x.unsqueeze(0), state, None, return_debug)
@@ -451,14 +470,18 @@ class SAMCore(MemoryCore):
             )
         )
 
-    def _run(self, x: Tensor, state: SAMState, starts: Tensor | None, return_debug: bool):
+    def _run(
+        self, x: Tensor, state: SAMState, starts: Tensor | None, return_debug: bool,
+        carried: bool = False,
+    ):  # fmt: skip
         first_starts = None if starts is None else starts[0]
         for field in ("read_indices", "write_indices"):
             sparse_access.check_row_indices(
                 f"access.{field}", getattr(state.access, field), self.memory_size, first_starts
             )
         if self._native(x, state):
-            return self._run_native(x, state, starts, return_debug)
+            carried = carried and not self._wants_grad(x, state)
+            return self._run_native(x, state, starts, return_debug, carried)
         T, B = x.shape[0], x.shape[1]
         R, W, K = self.num_reads, self.word_size, self.sparse_reads
         reset_steps = [False] * T if starts is None else starts.any(dim=1).tolist()
@@ -561,14 +584,6 @@ class SAMCore(MemoryCore):
             return y, new_state, stack_debug(debug_steps)
         return y, new_state
 
-    def _wants_grad(self, x: Tensor, state: SAMState) -> bool:
-        """Whether this call builds a graph (a parameter, the input or the state needs one)."""
-        return torch.is_grad_enabled() and (
-            x.requires_grad
-            or any(p.requires_grad for p in self.parameters())
-            or any(t.requires_grad for t in state_lib.leaves(state))
-        )
-
     def _run_sequence(
         self, x, starts, reset_steps, initial, h, c, read_flat, memory, read_w, small, index,
         scratch, lib,
@@ -622,27 +637,40 @@ class SAMCore(MemoryCore):
         )
         return y, new_state
 
-    def _run_native(self, x: Tensor, state: SAMState, starts: Tensor | None, return_debug: bool):
+    def _run_native(
+        self, x: Tensor, state: SAMState, starts: Tensor | None, return_debug: bool,
+        carried: bool = False,
+    ):  # fmt: skip
         """:meth:`_run` with the memory step as one autograd node per step
         (:class:`~memagents.cores.sparse_access.SAMAccessStep`, native kernels): the same
         equations; the loop keeps ``h``, ``c`` and the read vectors flat (``[B, ·]``) and the
-        indices as integers, converting to the state's layout once at the end."""
+        indices as integers, converting to the state's layout once at the end. ``carried`` (no
+        gradient): the state's memory is written in place and what the next call needs is kept
+        in a :class:`~memagents.cores.sparse_access.Carry` (see :meth:`forward_inplace`)."""
         T, B = x.shape[0], x.shape[1]
         R, W, K = self.num_reads, self.word_size, self.sparse_reads
         reset_steps = [False] * T if starts is None else starts.any(dim=1).tolist()
         initial = self._initial(B, x.device, memory=False) if any(reset_steps) else None
 
         access = state.access
-        memory = sparse_access.owned_copy(access.memory)  # written in place from here on
-        last_access = sparse_access.owned_copy(access.last_access)
-        # from the state's memory: an initial (broadcast zero) memory needs no scan
-        index = sparse_access.make_index(self.index_kind, access.memory.detach())
         N = self.memory_size
-        scratch = sparse_access.StepScratch(
-            last_access,
-            dense_grad=memory.requires_grad,
-            block_rows=math.isqrt(N) if N >= BLOCK_LRU_MIN_ROWS else None,
-        )
+        carry = sparse_access.Carry.find(access.memory, access.last_access) if carried else None
+        if carry is not None:  # the memory, its index and the LRU blocks as the last call left them
+            memory, last_access = access.memory, access.last_access
+            index, scratch = carry.index, carry.scratch
+            scratch.rows = []
+        else:
+            memory = sparse_access.owned_copy(access.memory)  # written in place from here on
+            last_access = sparse_access.owned_copy(access.last_access)
+            # from the state's memory: an initial (broadcast zero) memory needs no scan
+            index = sparse_access.make_index(self.index_kind, access.memory.detach())
+            scratch = sparse_access.StepScratch(
+                last_access,
+                dense_grad=memory.requires_grad,
+                block_rows=lru_block_rows(N),
+            )
+            if carried:
+                carry = sparse_access.Carry(access.memory, last_access, index, scratch)
         h, c = state.controller.h.squeeze(1), state.controller.c.squeeze(1)  # [B, H]
         read_flat = state.read_vectors.reshape(B, R * W)
         time, read_w, write_w = access.time, access.read_weights, access.write_weights
@@ -675,9 +703,12 @@ class SAMCore(MemoryCore):
                     st, reset, init_a._asdict(), time, read_w, write_w, read_idx, write_idx,
                     last_access, scratch,
                 )  # fmt: skip
+                if carry is not None:  # zero the rows the episodes wrote (not the step: all N)
+                    carry.reset(memory, reset)
+                    reset = no_reset
                 lru = None
             if lru is None:
-                lru = sparse_access.least_recently_used(last_access)
+                lru = scratch.least_recently_used(last_access)
 
             ctrl_in = torch.cat([x[t], read_flat], dim=-1)
             h, c = self.controller(ctrl_in, (h, c))
@@ -689,6 +720,8 @@ class SAMCore(MemoryCore):
                     R, W, K, t < T - 1, scratch,
                 )
             )  # fmt: skip
+            if carry is not None:
+                carry.wrote(write_idx)
             outputs.append(torch.cat([h, read_flat], dim=-1))
             if return_debug:
                 dtype = read_w.dtype
@@ -706,6 +739,8 @@ class SAMCore(MemoryCore):
                     }
                 )
 
+        if carry is not None:
+            carry.keep(memory, last_access)
         dtype = memory.dtype
         new_state = SAMState(
             controller=LSTMState(h.unsqueeze(1), c.unsqueeze(1)),

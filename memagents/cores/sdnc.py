@@ -56,7 +56,7 @@ from memagents.cores import addressing, lstm_cell, native, sparse_access, sparse
 from memagents.cores import state as state_lib
 from memagents.cores.base import MemoryCore, stack_debug
 from memagents.cores.rnn import LSTMState
-from memagents.cores.sam import init_sparse_core
+from memagents.cores.sam import init_sparse_core, lru_block_rows
 
 #: State fields holding row numbers in ``[0, N)`` (stored as floats in the packed state).
 INDEX_FIELDS = (
@@ -66,6 +66,10 @@ INDEX_FIELDS = (
     "link_t_indices",
     "precedence_indices",
 )
+
+#: The ``N``-sized access fields besides the memory that a carried call
+#: (:meth:`SDNCCore.forward_inplace`) writes in place and its carry vouches for.
+_CARRIED = ("last_access", "link", "link_t", "link_indices", "link_t_indices")
 
 
 class SDNCAccessState(NamedTuple):
@@ -371,9 +375,12 @@ def _head_backward(lib, xi, prev_w, gates, modes, *grads):
 def sdnc_step(
     xi, prev_w, memory, link, link_t, precedence, prev_idx, lru, link_idx, link_t_idx,
     precedence_idx, last_access, time, reset, index, sizes, owns_grad, lib,
+    memory_reset=None, scratch=None,
 ):  # fmt: skip
     """:class:`SDNCStep` (same arguments and outputs), or its forward alone when no gradient is
-    recorded (rollouts: nothing is saved)."""
+    recorded (rollouts: nothing is saved). Without gradient, ``memory_reset`` (``[n]`` long)
+    replaces ``reset`` for the memory (a caller that zeroed the restarting rows itself passes
+    none) and ``scratch``'s LRU block minima find the next LRU row."""
     args = (
         xi, prev_w, memory, link, link_t, precedence, prev_idx, lru, link_idx, link_t_idx,
         precedence_idx, last_access, time, reset, index, sizes, owns_grad, lib,
@@ -381,15 +388,19 @@ def sdnc_step(
     if torch.is_grad_enabled() and any(
         t.requires_grad for t in (xi, prev_w, memory, link, link_t, precedence)
     ):
+        if memory_reset is not None or scratch is not None:
+            raise ValueError("memory_reset and scratch are for steps without gradient")
         return SDNCStep.apply(*args)
-    return _step_forward(*args, record=False)[0]
+    return _step_forward(*args, record=False, memory_reset=memory_reset, scratch=scratch)[0]
 
 
 def _step_forward(
     xi, prev_w, memory, link, link_t, precedence, prev_idx, lru, link_idx, link_t_idx,
     precedence_idx, last_access, time, reset, index, sizes, owns_grad, lib, record,
+    memory_reset=None, scratch=None,
 ):  # fmt: skip
-    """The forward of :class:`SDNCStep`: ``(outputs, what its backward needs)``."""
+    """The forward of :class:`SDNCStep`: ``(outputs, what its backward needs)``; see
+    :func:`sdnc_step` for ``memory_reset`` and ``scratch``."""
     R, _, K = sizes
     B = xi.shape[0]
     keys, a, beta, gates, modes, ww, widx = _head_forward(lib, xi, prev_w, prev_idx, lru, sizes)
@@ -399,8 +410,8 @@ def _step_forward(
     )  # fmt: skip
     access = FunctionCtx()
     memory, content_w, content_idx, content_r, extra_rows = sparse_access.SparseAccessStep.forward(
-        access, memory, a, ww, keys, beta, widx, reset, index, K, owns_grad,
-        dir_idx.view(B, 2 * R * K),
+        access, memory, a, ww, keys, beta, widx, reset if memory_reset is None else memory_reset,
+        index, K, owns_grad, dir_idx.view(B, 2 * R * K),
     )  # fmt: skip
     # SAM's context keeps its saved tensors; drop its references to the memory (marked dirty)
     # and to_save: the memory (and, at the last step, w^W) are this node's outputs, and an output
@@ -412,7 +423,10 @@ def _step_forward(
         lib, modes, dir_w, content_w, content_idx, content_r, extra_rows, dir_idx
     )
     last_access, new_time, next_lru = sparse_access.usage_update_lru(
-        last_access, time, [(widx, ww), (read_idx.view(B, -1), read_weights.view(B, -1))]
+        last_access,
+        time,
+        [(widx, ww), (read_idx.view(B, -1), read_weights.view(B, -1))],
+        scratch=scratch,
     )
     outputs = (
         memory, link, link_t, p_out, p_out_idx, read_vectors, read_weights, read_idx, ww, widx,
@@ -741,6 +755,8 @@ class SDNCCore(MemoryCore):
         node.
     """
 
+    carries_state = True  # forward_inplace keeps the memory, links, index and LRU blocks
+
     def __init__(
         self,
         input_size: int,
@@ -840,13 +856,36 @@ class SDNCCore(MemoryCore):
         """See :meth:`MemoryCore.forward`. The memory and links of ``state`` are copied once per
         call (never modified); the copies are then written in place step by step."""
         state, starts = self._check_inputs(x, state, episode_starts)
+        self._check_indices(state, starts, INDEX_FIELDS)
+        return self._run(x, state, starts, return_debug)
+
+    def forward_inplace(self, x, state, episode_starts=None):
+        """:meth:`forward` for a caller that hands ``state`` over (see
+        :meth:`MemoryCore.forward_inplace`). Without gradient on the native one-node path, the
+        memory, ``last_access`` and links of ``state`` are written in place and returned, and the
+        kNN index, the LRU block minima and the rows written since each episode start are
+        carried to the next call (:class:`~memagents.cores.sparse_access.Carry`): a step costs
+        ``O(K·W)`` plus the index update, and an episode start zeroes only the memory rows the
+        episode wrote (the links of a restarting element are still rewritten whole, ``O(N·K_L)``).
+        Otherwise it is :meth:`forward`."""
+        state, starts = self._check_inputs(x, state, episode_starts)
+        a = state.access
+        carried = not self._wants_grad(x, state)
+        carry = None
+        if carried:
+            carry = sparse_access.Carry.find(a.memory, *(getattr(a, f) for f in _CARRIED))
+        # link rows that this core wrote itself (the carry vouches for them) need no check
+        fields = INDEX_FIELDS if carry is None else tuple(set(INDEX_FIELDS) - set(_CARRIED))
+        self._check_indices(state, starts, fields)
+        return self._run(x, state, starts, False, carried=carried, carry=carry)
+
+    def _check_indices(self, state, starts, fields) -> None:
         # the kernels index memory and links with these rows unchecked (see SAM's forward)
         first_starts = None if starts is None else starts[0]
-        for field in INDEX_FIELDS:
+        for field in fields:
             sparse_access.check_row_indices(
                 f"access.{field}", getattr(state.access, field), self.memory_size, first_starts
             )
-        return self._run(x, state, starts, return_debug)
 
     def step(self, x, state: SDNCState, return_debug=False):
         """One step (copies the memory and links; prefer :meth:`forward` over sequences)."""
@@ -922,29 +961,59 @@ class SDNCCore(MemoryCore):
         )
         return y, new_state
 
-    def _run(self, x: Tensor, state: SDNCState, starts: Tensor | None, return_debug: bool):
+    def _run(
+        self, x: Tensor, state: SDNCState, starts: Tensor | None, return_debug: bool,
+        carried: bool = False, carry: sparse_access.Carry | None = None,
+    ):  # fmt: skip
+        """The loop over time. ``carried`` (:meth:`forward_inplace`, no gradient): on the native
+        one-node path the state's own tensors are written in place and what the next call needs
+        is kept in a :class:`~memagents.cores.sparse_access.Carry` (``carry``: the one found
+        for ``state``, if any)."""
         T, B = x.shape[0], x.shape[1]
         R, W, K = self.num_reads, self.word_size, self.sparse_reads
         reset_steps = [False] * T if starts is None else starts.any(dim=1).tolist()
         initial = self._initial(B, x.device) if any(reset_steps) else None
         a = state.access
         dtype = a.memory.dtype
-
-        # owned working copies, written in place from here on
-        if self.fused:
-            memory = sparse_links.owned(a.memory)
-            last_access = sparse_links.owned(a.last_access)
-        else:
-            memory, last_access = a.memory, a.last_access
-        link, link_t = sparse_links.owned(a.link), sparse_links.owned(a.link_t)
-        # indices in the dtype the link step works in (the values' on the native path: no copy
-        # back at the end), owned copies as well
-        idx_dtype = sparse_links.index_dtype(link)
-        link_idx, link_t_idx = (
-            t.to(idx_dtype, copy=True, memory_format=torch.contiguous_format)
-            for t in (a.link_indices, a.link_t_indices)
+        lib = sparse_links.native_kernel()
+        carried = (
+            carried
+            and self.fused
+            and ONE_NODE_STEP
+            and lib is not None
+            and sparse_links.usable(x, a.memory, a.link, a.read_weights, a.precedence)
+            and sparse_links.index_dtype(a.link) == a.link.dtype
         )
-        index = sparse_access.make_index(self.index_kind, a.memory.detach())
+        if not carried:
+            carry = None
+        N = self.memory_size
+        scratch = None
+        if carry is not None:  # the state's own tensors, as the last carried call left them
+            memory, last_access, link, link_t = a.memory, a.last_access, a.link, a.link_t
+            link_idx, link_t_idx = a.link_indices, a.link_t_indices
+            index, scratch = carry.index, carry.scratch
+        else:
+            # owned working copies, written in place from here on
+            if self.fused:
+                memory = sparse_links.owned(a.memory)
+                last_access = sparse_links.owned(a.last_access)
+            else:
+                memory, last_access = a.memory, a.last_access
+            link, link_t = sparse_links.owned(a.link), sparse_links.owned(a.link_t)
+            # indices in the dtype the link step works in (the values' on the native path: no
+            # copy back at the end), owned copies as well
+            idx_dtype = sparse_links.index_dtype(link)
+            link_idx, link_t_idx = (
+                t.to(idx_dtype, copy=True, memory_format=torch.contiguous_format)
+                for t in (a.link_indices, a.link_t_indices)
+            )
+            index = sparse_access.make_index(self.index_kind, a.memory.detach())
+            if carried:
+                scratch = sparse_access.StepScratch(
+                    last_access, dense_grad=False,
+                    block_rows=lru_block_rows(N),
+                )  # fmt: skip
+                carry = sparse_access.Carry(a.memory, last_access, index, scratch)
         # the controller's state and the read vectors flat ([B, ·]) during the loop
         h, c = state.controller.h.squeeze(1), state.controller.c.squeeze(1)
         read_flat = state.read_vectors.reshape(B, R * W)
@@ -958,17 +1027,16 @@ class SDNCCore(MemoryCore):
             small[f] = getattr(a, f).long()
         no_reset = torch.zeros(0, dtype=torch.long, device=x.device)
         lru = None  # I^U_t, from the previous step's usage update when it gives it
-        lib = sparse_links.native_kernel()
-        one_node = (
+        one_node = carry is not None or (
             ONE_NODE_STEP
             and self.fused
             and not return_debug
             and lib is not None
-            and idx_dtype == link.dtype
+            and link_idx.dtype == link.dtype
             and sparse_links.usable(x, memory, link, a.read_weights, a.precedence, last_access)
         )
 
-        if one_node and SEQUENCE_NODE and (T > 1 or torch.is_grad_enabled()):
+        if one_node and SEQUENCE_NODE and carry is None and (T > 1 or torch.is_grad_enabled()):
             # (a rollout's single steps without gradient: the per-step path has less to set up)
             return self._run_sequence(
                 x, state, starts, reset_steps, initial, memory, link, link_t, link_idx,
@@ -988,11 +1056,21 @@ class SDNCCore(MemoryCore):
                 read_flat = torch.where(st[:, None], read0, read_flat)
                 # memory and links are reset in place by their steps (``reset``)
                 for f in small:
+                    if carry is not None and f == "last_access":
+                        continue
                     init = getattr(initial.access, f)
                     small[f] = state_lib.reset_where(small[f], init.to(small[f].dtype), st)
+                if carry is not None:  # in place, and only the rows the episodes wrote
+                    last_access.index_fill_(0, reset, 0.0)
+                    scratch.rebuild(last_access, st.to(torch.uint8))
+                    carry.reset(memory, reset)
                 lru = None
             if lru is None:
-                lru = sparse_access.least_recently_used(small["last_access"])
+                lru = (
+                    sparse_access.least_recently_used(small["last_access"])
+                    if scratch is None
+                    else scratch.least_recently_used(last_access)
+                )
 
             # 1. controller and interface
             h, c = self.controller(torch.cat([x[t], read_flat], dim=-1), (h, c))
@@ -1006,7 +1084,10 @@ class SDNCCore(MemoryCore):
                     small["read_indices"], lru, link_idx, link_t_idx,
                     small["precedence_indices"], small["last_access"], small["time"], reset,
                     index, (R, W, K), t < T - 1, lib,
+                    memory_reset=None if carry is None else no_reset, scratch=scratch,
                 )  # fmt: skip
+                if carry is not None:
+                    carry.wrote(write_indices)
                 read_flat = read_vectors.view(B, R * W)
                 small = _fields(
                     time, read_weights, read_idx, write_weights, write_indices,
@@ -1093,6 +1174,8 @@ class SDNCCore(MemoryCore):
                     }
                 )
 
+        if carry is not None:
+            carry.keep(memory, last_access, link, link_t, link_idx, link_t_idx)
         access = SDNCAccessState(
             memory=memory,
             link=link,

@@ -172,7 +172,10 @@ class PackedCore(nn.Module):
     def step_native(self, x: Tensor, state: Any, starts: Tensor) -> tuple[Tensor, Any]:
         """One rollout step on the core's own NamedTuple state, without packing it: the same
         values as :meth:`forward` with ``T = 1`` under no grad (the reset selects the same
-        initial values, unpacked from the cached packed initial state).
+        initial values, unpacked from the cached packed initial state). A core that
+        ``carries_state`` (SAM, SDNC) gets the state handed over
+        (:meth:`~memagents.cores.base.MemoryCore.forward_inplace`) with the episode starts, so
+        ``state`` must not be read after this call.
 
         :param x: ``[B, input_size]``.
         :param state: the core's state (leaves ``[B, ...]``).
@@ -180,6 +183,9 @@ class PackedCore(nn.Module):
         :return: ``y [B, output_size]`` and the state after the step.
         """
         starts = starts.to(device=x.device, dtype=torch.bool)
+        if self.core.carries_state:  # it resets in place, and keeps its index to the next step
+            y, state = self.core.forward_inplace(x.unsqueeze(0), state, starts.unsqueeze(0))
+            return y[0], state
         if x.device.type != "cpu" or bool(starts.any()):  # see forward: no host read on a GPU
             leaves = next(iter(state_lib.leaves(state)))
             initial = self.unpack(self._initial_hc_cached(x.shape[0], x.device, leaves.dtype))

@@ -500,14 +500,17 @@ class MemoryPPO(RecurrentPPO):
         # the cores' own states through the rollout, packed only at its end
         native = policy.unpack_states(self._last_lstm_states)
         for _ in range(n_rollout_steps):
-            before = native
-            actions, values, log_probs, native = policy.rollout_step(obs, before, starts)
+            # (a core that carries its state, SAM or SDNC, wrote the old one in place)
+            actions, values, log_probs, native = policy.rollout_step(obs, native, starts)
             out = batched.step_tensor(actions, check=False)
             self.num_timesteps += batched.num_envs
             dones = out.done
             callback.update_locals({"dones": dones, "successes": out.success, "actions": actions})
-            if not callback.on_step():  # stopped: keep the state that goes with _last_obs
-                self._last_lstm_states = policy.pack_states(before)
+            if not callback.on_step():
+                # stopped: the env has stepped, so keep its new observation with the new state
+                self._last_obs = out.obs.to(device)
+                self._last_episode_starts = dones.to(device=device, dtype=torch.float32)
+                self._last_lstm_states = policy.pack_states(native)
                 return False
             buffer.add(
                 obs, actions, out.reward, starts, values, log_probs,

@@ -643,17 +643,23 @@ EXPORT void* sa_ivf_new(i64 B, i64 N, i64 W, i64 nlist, i64 nprobe, const float*
 
 EXPORT void sa_ivf_free(void* ix) { delete static_cast<IVF*>(ix); }
 
-// Every row of every element zero (the initial memory), without reading it.
-EXPORT void sa_ivf_clear(void* handle) {
+// Every row of the elements in `elements` ([B] uint8; all when null) zero, without reading the
+// memory: the initial memory, or a reset whose caller zeroed the rows it had written. O(nlist +
+// N) per element (the list slots and the zero bits), not O(N·W).
+EXPORT void sa_ivf_clear(void* handle, const u8* elements) {
     IVF& ix = *static_cast<IVF*>(handle);
-    for (auto& v : ix.ids) v.clear();
-    for (auto& v : ix.vecs) v.clear();
-    std::fill(ix.list_of.begin(), ix.list_of.end(), -1);
-    for (i64 b = 0; b < ix.B; ++b)
+    for (i64 b = 0; b < ix.B; ++b) {
+        if (elements != nullptr && !elements[b]) continue;
+        for (i64 l = 0; l < ix.nlist; ++l) {
+            ix.ids[b * ix.nlist + l].clear();
+            ix.vecs[b * ix.nlist + l].clear();
+        }
+        std::fill(ix.list_of.begin() + b * ix.N, ix.list_of.begin() + (b + 1) * ix.N, -1);
         for (i64 w = 0; w < ix.words; ++w) {
             const i64 left = ix.N - w * 64;
             ix.zero[b * ix.words + w] = left >= 64 ? ~uint64_t(0) : (uint64_t(1) << left) - 1;
         }
+    }
 }
 
 #define SA_IVF_INSTANTIATE(T, SUFFIX)                                                              \

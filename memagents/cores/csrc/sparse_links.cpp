@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 // No fused multiply-adds: every product and sum rounds on its own, as in the torch reference's
@@ -323,11 +324,13 @@ i64 forward(i64 B, i64 N, i64 L_, i64 J, i64 R, i64 S, i64 K, T* link, T* link_t
 
     for (i64 n = 0; n < n_reset; ++n) {
         i64 b = reset[n];
+        std::memset(link + b * N * L, 0, sizeof(T) * N * L);
+        std::memset(link_t + b * N * L, 0, sizeof(T) * N * L);
         for (i64 i = 0; i < N; ++i)
             for (i64 k = 0; k < L; ++k) {
-                i64 o = (b * N + i) * L + k;
-                link[o] = link_t[o] = T(0);
-                link_idx[o] = link_t_idx[o] = (T)((i + 1 + k) % N);
+                const i64 o = (b * N + i) * L + k;
+                const i64 col = i + 1 + k;  // (i + 1 + k) mod N, as k < L < N
+                link_idx[o] = link_t_idx[o] = (T)(col < N ? col : col - N);
             }
     }
 
