@@ -127,6 +127,7 @@ def test_dirty_rows_cover_the_nonzero_rows(name):
             memory = state.access.memory
             carry = sparse_access.Carry.kept(memory)
             nonzero = (memory != 0).any(-1)
+            assert carry.known.all()  # (from an initial memory: every element's rows tracked)
             assert not (nonzero & ~carry.dirty).any()
     restart = torch.zeros(1, B)
     restart[0, 2] = 1
@@ -176,3 +177,68 @@ def test_ivf_clear_empties_only_the_given_elements():
     assert torch.equal(index.search(memory, keys, 3), fresh.search(memory, keys, 3))
     # element 1 is all zero: its k lowest rows (score 0)
     assert index.search(memory, keys, 3)[1].tolist() == [[0, 1, 2]] * 4
+
+
+@pytest.mark.parametrize("name,memory_size,index", [("sam", 300, "ivf"), ("sam", 64, "exact")])
+def test_training_call_with_restarts_matches_the_per_step_nodes(
+    monkeypatch, name, memory_size, index
+):
+    """A training call whose sequence node zeroes only the rows a restarting episode wrote
+    (forward) and only the rows its steps touched (backward) gives the outputs and parameter
+    gradients of the per-step nodes, which zero whole memories: restarts at t = 0 (every
+    element) and mid-sequence, from a used state, loss on the outputs only."""
+    from memagents.cores import sam
+
+    core = _core(name, memory_size, index)
+    x, starts = _inputs(6)
+    with torch.no_grad():
+        _, state = core(x, None, starts)  # a used memory to start from
+
+    def run():
+        core.zero_grad(set_to_none=True)
+        y, _ = core(x, state, starts)
+        gen = torch.Generator().manual_seed(7)
+        (y * torch.randn(y.shape, generator=gen, dtype=y.dtype)).sum().backward()
+        return y.detach(), [p.grad.clone() for p in core.parameters() if p.requires_grad]
+
+    y_seq, g_seq = run()
+    monkeypatch.setattr(sam, "SEQUENCE_NODE", False)
+    y_ref, g_ref = run()
+    torch.testing.assert_close(y_seq, y_ref, atol=1e-12, rtol=0)
+    for a, b in zip(g_seq, g_ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+    assert all(g.abs().sum() > 0 for g in g_seq)
+
+
+@pytest.mark.parametrize("memory_size,index", [(64, "exact"), (300, "ivf"), (4096, "ivf")])
+def test_peek_gives_forward_and_leaves_the_carried_state_as_it_was(memory_size, index):
+    """SAM's ``peek`` on a carried state (a rollout's bootstrap value) returns ``forward``'s
+    output, with a restarting element among them, and then the state (memory, last-access
+    steps, index, LRU blocks) is what it was: the next carried steps equal the reference."""
+    core = _core("sam", memory_size, index)
+    x, starts = _inputs(8)
+    with torch.no_grad():
+        y_ref, state_ref = core(x, None, starts)
+        state = None
+        for t in range(20):
+            _, state = core.forward_inplace(x[t : t + 1], state, starts[t : t + 1])
+        before = state_lib.map_state(torch.clone, state)
+        peek_starts = torch.zeros(1, B)
+        peek_starts[0, 3] = 1  # one element restarts in the peeked step
+        probe = torch.randn(
+            1, B, I, dtype=torch.float64, generator=torch.Generator().manual_seed(9)
+        )
+        y_peek = core.peek(probe, state, peek_starts)
+        y_fwd, _ = core(probe, before, peek_starts)
+        assert sparse_access.Carry.find(state.access.memory, state.access.last_access) is not None
+        for (name, a), (_, b) in zip(
+            state_lib.named_leaves(state), state_lib.named_leaves(before), strict=True
+        ):
+            assert torch.equal(a, b), name
+        ys = []
+        for t in range(20, T):
+            y, state = core.forward_inplace(x[t : t + 1], state, starts[t : t + 1])
+            ys.append(y)
+    torch.testing.assert_close(y_peek, y_fwd, atol=1e-12, rtol=0)
+    torch.testing.assert_close(torch.cat(ys), y_ref[20:], atol=1e-12, rtol=0)
+    _assert_states_close(state, state_ref)

@@ -1,4 +1,4 @@
-"""``python -m memagents.bench {cores,envs,fwp,sam,sdnc,train} [options]``: benchmarks into
+"""``python -m memagents.bench {cores,envs,fwp,sam,sdnc,sparse-rl,train} [options]``: benchmarks into
 ``docs/BENCHMARKS.md``."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ TARGETS = {
     "fwp": "memagents.bench.fwp",
     "sam": "memagents.bench.sam",
     "sdnc": "memagents.bench.sdnc",
+    "sparse-rl": "memagents.bench.sparse_rl",
     "train": "memagents.bench.train",
 }
 

@@ -53,15 +53,25 @@ MEMORY = {
 SPLIT = ("prep", "forward", "backward", "optimizer")
 
 
-def config_for(env_id: str, core: str, collector: str, hyper: dict[str, Any], device: str):
+def config_for(
+    env_id: str,
+    core: str,
+    collector: str,
+    hyper: dict[str, Any],
+    device: str,
+    core_kwargs: dict[str, Any] | None = None,
+):
+    """The training config of a row; ``core_kwargs`` replace :data:`MEMORY`'s for the core."""
     from memagents.config import from_dict
+
+    memory = MEMORY.get(core, {}) if core_kwargs is None else core_kwargs
 
     return from_dict(
         {
             "env": {"id": env_id, "n_envs": hyper["n_envs"], "vec_env": "batched"},
             "core": {
                 "name": core,
-                "kwargs": {"hidden_size": hyper["hidden_size"], **MEMORY.get(core, {})},
+                "kwargs": {"hidden_size": hyper["hidden_size"], **memory},
             },
             "policy": {"critic": "joint", "net_arch": list(hyper["net_arch"])},
             "ppo": {
@@ -76,9 +86,15 @@ def config_for(env_id: str, core: str, collector: str, hyper: dict[str, Any], de
 
 
 def measure(
-    env_id: str, core: str, collector: str, hyper: dict[str, Any], device: str
+    env_id: str,
+    core: str,
+    collector: str,
+    hyper: dict[str, Any],
+    device: str,
+    core_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train ``hyper["iterations"]`` iterations with ``collector``; time the parts; evaluate."""
+    """Train ``hyper["iterations"]`` iterations with ``collector``; time the parts; evaluate.
+    ``core_kwargs``: as :func:`config_for`."""
     import torch
     from stable_baselines3.common.evaluation import evaluate_policy
 
@@ -86,7 +102,7 @@ def measure(
     from memagents.bench.train import iteration_clock
 
     torch.set_num_threads(1)
-    config = config_for(env_id, core, collector, hyper, device)
+    config = config_for(env_id, core, collector, hyper, device, core_kwargs)
     env = train.make_env(config, seed=0)
     model = train.make_model(config, env, device)
     cuda = device.startswith("cuda")

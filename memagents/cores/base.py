@@ -155,6 +155,14 @@ class MemoryCore(nn.Module):
             return y, state, stack_debug(debug_steps)
         return y, state
 
+    def peek(self, x: Tensor, state: Any, episode_starts: Tensor | None = None) -> Tensor:
+        """The outputs ``y [T, B, output_size]`` of :meth:`forward` from ``state``, which is left
+        as it was (a rollout's bootstrap value after its last step: the state goes on to the
+        next rollout). The base class calls :meth:`forward` (which never modifies its input);
+        SAM steps a carried state in place and restores what the step changed, instead of
+        copying its ``N×W`` memory."""
+        return self(x, state, episode_starts)[0]
+
     def _wants_grad(self, x: Tensor, state: Any) -> bool:
         """Whether a call builds a graph (a parameter, the input or the state needs one)."""
         return torch.is_grad_enabled() and (

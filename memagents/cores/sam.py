@@ -158,20 +158,22 @@ class SAMState(NamedTuple):
 
 
 def _reset_access(
-    st, reset, initial, time, read_w, write_w, read_idx, write_idx, last_access, scratch
+    st, reset, initial, time, read_w, write_w, read_idx, write_idx, last_access, scratch,
+    zeroed=False,
 ):  # fmt: skip
     """The native loops' reset of the access state where ``st [B]`` (bool; ``reset``: its
     elements as long indices) starts an episode: ``time``, ``w^R``, ``w^W`` from ``initial`` (a
-    mapping with those fields), their rows to 0, ``last_access`` zeroed in place and the block
-    minima rebuilt (the memory itself is zeroed by the step). Returns ``(time, w^R, w^W, w^R
-    rows, w^W rows)``."""
+    mapping with those fields), their rows to 0, ``last_access`` zeroed in place (unless
+    ``zeroed``: it is all zero already) and the block minima set (the memory itself is zeroed
+    by the caller or the step). Returns ``(time, w^R, w^W, w^R rows, w^W rows)``."""
     time = state_lib.reset_where(time, initial["time"], st)
     read_w = state_lib.reset_where(read_w, initial["read_weights"], st)
     write_w = state_lib.reset_where(write_w, initial["write_weights"], st)
     read_idx = read_idx.masked_fill(st[:, None, None], 0)
     write_idx = write_idx.masked_fill(st[:, None], 0)
-    last_access.index_fill_(0, reset, 0.0)
-    scratch.rebuild(last_access, st.to(torch.uint8))
+    if not zeroed:
+        last_access.index_fill_(0, reset, 0.0)
+    scratch.clear(reset)
     return time, read_w, write_w, read_idx, write_idx
 
 
@@ -183,11 +185,12 @@ def _sequence_forward(
     Hd = G // 4
     R, W, K = aux["sizes"]
     index, scratch = aux["index"], aux["scratch"]
-    starts, reset_steps, initial, small = (
+    starts, reset_steps, initial, small, rows = (
         aux["starts"],
         aux["reset_steps"],
         aux["initial"],
         aux["small"],
+        aux["rows"],
     )
     last_access, time = small["last_access"], small["time"]
     read_idx, write_idx, write_w = small["read_idx"], small["write_idx"], small["write_w"]
@@ -207,11 +210,16 @@ def _sequence_forward(
             z = torch.where(st[:, None], init_z, z)
             c = torch.where(st[:, None], init_c, c)
             time, read_w, write_w, read_idx, write_idx = _reset_access(
-                st, reset, initial, time, read_w, write_w, read_idx, write_idx, last_access, scratch
-            )
+                st, reset, initial, time, read_w, write_w, read_idx, write_idx, last_access,
+                scratch, zeroed=aux["fresh"] and t == 0,
+            )  # fmt: skip
+            rows.reset(memory, reset)  # zero the rows the episodes wrote (the step would zero all)
+            restarted, reset = reset, no_reset
             lru = None
+        else:
+            restarted = None
         if lru is None:
-            lru = sparse_access.least_recently_used(last_access)
+            lru = scratch.least_recently_used(last_access)
         # controller (h_t into y[t]), then the interface
         acts, c_prev, c, tanh_c = lstm_cell.forward_step(lstm_fwd, x_proj[t], z, w_state_t, c, y[t])
         xi = torch.addmm(b_if, y[t, :, :Hd], w_if_t)
@@ -227,7 +235,10 @@ def _sequence_forward(
         access.saved_tensors, access.to_save, access.dirty_tensors = access.to_save, None, None
         # z only when it is not y[t - 1] (step 0, resets): no views of the output y in the
         # context (y -> its node -> the context -> y would never be freed)
-        steps.append((access, acts, c_prev, tanh_c, z if t == 0 or reset_steps[t] else None))
+        steps.append(
+            (access, acts, c_prev, tanh_c, z if t == 0 or reset_steps[t] else None, restarted)
+        )
+        rows.wrote(write_idx)
         y[t, :, Hd:] = read_flat
         z = y[t]
     small.update(time=time, read_idx=read_idx, write_idx=write_idx, write_w=write_w, lru=lru)
@@ -271,6 +282,7 @@ class SAMSequence(torch.autograd.Function):
         ctx.lib = aux["lib"]
         ctx.starts = aux["starts"]
         ctx.reset_steps = aux["reset_steps"]
+        ctx.scratch = aux["scratch"]
         ctx.save_for_backward(w_state, w_if, outputs[0])
         ctx.set_materialize_grads(False)
         ctx.mark_dirty(memory)
@@ -293,8 +305,12 @@ class SAMSequence(torch.autograd.Function):
         g_mem = g_memory
         g_init_z = g_init_c = None
         _, lstm_bwd = lstm_cell.kernels(ctx.lib, w_state)
+        # a restart zeroes the gradient of the element's earlier memory: only its rows that
+        # some step touched when the buffer holds nothing elsewhere (no gradient came for the
+        # final memory and none is wanted for the first), else all of them
+        touched = None if g_memory is not None or ctx.scratch.dense_grad else ctx.scratch.rows
         for t in reversed(range(T)):
-            access, acts, c_prev, tanh_c, z = steps[t]
+            access, acts, c_prev, tanh_c, z, restarted = steps[t]
             zs[t] = y[t - 1] if z is None else z
             g_out = g_z if g_y is None else (g_y[t] if g_z is None else g_y[t] + g_z)
             g_h = None if g_out is None else g_out[:, :Hd]
@@ -302,6 +318,8 @@ class SAMSequence(torch.autograd.Function):
             g_xi, g_rw, g_mem = sparse_access.SAMAccessStep.backward(
                 access, g_mem, g_rw, None, g_read, g_ww if t == T - 1 else None, None, None, None
             )[:3]
+            if restarted is not None:
+                sparse_access.zero_restarted(g_mem, restarted, touched)
             g_xi_all[t] = g_xi
             g_h = g_xi.mm(w_if) if g_h is None else torch.addmm(g_h, g_xi, w_if)
             g_c = lstm_cell.backward_step(
@@ -451,6 +469,54 @@ class SAMCore(MemoryCore):
         state, starts = self._check_inputs(x, state, episode_starts)
         return self._run(x, state, starts, False, carried=True)
 
+    def peek(self, x, state, episode_starts=None):
+        """:meth:`MemoryCore.peek`. For one step without gradient on a state that a carried call
+        returned (:meth:`forward_inplace`), the step runs in place and is then undone: the rows
+        it wrote (``w^R_{t-1}``'s rows and the LRU row, saved before), ``last_access``, the LRU
+        blocks and the written-rows mask restored, and the index re-filed at those rows; an
+        element that restarts gets its whole memory back (saved before) and its index rebuilt.
+        ``O(J·W + N)`` per element instead of a copy of the memory and a new index."""
+        state, starts = self._check_inputs(x, state, episode_starts)
+        a = state.access
+        carry = None
+        if x.shape[0] == 1 and self._native(x, state) and not self._wants_grad(x, state):
+            carry = sparse_access.Carry.find(a.memory, a.last_access)
+        if carry is None:
+            return self._run(x, state, starts, False)[0]
+        memory, last_access, scratch = a.memory, a.last_access, carry.scratch
+        W = memory.shape[2]
+        reset = (
+            starts[0].nonzero().flatten()
+            if starts is not None
+            else torch.zeros(0, dtype=torch.long, device=x.device)
+        )
+        # the rows the step writes where the element does not restart: w^R_{t-1}'s and the LRU
+        rows = torch.cat(
+            [a.read_indices.long().flatten(1), scratch.least_recently_used(last_access)[:, None]],
+            dim=1,
+        )
+        gather = rows[..., None].expand(-1, -1, W)
+        saved_rows = memory.gather(1, gather)
+        saved_reset = memory.index_select(0, reset)
+        saved_last, saved_dirty = last_access.clone(), carry.dirty.clone()
+        saved_known = carry.known.clone()
+        blocks = scratch.blocks
+        saved_blocks = None if blocks is None else (blocks[1].clone(), blocks[2].clone())
+        y, _ = self._run_native(x, state, starts, False, carried=True)
+        memory.scatter_(1, gather, saved_rows)
+        memory.index_copy_(0, reset, saved_reset)
+        last_access.copy_(saved_last)
+        carry.dirty.copy_(saved_dirty)
+        carry.known.copy_(saved_known)
+        if saved_blocks is not None:
+            blocks[1].copy_(saved_blocks[0])
+            blocks[2].copy_(saved_blocks[1])
+        carry.index.update(memory, rows)
+        if reset.numel():
+            carry.index.reset(memory, reset)
+        carry.keep(memory, last_access)
+        return y
+
     def step(self, x, state: SAMState, return_debug=False):
         """One step (copies the memory; prefer :meth:`forward` over whole sequences)."""
         out = self._run(x.unsqueeze(0), state, None, return_debug)
@@ -586,7 +652,7 @@ class SAMCore(MemoryCore):
 
     def _run_sequence(
         self, x, starts, reset_steps, initial, h, c, read_flat, memory, read_w, small, index,
-        scratch, lib,
+        scratch, lib, rows, fresh,
     ):  # fmt: skip
         """:meth:`_run_native` as one :class:`SAMSequence` node: ``(y, new state)``."""
         B = x.shape[1]
@@ -616,6 +682,8 @@ class SAMCore(MemoryCore):
             "reset_steps": reset_steps,
             "initial": init,
             "small": small,
+            "rows": rows,
+            "fresh": fresh,
         }
         y, c, memory, read_w, write_w = SAMSequence.apply(
             x_proj, w_state, self.interface.weight, self.interface.bias, h, c, read_flat, memory,
@@ -654,6 +722,8 @@ class SAMCore(MemoryCore):
 
         access = state.access
         N = self.memory_size
+        # an initial state's last-access steps: all zero, nothing to read or to reset at t = 0
+        fresh = sparse_access.is_zero_broadcast(access.last_access)
         carry = sparse_access.Carry.find(access.memory, access.last_access) if carried else None
         if carry is not None:  # the memory, its index and the LRU blocks as the last call left them
             memory, last_access = access.memory, access.last_access
@@ -668,8 +738,13 @@ class SAMCore(MemoryCore):
                 last_access,
                 dense_grad=memory.requires_grad,
                 block_rows=lru_block_rows(N),
+                zero=fresh,
             )
-            if carried:
+            wants_grad = self._wants_grad(x, state)
+            if carried or (SEQUENCE_NODE and wants_grad) or not wants_grad:
+                # the rows each element wrote (a reset zeroes only those); kept for the next
+                # call only when carried. (Off only for the per-step nodes with gradient, whose
+                # backward zeroes a restarting element's whole gradient itself.)
                 carry = sparse_access.Carry(access.memory, last_access, index, scratch)
         h, c = state.controller.h.squeeze(1), state.controller.c.squeeze(1)  # [B, H]
         read_flat = state.read_vectors.reshape(B, R * W)
@@ -684,7 +759,7 @@ class SAMCore(MemoryCore):
                 }  # fmt: skip
                 return self._run_sequence(
                     x, starts, reset_steps, initial, h, c, read_flat, memory, read_w, small,
-                    index, scratch, lib,
+                    index, scratch, lib, carry, fresh,
                 )  # fmt: skip
         no_reset = torch.zeros(0, dtype=torch.long, device=x.device)
         lru = None
@@ -701,7 +776,7 @@ class SAMCore(MemoryCore):
                 read_flat = torch.where(st[:, None], init.read_vectors.reshape(B, R * W), read_flat)
                 time, read_w, write_w, read_idx, write_idx = _reset_access(
                     st, reset, init_a._asdict(), time, read_w, write_w, read_idx, write_idx,
-                    last_access, scratch,
+                    last_access, scratch, zeroed=fresh and t == 0,
                 )  # fmt: skip
                 if carry is not None:  # zero the rows the episodes wrote (not the step: all N)
                     carry.reset(memory, reset)
@@ -739,7 +814,7 @@ class SAMCore(MemoryCore):
                     }
                 )
 
-        if carry is not None:
+        if carried:
             carry.keep(memory, last_access)
         dtype = memory.dtype
         new_state = SAMState(

@@ -1010,8 +1010,8 @@ class SDNCCore(MemoryCore):
             index = sparse_access.make_index(self.index_kind, a.memory.detach())
             if carried:
                 scratch = sparse_access.StepScratch(
-                    last_access, dense_grad=False,
-                    block_rows=lru_block_rows(N),
+                    last_access, dense_grad=False, block_rows=lru_block_rows(N),
+                    zero=sparse_access.is_zero_broadcast(a.last_access),
                 )  # fmt: skip
                 carry = sparse_access.Carry(a.memory, last_access, index, scratch)
         # the controller's state and the read vectors flat ([B, ·]) during the loop
@@ -1062,7 +1062,7 @@ class SDNCCore(MemoryCore):
                     small[f] = state_lib.reset_where(small[f], init.to(small[f].dtype), st)
                 if carry is not None:  # in place, and only the rows the episodes wrote
                     last_access.index_fill_(0, reset, 0.0)
-                    scratch.rebuild(last_access, st.to(torch.uint8))
+                    scratch.clear(reset)
                     carry.reset(memory, reset)
                 lru = None
             if lru is None:

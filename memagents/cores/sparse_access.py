@@ -293,7 +293,15 @@ class StepScratch:
       gradient of the starting memory) is not used.
     """
 
-    def __init__(self, last_access: Tensor, dense_grad: bool, block_rows: int | None = None):
+    def __init__(
+        self,
+        last_access: Tensor,
+        dense_grad: bool,
+        block_rows: int | None = None,
+        zero: bool = False,
+    ):
+        """``zero``: ``last_access`` is known to be all zero (an initial state): the block
+        minima are set without reading it."""
         B, N = last_access.shape
         self.dense_grad = dense_grad
         self.rows: list[Tensor] = []
@@ -303,7 +311,19 @@ class StepScratch:
             bmin = torch.empty(B, nb, dtype=last_access.dtype)
             barg = torch.empty(B, nb, dtype=torch.long)
             self.blocks = (block_rows, bmin, barg)
-            self.rebuild(last_access, None)
+            if zero:
+                self.clear(torch.arange(B))
+            else:
+                self.rebuild(last_access, None)
+
+    def clear(self, elements: Tensor) -> None:
+        """The block minima of elements (``[n]`` long) whose ``last_access`` was just zeroed:
+        every block's minimum is 0 at its first row (no scan of the rows)."""
+        if self.blocks is not None:
+            bs, bmin, barg = self.blocks
+            first = torch.arange(bmin.shape[1], dtype=torch.long) * bs
+            bmin.index_fill_(0, elements, 0)
+            barg.index_copy_(0, elements, first.expand(len(elements), -1))
 
     def rebuild(self, last_access: Tensor, mask: Tensor | None) -> None:
         """Recompute the block minima (of the elements in ``mask``, ``[B]`` uint8; all if None)."""
@@ -348,8 +368,9 @@ class Carry:
     - ``scratch``: the block minima of ``last_access`` (:class:`StepScratch`), kept current by
       the usage kernel;
     - ``dirty [B, N]`` bool: the rows each element may have made non-zero since its episode
-      started (a superset of its non-zero rows), so that an episode start zeroes only those
-      rows and clears the index without a scan (:meth:`reset`).
+      started (a superset of its non-zero rows where ``known [B]``: from the element's first
+      episode start in the carry, or from the start for an initial memory), so that an episode
+      start zeroes only those rows and clears the index without a scan (:meth:`reset`).
 
     All of it is a function of the memory and ``last_access`` it was built for, and it is found
     again (:meth:`find`) only for those very tensors, unmodified since (the same objects at the
@@ -359,10 +380,13 @@ class Carry:
     """
 
     def __init__(self, memory: Tensor, last_access: Tensor, index: Index, scratch: StepScratch):
+        """``memory``: the state's memory (a broadcast zero: every element's rows are known;
+        otherwise none are, and an element's first reset zeroes all its rows)."""
         self.index, self.scratch = index, scratch
-        self.dirty = (memory.detach() != 0).any(dim=-1) if not is_zero_broadcast(memory) else (
-            torch.zeros(memory.shape[:2], dtype=torch.bool, device=memory.device)
-        )  # fmt: skip
+        B, N = memory.shape[:2]
+        self.dirty = torch.zeros(B, N, dtype=torch.bool, device=memory.device)
+        #: ``[B]``: whether ``dirty`` covers the element's non-zero rows
+        self.known = torch.full((B,), is_zero_broadcast(memory), device=memory.device)
         self._refs: list[weakref.ref] = []
         self._versions: tuple[int, ...] = ()
 
@@ -397,16 +421,35 @@ class Carry:
         ``dirty`` rows) and clear them in the index: the memory part of an episode start, in
         ``O(N + dirty rows · W)`` per element instead of ``O(N·W)``."""
         B, N, W = memory.shape
-        sub = self.dirty.index_select(0, reset)  # [n, N]
-        at = sub.nonzero()  # [m, 2]: (position in reset, row)
-        flat = reset.index_select(0, at[:, 0]) * N + at[:, 1]
+        known = self.known.index_select(0, reset)
+        memory.index_fill_(0, reset[~known], 0.0)  # (rows not tracked: all of them)
+        reset_known = reset[known]
+        sub = self.dirty.index_select(0, reset_known)  # [n, N]
+        at = sub.nonzero()  # [m, 2]: (position in reset_known, row)
+        flat = reset_known.index_select(0, at[:, 0]) * N + at[:, 1]
         memory.view(B * N, W).index_fill_(0, flat, 0.0)
         self.dirty.index_fill_(0, reset, False)
+        self.known.index_fill_(0, reset, True)
         self.index.clear(memory, reset)
 
     def wrote(self, rows: Tensor) -> None:
         """The step wrote the rows ``rows`` (``[B, J]`` long)."""
         self.dirty.scatter_(1, rows, True)
+
+
+def zero_restarted(g: Tensor, elements: Tensor, touched: list[Tensor] | None) -> None:
+    """In a backward pass, zero the memory gradient ``g [B, N, W]`` of the elements ``elements``
+    (``[n]`` long) that restarted at this step: their earlier memory had no effect. With
+    ``touched`` (the ``[B, ·]`` row lists of every step, :attr:`StepScratch.rows`) only those
+    rows, which are the only ones the backward reads (the gradient buffer of
+    :meth:`StepScratch.gradient_buffer`); with ``None`` all ``N`` rows."""
+    if touched is None:
+        g.index_fill_(0, elements, 0.0)
+        return
+    B, N, W = g.shape
+    rows = torch.cat(touched, dim=1).index_select(0, elements)  # [n, S]
+    flat = (elements[:, None] * N + rows).flatten()
+    g.view(B * N, W).index_fill_(0, flat, 0.0)
 
 
 # -- write weighting (section 3.2) -----------------------------------------------------------------
@@ -471,8 +514,8 @@ class ExactIndex:
                 self.sqnorm = _sqnorm(memory.detach().contiguous())
 
     def reset(self, memory: Tensor, elements: Tensor) -> None:
-        if self.sqnorm is not None:
-            self.sqnorm[elements] = memory[elements].detach().square().sum(-1)
+        if self.sqnorm is not None:  # the kernel's sums, as the write keeps them
+            self.sqnorm[elements] = _sqnorm(memory.detach()[elements].contiguous())
 
     def clear(self, memory: Tensor, elements: Tensor) -> None:
         if self.sqnorm is not None:
@@ -481,7 +524,7 @@ class ExactIndex:
     def update(self, memory: Tensor, rows: Tensor) -> None:
         if self.sqnorm is not None:
             values = memory.detach().gather(1, rows.unsqueeze(-1).expand(-1, -1, memory.shape[2]))
-            self.sqnorm.scatter_(1, rows, values.square().sum(-1))
+            self.sqnorm.scatter_(1, rows, _sqnorm(values.contiguous()))
 
     def native_search(
         self, memory: Tensor, keys: Tensor, k: int, sqnorm: Tensor | None = None

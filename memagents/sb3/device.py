@@ -35,6 +35,9 @@ from stable_baselines3.common.preprocessing import get_action_dim
 from torch import Tensor
 
 from envs.vector import BatchedEnv
+from memagents.cores import state as state_lib
+from memagents.cores.sparse_access import is_zero_broadcast
+from memagents.sb3.policy import ColumnStates
 from memagents.sb3.segments import chunk_segments, column_layout, pack_columns
 
 
@@ -105,6 +108,7 @@ class DeviceRolloutBuffer:
             self.element_rewards = zeros(*shape, self.reward_elements)
             self.element_advantages = zeros(*shape, self.reward_elements)
         self.start_states: RNNStates | None = None
+        self.native_start = False
         self.reset()
 
     def reset(self) -> None:
@@ -119,12 +123,25 @@ class DeviceRolloutBuffer:
         self.element_log_probs: Tensor | None = None
 
     # -- filling --------------------------------------------------------------------------------
-    def set_start_states(self, states: RNNStates) -> None:
-        """The packed states before the rollout's first step, ``(num_layers, n_envs, H)`` each."""
-        self.start_states = RNNStates(
-            tuple(s.detach().clone() for s in states.pi),
-            tuple(s.detach().clone() for s in states.vf),
-        )
+    def set_start_states(self, states: RNNStates, native: bool = False) -> None:
+        """The states before the rollout's first step: packed, ``(num_layers, n_envs, H)`` each,
+        or with ``native`` the cores' own (``RNNStates(pi, vf or None)``, as
+        ``MemoryPolicy.rollout_step`` carries them). Kept as copies (a core that carries its
+        state writes it in place during the rollout); a broadcast zero stays one, and a critic
+        state that is the actor's is copied once."""
+        self.native_start = native
+
+        def keep(t: Tensor) -> Tensor:
+            return t.detach() if is_zero_broadcast(t) else t.detach().clone()
+
+        if native:
+            pi = state_lib.map_state(keep, states.pi)
+            vf = None if states.vf is None else state_lib.map_state(keep, states.vf)
+            self.start_states = RNNStates(pi, vf)
+            return
+        pi = tuple(keep(s) for s in states.pi)
+        same = all(a.data_ptr() == b.data_ptr() for a, b in zip(states.pi, states.vf, strict=True))
+        self.start_states = RNNStates(pi, pi if same else tuple(keep(s) for s in states.vf))
 
     def add(
         self,
@@ -323,20 +340,35 @@ class DeviceRolloutBuffer:
         return padded.index_select(0, indices)
 
     def _start_states(self, heads: Tensor) -> RNNStates:
-        """Packed states before each column's first segment, ``(num_layers, n_col, H)`` each:
-        the stored state where it begins the rollout, zeros where it begins an episode (the
-        core replaces them by its initial state there)."""
+        """The states before each column's first segment, as
+        :class:`~memagents.sb3.policy.ColumnStates`: the stored state (packed, ``(1, m, H)``)
+        of the ``m`` columns whose first segment begins the rollout; the others begin an
+        episode, where the core starts from its initial state, so none is made for them."""
         flat = self._segment_starts[heads]
         env = torch.div(flat, self.buffer_size, rounding_mode="floor")
-        at_rollout_start = (flat % self.buffer_size) == 0
+        columns = ((flat % self.buffer_size) == 0).nonzero().flatten()
+        env = env.index_select(0, columns)
 
-        def pick(stored: Tensor) -> Tensor:
-            picked = stored.index_select(1, env)
-            return torch.where(at_rollout_start[None, :, None], picked, 0.0).contiguous()
+        def take(t: Tensor, dim: int) -> Tensor:
+            if is_zero_broadcast(t):  # (a memory never written: stays a broadcast)
+                shape = list(t.shape)
+                shape[dim] = len(env)
+                return t.as_strided((1,) * t.dim(), (0,) * t.dim()).expand(shape)
+            return t.index_select(dim, env)
+
+        def pick(stored: Any) -> ColumnStates | None:
+            if stored is None:
+                return None
+            if self.native_start:
+                return ColumnStates(
+                    state_lib.map_state(lambda t: take(t, 0), stored), columns, len(heads), False
+                )
+            return ColumnStates(tuple(take(t, 1) for t in stored), columns, len(heads))
 
         assert self.start_states is not None, "set_start_states() before the first step"
         pi, vf = self.start_states
-        return RNNStates((pick(pi[0]), pick(pi[1])), (pick(vf[0]), pick(vf[1])))
+        picked_pi = pick(pi)
+        return RNNStates(picked_pi, picked_pi if vf is pi else pick(vf))
 
     def _get_samples(self, segments: np.ndarray) -> RecurrentRolloutBufferSamples:
         indices, valid, heads, _ = self._layout(segments)
@@ -420,8 +452,8 @@ def evaluate_batched(
     gives the same episodes as ``evaluate_policy`` on the same env; the loop stops when every
     env has played its share (checked every 16 steps, the only host syncs besides the result).
 
-    :param policy: a ``MemoryPolicy`` (anything with ``get_distribution`` and
-        ``initial_state``) on the env's device.
+    :param policy: a ``MemoryPolicy`` on the env's device (stepped on its core's own state,
+        ``act_native``), or anything with ``get_distribution`` and ``initial_state``.
     :param env: the batched env (restarted: ``reset_tensor``).
     :param episodes: episodes in all (>= 1).
     :param deterministic: the distribution's mode instead of samples.
@@ -438,13 +470,17 @@ def evaluate_batched(
     lengths = torch.zeros((B, most), dtype=torch.long, device=device)
     successes = torch.zeros((B, most), dtype=torch.bool, device=device)
     obs = env.reset_tensor()
-    states = policy.initial_state(B, device).pi
+    native = hasattr(policy, "act_native")  # the core's own state, never packed
+    states = policy.initial_native(B, device).pi if native else policy.initial_state(B, device).pi
     starts = torch.ones(B, device=device)
     rows = torch.arange(B, device=device)
     step = 0
     while True:
-        distribution, states = policy.get_distribution(obs, states, starts)
-        actions = distribution.get_actions(deterministic=deterministic)
+        if native:
+            actions, states = policy.act_native(obs, states, starts, deterministic)
+        else:
+            distribution, states = policy.get_distribution(obs, states, starts)
+            actions = distribution.get_actions(deterministic=deterministic)
         out = env.step_tensor(actions)
         record = out.done & (counts < targets)
         slot = counts.clamp(max=most - 1)

@@ -22,7 +22,7 @@ How the core's state travels through sb3-contrib, which only knows LSTM states:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -56,6 +56,19 @@ _UNVALIDATED: dict[type, type[torch.distributions.Distribution]] = {
 
 #: ``(h, c)``, each ``(1, B, hidden_size)``: a core state as sb3-contrib stores it.
 HC = tuple[Tensor, Tensor]
+
+
+class ColumnStates(NamedTuple):
+    """States before ``n`` training columns, given only for the ``m`` columns that continue a
+    stored state; every other column begins an episode at its first step, where the core
+    replaces its state by the initial one anyway. The device rollout buffer hands these to
+    :meth:`MemoryPolicy.evaluate_actions` so that a minibatch never materialises a state for
+    the columns that do not need one (an ``N×W`` memory each for the sparse cores)."""
+
+    stored: Any  # the m columns' states: packed (h, c), each (1, m, H), or the core's own
+    columns: Tensor  # [m] long: their positions among the n columns
+    n: int  # columns in all
+    packed: bool = True  # whether ``stored`` is packed
 
 
 class PackedCore(nn.Module):
@@ -154,6 +167,8 @@ class PackedCore(nn.Module):
         picks the same values as the core's reset of each state tensor, in two operations and
         without building the initial state every step.
         """
+        if isinstance(hc, ColumnStates):
+            return self._forward_columns(x, hc, episode_starts), None
         if x.shape[0] == 1 and not torch.is_grad_enabled() and episode_starts.shape == x.shape[:2]:
             starts = episode_starts[0].to(device=x.device, dtype=torch.bool)  # [B]
             # on a GPU always select (reading ``starts.any()`` would sync with the host every
@@ -167,6 +182,31 @@ class PackedCore(nn.Module):
             return y, self.pack(state)
         y, state = self.core(x, self.unpack(hc), episode_starts)
         return y, self.pack(state)
+
+    def _forward_columns(self, x: Tensor, states: ColumnStates, starts: Tensor) -> Tensor:
+        """:meth:`forward`'s outputs from :class:`ColumnStates` (the final state is not made).
+
+        A core that ``carries_state`` (SAM, SDNC: an ``N×W`` memory per element) runs twice:
+        the columns that begin an episode from its initial state (a broadcast zero memory,
+        never materialised) and the others from their stored states; every element is
+        independent, so the outputs are those of one call over all columns. Other cores get
+        the packed states of all columns (zeros where an episode begins) and one call."""
+        n, cols = states.n, states.columns
+        stored = self.unpack(states.stored) if states.packed else states.stored
+        if not self.core.carries_state or cols.numel() == n:
+            full = state_lib.map_state(
+                lambda t: t.new_zeros(n, *t.shape[1:]).index_copy_(0, cols, t), stored
+            )
+            return self.core(x, full, starts)[0]
+        fresh = torch.ones(n, dtype=torch.bool, device=x.device)
+        fresh[cols] = False
+        fresh = fresh.nonzero().flatten()
+        y_fresh = self.core(x.index_select(1, fresh), None, starts.index_select(1, fresh))[0]
+        if not cols.numel():
+            return y_fresh
+        y_kept = self.core(x.index_select(1, cols), stored, starts.index_select(1, cols))[0]
+        y = y_fresh.new_empty(x.shape[0], n, y_fresh.shape[2])
+        return y.index_copy(1, fresh, y_fresh).index_copy(1, cols, y_kept)
 
     @torch.no_grad()
     def step_native(self, x: Tensor, state: Any, starts: Tensor) -> tuple[Tensor, Any]:
@@ -192,6 +232,13 @@ class PackedCore(nn.Module):
             state = state_lib.reset_where(state, initial, starts)
         y, state = self.core(x.unsqueeze(0), state, None)
         return y[0], state
+
+    @torch.no_grad()
+    def peek_native(self, x: Tensor, state: Any, starts: Tensor) -> Tensor:
+        """``y [B, output_size]`` of :meth:`step_native`, leaving ``state`` as it was
+        (:meth:`~memagents.cores.base.MemoryCore.peek`): a rollout's bootstrap value."""
+        starts = starts.to(device=x.device, dtype=torch.bool)
+        return self.core.peek(x.unsqueeze(0), state, starts.unsqueeze(0))[0]
 
 
 class _Layout:
@@ -485,7 +532,7 @@ class MemoryPolicy(RecurrentActorCriticPolicy):
         :param lstm: the :class:`PackedCore` to run.
         :return: ``(n_seq * T, output_size)`` and the packed state after the last step.
         """
-        n_seq = lstm_states[0].shape[1]
+        n_seq = lstm_states.n if isinstance(lstm_states, ColumnStates) else lstm_states[0].shape[1]
         # (n_seq * T, F) -> (n_seq, T, F) -> (T, n_seq, F)
         x = features.reshape(n_seq, -1, lstm.input_size).transpose(0, 1)
         # (n_seq * T,) -> (n_seq, T) -> (T, n_seq)
@@ -515,7 +562,9 @@ class MemoryPolicy(RecurrentActorCriticPolicy):
             # sb3-contrib's semantics: the value head reads the shared core without training it;
             # with train_shared_core the value loss trains it too (the state is a value to store)
             latent_vf = latent_pi if self.train_shared_core else latent_pi.detach()
-            states_vf = (states_pi[0].detach(), states_pi[1].detach())
+            states_vf = (
+                None if states_pi is None else (states_pi[0].detach(), states_pi[1].detach())
+            )
         else:
             latent_vf = self.critic(vf_features)
             states_vf = states_pi
@@ -554,6 +603,17 @@ class MemoryPolicy(RecurrentActorCriticPolicy):
         log_prob = distribution.log_prob(actions)
         return actions.reshape((-1, *self.action_space.shape)), values, log_prob
 
+    def initial_native(
+        self, batch_size: int, device: torch.device | str | None = None
+    ) -> RNNStates:
+        """The cores' own initial states (:meth:`unpack_states` of the packed initial state, with
+        the sparse cores' memories left as broadcast zeros): ``RNNStates(pi, vf or None)``."""
+        pi = self.memory_actor.core.initial_state(batch_size, device)
+        vf = None
+        if self.memory_critic is not None:
+            vf = self.memory_critic.core.initial_state(batch_size, device)
+        return RNNStates(pi, vf)
+
     def unpack_states(self, states: RNNStates) -> RNNStates:
         """Packed rollout states -> the cores' own states for :meth:`rollout_step`:
         ``RNNStates(pi=actor state, vf=critic state or None)``."""
@@ -569,8 +629,40 @@ class MemoryPolicy(RecurrentActorCriticPolicy):
         return RNNStates(pi, (pi[0].detach(), pi[1].detach()))
 
     @torch.no_grad()
-    def rollout_step(
+    def act_native(
+        self, obs: Tensor, state: Any, episode_starts: Tensor, deterministic: bool = True
+    ) -> tuple[Tensor, Any]:
+        """The actor alone, one step on its core's own state (evaluation): actions and the new
+        state (handed over, as in :meth:`rollout_step`)."""
+        features = self.extract_features(obs)
+        pi_features = features if self.share_features_extractor else features[0]
+        latent_pi, state = self.memory_actor.step_native(pi_features, state, episode_starts)
+        latent_pi = self.mlp_extractor.forward_actor(latent_pi)
+        if deterministic:
+            distribution = self._get_action_dist_from_latent(latent_pi)
+        else:
+            distribution = self._sampling_distribution(latent_pi)
+        actions = distribution.get_actions(deterministic=deterministic)
+        return actions.reshape((-1, *self.action_space.shape)), state
+
+    @torch.no_grad()
+    def predict_values_native(
         self, obs: Tensor, native: RNNStates, episode_starts: Tensor
+    ) -> Tensor:
+        """:meth:`predict_values` for one step on the cores' own states, which are left as they
+        were (:meth:`PackedCore.peek_native`): a rollout's bootstrap values, ``(n_envs, 1)``."""
+        features = super(ActorCriticPolicy, self).extract_features(obs, self.vf_features_extractor)
+        if self.memory_critic is not None:
+            latent_vf = self.memory_critic.peek_native(features, native.vf, episode_starts)
+        elif self.shared_lstm:
+            latent_vf = self.memory_actor.peek_native(features, native.pi, episode_starts)
+        else:
+            latent_vf = self.critic(features)
+        return self.value_net(self.mlp_extractor.forward_critic(latent_vf))
+
+    @torch.no_grad()
+    def rollout_step(
+        self, obs: Tensor, native: RNNStates, episode_starts: Tensor, deterministic: bool = False
     ) -> tuple[Tensor, Tensor, Tensor, RNNStates]:
         """:meth:`forward` (sampling) on the cores' own states (:meth:`unpack_states`), which are
         not packed into ``(h, c)`` and back at every step: the same actions, values,
@@ -579,6 +671,7 @@ class MemoryPolicy(RecurrentActorCriticPolicy):
         :param obs: ``(n_envs, *obs_shape)``.
         :param native: ``RNNStates(pi=actor state, vf=critic state or None)``.
         :param episode_starts: ``(n_envs,)``, 1 where the observation starts an episode.
+        :param deterministic: the distribution's mode instead of a sample (evaluation).
         :return: actions, values ``(n_envs, 1)``, log-probabilities ``(n_envs,)``, new states.
         """
         features = self.extract_features(obs)
@@ -598,7 +691,7 @@ class MemoryPolicy(RecurrentActorCriticPolicy):
             latent_vf = self.critic(vf_features)
         latent_pi = self.mlp_extractor.forward_actor(latent_pi)
         latent_vf = self.mlp_extractor.forward_critic(latent_vf)
-        return *self._act(latent_pi, latent_vf, False), RNNStates(state_pi, state_vf)
+        return *self._act(latent_pi, latent_vf, deterministic), RNNStates(state_pi, state_vf)
 
     def _sampling_distribution(self, latent_pi: Tensor) -> Distribution:
         """``_get_action_dist_from_latent`` for sampling in rollouts: Categorical and Bernoulli

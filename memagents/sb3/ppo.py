@@ -355,6 +355,30 @@ class MemoryPPO(RecurrentPPO):
         updates for the same seed.
     """
 
+    #: the device collector's states after its last step, in the cores' own form (``None``:
+    #: the packed ``_last_lstm_states`` are current); see :attr:`_last_lstm_states`.
+    _native_states: RNNStates | None = None
+
+    @property
+    def _last_lstm_states(self) -> RNNStates | None:
+        """RecurrentPPO's packed states after the last rollout step. The device collector keeps
+        them in the cores' own form between rollouts (a sparse core's memory, index and LRU
+        bookkeeping carry on, see ``MemoryCore.forward_inplace``) and they are packed only when
+        read here."""
+        if self._native_states is not None:
+            self._packed_states = self.policy.pack_states(self._native_states)
+            self._native_states = None
+        return self._packed_states
+
+    @_last_lstm_states.setter
+    def _last_lstm_states(self, value: RNNStates | None) -> None:
+        self._packed_states = value
+        self._native_states = None
+
+    def _excluded_save_params(self) -> list[str]:
+        # where _last_lstm_states (excluded by RecurrentPPO) lives
+        return [*super()._excluded_save_params(), "_packed_states", "_native_states"]
+
     def __init__(
         self,
         *args: Any,
@@ -496,12 +520,16 @@ class MemoryPPO(RecurrentPPO):
         callback.on_rollout_start()
         obs = torch.as_tensor(self._last_obs, dtype=torch.float32, device=device)
         starts = torch.as_tensor(self._last_episode_starts, dtype=torch.float32, device=device)
-        buffer.set_start_states(self._last_lstm_states)
-        # the cores' own states through the rollout, packed only at its end
-        native = policy.unpack_states(self._last_lstm_states)
+        # the cores' own states through the rollout (and from one rollout to the next), packed
+        # only if someone reads _last_lstm_states
+        native = self._native_states
+        if native is None:
+            native = policy.unpack_states(self._last_lstm_states)
+        buffer.set_start_states(native, native=True)
         for _ in range(n_rollout_steps):
             # (a core that carries its state, SAM or SDNC, wrote the old one in place)
             actions, values, log_probs, native = policy.rollout_step(obs, native, starts)
+            self._native_states = native
             out = batched.step_tensor(actions, check=False)
             self.num_timesteps += batched.num_envs
             dones = out.done
@@ -510,7 +538,6 @@ class MemoryPPO(RecurrentPPO):
                 # stopped: the env has stepped, so keep its new observation with the new state
                 self._last_obs = out.obs.to(device)
                 self._last_episode_starts = dones.to(device=device, dtype=torch.float32)
-                self._last_lstm_states = policy.pack_states(native)
                 return False
             buffer.add(
                 obs, actions, out.reward, starts, values, log_probs,
@@ -520,10 +547,8 @@ class MemoryPPO(RecurrentPPO):
             )  # fmt: skip
             obs, starts = out.obs.to(device), dones.to(device=device, dtype=torch.float32)
             self._last_obs, self._last_episode_starts = obs, starts
-        states = policy.pack_states(native)
-        self._last_lstm_states = states
-        with torch.no_grad():
-            values = policy.predict_values(obs, states.vf, starts)
+        with torch.no_grad():  # the states go on to the next rollout unchanged
+            values = policy.predict_values_native(obs, native, starts)
         buffer.compute_returns_and_advantage(values, starts)
         self._log_episodes(buffer, batched)
         callback.on_rollout_end()
