@@ -822,10 +822,10 @@ class SDNCCore(MemoryCore):
         zero = torch.zeros((), device=device, dtype=dtype)
         access = {
             f: zero.expand(B, *shape)
-            if f in ("memory", "last_access", "link", "link_t")
+            if f in ("memory", "last_access", "link", "link_t", "link_indices", "link_t_indices")
             else torch.zeros(B, *shape, device=device, dtype=dtype)
             for f, shape in self._access_shapes()._asdict().items()
-        }
+        }  # (the link indices are replaced below by their broadcast pattern)
         link_idx = sparse_links.initial_link_indices(B, N, KL, device, dtype)
         access["link_indices"] = access["link_t_indices"] = link_idx
         access["precedence_indices"] = sparse_links.initial_precedence_indices(B, KL, device).to(
