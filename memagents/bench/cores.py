@@ -244,16 +244,8 @@ def main(argv: list[str] | None = None) -> int:
             f"fwd+bwd {result['fwd_bwd_ms']:9.1f} ms  peak {result['peak_mib']:8.0f} MiB",
             flush=True,
         )
-    command = (
-        "python -m memagents.bench cores"
-        + (" " + " ".join(argv if argv is not None else sys.argv[2:])).rstrip()
-    )
-    markdown = to_markdown(rows, command, args.device)
-    print()
-    print(markdown)
-    if not args.no_write:
-        from memagents.bench.report import write_section
+    from memagents.bench.report import command_line, publish
 
-        path = write_section("cores", markdown, args.out)
-        print(f"wrote {path}")
+    markdown = to_markdown(rows, command_line("cores", argv), args.device)
+    publish("cores", markdown, not args.no_write, args.out)
     return 0

@@ -41,3 +41,19 @@ def write_section(name: str, markdown: str, path: str | Path | None = None) -> P
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
     return path
+
+
+def command_line(target: str, argv: list[str] | None) -> str:
+    """``python -m memagents.bench TARGET ...`` as it was invoked (``argv``, else the process's)."""
+    import sys
+
+    args = argv if argv is not None else sys.argv[2:]
+    return (f"python -m memagents.bench {target} " + " ".join(args)).rstrip()
+
+
+def publish(name: str, markdown: str, write: bool, path: str | Path | None = None) -> None:
+    """Print a benchmark's section and, if ``write``, put it into the benchmarks file."""
+    print()
+    print(markdown)
+    if write:
+        print(f"wrote {write_section(name, markdown, path)}")

@@ -255,17 +255,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{row['steps_per_s']:7.0f} steps/s",
                 flush=True,
             )
-    command = (
-        "python -m memagents.bench sparse-rl"
-        + (" " + " ".join(argv if argv is not None else sys.argv[2:])).rstrip()
-    )
-    markdown = to_markdown(rows, command, args.repeats)
-    print()
-    print(markdown)
-    if not args.no_write:
-        from memagents.bench.report import write_section
+    from memagents.bench.report import command_line, publish
 
-        print(f"wrote {write_section('sparse-rl', markdown, args.out)}")
+    command = command_line("sparse-rl", argv)
+    publish("sparse-rl", to_markdown(rows, command, args.repeats), not args.no_write, args.out)
     return 0
 
 

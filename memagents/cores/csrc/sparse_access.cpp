@@ -492,16 +492,26 @@ void ivf_set_row(IVF& ix, i64 b, i64 n, const T* row) {
     vecs.insert(vecs.end(), unit, unit + W);
 }
 
+// Element b's lists emptied, no row filed; its zero bits all set (every row zero: the memory
+// is not read) or all cleared (the caller files every row next).
+inline void ivf_empty(IVF& ix, i64 b, bool all_zero) {
+    for (i64 l = 0; l < ix.nlist; ++l) {
+        ix.ids[b * ix.nlist + l].clear();
+        ix.vecs[b * ix.nlist + l].clear();
+    }
+    std::fill(ix.list_of.begin() + b * ix.N, ix.list_of.begin() + (b + 1) * ix.N, -1);
+    for (i64 w = 0; w < ix.words; ++w) {
+        const i64 left = ix.N - w * 64;
+        const uint64_t ones = left >= 64 ? ~uint64_t(0) : (uint64_t(1) << left) - 1;
+        ix.zero[b * ix.words + w] = all_zero ? ones : 0;
+    }
+}
+
 template <typename T>
 void ivf_reset(IVF& ix, const T* mem, const u8* elements) {
     for (i64 b = 0; b < ix.B; ++b) {
         if (elements != nullptr && !elements[b]) continue;
-        for (i64 l = 0; l < ix.nlist; ++l) {
-            ix.ids[b * ix.nlist + l].clear();
-            ix.vecs[b * ix.nlist + l].clear();
-        }
-        std::fill(ix.list_of.begin() + b * ix.N, ix.list_of.begin() + (b + 1) * ix.N, -1);
-        std::fill(ix.zero.begin() + b * ix.words, ix.zero.begin() + (b + 1) * ix.words, 0);
+        ivf_empty(ix, b, false);
         for (i64 n = 0; n < ix.N; ++n) ivf_set_row(ix, b, n, mem + (b * ix.N + n) * ix.W);
     }
 }
@@ -648,18 +658,8 @@ EXPORT void sa_ivf_free(void* ix) { delete static_cast<IVF*>(ix); }
 // N) per element (the list slots and the zero bits), not O(N·W).
 EXPORT void sa_ivf_clear(void* handle, const u8* elements) {
     IVF& ix = *static_cast<IVF*>(handle);
-    for (i64 b = 0; b < ix.B; ++b) {
-        if (elements != nullptr && !elements[b]) continue;
-        for (i64 l = 0; l < ix.nlist; ++l) {
-            ix.ids[b * ix.nlist + l].clear();
-            ix.vecs[b * ix.nlist + l].clear();
-        }
-        std::fill(ix.list_of.begin() + b * ix.N, ix.list_of.begin() + (b + 1) * ix.N, -1);
-        for (i64 w = 0; w < ix.words; ++w) {
-            const i64 left = ix.N - w * 64;
-            ix.zero[b * ix.words + w] = left >= 64 ? ~uint64_t(0) : (uint64_t(1) << left) - 1;
-        }
-    }
+    for (i64 b = 0; b < ix.B; ++b)
+        if (elements == nullptr || elements[b]) ivf_empty(ix, b, true);
 }
 
 #define SA_IVF_INSTANTIATE(T, SUFFIX)                                                              \
