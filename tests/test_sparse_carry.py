@@ -242,3 +242,35 @@ def test_peek_gives_forward_and_leaves_the_carried_state_as_it_was(memory_size, 
     torch.testing.assert_close(y_peek, y_fwd, atol=1e-12, rtol=0)
     torch.testing.assert_close(torch.cat(ys), y_ref[20:], atol=1e-12, rtol=0)
     _assert_states_close(state, state_ref)
+
+
+@pytest.mark.parametrize("name", ["sam", "sdnc"])
+@pytest.mark.parametrize("from_used", [True, False])
+def test_restart_shortcuts_give_the_full_restart(monkeypatch, name, from_used):
+    """Every element restarting at t = 0 (then some mid-sequence): starting from the initial
+    state instead of the given one (``_restarts_whole``), and skipping the zeroing of an initial
+    memory and links at t = 0 (``fresh``), give the outputs and parameter gradients of the full
+    restart (float64; training call through the sequence node, loss on the outputs)."""
+    core = _core(name, 300, "ivf")
+    x, starts = _inputs(10)
+    starts[0] = 1
+    state = None
+    if from_used:
+        with torch.no_grad():
+            _, state = core(x, None, starts)
+
+    def run():
+        core.zero_grad(set_to_none=True)
+        y, _ = core(x, state, starts)
+        gen = torch.Generator().manual_seed(11)
+        (y * torch.randn(y.shape, generator=gen, dtype=y.dtype)).sum().backward()
+        return y.detach(), [p.grad.clone() for p in core.parameters() if p.requires_grad]
+
+    y_fast, g_fast = run()
+    monkeypatch.setattr(type(core), "_restarts_whole", lambda self, state, starts: False)
+    if name == "sdnc":
+        monkeypatch.setattr(type(core), "_is_initial_access", lambda self, a: False)
+    y_ref, g_ref = run()
+    torch.testing.assert_close(y_fast, y_ref, atol=1e-12, rtol=0)
+    for a, b in zip(g_fast, g_ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)

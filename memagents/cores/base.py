@@ -163,6 +163,16 @@ class MemoryCore(nn.Module):
         copying its ``N×W`` memory."""
         return self(x, state, episode_starts)[0]
 
+    def _restarts_whole(self, state: Any, starts: Tensor | None) -> bool:
+        """Whether every element restarts at step 0 and no state tensor wants a gradient: the
+        state is then replaced before it is read, and a core may start from its initial state
+        instead (no copy or scan of an ``N×W`` memory it would only discard)."""
+        return (
+            starts is not None
+            and bool(starts[0].all())
+            and not any(t.requires_grad for t in state_lib.leaves(state))
+        )
+
     def _wants_grad(self, x: Tensor, state: Any) -> bool:
         """Whether a call builds a graph (a parameter, the input or the state needs one)."""
         return torch.is_grad_enabled() and (

@@ -540,6 +540,8 @@ class SAMCore(MemoryCore):
         self, x: Tensor, state: SAMState, starts: Tensor | None, return_debug: bool,
         carried: bool = False,
     ):  # fmt: skip
+        if self._restarts_whole(state, starts):
+            state = self._initial(x.shape[1], x.device)  # what the restarts put in its place
         first_starts = None if starts is None else starts[0]
         for field in ("read_indices", "write_indices"):
             sparse_access.check_row_indices(

@@ -580,6 +580,8 @@ def _sequence_forward(
         # controller (h_t into y[t]), then the interface
         acts, c_prev, c, tanh_c = lstm_cell.forward_step(lstm_fwd, x_proj[t], z, w_state_t, c, y[t])
         xi = torch.addmm(b_if, y[t, :, :Hd], w_if_t)
+        if t == 0 and aux["fresh"]:  # initial memory and links: nothing to zero or rewrite
+            reset = no_reset
         outputs, saved = _step_forward(
             xi, prev_w, memory, link, link_t, precedence, small["read_indices"], lru, link_idx,
             link_t_idx, small["precedence_indices"], small["last_access"], small["time"], reset,
@@ -879,6 +881,19 @@ class SDNCCore(MemoryCore):
         self._check_indices(state, starts, fields)
         return self._run(x, state, starts, False, carried=carried, carry=carry)
 
+    def _is_initial_access(self, a: SDNCAccessState) -> bool:
+        """Whether ``a``'s ``N``-sized fields are those of :meth:`initial_state` as it builds
+        them (broadcast zeros, and the link indices broadcast from the initial pattern)."""
+        if not all(sparse_access.is_zero_broadcast(t) for t in (a.memory, a.link, a.link_t)):
+            return False
+        pattern = sparse_links.initial_link_indices(
+            1, self.memory_size, self.temporal_reads, a.link.device, a.link_indices.dtype
+        )
+        return all(
+            t.stride(0) == 0 and t.data_ptr() == pattern.data_ptr()
+            for t in (a.link_indices, a.link_t_indices)
+        )
+
     def _check_indices(self, state, starts, fields) -> None:
         # the kernels index memory and links with these rows unchecked (see SAM's forward)
         first_starts = None if starts is None else starts[0]
@@ -897,7 +912,7 @@ class SDNCCore(MemoryCore):
 
     def _run_sequence(
         self, x, state, starts, reset_steps, initial, memory, link, link_t, link_idx,
-        link_t_idx, index, small, lib,
+        link_t_idx, index, small, lib, fresh,
     ):  # fmt: skip
         """:meth:`_run` as one :class:`SDNCSequence` node (the native path): ``(y, new state)``."""
         B = x.shape[1]
@@ -928,6 +943,7 @@ class SDNCCore(MemoryCore):
             "small": {f: small[f] for f in small if f not in ("read_weights", "precedence")},
             "link_idx": link_idx,
             "link_t_idx": link_t_idx,
+            "fresh": fresh,
         }
         args = (
             x_proj, w_state, self.interface.weight, self.interface.bias, h, c, r, memory, link,
@@ -973,7 +989,12 @@ class SDNCCore(MemoryCore):
         R, W, K = self.num_reads, self.word_size, self.sparse_reads
         reset_steps = [False] * T if starts is None else starts.any(dim=1).tolist()
         initial = self._initial(B, x.device) if any(reset_steps) else None
+        if self._restarts_whole(state, starts):
+            state, carry = initial, None  # what the restarts put in its place
         a = state.access
+        # an initial access state (broadcast zeros, the initial link pattern): a restart at
+        # t = 0 has nothing to zero or rewrite
+        fresh = self._is_initial_access(a)
         dtype = a.memory.dtype
         lib = sparse_links.native_kernel()
         carried = (
@@ -1040,7 +1061,7 @@ class SDNCCore(MemoryCore):
             # (a rollout's single steps without gradient: the per-step path has less to set up)
             return self._run_sequence(
                 x, state, starts, reset_steps, initial, memory, link, link_t, link_idx,
-                link_t_idx, index, small, lib,
+                link_t_idx, index, small, lib, fresh,
             )  # fmt: skip
 
         outputs, debug_steps = [], []
@@ -1082,8 +1103,8 @@ class SDNCCore(MemoryCore):
                 ) = sdnc_step(
                     xi, small["read_weights"], memory, link, link_t, small["precedence"],
                     small["read_indices"], lru, link_idx, link_t_idx,
-                    small["precedence_indices"], small["last_access"], small["time"], reset,
-                    index, (R, W, K), t < T - 1, lib,
+                    small["precedence_indices"], small["last_access"], small["time"],
+                    no_reset if fresh and t == 0 else reset, index, (R, W, K), t < T - 1, lib,
                     memory_reset=None if carry is None else no_reset, scratch=scratch,
                 )  # fmt: skip
                 if carry is not None:

@@ -851,7 +851,7 @@ class SparseAccessStep(torch.autograd.Function):
         flat = memory.view(B * N, W)
         if reset.numel():
             memory.index_fill_(0, reset, 0.0)
-            index.reset(memory, reset)
+            index.clear(memory, reset)
         lru = write_indices[:, -1]
         flat.index_fill_(0, _flat_rows(lru, N), 0.0)  # erase R_t = I^U_t 1^T
         write_flat = _flat_rows(write_indices, N)
@@ -958,8 +958,8 @@ def _native_forward(
     if sqnorm is not None:
         read_indices = index.native_search(memory, keys, k)
     else:
-        if mask is not None:
-            index.reset(memory, reset)
+        if mask is not None:  # zeroed by the write but for the rows filed next
+            index.clear(memory, reset)
         index.update(memory, widx)
         read_indices = index.search(memory, keys, k).contiguous()
     R = keys.shape[1]
@@ -1071,8 +1071,8 @@ class SAMAccessStep(torch.autograd.Function):
         if sqnorm is not None:
             _fn("search", memory)(_p(memory), _p(sqnorm), B, N, W, keys, R, K, ridx_p)
         else:
-            if mask is not None:
-                index.reset(memory, reset)
+            if mask is not None:  # zeroed by the write but for the rows filed next
+                index.clear(memory, reset)
             index.update(memory, widx)
             found = index.search(memory, _uncarve(work, keys, (B, R, W)), K)
             ridx.copy_(found)
@@ -1160,7 +1160,7 @@ def dense_access_step(
         starts = torch.zeros(B, dtype=torch.bool, device=memory.device)
         starts[reset] = True
         memory = torch.where(starts.view(B, 1, 1), torch.zeros_like(memory), memory)
-        index.reset(memory, reset)
+        index.clear(memory, reset)
     lru = write_indices[:, -1]
     erase = torch.nn.functional.one_hot(lru, N).to(memory.dtype)  # I^U_t: [B, N]
     adds = write_weights.unsqueeze(-1) * write_vector.unsqueeze(1)  # [B, J, W]
