@@ -179,15 +179,19 @@ def test_ivf_clear_empties_only_the_given_elements():
     assert index.search(memory, keys, 3)[1].tolist() == [[0, 1, 2]] * 4
 
 
-@pytest.mark.parametrize("name,memory_size,index", [("sam", 300, "ivf"), ("sam", 64, "exact")])
+@pytest.mark.parametrize(
+    "name,memory_size,index",
+    [("sam", 300, "ivf"), ("sam", 64, "exact"), ("sam", 4096, "ivf"), ("sdnc", 4096, "ivf")],
+)
 def test_training_call_with_restarts_matches_the_per_step_nodes(
     monkeypatch, name, memory_size, index
 ):
     """A training call whose sequence node zeroes only the rows a restarting episode wrote
-    (forward) and only the rows its steps touched (backward) gives the outputs and parameter
-    gradients of the per-step nodes, which zero whole memories: restarts at t = 0 (every
-    element) and mid-sequence, from a used state, loss on the outputs only."""
-    from memagents.cores import sam
+    (forward) and only the rows its steps touched (backward), and finds the LRU row through
+    block minima (N >= 4,096), gives the outputs and parameter gradients of the per-step nodes,
+    which zero whole memories and scan for the LRU row: restarts at t = 0 (every element) and
+    mid-sequence, from a used state, loss on the outputs only."""
+    from memagents.cores import sam, sdnc
 
     core = _core(name, memory_size, index)
     x, starts = _inputs(6)
@@ -202,7 +206,7 @@ def test_training_call_with_restarts_matches_the_per_step_nodes(
         return y.detach(), [p.grad.clone() for p in core.parameters() if p.requires_grad]
 
     y_seq, g_seq = run()
-    monkeypatch.setattr(sam, "SEQUENCE_NODE", False)
+    monkeypatch.setattr(sam if name == "sam" else sdnc, "SEQUENCE_NODE", False)
     y_ref, g_ref = run()
     torch.testing.assert_close(y_seq, y_ref, atol=1e-12, rtol=0)
     for a, b in zip(g_seq, g_ref, strict=True):

@@ -551,6 +551,7 @@ def _sequence_forward(
     R, W, K = aux["sizes"]
     lib, index = aux["lib"], aux["index"]
     starts, reset_steps, initial = aux["starts"], aux["reset_steps"], aux["initial"]
+    scratch = aux["scratch"]  # the LRU block minima of small["last_access"]
     small = aux["small"]  # time, read_indices, write_weights, write_indices, last_access, p_idx
     link_idx, link_t_idx = aux["link_idx"], aux["link_t_idx"]
     no_reset = torch.zeros(0, dtype=torch.long)
@@ -572,11 +573,13 @@ def _sequence_forward(
             prev_w = state_lib.reset_where(prev_w, initial["read_weights"], st)
             precedence = state_lib.reset_where(precedence, initial["precedence"], st)
             write_weights = state_lib.reset_where(write_weights, initial["write_weights"], st)
-            for f in ("time", "read_indices", "write_indices", "last_access", "precedence_indices"):
+            for f in ("time", "read_indices", "write_indices", "precedence_indices"):
                 small[f] = state_lib.reset_where(small[f], initial[f], st)
+            small["last_access"].index_fill_(0, reset, 0.0)  # (owned) in place, with its blocks
+            scratch.clear(reset)
             lru = None
         if lru is None:
-            lru = sparse_access.least_recently_used(small["last_access"])
+            lru = scratch.least_recently_used(small["last_access"])
         # controller (h_t into y[t]), then the interface
         acts, c_prev, c, tanh_c = lstm_cell.forward_step(lstm_fwd, x_proj[t], z, w_state_t, c, y[t])
         xi = torch.addmm(b_if, y[t, :, :Hd], w_if_t)
@@ -585,7 +588,7 @@ def _sequence_forward(
         outputs, saved = _step_forward(
             xi, prev_w, memory, link, link_t, precedence, small["read_indices"], lru, link_idx,
             link_t_idx, small["precedence_indices"], small["last_access"], small["time"], reset,
-            index, (R, W, K), t < T - 1, lib, record,
+            index, (R, W, K), t < T - 1, lib, record, scratch=scratch,
         )  # fmt: skip
         (
             memory, link, link_t, p_out, p_out_idx, read_vectors, read_weights, read_idx,
@@ -912,7 +915,7 @@ class SDNCCore(MemoryCore):
 
     def _run_sequence(
         self, x, state, starts, reset_steps, initial, memory, link, link_t, link_idx,
-        link_t_idx, index, small, lib, fresh,
+        link_t_idx, index, small, lib, fresh, scratch,
     ):  # fmt: skip
         """:meth:`_run` as one :class:`SDNCSequence` node (the native path): ``(y, new state)``."""
         B = x.shape[1]
@@ -944,6 +947,7 @@ class SDNCCore(MemoryCore):
             "link_idx": link_idx,
             "link_t_idx": link_t_idx,
             "fresh": fresh,
+            "scratch": scratch,
         }
         args = (
             x_proj, w_state, self.interface.weight, self.interface.bias, h, c, r, memory, link,
@@ -1057,12 +1061,20 @@ class SDNCCore(MemoryCore):
             and sparse_links.usable(x, memory, link, a.read_weights, a.precedence, last_access)
         )
 
+        def blocks() -> sparse_access.StepScratch:  # the LRU row through block minima
+            return sparse_access.StepScratch(
+                last_access, dense_grad=False, block_rows=lru_block_rows(N),
+                zero=sparse_access.is_zero_broadcast(a.last_access),
+            )  # fmt: skip
+
         if one_node and SEQUENCE_NODE and carry is None and (T > 1 or torch.is_grad_enabled()):
             # (a rollout's single steps without gradient: the per-step path has less to set up)
             return self._run_sequence(
                 x, state, starts, reset_steps, initial, memory, link, link_t, link_idx,
-                link_t_idx, index, small, lib, fresh,
+                link_t_idx, index, small, lib, fresh, blocks(),
             )  # fmt: skip
+        if one_node and scratch is None and not self._wants_grad(x, state):
+            scratch = blocks()  # (the per-step nodes under autograd find the LRU row by a scan)
 
         outputs, debug_steps = [], []
         for t in range(T):
@@ -1077,13 +1089,14 @@ class SDNCCore(MemoryCore):
                 read_flat = torch.where(st[:, None], read0, read_flat)
                 # memory and links are reset in place by their steps (``reset``)
                 for f in small:
-                    if carry is not None and f == "last_access":
+                    if scratch is not None and f == "last_access":
                         continue
                     init = getattr(initial.access, f)
                     small[f] = state_lib.reset_where(small[f], init.to(small[f].dtype), st)
-                if carry is not None:  # in place, and only the rows the episodes wrote
+                if scratch is not None:  # in place, with its block minima
                     last_access.index_fill_(0, reset, 0.0)
                     scratch.clear(reset)
+                if carry is not None:  # only the rows the episodes wrote
                     carry.reset(memory, reset)
                 lru = None
             if lru is None:
