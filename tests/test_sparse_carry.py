@@ -278,3 +278,24 @@ def test_restart_shortcuts_give_the_full_restart(monkeypatch, name, from_used):
     torch.testing.assert_close(y_fast, y_ref, atol=1e-12, rtol=0)
     for a, b in zip(g_fast, g_ref, strict=True):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["sam", "sdnc"])
+def test_snapshot_equals_the_state_and_stays_as_it_was(name):
+    """``snapshot`` of a carried state (a rollout buffer's start state, copied from the rows the
+    episodes wrote) equals the state, and the carried steps that follow leave it unchanged."""
+    core = _core(name, 300, "ivf")
+    x, starts = _inputs(12)
+    with torch.no_grad():
+        state = None
+        for t in range(15):
+            _, state = core.forward_inplace(x[t : t + 1], state, starts[t : t + 1])
+        snap = core.snapshot(state)
+        reference = state_lib.map_state(torch.clone, state)
+        for t in range(15, T):
+            _, state = core.forward_inplace(x[t : t + 1], state, starts[t : t + 1])
+    assert state.access.memory is not snap.access.memory
+    for (field, a), (_, b) in zip(
+        state_lib.named_leaves(snap), state_lib.named_leaves(reference), strict=True
+    ):
+        assert torch.equal(a, b), field

@@ -155,6 +155,16 @@ class MemoryCore(nn.Module):
             return y, state, stack_debug(debug_steps)
         return y, state
 
+    def snapshot(self, state: Any) -> Any:
+        """A copy of ``state`` that later in-place steps (:meth:`forward_inplace`) leave alone:
+        what a rollout buffer keeps of the state at the rollout's start. A broadcast zero stays
+        one; SAM and SDNC copy a carried memory from the rows it may hold (``O(rows · W)``)."""
+        from memagents.cores.sparse_access import is_zero_broadcast
+
+        return state_lib.map_state(
+            lambda t: t.detach() if is_zero_broadcast(t) else t.detach().clone(), state
+        )
+
     def peek(self, x: Tensor, state: Any, episode_starts: Tensor | None = None) -> Tensor:
         """The outputs ``y [T, B, output_size]`` of :meth:`forward` from ``state``, which is left
         as it was (a rollout's bootstrap value after its last step: the state goes on to the

@@ -458,6 +458,17 @@ class SAMCore(MemoryCore):
         state, starts = self._check_inputs(x, state, episode_starts)
         return self._run(x, state, starts, return_debug)
 
+    def snapshot(self, state):
+        """:meth:`MemoryCore.snapshot`; a carried memory is copied from its written rows alone
+        (:meth:`~memagents.cores.sparse_access.Carry.snapshot`)."""
+        a = state.access
+        carry = sparse_access.Carry.find(a.memory, a.last_access)
+        copy = super().snapshot(state._replace(access=a._replace(memory=a.memory[:0])))
+        memory = a.memory.detach() if carry is None else carry.snapshot(a.memory)
+        if carry is None and not sparse_access.is_zero_broadcast(a.memory):
+            memory = memory.clone()
+        return copy._replace(access=copy.access._replace(memory=memory))
+
     def forward_inplace(self, x, state, episode_starts=None):
         """:meth:`forward` for a caller that hands ``state`` over (see
         :meth:`MemoryCore.forward_inplace`). Without gradient on the native path, the memory and
@@ -499,7 +510,7 @@ class SAMCore(MemoryCore):
         saved_rows = memory.gather(1, gather)
         saved_reset = memory.index_select(0, reset)
         saved_last, saved_dirty = last_access.clone(), carry.dirty.clone()
-        saved_known = carry.known.clone()
+        saved_known = (carry.known.clone(), carry.all_known)
         blocks = scratch.blocks
         saved_blocks = None if blocks is None else (blocks[1].clone(), blocks[2].clone())
         y, _ = self._run_native(x, state, starts, False, carried=True)
@@ -507,7 +518,8 @@ class SAMCore(MemoryCore):
         memory.index_copy_(0, reset, saved_reset)
         last_access.copy_(saved_last)
         carry.dirty.copy_(saved_dirty)
-        carry.known.copy_(saved_known)
+        carry.known.copy_(saved_known[0])
+        carry.all_known = saved_known[1]
         if saved_blocks is not None:
             blocks[1].copy_(saved_blocks[0])
             blocks[2].copy_(saved_blocks[1])

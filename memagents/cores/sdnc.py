@@ -864,6 +864,17 @@ class SDNCCore(MemoryCore):
         self._check_indices(state, starts, INDEX_FIELDS)
         return self._run(x, state, starts, return_debug)
 
+    def snapshot(self, state):
+        """:meth:`MemoryCore.snapshot`; a carried memory is copied from its written rows alone
+        (:meth:`~memagents.cores.sparse_access.Carry.snapshot`)."""
+        a = state.access
+        carry = sparse_access.Carry.find(a.memory, *(getattr(a, f) for f in _CARRIED))
+        copy = super().snapshot(state._replace(access=a._replace(memory=a.memory[:0])))
+        memory = a.memory.detach() if carry is None else carry.snapshot(a.memory)
+        if carry is None and not sparse_access.is_zero_broadcast(a.memory):
+            memory = memory.clone()
+        return copy._replace(access=copy.access._replace(memory=memory))
+
     def forward_inplace(self, x, state, episode_starts=None):
         """:meth:`forward` for a caller that hands ``state`` over (see
         :meth:`MemoryCore.forward_inplace`). Without gradient on the native one-node path, the

@@ -385,8 +385,9 @@ class Carry:
         self.index, self.scratch = index, scratch
         B, N = memory.shape[:2]
         self.dirty = torch.zeros(B, N, dtype=torch.bool, device=memory.device)
-        #: ``[B]``: whether ``dirty`` covers the element's non-zero rows
-        self.known = torch.full((B,), is_zero_broadcast(memory), device=memory.device)
+        #: ``[B]``: whether ``dirty`` covers the element's non-zero rows (``all_known``: all)
+        self.all_known = is_zero_broadcast(memory)
+        self.known = torch.full((B,), self.all_known, device=memory.device)
         self._refs: list[weakref.ref] = []
         self._versions: tuple[int, ...] = ()
 
@@ -421,16 +422,33 @@ class Carry:
         ``dirty`` rows) and clear them in the index: the memory part of an episode start, in
         ``O(N + dirty rows · W)`` per element instead of ``O(N·W)``."""
         B, N, W = memory.shape
-        known = self.known.index_select(0, reset)
-        memory.index_fill_(0, reset[~known], 0.0)  # (rows not tracked: all of them)
-        reset_known = reset[known]
+        reset_known = reset
+        if not self.all_known:
+            known = self.known.index_select(0, reset)
+            memory.index_fill_(0, reset[~known], 0.0)  # (rows not tracked: all of them)
+            reset_known = reset[known]
         sub = self.dirty.index_select(0, reset_known)  # [n, N]
         at = sub.nonzero()  # [m, 2]: (position in reset_known, row)
         flat = reset_known.index_select(0, at[:, 0]) * N + at[:, 1]
         memory.view(B * N, W).index_fill_(0, flat, 0.0)
         self.dirty.index_fill_(0, reset, False)
-        self.known.index_fill_(0, reset, True)
+        if not self.all_known:
+            self.known.index_fill_(0, reset, True)
+            self.all_known = bool(self.known.all())
         self.index.clear(memory, reset)
+
+    def snapshot(self, memory: Tensor) -> Tensor:
+        """A copy of ``memory`` made from its dirty rows alone when every element's are known
+        (a lazily zeroed buffer, :func:`zero_buffer`: ``O(dirty rows · W)`` written), else a
+        full copy."""
+        if not self.all_known or memory.device.type != "cpu":
+            return memory.detach().clone()
+        B, N, W = memory.shape
+        copy = zero_buffer((B, N, W), memory.dtype)
+        flat = self.dirty.view(-1).nonzero().flatten()
+        rows = memory.detach().view(B * N, W)
+        copy.view(B * N, W).index_copy_(0, flat, rows.index_select(0, flat))
+        return copy
 
     def wrote(self, rows: Tensor) -> None:
         """The step wrote the rows ``rows`` (``[B, J]`` long)."""

@@ -124,21 +124,19 @@ class DeviceRolloutBuffer:
 
     # -- filling --------------------------------------------------------------------------------
     def set_start_states(self, states: RNNStates, native: bool = False) -> None:
-        """The states before the rollout's first step: packed, ``(num_layers, n_envs, H)`` each,
-        or with ``native`` the cores' own (``RNNStates(pi, vf or None)``, as
-        ``MemoryPolicy.rollout_step`` carries them). Kept as copies (a core that carries its
-        state writes it in place during the rollout); a broadcast zero stays one, and a critic
-        state that is the actor's is copied once."""
+        """The states before the rollout's first step: packed, ``(num_layers, n_envs, H)`` each
+        (kept as copies: a broadcast zero stays one, a critic state that is the actor's is
+        copied once), or with ``native`` the cores' own (``RNNStates(pi, vf or None)``, as
+        ``MemoryPolicy.rollout_step`` carries them), taken as they are: snapshots
+        (``MemoryPolicy.snapshot_states``) that the rollout's in-place steps leave alone."""
         self.native_start = native
+        if native:
+            self.start_states = states
+            return
 
         def keep(t: Tensor) -> Tensor:
             return t.detach() if is_zero_broadcast(t) else t.detach().clone()
 
-        if native:
-            pi = state_lib.map_state(keep, states.pi)
-            vf = None if states.vf is None else state_lib.map_state(keep, states.vf)
-            self.start_states = RNNStates(pi, vf)
-            return
         pi = tuple(keep(s) for s in states.pi)
         same = all(a.data_ptr() == b.data_ptr() for a, b in zip(states.pi, states.vf, strict=True))
         self.start_states = RNNStates(pi, pi if same else tuple(keep(s) for s in states.vf))

@@ -614,6 +614,13 @@ class MemoryPolicy(RecurrentActorCriticPolicy):
             vf = self.memory_critic.core.initial_state(batch_size, device)
         return RNNStates(pi, vf)
 
+    def snapshot_states(self, native: RNNStates) -> RNNStates:
+        """Copies of the cores' own states that later rollout steps leave alone
+        (:meth:`~memagents.cores.base.MemoryCore.snapshot`): a rollout's start states."""
+        pi = self.memory_actor.core.snapshot(native.pi)
+        vf = None if native.vf is None else self.memory_critic.core.snapshot(native.vf)
+        return RNNStates(pi, vf)
+
     def unpack_states(self, states: RNNStates) -> RNNStates:
         """Packed rollout states -> the cores' own states for :meth:`rollout_step`:
         ``RNNStates(pi=actor state, vf=critic state or None)``."""

@@ -525,7 +525,7 @@ class MemoryPPO(RecurrentPPO):
         native = self._native_states
         if native is None:
             native = policy.unpack_states(self._last_lstm_states)
-        buffer.set_start_states(native, native=True)
+        buffer.set_start_states(policy.snapshot_states(native), native=True)
         for _ in range(n_rollout_steps):
             # (a core that carries its state, SAM or SDNC, wrote the old one in place)
             actions, values, log_probs, native = policy.rollout_step(obs, native, starts)
