@@ -206,9 +206,16 @@ def plan(
     return specs
 
 
+#: Config keys that change how a run is shown, not what it learns: a finished run that differs
+#: from the grid's config only there is reused.
+DISPLAY_ONLY = frozenset({"train.progress_bar"})
+
+
 def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
     if isinstance(a, dict) and isinstance(b, dict):
         for key in sorted(set(a) | set(b)):
+            if f"{prefix}{key}" in DISPLAY_ONLY:
+                continue
             diff = _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
             if diff:
                 return diff

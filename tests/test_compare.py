@@ -170,3 +170,19 @@ def test_sigterm_stops_the_trainings_and_the_next_compare_resumes(tmp_path):
     assert subprocess.run(argv, capture_output=True).returncode == 0
     assert (run / "progress-resumed-1.csv").is_file()
     assert json.loads((run / "eval.json").read_text())["num_timesteps"] >= 30000
+
+
+def test_a_display_setting_does_not_make_another_config(grid, capsys):
+    """A finished run that differs only in how training is shown (the progress bar) is the
+    same run: reused, not refused."""
+    out, _ = grid
+    flipped = (
+        "false"
+        if "progress_bar: true" in (out / "runs" / "lstm-s0" / "config.yaml").read_text()
+        else "true"
+    )
+    finished = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/model.zip")}
+    assert finished
+    assert compare.main(compare_argv(out, "--set", f"train.progress_bar={flipped}")) == 0
+    assert "another config" not in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished  # not trained again
