@@ -213,8 +213,12 @@ def _sequence_forward(
                 st, reset, initial, time, read_w, write_w, read_idx, write_idx, last_access,
                 scratch, zeroed=aux["fresh"] and t == 0,
             )  # fmt: skip
-            rows.reset(memory, reset)  # zero the rows the episodes wrote (the step would zero all)
-            restarted, reset = reset, no_reset
+            restarted = reset
+            if aux["fresh"] and t == 0:  # an initial memory: nothing written, no gradient wanted
+                restarted = None
+            else:  # zero the rows the episodes wrote (the step would zero all N)
+                rows.reset(memory, reset)
+            reset = no_reset
             lru = None
         else:
             restarted = None
@@ -560,8 +564,9 @@ class SAMCore(MemoryCore):
                 f"access.{field}", getattr(state.access, field), self.memory_size, first_starts
             )
         if self._native(x, state):
+            handed = carried
             carried = carried and not self._wants_grad(x, state)
-            return self._run_native(x, state, starts, return_debug, carried)
+            return self._run_native(x, state, starts, return_debug, carried, handed)
         T, B = x.shape[0], x.shape[1]
         R, W, K = self.num_reads, self.word_size, self.sparse_reads
         reset_steps = [False] * T if starts is None else starts.any(dim=1).tolist()
@@ -721,14 +726,16 @@ class SAMCore(MemoryCore):
 
     def _run_native(
         self, x: Tensor, state: SAMState, starts: Tensor | None, return_debug: bool,
-        carried: bool = False,
+        carried: bool = False, handed: bool = False,
     ):  # fmt: skip
         """:meth:`_run` with the memory step as one autograd node per step
         (:class:`~memagents.cores.sparse_access.SAMAccessStep`, native kernels): the same
         equations; the loop keeps ``h``, ``c`` and the read vectors flat (``[B, ·]``) and the
         indices as integers, converting to the state's layout once at the end. ``carried`` (no
         gradient): the state's memory is written in place and what the next call needs is kept
-        in a :class:`~memagents.cores.sparse_access.Carry` (see :meth:`forward_inplace`)."""
+        in a :class:`~memagents.cores.sparse_access.Carry` (see :meth:`forward_inplace`).
+        ``handed`` (:meth:`forward_inplace`, with or without gradient): the state's memory and
+        last-access steps are written in place when they can be, not copied."""
         T, B = x.shape[0], x.shape[1]
         R, W, K = self.num_reads, self.word_size, self.sparse_reads
         reset_steps = [False] * T if starts is None else starts.any(dim=1).tolist()
@@ -737,15 +744,18 @@ class SAMCore(MemoryCore):
         access = state.access
         N = self.memory_size
         # an initial state's last-access steps: all zero, nothing to read or to reset at t = 0
-        fresh = sparse_access.is_zero_broadcast(access.last_access)
+        fresh = sparse_access.is_zero_broadcast(
+            access.last_access
+        ) and sparse_access.is_zero_broadcast(access.memory)
         carry = sparse_access.Carry.find(access.memory, access.last_access) if carried else None
         if carry is not None:  # the memory, its index and the LRU blocks as the last call left them
             memory, last_access = access.memory, access.last_access
             index, scratch = carry.index, carry.scratch
             scratch.rows = []
         else:
-            memory = sparse_access.owned_copy(access.memory)  # written in place from here on
-            last_access = sparse_access.owned_copy(access.last_access)
+            # written in place from here on: the state's own when handed over, else copies
+            memory = sparse_access.owned(access.memory, handed)
+            last_access = sparse_access.owned(access.last_access, handed)
             # from the state's memory: an initial (broadcast zero) memory needs no scan
             index = sparse_access.make_index(self.index_kind, access.memory.detach())
             scratch = sparse_access.StepScratch(
@@ -793,7 +803,8 @@ class SAMCore(MemoryCore):
                     last_access, scratch, zeroed=fresh and t == 0,
                 )  # fmt: skip
                 if carry is not None:  # zero the rows the episodes wrote (not the step: all N)
-                    carry.reset(memory, reset)
+                    if not (fresh and t == 0):  # (an initial memory has none)
+                        carry.reset(memory, reset)
                     reset = no_reset
                 lru = None
             if lru is None:

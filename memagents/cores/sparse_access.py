@@ -613,6 +613,15 @@ def owned_copy(t: Tensor) -> Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
+def owned(t: Tensor, handed: bool) -> Tensor:
+    """``t`` itself when the caller ``handed`` the state over and ``t`` can be written in place
+    as it is (contiguous, on the CPU or any device, needing no gradient, not a broadcast), else
+    :func:`owned_copy`."""
+    if handed and t.is_contiguous() and not t.requires_grad and all(t.stride()) and t._base is None:
+        return t
+    return owned_copy(t)
+
+
 def _sqnorm(memory: Tensor) -> Tensor:
     """``[B, N]`` squared norms of the rows of a contiguous ``[B, N, W]`` memory (kernel)."""
     out = torch.empty(memory.shape[:2], dtype=memory.dtype)

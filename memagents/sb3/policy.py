@@ -204,7 +204,11 @@ class PackedCore(nn.Module):
         y_fresh = self.core(x.index_select(1, fresh), None, starts.index_select(1, fresh))[0]
         if not cols.numel():
             return y_fresh
-        y_kept = self.core(x.index_select(1, cols), stored, starts.index_select(1, cols))[0]
+        # the stored states were picked for this call: handed over, not copied again
+        kept = self.core.forward_inplace(
+            x.index_select(1, cols), stored, starts.index_select(1, cols)
+        )
+        y_kept = kept[0]
         y = y_fresh.new_empty(x.shape[0], n, y_fresh.shape[2])
         return y.index_copy(1, fresh, y_fresh).index_copy(1, cols, y_kept)
 

@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "common.h"
@@ -438,7 +439,9 @@ struct IVF {
     std::vector<float> cscore;                  // [nlist] scratch
     std::vector<std::vector<int32_t>> ids;      // [B * nlist] rows per list
     std::vector<std::vector<float>> vecs;       // [B * nlist] their unit vectors, W each
-    std::vector<int32_t> list_of, pos_of;       // [B * N] list (-1: zero row) and position
+    // [B * N] list (-1: zero row) and position, allocated uninitialised: an element's slots are
+    // written by ivf_empty (clear, reset) before any use, and a position only with its list
+    std::unique_ptr<int32_t[]> list_of, pos_of;
     std::vector<uint64_t> zero;                 // [B * words] bit set: the row is zero
 };
 
@@ -499,7 +502,7 @@ inline void ivf_empty(IVF& ix, i64 b, bool all_zero) {
         ix.ids[b * ix.nlist + l].clear();
         ix.vecs[b * ix.nlist + l].clear();
     }
-    std::fill(ix.list_of.begin() + b * ix.N, ix.list_of.begin() + (b + 1) * ix.N, -1);
+    std::fill(ix.list_of.get() + b * ix.N, ix.list_of.get() + (b + 1) * ix.N, -1);
     for (i64 w = 0; w < ix.words; ++w) {
         const i64 left = ix.N - w * 64;
         const uint64_t ones = left >= 64 ? ~uint64_t(0) : (uint64_t(1) << left) - 1;
@@ -645,8 +648,8 @@ EXPORT void* sa_ivf_new(i64 B, i64 N, i64 W, i64 nlist, i64 nprobe, const float*
     ix->cscore.resize(nlist);
     ix->ids.resize(B * nlist);
     ix->vecs.resize(B * nlist);
-    ix->list_of.assign(B * N, -1);
-    ix->pos_of.assign(B * N, 0);
+    ix->list_of.reset(new int32_t[B * N]);  // (uninitialised: see struct IVF)
+    ix->pos_of.reset(new int32_t[B * N]);
     ix->zero.assign(B * ix->words, 0);
     return ix;
 }
