@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memagents.cores import make, sparse_access
+from memagents.cores import make, sparse_access, sparse_links
 from memagents.cores import state as state_lib
 
 pytestmark = pytest.mark.skipif(
@@ -129,6 +129,14 @@ def test_dirty_rows_cover_the_nonzero_rows(name):
             nonzero = (memory != 0).any(-1)
             assert carry.known.all()  # (from an initial memory: every element's rows tracked)
             assert not (nonzero & ~carry.dirty).any()
+            if name == "sdnc":  # every link row that is not empty is marked as rewritten
+                a = state.access
+                empty = sparse_links.initial_link_indices(B, 300, core.temporal_reads)
+                for k, (vals, idx) in enumerate(
+                    ((a.link, a.link_indices), (a.link_t, a.link_t_indices))
+                ):
+                    changed = (vals != 0).any(-1) | (idx.long() != empty).any(-1)
+                    assert not (changed & ~carry.link_rows[k]).any()
     restart = torch.zeros(1, B)
     restart[0, 2] = 1
     with torch.no_grad():

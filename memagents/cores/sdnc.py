@@ -375,12 +375,13 @@ def _head_backward(lib, xi, prev_w, gates, modes, *grads):
 def sdnc_step(
     xi, prev_w, memory, link, link_t, precedence, prev_idx, lru, link_idx, link_t_idx,
     precedence_idx, last_access, time, reset, index, sizes, owns_grad, lib,
-    memory_reset=None, scratch=None,
+    memory_reset=None, scratch=None, link_rows=None,
 ):  # fmt: skip
     """:class:`SDNCStep` (same arguments and outputs), or its forward alone when no gradient is
     recorded (rollouts: nothing is saved). Without gradient, ``memory_reset`` (``[n]`` long)
     replaces ``reset`` for the memory (a caller that zeroed the restarting rows itself passes
-    none) and ``scratch``'s LRU block minima find the next LRU row."""
+    none; ``reset`` then restarts the links alone), ``scratch``'s LRU block minima find the next
+    LRU row and ``link_rows`` (``[2, B, N]`` bool) gets the link rows the step rewrote marked."""
     args = (
         xi, prev_w, memory, link, link_t, precedence, prev_idx, lru, link_idx, link_t_idx,
         precedence_idx, last_access, time, reset, index, sizes, owns_grad, lib,
@@ -388,25 +389,27 @@ def sdnc_step(
     if torch.is_grad_enabled() and any(
         t.requires_grad for t in (xi, prev_w, memory, link, link_t, precedence)
     ):
-        if memory_reset is not None or scratch is not None:
-            raise ValueError("memory_reset and scratch are for steps without gradient")
+        if memory_reset is not None or scratch is not None or link_rows is not None:
+            raise ValueError("memory_reset, scratch and link_rows are for steps without gradient")
         return SDNCStep.apply(*args)
-    return _step_forward(*args, record=False, memory_reset=memory_reset, scratch=scratch)[0]
+    return _step_forward(
+        *args, record=False, memory_reset=memory_reset, scratch=scratch, link_rows=link_rows
+    )[0]
 
 
 def _step_forward(
     xi, prev_w, memory, link, link_t, precedence, prev_idx, lru, link_idx, link_t_idx,
     precedence_idx, last_access, time, reset, index, sizes, owns_grad, lib, record,
-    memory_reset=None, scratch=None,
+    memory_reset=None, scratch=None, link_rows=None,
 ):  # fmt: skip
     """The forward of :class:`SDNCStep`: ``(outputs, what its backward needs)``; see
-    :func:`sdnc_step` for ``memory_reset`` and ``scratch``."""
+    :func:`sdnc_step` for ``memory_reset``, ``scratch`` and ``link_rows``."""
     R, _, K = sizes
     B = xi.shape[0]
     keys, a, beta, gates, modes, ww, widx = _head_forward(lib, xi, prev_w, prev_idx, lru, sizes)
     p_out, p_out_idx, dir_w, dir_idx, saved_i32, saved_t = sparse_links.native_forward(
         lib, link, link_t, ww, precedence, prev_w, link_idx, link_t_idx, widx,
-        precedence_idx, prev_idx, reset, K, save=record,
+        precedence_idx, prev_idx, reset, K, save=record, touched=link_rows,
     )  # fmt: skip
     access = FunctionCtx()
     memory, content_w, content_idx, content_r, extra_rows = sparse_access.SparseAccessStep.forward(
@@ -1050,6 +1053,11 @@ class SDNCCore(MemoryCore):
                     zero=sparse_access.is_zero_broadcast(a.last_access),
                 )  # fmt: skip
                 carry = sparse_access.Carry(a.memory, last_access, index, scratch)
+                # the link rows each element rewrote since its episode began ([0]: L, [1]: Lᵀ):
+                # tracked from initial links, else from the element's first restart
+                carry.link_rows = torch.zeros(2, B, N, dtype=torch.bool)
+                carry.all_known = fresh
+                carry.known.fill_(fresh)
         # the controller's state and the read vectors flat ([B, ·]) during the loop
         h, c = state.controller.h.squeeze(1), state.controller.c.squeeze(1)
         read_flat = state.read_vectors.reshape(B, R * W)
@@ -1089,7 +1097,7 @@ class SDNCCore(MemoryCore):
 
         outputs, debug_steps = [], []
         for t in range(T):
-            reset = no_reset
+            reset = link_reset = no_reset
             if reset_steps[t]:
                 st = starts[t]
                 reset = st.nonzero().flatten()
@@ -1108,6 +1116,11 @@ class SDNCCore(MemoryCore):
                     last_access.index_fill_(0, reset, 0.0)
                     scratch.clear(reset)
                 if carry is not None:  # only the rows the episodes wrote
+                    known = carry.known.index_select(0, reset)
+                    sparse_links.reset_rows(
+                        (link, link_t), (link_idx, link_t_idx), carry.link_rows, reset[known]
+                    )
+                    link_reset = reset[~known]  # (rows not tracked: the kernel rewrites all)
                     carry.reset(memory, reset)
                 lru = None
             if lru is None:
@@ -1128,8 +1141,10 @@ class SDNCCore(MemoryCore):
                     xi, small["read_weights"], memory, link, link_t, small["precedence"],
                     small["read_indices"], lru, link_idx, link_t_idx,
                     small["precedence_indices"], small["last_access"], small["time"],
-                    no_reset if fresh and t == 0 else reset, index, (R, W, K), t < T - 1, lib,
+                    no_reset if fresh and t == 0 else (reset if carry is None else link_reset),
+                    index, (R, W, K), t < T - 1, lib,
                     memory_reset=None if carry is None else no_reset, scratch=scratch,
+                    link_rows=None if carry is None else carry.link_rows,
                 )  # fmt: skip
                 if carry is not None:
                     carry.wrote(write_indices)

@@ -81,6 +81,30 @@ def _link_pattern(N: int, temporal_reads: int, device: torch.device, dtype) -> T
     return ((rows + 1 + torch.arange(temporal_reads, device=device)) % N).to(dtype)
 
 
+def reset_rows(
+    values: tuple[Tensor, ...], indices: tuple[Tensor, ...], rows: Tensor, elements: Tensor
+) -> None:
+    """Restart the links of the elements ``elements`` (``[n]`` long) by rewriting only the rows
+    marked in ``rows`` (``[len(values), B, N]`` bool: the rows each link has had rewritten since
+    the element's episode began; cleared here) to an empty row: zero values at the columns of
+    :func:`initial_link_indices`. The other rows are empty already. ``O(marked rows · K_L)``
+    instead of the ``O(N·K_L)`` of a whole restart.
+
+    :param values: the link values ``[B, N, K_L]`` (``L``, ``Lᵀ``), contiguous, in place.
+    :param indices: their column indices, the same shapes and order.
+    """
+    if not elements.numel():
+        return
+    B, N, L = values[0].shape
+    for k, (vals, idx) in enumerate(zip(values, indices, strict=True)):
+        at = rows[k].index_select(0, elements).nonzero()  # (position in elements, row)
+        flat = elements.index_select(0, at[:, 0]) * N + at[:, 1]
+        pattern = _link_pattern(N, L, vals.device, idx.dtype)
+        vals.view(B * N, L).index_fill_(0, flat, 0.0)
+        idx.view(B * N, L).index_copy_(0, flat, pattern.index_select(0, at[:, 1]))
+        rows[k].index_fill_(0, elements, False)
+
+
 def initial_precedence_indices(batch_size: int, temporal_reads: int, device=None) -> Tensor:
     """``[B, K_L]`` long: the distinct rows ``0..K_L-1`` of the zero-valued empty precedence."""
     return torch.arange(temporal_reads, device=device).expand(batch_size, temporal_reads)
@@ -412,7 +436,7 @@ _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 SIGNATURES: dict[str, native.Signature] = {
     # sizes, tensors, n_reset, outputs, cap, saved buffers; returns the touched rows
     "sdnc_links_forward_*": (
-        [_i64] * 7 + [_ptr] * 11 + [_i64] + [_ptr] * 4 + [_i64] + [_ptr] * 2,
+        [_i64] * 7 + [_ptr] * 11 + [_i64] + [_ptr] * 4 + [_i64] + [_ptr] * 3,
         _i64,
     ),
     "sdnc_links_backward_*": ([_i64] * 7 + [_ptr] * 11 + [_i64] + [_ptr] * 5, None),
@@ -478,10 +502,12 @@ _row_capacity: dict[tuple[int, ...], int] = {}
 
 def native_forward(
     lib, link, link_t, write_weights, precedence, read_weights,
-    link_idx, link_t_idx, write_idx, precedence_idx, read_idx, reset, k, save,
+    link_idx, link_t_idx, write_idx, precedence_idx, read_idx, reset, k, save, touched=None,
 ):  # fmt: skip
     """One kernel call: updates the links in place and returns ``(p_t, p_t idx, dir, dir_idx,
-    saved int32 buffer, saved value buffer)`` (the buffers ``None`` unless ``save``)."""
+    saved int32 buffer, saved value buffer)`` (the buffers ``None`` unless ``save``).
+    ``touched`` (``[2, B, N]`` bool or uint8, contiguous): set to 1 at the rows of ``L`` (``[0]``)
+    and of ``Lᵀ`` (``[1]``) the step rewrites (the others keep their values and columns)."""
     B, N, L = link.shape
     J, R, S = write_idx.shape[1], read_idx.shape[1], read_idx.shape[2]
     if S * L < k or L >= N:
@@ -504,8 +530,9 @@ def native_forward(
         r_idx.data_ptr(), reset.data_ptr(), reset.numel(),
         p_out.data_ptr(), p_out_idx.data_ptr(), dir_w.data_ptr(), dir_idx.data_ptr(),
     )  # fmt: skip
+    mark = None if touched is None else touched.data_ptr()
     if not save:
-        fn(*args, 0, None, None)
+        fn(*args, 0, None, None, mark)
         return p_out, p_out_idx, dir_w, dir_idx, None, None
     key = (B, N, L, J, R, S, k)
     cap = _row_capacity.get(key, 2 * B * min(N, 64))
@@ -513,7 +540,7 @@ def native_forward(
         n_i32, n_t = saved_sizes(B, L, R, S, k, cap)
         saved_i32 = torch.empty(n_i32, dtype=torch.int32)
         saved_t = torch.empty(n_t, dtype=dtype)
-        needed = fn(*args, cap, saved_i32.data_ptr(), saved_t.data_ptr())
+        needed = fn(*args, cap, saved_i32.data_ptr(), saved_t.data_ptr(), mark)
         if needed <= cap:
             break
         cap = _row_capacity[key] = needed + needed // 4  # nothing was written but resets

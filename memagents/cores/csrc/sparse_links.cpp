@@ -42,6 +42,8 @@
 
 #include "common.h"
 
+using u8 = uint8_t;
+
 using i32 = int32_t;
 
 namespace {
@@ -297,7 +299,8 @@ template <typename T, int LC>
 i64 forward(i64 B, i64 N, i64 L_, i64 J, i64 R, i64 S, i64 K, T* link, T* link_t, T* link_idx,
             T* link_t_idx, const T* w, const i64* w_idx, const T* p, const i64* p_idx,
             const T* rw, const i64* rw_idx, const i64* reset, i64 n_reset, T* p_out,
-            i64* p_out_idx, T* dir_out, i64* dir_out_idx, i64 cap, i32* saved_i32, T* saved_t) {
+            i64* p_out_idx, T* dir_out, i64* dir_out_idx, i64 cap, i32* saved_i32, T* saved_t,
+            u8* touched) {
     const i64 L = LC ? LC : L_;
     const bool save = saved_i32 != nullptr;
     const Saved off(B, L, R, S, K, cap);
@@ -356,6 +359,13 @@ i64 forward(i64 B, i64 N, i64 L_, i64 J, i64 R, i64 S, i64 K, T* link, T* link_t
     if (save && n_total > cap) {
         sc.done();
         return n_total;
+    }
+    if (touched != nullptr) {  // [2, B, N]: the rows of L, then of L^T, this step rewrites
+        i64 at = 0;
+        for (i64 b = 0; b < B; ++b)
+            for (i64 set = 0; set < 2; ++set)
+                for (i64 u = 0; u < counts[2 * b + set]; ++u, ++at)
+                    touched[(set * B + b) * N + all_rows[at]] = 1;
     }
     if (save) {
         saved_i32[0] = (i32)cap;
@@ -795,10 +805,10 @@ void mix_backward(i64 B, i64 R, i64 K, i64 W, const T* modes, const T* dir, cons
     i64 B, i64 N, i64 L, i64 J, i64 R, i64 S, i64 K, T *link, T *link_t, T *link_idx,            \
         T *link_t_idx, const T *w, const i64 *w_idx, const T *p, const i64 *p_idx,             \
         const T *rw, const i64 *rw_idx, const i64 *reset, i64 n_reset, T *p_out, i64 *p_out_idx, \
-        T *dir_out, i64 *dir_out_idx, i64 cap, i32 *saved_i32, T *saved_t
+        T *dir_out, i64 *dir_out_idx, i64 cap, i32 *saved_i32, T *saved_t, u8 *touched
 #define FORWARD_CALL                                                                            \
     B, N, L, J, R, S, K, link, link_t, link_idx, link_t_idx, w, w_idx, p, p_idx, rw, rw_idx,   \
-        reset, n_reset, p_out, p_out_idx, dir_out, dir_out_idx, cap, saved_i32, saved_t
+        reset, n_reset, p_out, p_out_idx, dir_out, dir_out_idx, cap, saved_i32, saved_t, touched
 #define BACKWARD_ARGS(T)                                                                        \
     i64 B, i64 N, i64 L, i64 J, i64 R, i64 S, i64 K, T *g_link, T *g_link_t, const T *g_p_out,  \
         const T *g_dir, const T *w, const i64 *w_idx, const T *p, const i64 *p_idx,             \
