@@ -48,6 +48,15 @@ def _assert_states_close(a, b, atol=1e-12):
         torch.testing.assert_close(u.double(), v.double(), atol=atol, rtol=0, msg=name)
 
 
+def _carry_of(name, state):
+    """The carry kept for ``state`` (the tensors each core's carry vouches for)."""
+    a = state.access
+    fields = ("last_access",)
+    if name == "sdnc":
+        fields += ("link", "link_t", "link_indices", "link_t_indices")
+    return sparse_access.Carry.find(a.memory, *(getattr(a, f) for f in fields))
+
+
 CASES = [
     ("sam", 64, "exact"),
     ("sam", 300, "ivf"),
@@ -102,9 +111,7 @@ def test_a_state_modified_elsewhere_is_not_carried(name):
         _, state = core.forward_inplace(x[:10], None, starts[:10])
         _, state = core.forward_inplace(x[10:11], state, starts[10:11])
         memory = state.access.memory
-        assert sparse_access.Carry.find(memory, state.access.last_access) is not None or (
-            name == "sdnc"  # (the SDNC's carry also vouches for its links)
-        )
+        assert _carry_of(name, state) is not None
         gen = torch.Generator().manual_seed(4)
         memory[:, :50] = torch.randn(B, 50, 4, generator=gen, dtype=torch.float64)
         reference_state = state_lib.map_state(torch.clone, state)
@@ -222,12 +229,13 @@ def test_training_call_with_restarts_matches_the_per_step_nodes(
     assert all(g.abs().sum() > 0 for g in g_seq)
 
 
+@pytest.mark.parametrize("name", ["sam", "sdnc"])
 @pytest.mark.parametrize("memory_size,index", [(64, "exact"), (300, "ivf"), (4096, "ivf")])
-def test_peek_gives_forward_and_leaves_the_carried_state_as_it_was(memory_size, index):
-    """SAM's ``peek`` on a carried state (a rollout's bootstrap value) returns ``forward``'s
-    output, with a restarting element among them, and then the state (memory, last-access
-    steps, index, LRU blocks) is what it was: the next carried steps equal the reference."""
-    core = _core("sam", memory_size, index)
+def test_peek_gives_forward_and_leaves_the_carried_state_as_it_was(name, memory_size, index):
+    """``peek`` on a carried state (a rollout's bootstrap value) returns ``forward``'s output,
+    with a restarting element among them, and then the state (memory, links, last-access steps,
+    index, LRU blocks) is what it was: the next carried steps equal the reference."""
+    core = _core(name, memory_size, index)
     x, starts = _inputs(8)
     with torch.no_grad():
         y_ref, state_ref = core(x, None, starts)
@@ -242,11 +250,11 @@ def test_peek_gives_forward_and_leaves_the_carried_state_as_it_was(memory_size, 
         )
         y_peek = core.peek(probe, state, peek_starts)
         y_fwd, _ = core(probe, before, peek_starts)
-        assert sparse_access.Carry.find(state.access.memory, state.access.last_access) is not None
-        for (name, a), (_, b) in zip(
+        assert _carry_of(name, state) is not None  # still valid for the state
+        for (field, a), (_, b) in zip(
             state_lib.named_leaves(state), state_lib.named_leaves(before), strict=True
         ):
-            assert torch.equal(a, b), name
+            assert torch.equal(a, b), field
         ys = []
         for t in range(20, T):
             y, state = core.forward_inplace(x[t : t + 1], state, starts[t : t + 1])

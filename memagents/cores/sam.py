@@ -498,38 +498,18 @@ class SAMCore(MemoryCore):
             carry = sparse_access.Carry.find(a.memory, a.last_access)
         if carry is None:
             return self._run(x, state, starts, False)[0]
-        memory, last_access, scratch = a.memory, a.last_access, carry.scratch
-        W = memory.shape[2]
+        memory, last_access = a.memory, a.last_access
         reset = (
             starts[0].nonzero().flatten()
             if starts is not None
             else torch.zeros(0, dtype=torch.long, device=x.device)
         )
         # the rows the step writes where the element does not restart: w^R_{t-1}'s and the LRU
-        rows = torch.cat(
-            [a.read_indices.long().flatten(1), scratch.least_recently_used(last_access)[:, None]],
-            dim=1,
-        )
-        gather = rows[..., None].expand(-1, -1, W)
-        saved_rows = memory.gather(1, gather)
-        saved_reset = memory.index_select(0, reset)
-        saved_last, saved_dirty = last_access.clone(), carry.dirty.clone()
-        saved_known = (carry.known.clone(), carry.all_known)
-        blocks = scratch.blocks
-        saved_blocks = None if blocks is None else (blocks[1].clone(), blocks[2].clone())
+        lru = carry.scratch.least_recently_used(last_access)
+        rows = torch.cat([a.read_indices.long().flatten(1), lru[:, None]], dim=1)
+        saved = carry.save(memory, last_access, rows, reset)
         y, _ = self._run_native(x, state, starts, False, carried=True)
-        memory.scatter_(1, gather, saved_rows)
-        memory.index_copy_(0, reset, saved_reset)
-        last_access.copy_(saved_last)
-        carry.dirty.copy_(saved_dirty)
-        carry.known.copy_(saved_known[0])
-        carry.all_known = saved_known[1]
-        if saved_blocks is not None:
-            blocks[1].copy_(saved_blocks[0])
-            blocks[2].copy_(saved_blocks[1])
-        carry.index.update(memory, rows)
-        if reset.numel():
-            carry.index.reset(memory, reset)
+        carry.restore(saved, memory, last_access)
         carry.keep(memory, last_access)
         return y
 

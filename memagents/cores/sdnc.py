@@ -878,6 +878,60 @@ class SDNCCore(MemoryCore):
             memory = memory.clone()
         return copy._replace(access=copy.access._replace(memory=memory))
 
+    def peek(self, x, state, episode_starts=None):
+        """:meth:`MemoryCore.peek`. For one step without gradient on a state that a carried call
+        returned, the step runs in place and is then undone, as SAM's: the memory rows it writes
+        and the link rows it may rewrite (``L``: the written rows and the columns of ``Lᵀ`` at
+        them; ``Lᵀ``: the written rows, ``p_{t-1}``'s rows and the columns of ``L`` at the
+        written rows, as the link kernel finds them) are saved before and put back after, with
+        the whole memory and links of an element that restarts."""
+        state, starts = self._check_inputs(x, state, episode_starts)
+        a = state.access
+        carry = None
+        if x.shape[0] == 1 and not self._wants_grad(x, state):
+            carry = sparse_access.Carry.find(a.memory, *(getattr(a, f) for f in _CARRIED))
+        if carry is None or self._restarts_whole(state, starts):
+            return self._run(x, state, starts, False)[0]
+        memory, last_access = a.memory, a.last_access
+        reset = (
+            starts[0].nonzero().flatten()
+            if starts is not None
+            else torch.zeros(0, dtype=torch.long, device=x.device)
+        )
+        lru = carry.scratch.least_recently_used(last_access)
+        written = torch.cat([a.read_indices.long().flatten(1), lru[:, None]], dim=1)  # [B, J]
+        saved = carry.save(memory, last_access, written, reset)
+        L = a.link.shape[2]
+        at_written = written[..., None].expand(-1, -1, L)
+        rows = (
+            torch.cat([written, a.link_t_indices.gather(1, at_written).long().flatten(1)], 1),
+            torch.cat(
+                [
+                    written,
+                    a.precedence_indices.long(),
+                    a.link_indices.gather(1, at_written).long().flatten(1),
+                ],
+                1,
+            ),
+        )
+        links = ((a.link, a.link_indices, rows[0]), (a.link_t, a.link_t_indices, rows[1]))
+        kept = [
+            (at, vals.gather(1, at), idx.gather(1, at), vals[reset], idx[reset])
+            for vals, idx, r in links
+            for at in [r[..., None].expand(-1, -1, L)]
+        ]
+        link_rows = carry.link_rows.clone()
+        y, _ = self._run(x, state, starts, False, carried=True, carry=carry)
+        for (vals, idx, _), (at, v, i, whole_v, whole_i) in zip(links, kept, strict=True):
+            vals.scatter_(1, at, v)
+            idx.scatter_(1, at, i)
+            vals.index_copy_(0, reset, whole_v)
+            idx.index_copy_(0, reset, whole_i)
+        carry.link_rows.copy_(link_rows)
+        carry.restore(saved, memory, last_access)
+        carry.keep(memory, *(getattr(a, f) for f in _CARRIED))
+        return y
+
     def forward_inplace(self, x, state, episode_starts=None):
         """:meth:`forward` for a caller that hands ``state`` over (see
         :meth:`MemoryCore.forward_inplace`). Without gradient on the native one-node path, the

@@ -437,6 +437,35 @@ class Carry:
             self.all_known = bool(self.known.all())
         self.index.clear(memory, reset)
 
+    def save(self, memory: Tensor, last_access: Tensor, rows: Tensor, reset: Tensor) -> tuple:
+        """Before a step that :meth:`restore` will undo (``peek``): the memory at ``rows``
+        (``[B, J]`` long, the rows the step writes where an element does not restart), the whole
+        memory of the elements ``reset`` (``[n]`` long) that restart, ``last_access``, the LRU
+        blocks and the written-row bookkeeping. ``O(J·W + N)`` per element."""
+        gather = rows[..., None].expand(-1, -1, memory.shape[2])
+        blocks = self.scratch.blocks
+        return (
+            rows, gather, memory.gather(1, gather), reset, memory.index_select(0, reset),
+            last_access.clone(), self.dirty.clone(), self.known.clone(), self.all_known,
+            None if blocks is None else (blocks[1].clone(), blocks[2].clone()),
+        )  # fmt: skip
+
+    def restore(self, saved: tuple, memory: Tensor, last_access: Tensor) -> None:
+        """Undo the step since :meth:`save`, and re-file the restored rows in the index."""
+        rows, gather, at_rows, reset, whole, last, dirty, known, all_known, blocks = saved
+        memory.scatter_(1, gather, at_rows)
+        memory.index_copy_(0, reset, whole)
+        last_access.copy_(last)
+        self.dirty.copy_(dirty)
+        self.known.copy_(known)
+        self.all_known = all_known
+        if blocks is not None:
+            self.scratch.blocks[1].copy_(blocks[0])
+            self.scratch.blocks[2].copy_(blocks[1])
+        self.index.update(memory, rows)
+        if reset.numel():
+            self.index.reset(memory, reset)
+
     def snapshot(self, memory: Tensor) -> Tensor:
         """A copy of ``memory`` made from its dirty rows alone when every element's are known
         (a lazily zeroed buffer, :func:`zero_buffer`: ``O(dirty rows · W)`` written), else a
