@@ -532,8 +532,7 @@ template <typename T>
 void ivf_search(IVF& ix, const T* mem, const T* keys, i64 R, i64 K, i64* out) {
     const i64 W = ix.W, N = ix.N;
     std::vector<float> score(K);
-    std::vector<i64> probe(ix.nprobe), found(K);
-    std::vector<float> pscore(ix.nprobe);
+    std::vector<i64> probe(ix.nlist), found(K);
     float unit[256];
     std::vector<T> sq;
     for (i64 b = 0; b < ix.B; ++b) {
@@ -542,10 +541,12 @@ void ivf_search(IVF& ix, const T* mem, const T* keys, i64 R, i64 K, i64* out) {
             const T norm = std::sqrt(dot(q, q, W) + T(kEps));
             for (i64 w = 0; w < W; ++w) unit[w] = float(q[w] / norm);
             const float* cs = centroid_scores(ix, unit);
-            i64 np = 0;
-            for (i64 c = 0; c < ix.nlist; ++c)
-                if (np < ix.nprobe || cs[c] > pscore[ix.nprobe - 1])
-                    top_insert(pscore.data(), probe.data(), np, ix.nprobe, cs[c], c);
+            // the nprobe best lists, best score first and ties to the lower list (a strict
+            // order, so the set is that of an insertion sort), in O(nlist)
+            const i64 np = ix.nprobe;
+            for (i64 c = 0; c < ix.nlist; ++c) probe[c] = c;
+            std::nth_element(probe.begin(), probe.begin() + (np - 1), probe.end(),
+                             [cs](i64 a, i64 b) { return cs[a] > cs[b] || (cs[a] == cs[b] && a < b); });
             i64 count = 0;
             for (i64 p = 0; p < np; ++p) {
                 const auto& ids = ix.ids[b * ix.nlist + probe[p]];
