@@ -57,6 +57,16 @@ def _carry_of(name, state):
     return sparse_access.Carry.find(a.memory, *(getattr(a, f) for f in fields))
 
 
+def _outputs_and_grads(core, x, state, starts, seed):
+    """One training call: outputs and the parameters' gradients of a random projection of
+    them (float64)."""
+    core.zero_grad(set_to_none=True)
+    y, _ = core(x, state, starts)
+    gen = torch.Generator().manual_seed(seed)
+    (y * torch.randn(y.shape, generator=gen, dtype=y.dtype)).sum().backward()
+    return y.detach(), [p.grad.clone() for p in core.parameters() if p.requires_grad]
+
+
 CASES = [
     ("sam", 64, "exact"),
     ("sam", 300, "ivf"),
@@ -213,16 +223,9 @@ def test_training_call_with_restarts_matches_the_per_step_nodes(
     with torch.no_grad():
         _, state = core(x, None, starts)  # a used memory to start from
 
-    def run():
-        core.zero_grad(set_to_none=True)
-        y, _ = core(x, state, starts)
-        gen = torch.Generator().manual_seed(7)
-        (y * torch.randn(y.shape, generator=gen, dtype=y.dtype)).sum().backward()
-        return y.detach(), [p.grad.clone() for p in core.parameters() if p.requires_grad]
-
-    y_seq, g_seq = run()
+    y_seq, g_seq = _outputs_and_grads(core, x, state, starts, 7)
     monkeypatch.setattr(sam if name == "sam" else sdnc, "SEQUENCE_NODE", False)
-    y_ref, g_ref = run()
+    y_ref, g_ref = _outputs_and_grads(core, x, state, starts, 7)
     torch.testing.assert_close(y_seq, y_ref, atol=1e-12, rtol=0)
     for a, b in zip(g_seq, g_ref, strict=True):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
@@ -279,18 +282,11 @@ def test_restart_shortcuts_give_the_full_restart(monkeypatch, name, from_used):
         with torch.no_grad():
             _, state = core(x, None, starts)
 
-    def run():
-        core.zero_grad(set_to_none=True)
-        y, _ = core(x, state, starts)
-        gen = torch.Generator().manual_seed(11)
-        (y * torch.randn(y.shape, generator=gen, dtype=y.dtype)).sum().backward()
-        return y.detach(), [p.grad.clone() for p in core.parameters() if p.requires_grad]
-
-    y_fast, g_fast = run()
+    y_fast, g_fast = _outputs_and_grads(core, x, state, starts, 11)
     monkeypatch.setattr(type(core), "_restarts_whole", lambda self, state, starts: False)
     if name == "sdnc":
         monkeypatch.setattr(type(core), "_is_initial_access", lambda self, a: False)
-    y_ref, g_ref = run()
+    y_ref, g_ref = _outputs_and_grads(core, x, state, starts, 11)
     torch.testing.assert_close(y_fast, y_ref, atol=1e-12, rtol=0)
     for a, b in zip(g_fast, g_ref, strict=True):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)

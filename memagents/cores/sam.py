@@ -496,18 +496,10 @@ class SAMCore(MemoryCore):
         carry = None
         if x.shape[0] == 1 and self._native(x, state) and not self._wants_grad(x, state):
             carry = sparse_access.Carry.find(a.memory, a.last_access)
-        if carry is None:
+        if carry is None or self._restarts_whole(state, starts):
             return self._run(x, state, starts, False)[0]
         memory, last_access = a.memory, a.last_access
-        reset = (
-            starts[0].nonzero().flatten()
-            if starts is not None
-            else torch.zeros(0, dtype=torch.long, device=x.device)
-        )
-        # the rows the step writes where the element does not restart: w^R_{t-1}'s and the LRU
-        lru = carry.scratch.least_recently_used(last_access)
-        rows = torch.cat([a.read_indices.long().flatten(1), lru[:, None]], dim=1)
-        saved = carry.save(memory, last_access, rows, reset)
+        saved, _, _ = carry.save_step(memory, last_access, a.read_indices, starts)
         y, _ = self._run_native(x, state, starts, False, carried=True)
         carry.restore(saved, memory, last_access)
         carry.keep(memory, last_access)

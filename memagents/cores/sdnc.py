@@ -893,14 +893,7 @@ class SDNCCore(MemoryCore):
         if carry is None or self._restarts_whole(state, starts):
             return self._run(x, state, starts, False)[0]
         memory, last_access = a.memory, a.last_access
-        reset = (
-            starts[0].nonzero().flatten()
-            if starts is not None
-            else torch.zeros(0, dtype=torch.long, device=x.device)
-        )
-        lru = carry.scratch.least_recently_used(last_access)
-        written = torch.cat([a.read_indices.long().flatten(1), lru[:, None]], dim=1)  # [B, J]
-        saved = carry.save(memory, last_access, written, reset)
+        saved, written, reset = carry.save_step(memory, last_access, a.read_indices, starts)
         L = a.link.shape[2]
         at_written = written[..., None].expand(-1, -1, L)
         rows = (

@@ -450,6 +450,21 @@ class Carry:
             None if blocks is None else (blocks[1].clone(), blocks[2].clone()),
         )  # fmt: skip
 
+    def save_step(
+        self, memory: Tensor, last_access: Tensor, read_indices: Tensor, starts: Tensor | None
+    ) -> tuple[tuple, Tensor, Tensor]:
+        """:meth:`save` before one step of a sparse core, whose writes go to the rows of
+        ``w^R_{t-1}`` (``read_indices [B, ...]``) and the LRU row; ``starts`` (``[1, B]`` bool or
+        ``None``) gives the elements that restart. Returns ``(saved, written rows [B, J] long,
+        restarting elements [n] long)``."""
+        if starts is None:
+            reset = torch.zeros(0, dtype=torch.long, device=memory.device)
+        else:
+            reset = starts[0].nonzero().flatten()
+        lru = self.scratch.least_recently_used(last_access)
+        written = torch.cat([read_indices.long().flatten(1), lru[:, None]], dim=1)
+        return self.save(memory, last_access, written, reset), written, reset
+
     def restore(self, saved: tuple, memory: Tensor, last_access: Tensor) -> None:
         """Undo the step since :meth:`save`, and re-file the restored rows in the index."""
         rows, gather, at_rows, reset, whole, last, dirty, known, all_known, blocks = saved
