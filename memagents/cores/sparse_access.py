@@ -786,9 +786,7 @@ class IVFIndex:
         self._handle = self._lib.sa_ivf_new(B, N, W, self.nlist, self.nprobe, _p(self.centroids))
         if not self._handle:
             raise ValueError(f"IVFIndex supports word sizes up to 256; got {W}")
-        if is_zero_broadcast(memory):
-            self._lib.sa_ivf_clear(self._handle, None)  # every row zero: nothing to scan
-        else:
+        if not is_zero_broadcast(memory):  # (a new index holds every row as zero)
             self.reset(memory, torch.arange(B))
 
     def __del__(self) -> None:

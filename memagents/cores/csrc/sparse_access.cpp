@@ -439,10 +439,10 @@ struct IVF {
     std::vector<float> cscore;                  // [nlist] scratch
     std::vector<std::vector<int32_t>> ids;      // [B * nlist] rows per list
     std::vector<std::vector<float>> vecs;       // [B * nlist] their unit vectors, W each
-    // [B * N] list (-1: zero row) and position, allocated uninitialised: an element's slots are
-    // written by ivf_empty (clear, reset) before any use, and a position only with its list
+    // [B * N] the list and the position of each filed row, allocated uninitialised: a row's
+    // slots are read only while its zero bit is clear, and written when it is filed
     std::unique_ptr<int32_t[]> list_of, pos_of;
-    std::vector<uint64_t> zero;                 // [B * words] bit set: the row is zero
+    std::vector<uint64_t> zero;                 // [B * words] bit set: the row is zero, unfiled
 };
 
 // <centroid_c, unit> for every c, into ix.cscore.
@@ -461,8 +461,9 @@ inline const float* centroid_scores(IVF& ix, const float* unit) {
 template <typename T>
 void ivf_set_row(IVF& ix, i64 b, i64 n, const T* row) {
     const i64 W = ix.W, at = b * ix.N + n;
-    int32_t l = ix.list_of[at];
-    if (l >= 0) {  // remove: the list's last entry takes its place
+    uint64_t& word = ix.zero[b * ix.words + n / 64];
+    if (!((word >> (n % 64)) & 1)) {  // filed: remove it (the list's last entry takes its place)
+        const int32_t l = ix.list_of[at];
         auto& ids = ix.ids[b * ix.nlist + l];
         auto& vecs = ix.vecs[b * ix.nlist + l];
         const int32_t p = ix.pos_of[at], last = ids.back();
@@ -471,10 +472,8 @@ void ivf_set_row(IVF& ix, i64 b, i64 n, const T* row) {
         ix.pos_of[b * ix.N + last] = p;
         ids.pop_back();
         vecs.resize(vecs.size() - W);
-        ix.list_of[at] = -1;
     }
     const T sq = dot(row, row, W);
-    uint64_t& word = ix.zero[b * ix.words + n / 64];
     if (sq == 0) {
         word |= uint64_t(1) << (n % 64);
         return;
@@ -495,18 +494,16 @@ void ivf_set_row(IVF& ix, i64 b, i64 n, const T* row) {
     vecs.insert(vecs.end(), unit, unit + W);
 }
 
-// Element b's lists emptied, no row filed; its zero bits all set (every row zero: the memory
-// is not read) or all cleared (the caller files every row next).
-inline void ivf_empty(IVF& ix, i64 b, bool all_zero) {
+// Element b's lists emptied and every row marked zero, unfiled (the memory is not read):
+// O(nlist + N / 64), the slot arrays untouched.
+inline void ivf_empty(IVF& ix, i64 b) {
     for (i64 l = 0; l < ix.nlist; ++l) {
         ix.ids[b * ix.nlist + l].clear();
         ix.vecs[b * ix.nlist + l].clear();
     }
-    std::fill(ix.list_of.get() + b * ix.N, ix.list_of.get() + (b + 1) * ix.N, -1);
     for (i64 w = 0; w < ix.words; ++w) {
         const i64 left = ix.N - w * 64;
-        const uint64_t ones = left >= 64 ? ~uint64_t(0) : (uint64_t(1) << left) - 1;
-        ix.zero[b * ix.words + w] = all_zero ? ones : 0;
+        ix.zero[b * ix.words + w] = left >= 64 ? ~uint64_t(0) : (uint64_t(1) << left) - 1;
     }
 }
 
@@ -514,7 +511,7 @@ template <typename T>
 void ivf_reset(IVF& ix, const T* mem, const u8* elements) {
     for (i64 b = 0; b < ix.B; ++b) {
         if (elements != nullptr && !elements[b]) continue;
-        ivf_empty(ix, b, false);
+        ivf_empty(ix, b);
         for (i64 n = 0; n < ix.N; ++n) ivf_set_row(ix, b, n, mem + (b * ix.N + n) * ix.W);
     }
 }
@@ -651,7 +648,8 @@ EXPORT void* sa_ivf_new(i64 B, i64 N, i64 W, i64 nlist, i64 nprobe, const float*
     ix->vecs.resize(B * nlist);
     ix->list_of.reset(new int32_t[B * N]);  // (uninitialised: see struct IVF)
     ix->pos_of.reset(new int32_t[B * N]);
-    ix->zero.assign(B * ix->words, 0);
+    ix->zero.resize(B * ix->words);
+    for (i64 b = 0; b < B; ++b) ivf_empty(*ix, b);  // every row zero, nothing filed
     return ix;
 }
 
@@ -663,7 +661,7 @@ EXPORT void sa_ivf_free(void* ix) { delete static_cast<IVF*>(ix); }
 EXPORT void sa_ivf_clear(void* handle, const u8* elements) {
     IVF& ix = *static_cast<IVF*>(handle);
     for (i64 b = 0; b < ix.B; ++b)
-        if (elements == nullptr || elements[b]) ivf_empty(ix, b, true);
+        if (elements == nullptr || elements[b]) ivf_empty(ix, b);
 }
 
 #define SA_IVF_INSTANTIATE(T, SUFFIX)                                                              \
