@@ -388,6 +388,9 @@ class Carry:
         #: ``[B]``: whether ``dirty`` covers the element's non-zero rows (``all_known``: all)
         self.all_known = is_zero_broadcast(memory)
         self.known = torch.full((B,), self.all_known, device=memory.device)
+        #: the SDNC's: ``[2, B, N]`` bool, the rows of ``L`` and ``Lᵀ`` rewritten since each
+        #: element's episode began (``sparse_links.reset_rows``); ``None`` for SAM
+        self.link_rows: Tensor | None = None
         self._refs: list[weakref.ref] = []
         self._versions: tuple[int, ...] = ()
 
