@@ -367,3 +367,50 @@ def test_rollout_step_on_native_states_matches_forward_on_packed_ones(core: str,
         repacked = policy.pack_states(native)
         for x, y in zip((*repacked.pi, *repacked.vf), (*packed.pi, *packed.vf), strict=True):
             torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("core", "critic"), [("sam", "joint"), ("sdnc", "separate")])
+def test_native_loop_on_a_numpy_env_equals_sb3_contribs_loop(core: str, critic: str) -> None:
+    """A core that carries its state on a numpy VecEnv: ``collector='auto'`` steps the cores'
+    own states (``MemoryPPO._collect_native``), ``'sb3'`` runs sb3-contrib's packed loop. Same
+    seed: the same rollout (observations, actions, rewards, values, log-probabilities,
+    advantages, returns) and the same parameters after the update, with episodes that end by
+    truncation (Recall's episodes are cut by a TimeLimit of 3 steps here) bootstrapped alike."""
+    from gymnasium.wrappers import TimeLimit
+    from stable_baselines3.common.env_util import make_vec_env
+
+    results = {}
+    for collector in ("sb3", "auto"):
+        env = make_vec_env(
+            "memagents/Recall-v0", n_envs=4, seed=5,
+            wrapper_class=lambda e: TimeLimit(e, max_episode_steps=3),
+        )  # fmt: skip
+        model = MemoryPPO(
+            MemoryPolicy, env, n_steps=N_STEPS, batch_size=32, n_epochs=2, seed=0,
+            device="cpu", collector=collector,
+            policy_kwargs={"core": core, "core_kwargs": {"hidden_size": 16, **SMALL[core]},
+                           **CRITICS[critic]},
+        )  # fmt: skip
+        calls: list[int] = []
+
+        def spy(*args, _original=model._collect_native, _calls=calls, **kwargs):
+            _calls.append(1)
+            return _original(*args, **kwargs)
+
+        model._collect_native = spy
+        model.learn(4 * N_STEPS)
+        assert bool(calls) == (collector == "auto")
+        buffer = model.rollout_buffer
+        rollout = {
+            name: np.asarray(getattr(buffer, name), dtype=np.float64)
+            for name in ("observations", "actions", "rewards", "values", "log_probs",
+                         "advantages", "returns")
+        }  # fmt: skip
+        params = [p.detach().clone() for p in model.policy.parameters()]
+        results[collector] = (rollout, params)
+    (ref, ref_params), (got, got_params) = results["sb3"], results["auto"]
+    assert ref["rewards"].any()
+    for name in ref:
+        np.testing.assert_allclose(got[name], ref[name], atol=1e-6, rtol=0, err_msg=name)
+    for a, b in zip(got_params, ref_params, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)

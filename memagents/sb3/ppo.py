@@ -49,10 +49,11 @@ from sb3_contrib.common.recurrent.type_aliases import (
 from stable_baselines3.common.buffers import DictRolloutBuffer, RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.policies import BasePolicy
-from stable_baselines3.common.utils import FloatSchedule, explained_variance
+from stable_baselines3.common.utils import FloatSchedule, explained_variance, obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
 
 from envs.vector import BatchedEnv
+from memagents.cores import state as state_lib
 from memagents.sb3.device import DeviceRolloutBuffer, batched_env
 from memagents.sb3.policy import MemoryPolicy
 from memagents.sb3.segments import chunk_segments, pack_columns
@@ -351,8 +352,9 @@ class MemoryPPO(RecurrentPPO):
         batched env (``envs.BatchedEnv.step_tensor``) through the buffer
         (:class:`memagents.sb3.device.DeviceRolloutBuffer`) into the update; ``sb3`` is
         sb3-contrib's loop (numpy between env, policy and buffer); ``auto`` (default) picks
-        ``device`` for a batched env and ``sb3`` otherwise. Both give the same rollouts and
-        updates for the same seed.
+        ``device`` for a batched env and otherwise sb3-contrib's loop, run on the cores' own
+        states (:meth:`_collect_native`) when a core ``carries_state``. All give the same
+        rollouts and updates for the same seed.
     """
 
     #: the device collector's states after its last step, in the cores' own form (``None``:
@@ -495,11 +497,106 @@ class MemoryPPO(RecurrentPPO):
         and before the buffer stores it (where SB3 calls ``callback.on_step``)."""
         if isinstance(rollout_buffer, DeviceRolloutBuffer):
             return self._collect_on_device(env, callback, rollout_buffer, n_rollout_steps)
+        if (
+            self.collector == "auto"
+            and self.credit == "step"
+            and isinstance(rollout_buffer, _SequenceStartMixin)
+            and self._carries_state()
+        ):
+            return self._collect_native(env, callback, rollout_buffer, n_rollout_steps)
         if self.credit == "element":
             callback = _StoreRewardElements(
                 callback, _batched_env(env, "credit='element'"), rollout_buffer
             )
         return super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
+
+    def _carries_state(self) -> bool:
+        """Whether a core of the policy keeps work between rollout steps (``carries_state``:
+        SAM, SDNC), so that its state is best handed from step to step unpacked."""
+        policy = self.policy
+        cores = [policy.memory_actor, policy.memory_critic]
+        return any(c is not None and c.core.carries_state for c in cores)
+
+    def _collect_native(
+        self,
+        env: VecEnv,
+        callback: BaseCallback,
+        buffer: RolloutBuffer,
+        n_rollout_steps: int,
+    ) -> bool:
+        """sb3-contrib's ``collect_rollouts`` (numpy env, the same steps, values, bootstrap of
+        truncated episodes and callbacks) with the cores' own states instead of packed ones:
+        ``MemoryPolicy.rollout_step`` hands the state from step to step, so a sparse core keeps
+        its memory, index and LRU bookkeeping (``MemoryCore.forward_inplace``) where the packed
+        loop would copy and rebuild them every step. The buffer gets the rollout's first state,
+        packed once; the bootstrap value is a ``peek``. ``collector: auto`` takes it for numpy
+        envs when a core ``carries_state``; ``sb3`` keeps sb3-contrib's loop. The two give the
+        same rollouts and updates (tested). A stopping callback keeps the stepped observation
+        with the stepped state, as the device collector does."""
+        policy, device = self.policy, self.device
+        policy.set_training_mode(False)
+        n_steps = 0
+        buffer.reset()
+        if self.use_sde:
+            policy.reset_noise(env.num_envs)
+        callback.on_rollout_start()
+        native = self._native_states
+        if native is None:
+            native = policy.unpack_states(self._last_lstm_states)
+        start = policy.pack_states(native)  # what the buffer stores: the rollout's first state
+        new_obs, dones = self._last_obs, self._last_episode_starts
+        while n_steps < n_rollout_steps:
+            if self.use_sde and self.sde_sample_freq > 0 and n_steps % self.sde_sample_freq == 0:
+                policy.reset_noise(env.num_envs)
+            with torch.no_grad():
+                obs_tensor = obs_as_tensor(self._last_obs, device)
+                episode_starts = torch.as_tensor(
+                    self._last_episode_starts, dtype=torch.float32, device=device
+                )
+                actions, values, log_probs, native = policy.rollout_step(
+                    obs_tensor, native, episode_starts
+                )
+            self._native_states = native
+            actions = actions.cpu().numpy()
+            clipped_actions = actions
+            if isinstance(self.action_space, spaces.Box):
+                clipped_actions = np.clip(actions, self.action_space.low, self.action_space.high)
+            new_obs, rewards, dones, infos = env.step(clipped_actions)
+            self.num_timesteps += env.num_envs
+            callback.update_locals(locals())
+            if not callback.on_step():
+                self._last_obs, self._last_episode_starts = new_obs, dones
+                return False
+            self._update_info_buffer(infos, dones)
+            n_steps += 1
+            if isinstance(self.action_space, spaces.Discrete):
+                actions = actions.reshape(-1, 1)
+            for idx, done in enumerate(dones):  # truncated episodes: bootstrap (SB3 issue 633)
+                info = infos[idx]
+                if (
+                    done
+                    and info.get("terminal_observation") is not None
+                    and info.get("TimeLimit.truncated", False)
+                ):
+                    terminal_obs = policy.obs_to_tensor(info["terminal_observation"])[0]
+                    one = RNNStates(*(_element(s, idx) for s in native))
+                    with torch.no_grad():
+                        no_start = torch.zeros(1, dtype=torch.float32, device=device)
+                        terminal_value = policy.predict_values_native(terminal_obs, one, no_start)
+                    rewards[idx] += self.gamma * terminal_value[0]
+            buffer.add(
+                self._last_obs, actions, rewards, self._last_episode_starts, values, log_probs,
+                lstm_states=start,
+            )  # fmt: skip
+            self._last_obs, self._last_episode_starts = new_obs, dones
+        with torch.no_grad():  # the states go on to the next rollout unchanged
+            episode_starts = torch.as_tensor(dones, dtype=torch.float32, device=device)
+            values = policy.predict_values_native(
+                obs_as_tensor(new_obs, device), native, episode_starts
+            )
+        buffer.compute_returns_and_advantage(last_values=values, dones=dones)
+        callback.on_rollout_end()
+        return True
 
     def _collect_on_device(
         self,
@@ -675,6 +772,11 @@ def _batched_env(env: VecEnv, what: str) -> BatchedEnv:
             f"steps as tensors and reports a reward per action element; got {type(env).__name__}"
         )
     return batched
+
+
+def _element(state: Any, index: int) -> Any:
+    """Element ``index`` of a core's own state (``[1, ...]`` views; ``None`` stays ``None``)."""
+    return None if state is None else state_lib.map_state(lambda t: t[index : index + 1], state)
 
 
 class _StoreRewardElements(BaseCallback):
