@@ -100,6 +100,21 @@ def init_sparse_core(
     core.read0 = nn.Parameter(torch.zeros(1, R, W), requires_grad=core.learn_init)
 
 
+def sparse_snapshot(core: MemoryCore, state, carry: sparse_access.Carry | None):
+    """:meth:`MemoryCore.snapshot` of a SAM or SDNC state (``state.access.memory`` its ``N×W``
+    memory) whose carry, if any, is ``carry``: the other fields copied as the base class copies
+    them, the memory from its written rows alone when it is carried."""
+    a = state.access
+    rest = MemoryCore.snapshot(core, state._replace(access=a._replace(memory=a.memory[:0])))
+    if carry is not None:
+        memory = carry.snapshot(a.memory)
+    elif sparse_access.is_zero_broadcast(a.memory):
+        memory = a.memory.detach()
+    else:
+        memory = a.memory.detach().clone()
+    return rest._replace(access=rest.access._replace(memory=memory))
+
+
 #: From this many rows on, the native path finds the LRU row through block minima of the
 #: last-access steps (``O(sqrt N)`` per step) rather than a scan of all ``N``.
 BLOCK_LRU_MIN_ROWS = 4096
@@ -466,12 +481,7 @@ class SAMCore(MemoryCore):
         """:meth:`MemoryCore.snapshot`; a carried memory is copied from its written rows alone
         (:meth:`~memagents.cores.sparse_access.Carry.snapshot`)."""
         a = state.access
-        carry = sparse_access.Carry.find(a.memory, a.last_access)
-        copy = super().snapshot(state._replace(access=a._replace(memory=a.memory[:0])))
-        memory = a.memory.detach() if carry is None else carry.snapshot(a.memory)
-        if carry is None and not sparse_access.is_zero_broadcast(a.memory):
-            memory = memory.clone()
-        return copy._replace(access=copy.access._replace(memory=memory))
+        return sparse_snapshot(self, state, sparse_access.Carry.find(a.memory, a.last_access))
 
     def forward_inplace(self, x, state, episode_starts=None):
         """:meth:`forward` for a caller that hands ``state`` over (see

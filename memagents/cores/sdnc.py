@@ -56,7 +56,7 @@ from memagents.cores import addressing, lstm_cell, native, sparse_access, sparse
 from memagents.cores import state as state_lib
 from memagents.cores.base import MemoryCore, stack_debug
 from memagents.cores.rnn import LSTMState
-from memagents.cores.sam import init_sparse_core, lru_block_rows
+from memagents.cores.sam import init_sparse_core, lru_block_rows, sparse_snapshot
 
 #: State fields holding row numbers in ``[0, N)`` (stored as floats in the packed state).
 INDEX_FIELDS = (
@@ -70,6 +70,11 @@ INDEX_FIELDS = (
 #: The ``N``-sized access fields besides the memory that a carried call
 #: (:meth:`SDNCCore.forward_inplace`) writes in place and its carry vouches for.
 _CARRIED = ("last_access", "link", "link_t", "link_indices", "link_t_indices")
+
+
+def _find_carry(a: SDNCAccessState) -> sparse_access.Carry | None:
+    """The carry kept for the access state ``a`` (memory and the :data:`_CARRIED` fields)."""
+    return sparse_access.Carry.find(a.memory, *(getattr(a, f) for f in _CARRIED))
 
 
 class SDNCAccessState(NamedTuple):
@@ -869,14 +874,8 @@ class SDNCCore(MemoryCore):
 
     def snapshot(self, state):
         """:meth:`MemoryCore.snapshot`; a carried memory is copied from its written rows alone
-        (:meth:`~memagents.cores.sparse_access.Carry.snapshot`)."""
-        a = state.access
-        carry = sparse_access.Carry.find(a.memory, *(getattr(a, f) for f in _CARRIED))
-        copy = super().snapshot(state._replace(access=a._replace(memory=a.memory[:0])))
-        memory = a.memory.detach() if carry is None else carry.snapshot(a.memory)
-        if carry is None and not sparse_access.is_zero_broadcast(a.memory):
-            memory = memory.clone()
-        return copy._replace(access=copy.access._replace(memory=memory))
+        (:meth:`~memagents.cores.sparse_access.Carry.snapshot`), the links whole."""
+        return sparse_snapshot(self, state, _find_carry(state.access))
 
     def peek(self, x, state, episode_starts=None):
         """:meth:`MemoryCore.peek`. For one step without gradient on a state that a carried call
@@ -889,7 +888,7 @@ class SDNCCore(MemoryCore):
         a = state.access
         carry = None
         if x.shape[0] == 1 and not self._wants_grad(x, state):
-            carry = sparse_access.Carry.find(a.memory, *(getattr(a, f) for f in _CARRIED))
+            carry = _find_carry(a)
         if carry is None or self._restarts_whole(state, starts):
             return self._run(x, state, starts, False)[0]
         memory, last_access = a.memory, a.last_access
@@ -939,7 +938,7 @@ class SDNCCore(MemoryCore):
         carried = not self._wants_grad(x, state)
         carry = None
         if carried:
-            carry = sparse_access.Carry.find(a.memory, *(getattr(a, f) for f in _CARRIED))
+            carry = _find_carry(a)
         # link rows that this core wrote itself (the carry vouches for them) need no check
         fields = INDEX_FIELDS if carry is None else tuple(set(INDEX_FIELDS) - set(_CARRIED))
         self._check_indices(state, starts, fields)
