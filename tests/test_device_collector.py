@@ -139,8 +139,7 @@ def test_gae_by_hand_one_env() -> None:
     buffer = DeviceRolloutBuffer(
         3, spaces.Box(0, 1, (2,)), spaces.MultiBinary(2), "cpu", 0.9, 0.8, 1, reward_elements=2
     )
-    zeros = RNNStates((torch.zeros(1, 1, 3),) * 2, (torch.zeros(1, 1, 3),) * 2)
-    buffer.set_start_states(zeros)
+    buffer.set_start_states(RNNStates(torch.zeros(1, 3), None))  # (the update is not run)
     r = [1.0, 0.5, 2.0]
     v = [0.3, 0.2, 0.6]
     starts = [1.0, 0.0, 1.0]  # step 2 starts a new episode: step 1 was terminal
@@ -186,7 +185,7 @@ def test_minibatch_layout_matches_the_numpy_buffer(pack: bool) -> None:
     ours = DeviceRolloutBuffer(n_steps, box, act, "cpu", n_envs=n_envs, pack_segments=pack)
     ref.reset()
     zeros = torch.zeros(1, n_envs, 2)
-    ours.set_start_states(RNNStates((zeros, zeros), (zeros, zeros)))
+    ours.set_start_states(RNNStates(torch.zeros(n_envs, 2), None))  # (layout only)
     for t in range(n_steps):
         ones = np.ones((n_envs, 1), dtype=np.float32)
         ref.add(ones, ones, np.zeros(n_envs), starts[t], torch.zeros(n_envs), torch.zeros(n_envs),

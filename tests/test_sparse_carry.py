@@ -311,3 +311,22 @@ def test_snapshot_equals_the_state_and_stays_as_it_was(name):
         state_lib.named_leaves(snap), state_lib.named_leaves(reference), strict=True
     ):
         assert torch.equal(a, b), field
+
+
+def test_a_debug_training_call_with_restarts_has_the_gradients_of_the_sequence_node():
+    """``return_debug`` under autograd runs the per-step nodes, whose backward zeroes a
+    restarting element's whole gradient: the forward must then restart the memory whole as
+    well (not only its written rows), or the gradients would differ from the sequence node's."""
+    core = _core("sam", 300, "ivf")
+    x, starts = _inputs(13)
+    with torch.no_grad():
+        _, state = core(x, None, starts)
+    y_ref, g_ref = _outputs_and_grads(core, x, state, starts, 14)
+    core.zero_grad(set_to_none=True)
+    y, _, _ = core(x, state, starts, return_debug=True)
+    gen = torch.Generator().manual_seed(14)
+    (y * torch.randn(y.shape, generator=gen, dtype=y.dtype)).sum().backward()
+    torch.testing.assert_close(y.detach(), y_ref, atol=1e-12, rtol=0)
+    grads = [p.grad for p in core.parameters() if p.requires_grad]
+    for a, b in zip(grads, g_ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)

@@ -725,6 +725,10 @@ class SAMCore(MemoryCore):
 
         access = state.access
         N = self.memory_size
+        wants_grad = self._wants_grad(x, state)
+        # the whole call as one node (its backward zeroes only the rows a restart needs)
+        lib = sparse_links.native_kernel() if SEQUENCE_NODE and wants_grad else None
+        sequence = lib is not None and not return_debug
         # an initial state's last-access steps: all zero, nothing to read or to reset at t = 0
         fresh = sparse_access.is_zero_broadcast(
             access.last_access
@@ -746,27 +750,24 @@ class SAMCore(MemoryCore):
                 block_rows=lru_block_rows(N),
                 zero=fresh,
             )
-            wants_grad = self._wants_grad(x, state)
-            if carried or (SEQUENCE_NODE and wants_grad) or not wants_grad:
+            if sequence or not wants_grad:
                 # the rows each element wrote (a reset zeroes only those); kept for the next
-                # call only when carried. (Off only for the per-step nodes with gradient, whose
+                # call only when carried. (Not for the per-step nodes with gradient, whose
                 # backward zeroes a restarting element's whole gradient itself.)
                 carry = sparse_access.Carry(access.memory, last_access, index, scratch)
         h, c = state.controller.h.squeeze(1), state.controller.c.squeeze(1)  # [B, H]
         read_flat = state.read_vectors.reshape(B, R * W)
         time, read_w, write_w = access.time, access.read_weights, access.write_weights
         read_idx, write_idx = access.read_indices.long(), access.write_indices.long()
-        if SEQUENCE_NODE and not return_debug and self._wants_grad(x, state):
-            lib = sparse_links.native_kernel()  # the LSTM cell's kernel
-            if lib is not None:
-                small = {
-                    "last_access": last_access, "time": time, "read_idx": read_idx,
-                    "write_idx": write_idx, "write_w": write_w,
-                }  # fmt: skip
-                return self._run_sequence(
-                    x, starts, reset_steps, initial, h, c, read_flat, memory, read_w, small,
-                    index, scratch, lib, carry, fresh,
-                )  # fmt: skip
+        if sequence:  # (lib: the LSTM cell's kernel)
+            small = {
+                "last_access": last_access, "time": time, "read_idx": read_idx,
+                "write_idx": write_idx, "write_w": write_w,
+            }  # fmt: skip
+            return self._run_sequence(
+                x, starts, reset_steps, initial, h, c, read_flat, memory, read_w, small,
+                index, scratch, lib, carry, fresh,
+            )  # fmt: skip
         no_reset = torch.zeros(0, dtype=torch.long, device=x.device)
         lru = None
 

@@ -108,7 +108,6 @@ class DeviceRolloutBuffer:
             self.element_rewards = zeros(*shape, self.reward_elements)
             self.element_advantages = zeros(*shape, self.reward_elements)
         self.start_states: RNNStates | None = None
-        self.native_start = False
         self.reset()
 
     def reset(self) -> None:
@@ -123,23 +122,11 @@ class DeviceRolloutBuffer:
         self.element_log_probs: Tensor | None = None
 
     # -- filling --------------------------------------------------------------------------------
-    def set_start_states(self, states: RNNStates, native: bool = False) -> None:
-        """The states before the rollout's first step: packed, ``(num_layers, n_envs, H)`` each
-        (kept as copies: a broadcast zero stays one, a critic state that is the actor's is
-        copied once), or with ``native`` the cores' own (``RNNStates(pi, vf or None)``, as
-        ``MemoryPolicy.rollout_step`` carries them), taken as they are: snapshots
+    def set_start_states(self, states: RNNStates) -> None:
+        """The cores' own states before the rollout's first step (``RNNStates(pi, vf or None)``,
+        as ``MemoryPolicy.rollout_step`` carries them), taken as they are: snapshots
         (``MemoryPolicy.snapshot_states``) that the rollout's in-place steps leave alone."""
-        self.native_start = native
-        if native:
-            self.start_states = states
-            return
-
-        def keep(t: Tensor) -> Tensor:
-            return t.detach() if is_zero_broadcast(t) else t.detach().clone()
-
-        pi = tuple(keep(s) for s in states.pi)
-        same = all(a.data_ptr() == b.data_ptr() for a, b in zip(states.pi, states.vf, strict=True))
-        self.start_states = RNNStates(pi, pi if same else tuple(keep(s) for s in states.vf))
+        self.start_states = states
 
     def add(
         self,
@@ -339,29 +326,23 @@ class DeviceRolloutBuffer:
 
     def _start_states(self, heads: Tensor) -> RNNStates:
         """The states before each column's first segment, as
-        :class:`~memagents.sb3.policy.ColumnStates`: the stored state (packed, ``(1, m, H)``)
-        of the ``m`` columns whose first segment begins the rollout; the others begin an
+        :class:`~memagents.sb3.policy.ColumnStates`: the stored state (the cores' own) of the
+        ``m`` columns whose first segment begins the rollout; the others begin an
         episode, where the core starts from its initial state, so none is made for them."""
         flat = self._segment_starts[heads]
         env = torch.div(flat, self.buffer_size, rounding_mode="floor")
         columns = ((flat % self.buffer_size) == 0).nonzero().flatten()
         env = env.index_select(0, columns)
 
-        def take(t: Tensor, dim: int) -> Tensor:
+        def take(t: Tensor) -> Tensor:  # the picked elements of a state tensor [n_envs, ...]
             if is_zero_broadcast(t):  # (a memory never written: stays a broadcast)
-                shape = list(t.shape)
-                shape[dim] = len(env)
-                return t.as_strided((1,) * t.dim(), (0,) * t.dim()).expand(shape)
-            return t.index_select(dim, env)
+                return t.as_strided((1,) * t.dim(), (0,) * t.dim()).expand(len(env), *t.shape[1:])
+            return t.index_select(0, env)
 
         def pick(stored: Any) -> ColumnStates | None:
             if stored is None:
                 return None
-            if self.native_start:
-                return ColumnStates(
-                    state_lib.map_state(lambda t: take(t, 0), stored), columns, len(heads), False
-                )
-            return ColumnStates(tuple(take(t, 1) for t in stored), columns, len(heads))
+            return ColumnStates(state_lib.map_state(take, stored), columns, len(heads))
 
         assert self.start_states is not None, "set_start_states() before the first step"
         pi, vf = self.start_states

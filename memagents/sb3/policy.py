@@ -65,10 +65,9 @@ class ColumnStates(NamedTuple):
     :meth:`MemoryPolicy.evaluate_actions` so that a minibatch never materialises a state for
     the columns that do not need one (an ``N×W`` memory each for the sparse cores)."""
 
-    stored: Any  # the m columns' states: packed (h, c), each (1, m, H), or the core's own
+    stored: Any  # the m columns' states, the core's own (leaves [m, ...])
     columns: Tensor  # [m] long: their positions among the n columns
     n: int  # columns in all
-    packed: bool = True  # whether ``stored`` is packed
 
 
 class PackedCore(nn.Module):
@@ -191,8 +190,7 @@ class PackedCore(nn.Module):
         never materialised) and the others from their stored states; every element is
         independent, so the outputs are those of one call over all columns. Other cores get
         the packed states of all columns (zeros where an episode begins) and one call."""
-        n, cols = states.n, states.columns
-        stored = self.unpack(states.stored) if states.packed else states.stored
+        n, cols, stored = states.n, states.columns, states.stored
         if not self.core.carries_state or cols.numel() == n:
             full = state_lib.map_state(
                 lambda t: t.new_zeros(n, *t.shape[1:]).index_copy_(0, cols, t), stored
@@ -599,13 +597,17 @@ class MemoryPolicy(RecurrentActorCriticPolicy):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Heads' latents -> actions, values ``(n_envs, 1)`` and log-probabilities."""
         values = self.value_net(latent_vf)
-        if deterministic:
-            distribution = self._get_action_dist_from_latent(latent_pi)
-        else:
-            distribution = self._sampling_distribution(latent_pi)
+        distribution = self._action_distribution(latent_pi, deterministic)
         actions = distribution.get_actions(deterministic=deterministic)
         log_prob = distribution.log_prob(actions)
         return actions.reshape((-1, *self.action_space.shape)), values, log_prob
+
+    def _action_distribution(self, latent_pi: Tensor, deterministic: bool) -> Distribution:
+        """The action distribution of a rollout or evaluation step: SB3's for the mode, the
+        unvalidated one (:meth:`_sampling_distribution`) for samples."""
+        if deterministic:
+            return self._get_action_dist_from_latent(latent_pi)
+        return self._sampling_distribution(latent_pi)
 
     def initial_native(
         self, batch_size: int, device: torch.device | str | None = None
@@ -649,11 +651,7 @@ class MemoryPolicy(RecurrentActorCriticPolicy):
         pi_features = features if self.share_features_extractor else features[0]
         latent_pi, state = self.memory_actor.step_native(pi_features, state, episode_starts)
         latent_pi = self.mlp_extractor.forward_actor(latent_pi)
-        if deterministic:
-            distribution = self._get_action_dist_from_latent(latent_pi)
-        else:
-            distribution = self._sampling_distribution(latent_pi)
-        actions = distribution.get_actions(deterministic=deterministic)
+        actions = self._action_distribution(latent_pi, deterministic).get_actions(deterministic)
         return actions.reshape((-1, *self.action_space.shape)), state
 
     @torch.no_grad()

@@ -510,6 +510,14 @@ class MemoryPPO(RecurrentPPO):
             )
         return super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
 
+    def _rollout_start_states(self) -> RNNStates:
+        """The cores' own states a rollout starts from: those the last rollout left (carried on
+        from one rollout to the next, packed only if someone reads ``_last_lstm_states``), else
+        the packed ``_last_lstm_states`` unpacked."""
+        if self._native_states is not None:
+            return self._native_states
+        return self.policy.unpack_states(self._last_lstm_states)
+
     def _carries_state(self) -> bool:
         """Whether a core of the policy keeps work between rollout steps (``carries_state``:
         SAM, SDNC), so that its state is best handed from step to step unpacked."""
@@ -540,9 +548,7 @@ class MemoryPPO(RecurrentPPO):
         if self.use_sde:
             policy.reset_noise(env.num_envs)
         callback.on_rollout_start()
-        native = self._native_states
-        if native is None:
-            native = policy.unpack_states(self._last_lstm_states)
+        native = self._rollout_start_states()
         start = policy.pack_states(native)  # what the buffer stores: the rollout's first state
         new_obs, dones = self._last_obs, self._last_episode_starts
         while n_steps < n_rollout_steps:
@@ -617,12 +623,8 @@ class MemoryPPO(RecurrentPPO):
         callback.on_rollout_start()
         obs = torch.as_tensor(self._last_obs, dtype=torch.float32, device=device)
         starts = torch.as_tensor(self._last_episode_starts, dtype=torch.float32, device=device)
-        # the cores' own states through the rollout (and from one rollout to the next), packed
-        # only if someone reads _last_lstm_states
-        native = self._native_states
-        if native is None:
-            native = policy.unpack_states(self._last_lstm_states)
-        buffer.set_start_states(policy.snapshot_states(native), native=True)
+        native = self._rollout_start_states()
+        buffer.set_start_states(policy.snapshot_states(native))
         for _ in range(n_rollout_steps):
             # (a core that carries its state, SAM or SDNC, wrote the old one in place)
             actions, values, log_probs, native = policy.rollout_step(obs, native, starts)
