@@ -447,19 +447,19 @@ def test_saved_rows_buffer_grows_when_a_step_touches_more_rows(torch_path, monke
 def test_owned_copy_of_a_broadcast_zero_is_a_writable_zero_base_tensor(monkeypatch, mmap_from):
     monkeypatch.setattr(sparse_access, "ZERO_BUFFER_MMAP_BYTES", mmap_from)
     zero = torch.zeros((), dtype=F64).expand(3, 40, 5)
-    owned = sparse_links.owned(zero)
+    owned = sparse_access.owned_copy(zero)
     assert owned._base is None and owned.is_contiguous() and owned.shape == (3, 40, 5)
     assert owned.dtype == F64 and not owned.any()
     owned[1, 2, 3] = 7.0  # writable, and not aliasing the broadcast (copies: bitwise)
     assert owned.sum() == 7.0 and zero.sum() == 0.0
     # anything else is a plain copy: a non-zero or -0.0 broadcast, a dense tensor
     for t in (torch.ones((), dtype=F64).expand(2, 3), torch.tensor(-0.0).expand(2, 3)):
-        copy = sparse_links.owned(t)
+        copy = sparse_access.owned_copy(t)
         assert torch.equal(copy, t) and copy.stride() == (3, 1)
         assert torch.equal(copy.signbit(), t.signbit())
     dense = torch.randn(2, 3)
-    assert torch.equal(sparse_links.owned(dense), dense)
-    assert sparse_links.owned(dense).data_ptr() != dense.data_ptr()
+    assert torch.equal(sparse_access.owned_copy(dense), dense)
+    assert sparse_access.owned_copy(dense).data_ptr() != dense.data_ptr()
 
 
 def test_initial_state_is_broadcast_and_runs_like_a_dense_copy_of_it():

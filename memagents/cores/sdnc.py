@@ -40,7 +40,7 @@ the whole call, controller included, is one :class:`SDNCSequence` node (backprop
 time by hand, weight gradients once over all steps), which removes the per-step autograd nodes of
 the LSTM cell and the interface. The initial state's ``N``-row fields are broadcasts, and a
 call's owned copies of broadcast zeros are lazily zeroed memory
-(:func:`~memagents.cores.sparse_links.owned`), so a sequence from an empty memory pays only for
+(:func:`~memagents.cores.sparse_access.owned_copy`), so a sequence from an empty memory pays only for
 the rows it touches.
 """
 
@@ -831,7 +831,7 @@ class SDNCCore(MemoryCore):
         dtype = self._dtype()
         B, N, KL = batch_size, self.memory_size, self.temporal_reads
         # the N-row fields as broadcasts (no allocation; forward copies them once anyway, and
-        # an owned copy of a broadcast zero is lazily zeroed memory: see sparse_links.owned)
+        # an owned copy of a broadcast zero is lazily zeroed memory: see sparse_access.owned_copy)
         zero = torch.zeros((), device=device, dtype=dtype)
         access = {
             f: zero.expand(B, *shape)
@@ -1080,11 +1080,11 @@ class SDNCCore(MemoryCore):
         else:
             # owned working copies, written in place from here on
             if self.fused:
-                memory = sparse_links.owned(a.memory)
-                last_access = sparse_links.owned(a.last_access)
+                memory = sparse_access.owned_copy(a.memory)
+                last_access = sparse_access.owned_copy(a.last_access)
             else:
                 memory, last_access = a.memory, a.last_access
-            link, link_t = sparse_links.owned(a.link), sparse_links.owned(a.link_t)
+            link, link_t = sparse_access.owned_copy(a.link), sparse_access.owned_copy(a.link_t)
             # indices in the dtype the link step works in (the values' on the native path: no
             # copy back at the end), owned copies as well
             idx_dtype = sparse_links.index_dtype(link)

@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import math
 
 import torch
 from torch import Tensor
@@ -465,24 +464,6 @@ def usable(*tensors: Tensor) -> bool:
     if dtype is not torch.float32 and dtype is not torch.float64:
         return False
     return all(t.is_cpu and t.dtype is dtype for t in tensors)
-
-
-def owned(t: Tensor) -> Tensor:
-    """A contiguous copy of ``t`` that the caller may write in place. A CPU float ``+0.0``
-    broadcast to its shape (every stride 0, as the cores' initial memories and links are)
-    becomes a :func:`zero_buffer`: no copy, and only the pages a sequence writes are touched
-    (the test reads the one element, not a materialised ``reshape``)."""
-    if (
-        t.device.type == "cpu"
-        and t.dtype in (torch.float32, torch.float64)
-        and not t.requires_grad
-        and t.numel()
-        and not any(t.stride())
-    ):
-        value = t.as_strided((1,), (1,)).item()
-        if value == 0 and math.copysign(1.0, value) > 0:
-            return zero_buffer(tuple(t.shape), t.dtype)
-    return t.clone(memory_format=torch.contiguous_format)
 
 
 def saved_sizes(B: int, L: int, R: int, S: int, K: int, cap: int) -> tuple[int, int]:
